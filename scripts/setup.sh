@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Create .venv with everything tuneforge and its tests need. Idempotent.
+# torch is installed first and pinned so that no version range can pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e ".[quant,serve,dev]"

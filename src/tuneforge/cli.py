@@ -1,0 +1,66 @@
+"""The ``tuneforge`` console script: one entry, subcommands contributed by each package.
+
+Each package that owns commands has a light ``cli`` module (no torch at import time) with
+``add_commands(subparsers)``; every parser it adds sets ``func`` to a function taking the parsed args and
+returning an exit code. User mistakes raise :class:`tuneforge.errors.UserError`: printed without a traceback,
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from tuneforge.errors import UserError
+
+# subcommand group → module with add_commands(subparsers). Order is the order of `tuneforge --help`.
+COMMAND_MODULES = (
+    "tuneforge.train.cli",        # quickstart, validate, train, generate
+    "tuneforge.data.cli",         # data preview
+    "tuneforge.models.cli",       # inspect
+    "tuneforge.estimate.cli",     # estimate
+    "tuneforge.evaluate.cli",     # eval, abtest, report
+    "tuneforge.merge.cli",        # merge, export
+    "tuneforge.serve.cli",        # serve, chat
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (importing only the light ``cli`` modules)."""
+    parser = argparse.ArgumentParser(
+        prog="tuneforge", description="Fine-tune large language models correctly, from data to serving."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # group not built yet
+                continue
+            raise
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

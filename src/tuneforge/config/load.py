@@ -1,0 +1,168 @@
+"""Load a run config from YAML, apply dotted overrides, validate, and explain errors in plain words."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tuneforge.config.schema import METHOD_NAMES, RunConfig
+from tuneforge.errors import UserError, did_you_mean
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``train.lr=1e-4`` into (``["train", "lr"]``, ``0.0001``); the value is parsed as YAML."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not of the form key.path=value (e.g. train.lr=1e-4)")
+    key, _, raw = text.partition("=")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML reads '1e-4' as a string (it wants '1.0e-4'); users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``raw`` with every ``a.b.c=value`` override set (creating sections as needed)."""
+    data = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, with file/line in the error when it does not parse."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a run config must be a YAML mapping (key: value), got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config.
+
+    Raises:
+        UserError: naming the key, the bad value and what is allowed.
+    """
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict, source: str = "config") -> RunConfig:
+    """Validate a mapping as a :class:`RunConfig`, turning pydantic errors into one readable message."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [explain_error(err, raw) for err in exc.errors()]
+        unique = list(dict.fromkeys(lines))
+        raise UserError(f"{source}: invalid config\n" + "\n".join(f"  - {line}" for line in unique)) from None
+
+
+def explain_error(err: dict, raw: dict) -> str:
+    """One line for one pydantic error: key path, bad value, what is allowed."""
+    loc = [str(p) for p in err["loc"]]
+    # Discriminated unions put the tag in the path ('method.lora.r'): drop it.
+    if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHOD_NAMES:
+        loc = [loc[0], *loc[2:]]
+    key = ".".join(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key '{key}'{_suggest_key(loc[-1], _known_keys(loc[:-1], raw))}"
+    if kind == "union_tag_invalid":
+        given = err.get("input", {}).get("name") if isinstance(err.get("input"), dict) else err.get("input")
+        return f"method.name: unknown method {given!r}{did_you_mean(str(given), METHOD_NAMES)}; known: {', '.join(METHOD_NAMES)}"
+    if kind == "union_tag_not_found":
+        return f"{key or 'method'}: missing 'name'; known methods: {', '.join(METHOD_NAMES)}"
+    if kind == "literal_error":
+        allowed = err.get("ctx", {}).get("expected", "")
+        return f"{key}: {err.get('input')!r} is not allowed; expected {allowed}{did_you_mean(str(err.get('input')), _literal_options(allowed))}"
+    if kind == "missing":
+        return f"missing required key '{key}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    if "input" in err and not isinstance(err["input"], dict) and key:
+        return f"{key}: {msg} (got {err['input']!r})"
+    return f"{key}: {msg}" if key else msg
+
+
+# Names users bring from the HF Trainer, peft or the tutorials, mapped to ours.
+KEY_ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+    "lr_scheduler_type": "scheduler", "warmup": "warmup_steps", "lora_r": "r", "rank": "r",
+    "lora_alpha": "alpha", "lora_dropout": "dropout", "max_seq_length": "max_length", "seq_len": "max_length",
+    "model_name_or_path": "name_or_path", "model_name": "name_or_path", "save_total_limits": "save_total_limit",
+}
+
+
+def _suggest_key(word: str, known: list[str]) -> str:
+    hint = did_you_mean(word, known)
+    if hint:
+        return hint
+    alias = did_you_mean(word, KEY_ALIASES)
+    if alias:
+        target = KEY_ALIASES[alias.split("'")[1]]
+        if target in known:
+            return f" — did you mean '{target}'?"
+    return f"; allowed here: {', '.join(known)}" if known else ""
+
+
+def _literal_options(expected: str) -> list[str]:
+    return [part.strip().strip("'\"") for part in expected.replace(" or ", ",").split(",") if part.strip()]
+
+
+def _known_keys(parent: list[str], raw: dict) -> list[str]:
+    """The field names allowed at ``parent`` (a path into the RunConfig)."""
+    model: type[BaseModel] | None = RunConfig
+    for part in parent:
+        if model is None:
+            return []
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        if part == "method":
+            from tuneforge.config import schema
+
+            name = raw.get("method", {}).get("name", "lora") if isinstance(raw.get("method"), dict) else "lora"
+            model = _method_class(schema, name)
+            continue
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(model.model_fields) if model else []
+
+
+def _method_class(schema, name: str) -> type[BaseModel] | None:
+    for obj in vars(schema).values():
+        if isinstance(obj, type) and issubclass(obj, BaseModel) and "name" in getattr(obj, "model_fields", {}):
+            ann = obj.model_fields["name"].annotation
+            if getattr(ann, "__args__", None) == (name,):
+                return obj
+    return None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what is saved in the run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

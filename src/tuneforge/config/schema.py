@@ -1,0 +1,340 @@
+"""The run configuration: one pydantic v2 schema, validated once before anything heavy loads.
+
+This module is pure (no torch, no transformers) so that ``tuneforge validate`` is instant.
+Every model forbids unknown keys, so a typo fails at the door with the key's path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- model
+
+
+class FromConfig(Strict):
+    """Architecture numbers for a model built from scratch (weights randomly initialised).
+
+    A byte-level BPE tokenizer of ``vocab_size`` is trained on the run's own training text
+    unless ``tokenizer`` names an existing one.
+    """
+
+    architecture: Literal["llama", "gpt2"] = "llama"
+    hidden_size: int = Field(256, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    vocab_size: int = Field(4096, ge=300)
+    max_position_embeddings: int = Field(1024, gt=0)
+    tie_word_embeddings: bool = True
+    tokenizer: str | None = None
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> FromConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        return self
+
+
+class ModelConfig(Strict):
+    """Which model to train and how to place it."""
+
+    name_or_path: str | None = None
+    from_config: FromConfig | None = None
+    tokenizer: str | None = None
+    chat_template: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    attn_implementation: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name_or_path is None) == (self.from_config is None):
+            raise ValueError("give exactly one of model.name_or_path (hub id or local directory) or model.from_config")
+        return self
+
+
+# --------------------------------------------------------------------------- methods
+
+TargetModules = Literal["attention", "mlp", "all-linear"] | list[str]
+
+
+class _MethodBase(Strict):
+    pass
+
+
+class FullMethod(_MethodBase):
+    """Full fine-tuning: every parameter trains."""
+
+    name: Literal["full"]
+
+
+class LoraMethod(_MethodBase):
+    """LoRA (Hu et al., 2021) and the options of its LoRA-family variants."""
+
+    name: Literal["lora"]
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: TargetModules = "all-linear"
+    modules_to_save: list[str] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+
+
+class QLoraMethod(LoraMethod):
+    """QLoRA (Dettmers et al., 2023): LoRA over a 4-bit NF4 base with double quantization."""
+
+    name: Literal["qlora"]  # type: ignore[assignment]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    bits: Literal[4, 8] = 4
+
+
+class DoraMethod(LoraMethod):
+    """DoRA (Liu et al., 2024): weight-decomposed LoRA (magnitude + direction)."""
+
+    name: Literal["dora"]  # type: ignore[assignment]
+
+
+class RsLoraMethod(LoraMethod):
+    """rsLoRA (Kalajdzievski, 2023): scaling alpha/sqrt(r) instead of alpha/r."""
+
+    name: Literal["rslora"]  # type: ignore[assignment]
+
+
+class PissaMethod(LoraMethod):
+    """PiSSA (Meng et al., 2024): LoRA initialised from the principal singular vectors."""
+
+    name: Literal["pissa"]  # type: ignore[assignment]
+    niter: int | None = Field(None, gt=0, description="fast SVD iterations; None = full SVD")
+
+
+class LoraPlusMethod(LoraMethod):
+    """LoRA+ (Hayou et al., 2024): B gets lr * lr_ratio."""
+
+    name: Literal["lora_plus"]  # type: ignore[assignment]
+    lr_ratio: float = Field(16.0, gt=0)
+    lr_embedding: float | None = Field(None, gt=0)
+
+
+class AdaLoraMethod(_MethodBase):
+    """AdaLoRA (Zhang et al., 2023): SVD-form LoRA whose rank budget is reallocated during training."""
+
+    name: Literal["adalora"]
+    init_r: int = Field(12, gt=0)
+    target_r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    tinit: int = Field(0, ge=0, description="steps of warm-up before budget pruning")
+    tfinal: int = Field(0, ge=0, description="steps of final fine-tuning after pruning")
+    delta_t: int = Field(1, gt=0, description="steps between two budget allocations")
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    target_modules: TargetModules = "attention"
+
+    @model_validator(mode="after")
+    def _ranks(self) -> AdaLoraMethod:
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
+        return self
+
+
+class VeraMethod(_MethodBase):
+    """VeRA (Kopiczko et al., 2024): shared frozen random matrices, trained scaling vectors."""
+
+    name: Literal["vera"]
+    r: int = Field(256, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    d_initial: float = 0.1
+    target_modules: TargetModules = "attention"
+
+
+class PrefixTuningMethod(_MethodBase):
+    """Prefix tuning (Li & Liang, 2021): trained key/value prefixes in every layer."""
+
+    name: Literal["prefix_tuning"]
+    num_virtual_tokens: int = Field(16, gt=0)
+    prefix_projection: bool = False
+
+
+class Ia3Method(_MethodBase):
+    """IA3 (Liu et al., 2022): learned rescaling vectors on keys, values and the MLP."""
+
+    name: Literal["ia3"]
+    target_modules: TargetModules | None = None
+    feedforward_modules: list[str] | None = None
+
+
+class GaloreMethod(_MethodBase):
+    """GaLore (Zhao et al., 2024): full-parameter training with low-rank projected optimizer states."""
+
+    name: Literal["galore"]
+    rank: int = Field(128, gt=0)
+    update_proj_gap: int = Field(200, gt=0)
+    scale: float = Field(0.25, gt=0)
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
+    target_modules: TargetModules = "all-linear"
+    layerwise: bool = False
+
+
+class AutoMethod(_MethodBase):
+    """Let ``tuneforge estimate`` choose the method that fits ``train.memory_budget_gb``."""
+
+    name: Literal["auto"]
+    r: int = Field(16, gt=0)
+
+
+MethodConfig = Annotated[
+    FullMethod
+    | LoraMethod
+    | QLoraMethod
+    | DoraMethod
+    | RsLoraMethod
+    | PissaMethod
+    | LoraPlusMethod
+    | AdaLoraMethod
+    | VeraMethod
+    | PrefixTuningMethod
+    | Ia3Method
+    | GaloreMethod
+    | AutoMethod,
+    Field(discriminator="name"),
+]
+
+METHOD_NAMES = (
+    "full", "lora", "qlora", "dora", "rslora", "pissa", "lora_plus", "adalora", "vera",
+    "prefix_tuning", "ia3", "galore", "auto",
+)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class CleanConfig(Strict):
+    """Cleaning rules; each one's drop count is reported."""
+
+    strip_html: bool = True
+    normalize: bool = True
+    min_length: int = Field(1, ge=0, description="minimum characters of text / of every assistant answer")
+    dedup: bool = True
+
+
+class DataConfig(Strict):
+    """Where the data comes from and how it becomes tokens."""
+
+    train: list[str]
+    eval: str | list[str] | None = None
+    eval_split: float | None = Field(None, gt=0, lt=1)
+    format: Literal["auto", "text", "alpaca", "chat"] = "auto"
+    text_separator: str = Field("\n\n\n", description="document separator inside .txt files")
+    max_length: int = Field(1024, gt=8)
+    packing: bool = True
+    train_on_prompt: bool = False
+    system_prompt: str | None = None
+    clean: CleanConfig = CleanConfig()
+    max_samples: int | None = Field(None, gt=0)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _eval_source(self) -> DataConfig:
+        if not self.train:
+            raise ValueError("data.train needs at least one file or dataset name")
+        if self.eval is not None and self.eval_split is not None:
+            raise ValueError("give data.eval (a file) or data.eval_split (a fraction), not both")
+        return self
+
+
+# --------------------------------------------------------------------------- train
+
+
+class MonitorConfig(Strict):
+    """Training-stability monitor (on by default)."""
+
+    enabled: bool = True
+    loss_spike_ratio: float = Field(1.2, gt=1, description="warn when loss > ratio x its moving average")
+    grad_spike_ratio: float = Field(5.0, gt=1)
+    window: int = Field(20, gt=1)
+    sample_every: int | None = Field(None, gt=0, description="steps between degeneration-check generations")
+
+
+class TrainConfig(Strict):
+    """Optimisation, schedule, checkpointing and logging."""
+
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(4, gt=0)
+    eval_batch_size: int | None = Field(None, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"] = "cosine"
+    num_cycles: int = Field(1, gt=0, description="restarts for cosine_with_restarts")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"] = "adamw_torch"
+    gradient_checkpointing: bool = False
+    neftune_alpha: float | None = Field(None, gt=0)
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    save_steps: int | None = Field(None, gt=0)
+    save_total_limit: int | None = Field(3, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0)
+    report_to: list[Literal["tensorboard", "wandb", "none"]] = ["tensorboard"]
+    memory_budget_gb: float | None = Field(None, gt=0)
+    dataloader_workers: int = Field(0, ge=0)
+    monitor: MonitorConfig = MonitorConfig()
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_eval(self) -> TrainConfig:
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("train.early_stopping_patience needs train.eval_steps (and an eval set)")
+        return self
+
+
+# --------------------------------------------------------------------------- run
+
+
+class RunConfig(Strict):
+    """One training run, as written in a YAML file."""
+
+    run_name: str = "run"
+    output_dir: str | None = None
+    seed: int = 42
+    stage: Literal["pt", "sft"] = "sft"
+    model: ModelConfig
+    method: MethodConfig = Field(default_factory=lambda: LoraMethod(name="lora"))
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _defaults(self) -> RunConfig:
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.run_name}"
+        if self.method.name == "auto" and self.train.memory_budget_gb is None:
+            raise ValueError("method.name 'auto' needs train.memory_budget_gb (the GPU memory to fit in, in GB)")
+        return self
