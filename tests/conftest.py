@@ -1,0 +1,61 @@
+"""Shared fixtures: a tokenizer trained in process on stdlib text and tiny Llama / GPT-2 models.
+
+Everything is built locally (no network). Session-scoped where it is read-only, so the whole suite trains one
+tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def stdlib_texts(limit: int = 400) -> list[str]:
+    """Paragraphs of the Python documentation shipped with every Python (pydoc_data)."""
+    from pydoc_data.topics import topics
+
+    texts = []
+    for key in sorted(topics):
+        texts.extend(p.strip() for p in topics[key].split("\n\n") if len(p.strip()) > 40)
+    return texts[:limit]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Byte-level BPE tokenizer, vocab ~512, with distinct pad and chat special tokens."""
+    from tuneforge.models import train_tokenizer
+
+    return train_tokenizer(stdlib_texts(), vocab_size=512)
+
+
+def _from_config(arch: str):
+    from tuneforge.config.schema import FromConfig
+
+    return FromConfig(architecture=arch, hidden_size=64, num_layers=2, num_heads=4, vocab_size=512,
+                      max_position_embeddings=256)
+
+
+@pytest.fixture()
+def tiny_llama(tiny_tokenizer):
+    """A fresh 2-layer, hidden-64 Llama-style model (seeded, fp32, CPU)."""
+    import torch
+
+    from tuneforge.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(_from_config("llama"), tiny_tokenizer)
+
+
+@pytest.fixture()
+def tiny_gpt2(tiny_tokenizer):
+    """A fresh 2-layer, hidden-64 GPT-2-style model (Conv1D projections)."""
+    import torch
+
+    from tuneforge.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(_from_config("gpt2"), tiny_tokenizer)
