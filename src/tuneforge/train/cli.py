@@ -1,0 +1,86 @@
+"""Commands: quickstart, validate, train, generate (light module: heavy imports inside the functions)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register this group's subcommands."""
+    p = sub.add_parser("quickstart", help="offline demo: pretrain a tiny model on the stdlib docs, LoRA-tune it, evaluate")
+    p.add_argument("--out", default="runs/quickstart", help="directory for the two runs and their data")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="override the pretraining steps")
+    p.add_argument("--sft-steps", type=int, default=None, help="override the SFT steps")
+    p.add_argument("--small", action="store_true", help="a much smaller, faster variant (for tests; weaker results)")
+    p.set_defaults(func=quickstart_command)
+
+    p = sub.add_parser("validate", help="check run configs against the schema (no model is loaded)")
+    p.add_argument("configs", nargs="+")
+    p.set_defaults(func=validate_command)
+
+    p = sub.add_parser("train", help="train one run from a YAML config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 method.r=16")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in the same output_dir")
+    p.set_defaults(func=train_command)
+
+    p = sub.add_parser("generate", help="generate with a run's model, adapter, tokenizer and template")
+    p.add_argument("model", help="run directory, model directory or hub id")
+    p.add_argument("--prompt", action="append", required=True, help="a user message (repeat for several)")
+    p.add_argument("--system", default=None)
+    p.add_argument("--raw", action="store_true", help="use the prompt as raw text, without the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=generate_command)
+
+
+def validate_command(args) -> int:
+    from tuneforge.config import load_config
+
+    for path in args.configs:
+        cfg = load_config(path)
+        print(f"{path}: ok ({cfg.stage}, method {cfg.method.name}, output {cfg.output_dir})")
+    return 0
+
+
+def train_command(args) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.train.run import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def generate_command(args) -> int:
+    from tuneforge.models.generation import generate
+    from tuneforge.models.inference import load_for_inference
+
+    loaded = load_for_inference(args.model)
+    if args.raw:
+        prompts = list(args.prompt)
+    else:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [[*system, {"role": "user", "content": text}] for text in args.prompt]
+    outputs = generate(
+        loaded.model, loaded.tokenizer, loaded.template, prompts,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+    for prompt, output in zip(args.prompt, outputs, strict=True):
+        if len(args.prompt) > 1:
+            print(f"### {prompt}")
+        print(output)
+    return 0
+
+
+def quickstart_command(args) -> int:
+    from tuneforge.train.quickstart import run_quickstart
+
+    result = run_quickstart(args.out, pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps, small=args.small)
+    return 0 if result["tuned"]["exact"] > result["base"]["exact"] else 1

@@ -1,0 +1,440 @@
+"""The training entry: config → model, data, method → HF Trainer → run directory.
+
+``run_training(cfg)`` is the one function the CLI, the quickstart and the tests call. It owns the run
+directory contract (docs/architecture.md): resolved ``config.yaml``, ``checkpoints/`` with completion
+markers, ``final/`` written atomically, ``metrics.jsonl`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuneforge.config import RunConfig, dump_config
+from tuneforge.errors import UserError
+from tuneforge.train import checkpoints
+from tuneforge.utils import atomic_dir, atomic_write_json, atomic_write_text
+
+BASE_DIR = "base"  # a from-config base model saved beside its adapter, so the adapter can be loaded again
+
+
+class TrainingStopped(UserError):
+    """Training was stopped by the stability monitor (e.g. NaN loss); the last good checkpoint is kept."""
+
+    exit_code = 3
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves behind."""
+
+    run_dir: Path
+    final_dir: Path
+    summary: dict = field(default_factory=dict)
+
+
+def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, echo=print) -> TrainResult:
+    """Train one run described by ``cfg`` and write its run directory.
+
+    Args:
+        cfg: a validated run config.
+        resume: continue from the newest complete checkpoint in ``<output_dir>/checkpoints``.
+        overwrite: allow writing into an output directory that already holds a finished run.
+        echo: where progress lines go (``print`` by default).
+
+    Raises:
+        UserError: for anything the user can fix (data, paths, options), before a file is written where possible.
+        TrainingStopped: when the stability monitor stopped training.
+    """
+    import torch
+    from transformers import set_seed
+
+    run_dir = Path(cfg.output_dir)
+    _check_run_dir(run_dir, resume, overwrite)
+    set_seed(cfg.seed)
+    cfg = _resolve_auto_method(cfg, echo)
+    from tuneforge.methods import get_method
+
+    method = get_method(cfg.method.name)
+
+    texts = _tokenizer_texts(cfg) if cfg.model.from_config and not _saved_base(run_dir, resume) else None
+    model, tokenizer = _load_model(cfg, method, texts, run_dir, resume)
+    template = _template(cfg, tokenizer)
+
+    from tuneforge.data.build import build_datasets
+    from tuneforge.train.packing_check import packing_keeps_samples_apart
+
+    packing = bool(cfg.data.packing and cfg.stage == "sft")
+    if packing and not packing_keeps_samples_apart(model, len(tokenizer)):
+        echo("packing: this model's attention does not separate packed samples; using length-grouped batches")
+        packing = False
+    bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, seed=cfg.seed, packing=packing)
+
+    # Everything that can fail on user input has been checked: from here on, write the run directory.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    template.save(run_dir)
+    if cfg.model.from_config and method.is_adapter and not _saved_base(run_dir, resume):
+        _save_base(model, tokenizer, template, run_dir / BASE_DIR)
+
+    model = method.apply(model, cfg.method)
+    trainable, total = _count_parameters(model)
+    echo(f"method {cfg.method.name}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+    _describe_data(bundle.stats, echo)
+
+    trainer, monitor = _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir)
+    resume_from = _resume_point(run_dir, resume, echo)
+    started = time.time()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    runtime = time.time() - started
+
+    if monitor is not None and getattr(monitor, "stopped_reason", None):
+        last = checkpoints.latest_checkpoint(run_dir / "checkpoints")
+        summary = {"status": "stopped", "reason": monitor.stopped_reason, "last_good_checkpoint": str(last) if last else None}
+        atomic_write_json(run_dir / "summary.json", summary)
+        raise TrainingStopped(
+            f"training stopped at step {trainer.state.global_step}: {monitor.stopped_reason}\n"
+            f"last good checkpoint: {last or 'none (no checkpoint was saved before the problem)'}; nothing was written to final/"
+        )
+
+    final_dir = run_dir / "final"
+    _save_final(trainer.model, tokenizer, template, final_dir, run_dir)
+    summary = _summary(cfg, trainer, output, bundle, trainable, total, runtime, packing, torch)
+    atomic_write_json(run_dir / "summary.json", summary)
+    echo(f"done: {run_dir} (final model in {final_dir})")
+    return TrainResult(run_dir=run_dir, final_dir=final_dir, summary=summary)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not checkpoints.latest_checkpoint(run_dir / "checkpoints"):
+            raise UserError(
+                f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; "
+                "start the run without --resume (or set train.save_steps so checkpoints are written)"
+            )
+        return
+    if (run_dir / "final").exists() and not overwrite:
+        raise UserError(
+            f"{run_dir} already holds a finished run; choose another run_name/output_dir, "
+            "pass --overwrite, or --resume to continue its checkpoints"
+        )
+    if overwrite:
+        import shutil
+
+        for name in ("checkpoints", "final", BASE_DIR, "metrics.jsonl", "summary.json", "tensorboard"):
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    elif (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()  # an unfinished earlier attempt: start its log afresh
+
+
+def _resolve_auto_method(cfg: RunConfig, echo) -> RunConfig:
+    """``method.name: auto`` → the method the estimator recommends for ``train.memory_budget_gb``."""
+    if cfg.method.name != "auto":
+        return cfg
+    from tuneforge.config import validate_config
+    from tuneforge.estimate import recommend_for_run
+
+    method = recommend_for_run(cfg)
+    echo(f"method auto → {method} (budget {cfg.train.memory_budget_gb} GB)")
+    raw = cfg.model_dump(mode="json")
+    raw["method"] = method
+    return validate_config(raw, source="method auto")
+
+
+def _saved_base(run_dir: Path, resume: bool) -> bool:
+    return resume and (run_dir / BASE_DIR / "config.json").is_file()
+
+
+def _tokenizer_texts(cfg: RunConfig) -> list[str]:
+    """The run's own training text, for training a tokenizer for a from-config model."""
+    from tuneforge.data.clean import clean_records
+    from tuneforge.data.readers import read_records
+
+    texts: list[str] = []
+    for path in cfg.data.train:
+        records, _ = clean_records(read_records(path, cfg.data.format, cfg.data.text_separator), cfg.data.clean)
+        for record in records:
+            if "text" in record:
+                texts.append(record["text"])
+            else:
+                texts.extend(message["content"] for message in record["messages"])
+    return texts
+
+
+def _load_model(cfg: RunConfig, method, texts, run_dir: Path, resume: bool):
+    from tuneforge.models.device import resolve_device, resolve_dtype
+    from tuneforge.models.load import load_model
+
+    device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.precision, device)
+    model_cfg = cfg.model
+    if _saved_base(run_dir, resume):  # the random base the adapter was trained on, not a new random one
+        model_cfg = cfg.model.model_copy(update={"from_config": None, "name_or_path": str(run_dir / BASE_DIR)})
+    extra = method.model_load_kwargs(cfg.method, dtype)
+    model, tokenizer = load_model(model_cfg, texts=texts, extra_kwargs=extra, device=device, dtype=dtype)
+    model.config.use_cache = False  # packed rows are only kept apart without the KV cache (ENVIRONMENT.md)
+    return model, tokenizer
+
+
+def _template(cfg: RunConfig, tokenizer):
+    from tuneforge.data.templates import resolve_template
+
+    return resolve_template(cfg.model.chat_template, tokenizer)
+
+
+def _save_base(model, tokenizer, template, target: Path) -> None:
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        template.save(tmp)
+
+
+def _count_parameters(model) -> tuple[int, int]:
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()  # exactly as peft counts them
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def _describe_data(stats: dict, echo) -> None:
+    keys = ("train_samples", "train_rows", "eval_rows", "dropped_no_supervised", "truncated", "supervised_share", "padding_share")
+    shown = {k: stats[k] for k in keys if k in stats}
+    if shown:
+        echo("data: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def _steps_per_epoch(rows: int, cfg: RunConfig) -> int:
+    return max(1, math.ceil(math.ceil(rows / cfg.train.batch_size) / cfg.train.grad_accum))
+
+
+def _total_steps(rows: int, cfg: RunConfig) -> int:
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return max(1, math.ceil(_steps_per_epoch(rows, cfg) * cfg.train.epochs))
+
+
+def _training_arguments(cfg: RunConfig, method, run_dir: Path, has_eval: bool, packing: bool, total_steps: int):
+    import torch
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    device_is_cpu = not torch.cuda.is_available() or cfg.model.device == "cpu"
+    from tuneforge.models.device import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(cfg.model.precision, resolve_device(cfg.model.device))
+    warmup = t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio
+    evaluating = bool(has_eval and t.eval_steps)
+    save_steps = t.save_steps or total_steps + 1
+    if t.early_stopping_patience and evaluating and save_steps % t.eval_steps:
+        save_steps = t.eval_steps  # the best checkpoint can only be one that was evaluated
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=warmup,
+        lr_scheduler_type=t.scheduler,
+        max_grad_norm=t.max_grad_norm or 0.0,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=t.eval_steps if evaluating else None,
+        save_strategy="steps" if t.save_steps or t.early_stopping_patience else "no",
+        save_steps=save_steps,
+        save_total_limit=None,  # we rotate ourselves, after the completion marker (checkpoints.py)
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[r for r in t.report_to if r != "none"],
+        logging_dir=str(run_dir / "tensorboard"),
+        remove_unused_columns=False,
+        dataloader_num_workers=t.dataloader_workers,
+        use_cpu=device_is_cpu,
+        bf16=dtype == torch.bfloat16 and not device_is_cpu,
+        fp16=dtype == torch.float16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        optim={"adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}.get(t.optim, t.optim),
+        neftune_noise_alpha=t.neftune_alpha,
+        load_best_model_at_end=bool(t.early_stopping_patience and evaluating),
+        metric_for_best_model="eval_loss" if t.early_stopping_patience else None,
+        greater_is_better=False if t.early_stopping_patience else None,
+        disable_tqdm=False,
+        train_sampling_strategy="random" if packing or cfg.stage == "pt" else "group_by_length",
+    )
+    if t.scheduler == "cosine_with_restarts":
+        kwargs["lr_scheduler_kwargs"] = {"num_cycles": t.num_cycles}
+    kwargs.update(method.trainer_args(cfg.method))
+    return TrainingArguments(**kwargs)
+
+
+def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir):
+    from transformers import EarlyStoppingCallback
+
+    from tuneforge.data.packing import PackedCollator, PaddingCollator
+    from tuneforge.train.callbacks import MetricsFileCallback
+
+    total_steps = _total_steps(len(bundle.train), cfg)
+    args = _training_arguments(cfg, method, run_dir, bool(bundle.eval), packing, total_steps)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = PackedCollator(pad_id) if packing or cfg.stage == "pt" else PaddingCollator(pad_id)
+
+    callbacks = [MetricsFileCallback(run_dir)]
+    monitor = _monitor(cfg, run_dir, model, tokenizer, template)
+    if monitor is not None:
+        callbacks.append(monitor)
+    if args.load_best_model_at_end:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    callbacks.extend(method.callbacks(cfg.method, total_steps))
+
+    optimizer = method.create_optimizer(model, cfg.method, cfg.train)
+    trainer = _marked_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=_ListDataset(bundle.train),
+        eval_dataset=_ListDataset(bundle.eval) if bundle.eval else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        optimizers=(optimizer, None),
+    )
+    trainer.keep_checkpoints = cfg.train.save_total_limit
+    return trainer, monitor
+
+
+def _monitor(cfg, run_dir, model, tokenizer, template):
+    if not cfg.train.monitor.enabled:
+        return None
+    try:
+        from tuneforge.train.monitor import StabilityMonitor
+    except ImportError:
+        return None
+    sampler = None
+    if cfg.train.monitor.sample_every and cfg.stage == "sft":
+        sampler = _sampler(model, tokenizer, template)
+    return StabilityMonitor(run_dir, cfg.train.monitor, sampler=sampler)
+
+
+def _sampler(model, tokenizer, template):
+    """Greedy answers to a fixed prompt, for the monitor's degeneration check."""
+
+    def sample() -> list[str]:
+        from tuneforge.models.generation import generate
+
+        prompt = [{"role": "user", "content": "Explain what a Python list is."}]
+        was_training = model.training
+        try:
+            return generate(model, tokenizer, template, [prompt], max_new_tokens=48)
+        finally:
+            model.train(was_training)
+
+    return sample
+
+
+class _ListDataset:
+    """A list of rows as a map-style dataset (the Trainer needs ``__len__`` and ``__getitem__``)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+
+def _marked_trainer_class():
+    from transformers import Trainer
+
+    class MarkedTrainer(Trainer):
+        """A Trainer whose checkpoints get a completion marker before any old one is rotated away."""
+
+        keep_checkpoints: int | None = None
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            checkpoints.mark_complete(folder)
+            checkpoints.rotate(self.args.output_dir, self.keep_checkpoints, self.state.best_model_checkpoint)
+
+    return MarkedTrainer
+
+
+def _resume_point(run_dir: Path, resume: bool, echo) -> Path | None:
+    if not resume:
+        return None
+    removed = checkpoints.discard_incomplete(run_dir / "checkpoints")
+    for path in removed:
+        echo(f"resume: removed incomplete checkpoint {path.name} (left by an interrupted save)")
+    latest = checkpoints.latest_checkpoint(run_dir / "checkpoints")
+    echo(f"resume: continuing from {latest}")
+    return latest
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _save_final(model, tokenizer, template, final_dir: Path, run_dir: Path) -> None:
+    """Adapter (PEFT format) or full model + tokenizer + template, written atomically."""
+    base = run_dir / BASE_DIR
+    if hasattr(model, "peft_config"):
+        for peft_cfg in model.peft_config.values():
+            source = peft_cfg.base_model_name_or_path
+            if base.is_dir():
+                peft_cfg.base_model_name_or_path = str(base.resolve())
+            elif source and Path(source).is_dir():
+                peft_cfg.base_model_name_or_path = str(Path(source).resolve())
+    with atomic_dir(final_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        template.save(tmp)
+
+
+def _summary(cfg, trainer, output, bundle, trainable, total, runtime, packing, torch) -> dict:
+    history = trainer.state.log_history
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    tokens = bundle.stats.get("train_tokens")
+    steps = trainer.state.global_step
+    return {
+        "status": "completed",
+        "run_name": cfg.run_name,
+        "stage": cfg.stage,
+        "method": cfg.method.name,
+        "global_step": steps,
+        "epochs": trainer.state.epoch,
+        "train_loss": output.training_loss,
+        "last_logged_loss": losses[-1] if losses else None,
+        "eval_loss": evals[-1] if evals else None,
+        "best_eval_loss": min(evals) if evals else None,
+        "runtime_s": round(runtime, 2),
+        "trainable_params": trainable,
+        "total_params": total,
+        "packing": packing,
+        "device": str(next(trainer.model.parameters()).device),
+        "torch_threads": torch.get_num_threads(),
+        "data": bundle.stats,
+        "train_tokens_seen_approx": int(tokens * trainer.state.epoch) if tokens and trainer.state.epoch else None,
+    }
