@@ -1,0 +1,1 @@
+"""Training: the entry point, run directory, checkpoints, callbacks, quickstart."""
