@@ -1,0 +1,229 @@
+"""From a run's ``data`` config to trainable rows: read → clean → split → encode → pack, with statistics."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuneforge.data.clean import clean_records
+from tuneforge.data.packing import (
+    PackedCollator,
+    PaddingCollator,
+    length_grouped_order,
+    pack_rows,
+    padding_share,
+)
+from tuneforge.data.readers import read_records, record_text
+from tuneforge.data.tokenize import IGNORE, encode_chat, pretrain_blocks
+from tuneforge.errors import UserError
+
+
+@dataclass
+class DataBundle:
+    """What the trainer gets.
+
+    Attributes:
+        train: rows (dicts of int lists: ``input_ids``, ``labels`` and, when packed, ``position_ids``).
+        eval: rows in the same shape, or None.
+        stats: counts and distributions for the report (see :func:`build_datasets`).
+        packed: True when rows are packed (use :class:`PackedCollator` and run the model with use_cache=False).
+    """
+
+    train: list[dict]
+    eval: list[dict] | None
+    stats: dict[str, Any] = field(default_factory=dict)
+    packed: bool = False
+
+    def collator(self, tokenizer: Any):
+        """The collator for these rows (packed or dynamic padding), padding with the tokenizer's pad id."""
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        return PackedCollator(pad) if self.packed else PaddingCollator(pad)
+
+
+def read_sources(sources: list[str], data_cfg: Any) -> tuple[list[dict], dict[str, int]]:
+    """Read every file/dataset of ``sources``; returns the records and the count per source."""
+    records: list[dict] = []
+    per_file: dict[str, int] = {}
+    for source in sources:
+        got = read_records(source, data_cfg.format, data_cfg.text_separator)
+        per_file[str(source)] = len(got)
+        records.extend(got)
+    return records, per_file
+
+
+def load_records(data_cfg: Any, seed: int) -> tuple[list[dict], list[dict] | None, dict[str, Any]]:
+    """Read, clean, cap (``max_samples``) and split train/eval records.
+
+    Returns:
+        ``(train_records, eval_records or None, stats)`` with ``records_per_file`` and ``cleaning`` in stats.
+    """
+    records, per_file = read_sources(data_cfg.train, data_cfg)
+    records, report = clean_records(records, data_cfg.clean)
+    stats: dict[str, Any] = {"records_per_file": per_file, "cleaning": report.as_dict()}
+    if data_cfg.max_samples:
+        records = records[: data_cfg.max_samples]
+    eval_records = None
+    if data_cfg.eval:
+        sources = [data_cfg.eval] if isinstance(data_cfg.eval, str) else list(data_cfg.eval)
+        eval_records, eval_per_file = read_sources(sources, data_cfg)
+        eval_records, eval_report = clean_records(eval_records, data_cfg.clean)
+        stats["eval_records_per_file"] = eval_per_file
+        stats["eval_cleaning"] = eval_report.as_dict()
+    elif data_cfg.eval_split:
+        # Split records (not rows) with the run's seed, before any packing, so no sample is in both sets.
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, round(len(records) * data_cfg.eval_split))
+        if n_eval >= len(records):
+            raise UserError(
+                f"data.eval_split={data_cfg.eval_split} of {len(records)} records leaves nothing to train on; "
+                "lower it or give more data"
+            )
+        held = set(order[:n_eval])
+        eval_records = [r for i, r in enumerate(records) if i in held]
+        records = [r for i, r in enumerate(records) if i not in held]
+    stats["train_records"] = len(records)
+    stats["eval_records"] = len(eval_records) if eval_records is not None else 0
+    return records, eval_records, stats
+
+
+def build_datasets(
+    data_cfg: Any,
+    stage: str,
+    tokenizer: Any,
+    template: Any,
+    seed: int,
+    packing: bool | None = None,
+    batch_size: int = 4,
+) -> DataBundle:
+    """Build train (and eval) rows for stage ``pt`` or ``sft``.
+
+    Args:
+        data_cfg: a :class:`tuneforge.config.schema.DataConfig`.
+        stage: ``pt`` (raw text → EOS-joined fixed blocks of ``max_length``, loss on every token) or ``sft``
+            (chat records → rendered with ``template``, loss on assistant turns, packed when ``packing``).
+        tokenizer: a fast tokenizer.
+        template: the run's :class:`tuneforge.data.templates.ChatTemplate` (unused for ``pt``).
+        seed: seeds the eval split and the length-grouped order.
+        packing: overrides ``data_cfg.packing`` when not None (SFT only).
+        batch_size: rows per batch, used only to compute ``stats["padding_share"]``.
+
+    Returns:
+        A :class:`DataBundle`. ``stats`` keys: records_per_file, cleaning, train_records, eval_records, samples,
+        dropped_no_supervised, truncated, length (min/mean/p50/p95/max tokens per sample), tokens,
+        supervised_tokens, supervised_share, rows, eval_rows, padding_share, packed.
+
+    Raises:
+        UserError: text records in SFT, no sample left (with counts and the fix), too little text for one block.
+    """
+    records, eval_records, stats = load_records(data_cfg, seed)
+    if stage == "pt":
+        train, sample_stats = _pretrain(records, tokenizer, data_cfg.max_length, "training")
+        stats.update(sample_stats)
+        evaluation = _pretrain(eval_records, tokenizer, data_cfg.max_length, "eval")[0] if eval_records else None
+        packed = False
+    elif stage == "sft":
+        packed = data_cfg.packing if packing is None else bool(packing)
+        samples, sample_stats = _sft_samples(records, tokenizer, template, data_cfg, "training")
+        stats.update(sample_stats)
+        eval_samples = None
+        if eval_records:
+            eval_samples, eval_stats = _sft_samples(eval_records, tokenizer, template, data_cfg, "eval")
+            stats["eval_dropped_no_supervised"] = eval_stats["dropped_no_supervised"]
+        if packed:
+            train = pack_rows(samples, data_cfg.max_length)
+            evaluation = pack_rows(eval_samples, data_cfg.max_length) if eval_samples else None
+        else:
+            train, evaluation = samples, eval_samples
+    else:
+        raise UserError(f"stage {stage!r} is not known; expected 'pt' or 'sft'")
+    stats["packed"] = packed
+    stats["rows"] = len(train)
+    stats["eval_rows"] = len(evaluation) if evaluation else 0
+    order = None
+    if stage == "sft" and not packed:
+        order = length_grouped_order([len(r["input_ids"]) for r in train], batch_size, seed)
+    stats["padding_share"] = round(padding_share(train, batch_size, order), 4)
+    stats["padding_share_batch_size"] = batch_size
+    return DataBundle(train=train, eval=evaluation, stats=stats, packed=packed)
+
+
+def _pretrain(records: list[dict], tokenizer: Any, block_size: int, what: str) -> tuple[list[dict], dict]:
+    texts = [record_text(r) for r in records]
+    blocks = pretrain_blocks(texts, tokenizer, block_size)
+    if not blocks:
+        raise UserError(
+            f"the {what} text ({len(texts)} documents) is shorter than one block of data.max_length={block_size} "
+            "tokens; give more text or lower data.max_length"
+        )
+    n_tokens = len(blocks) * block_size
+    stats = {
+        "samples": len(blocks),
+        "dropped_no_supervised": 0,
+        "truncated": 0,
+        "length": _distribution([block_size] * len(blocks)),
+        "tokens": n_tokens,
+        "supervised_tokens": n_tokens,
+        "supervised_share": 1.0,
+    }
+    return blocks, stats
+
+
+def _sft_samples(records: list[dict], tokenizer: Any, template: Any, data_cfg: Any, what: str):
+    samples = []
+    dropped = truncated = 0
+    for record in records:
+        if "messages" not in record:
+            raise UserError(
+                f"{record.get('source', '?')}: a plain-text record, but stage 'sft' needs conversations "
+                "(chat or Alpaca records). For raw text use stage: pt"
+            )
+        messages = record["messages"]
+        if data_cfg.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": data_cfg.system_prompt}, *messages]
+        sample = encode_chat({"messages": messages}, tokenizer, template, data_cfg.max_length,
+                             data_cfg.train_on_prompt)
+        if sample is None:
+            dropped += 1
+            continue
+        truncated += sample.pop("truncated")
+        samples.append(sample)
+    if not samples:
+        raise UserError(
+            f"no {what} sample is left: all {len(records)} conversations lost every supervised token "
+            f"({dropped} dropped after truncation to data.max_length={data_cfg.max_length}, or with no assistant "
+            f"turn). Raise data.max_length, shorten the prompts, or check the chat template ({template.name!r}) "
+            "with `tuneforge data preview`"
+        )
+    lengths = [len(s["input_ids"]) for s in samples]
+    supervised = sum(sum(label != IGNORE for label in s["labels"]) for s in samples)
+    stats = {
+        "samples": len(samples),
+        "dropped_no_supervised": dropped,
+        "truncated": truncated,
+        "length": _distribution(lengths),
+        "tokens": sum(lengths),
+        "supervised_tokens": supervised,
+        "supervised_share": round(supervised / max(1, sum(lengths)), 4),
+    }
+    return samples, stats
+
+
+def _distribution(values: list[int]) -> dict[str, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return {"min": 0, "mean": 0.0, "p50": 0, "p95": 0, "max": 0}
+
+    def pct(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+    return {
+        "min": ordered[0],
+        "mean": round(sum(ordered) / len(ordered), 1),
+        "p50": pct(0.5),
+        "p95": pct(0.95),
+        "max": ordered[-1],
+    }

@@ -1,0 +1,169 @@
+"""Packing several SFT samples into one row, collators, and the padding share of what is trained.
+
+A packed row carries ``position_ids`` restarting at 0 for every sample and *no* attention mask: transformers then
+builds a block-diagonal causal mask from the position ids (``masking_utils.find_packed_sequence_indices``), so no
+token attends across a sample boundary. This only holds when the model runs without a KV cache
+(``use_cache=False``) — with a cache, packed samples attend to each other (ENVIRONMENT.md measured it). The first
+label of every packed sample is -100 so that no token is trained to predict the next sample's first token.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from tuneforge.errors import UserError
+
+IGNORE = -100
+
+
+def pack_rows(samples: Sequence[dict], max_length: int) -> list[dict]:
+    """First-fit-decreasing packing of samples into rows of at most ``max_length`` tokens.
+
+    Args:
+        samples: dicts with ``input_ids`` and ``labels`` (same length, at most ``max_length``).
+        max_length: the row capacity in tokens.
+
+    Returns:
+        Rows ``{"input_ids", "labels", "position_ids", "lengths"}``; ``position_ids`` restart at 0 for each
+        sample, the first label of each sample is -100, ``lengths`` lists the packed samples' lengths.
+    """
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["input_ids"]))
+    capacity = _FirstFit(len(samples), max_length)
+    rows: list[list[int]] = []
+    for index in order:
+        length = len(samples[index]["input_ids"])
+        if length > max_length:
+            raise UserError(f"a sample of {length} tokens does not fit data.max_length={max_length}; truncate first")
+        if length == 0:
+            continue
+        row = capacity.place(length)
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(index)
+    return [_build_row([samples[i] for i in members]) for members in rows]
+
+
+def _build_row(members: list[dict]) -> dict:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    for sample in members:
+        ids = list(sample["input_ids"])
+        input_ids.extend(ids)
+        labels.append(IGNORE)
+        labels.extend(sample["labels"][1:])
+        position_ids.extend(range(len(ids)))
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "lengths": [len(s["input_ids"]) for s in members],
+    }
+
+
+class _FirstFit:
+    """Segment tree over rows' free capacity: the first row with room for ``length`` in O(log n)."""
+
+    def __init__(self, max_rows: int, capacity: int):
+        self.size = 1
+        while self.size < max(1, max_rows):
+            self.size *= 2
+        self.free = [capacity] * (2 * self.size)  # untouched rows are empty rows
+
+    def place(self, length: int) -> int:
+        node = 1
+        while node < self.size:
+            node = 2 * node if self.free[2 * node] >= length else 2 * node + 1
+        row = node - self.size
+        self.free[node] -= length
+        node //= 2
+        while node:
+            self.free[node] = max(self.free[2 * node], self.free[2 * node + 1])
+            node //= 2
+        return row
+
+
+def _pad(seqs: list[list[int]], value: int, width: int) -> list[list[int]]:
+    return [list(s) + [value] * (width - len(s)) for s in seqs]
+
+
+class PackedCollator:
+    """Collate packed rows: ``input_ids``, ``labels``, ``position_ids``, right-padded to the longest row.
+
+    No ``attention_mask`` is returned on purpose (transformers derives per-sample masks from ``position_ids``);
+    the model must run with ``use_cache=False``. Padding gets label -100 and positions counting from 0 (a
+    separate pseudo-sample, so real tokens never see it).
+    """
+
+    def __init__(self, pad_id: int):
+        self.pad_id = int(pad_id)
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        positions = []
+        for r in rows:
+            pos = list(r.get("position_ids") or range(len(r["input_ids"])))
+            positions.append(pos + list(range(width - len(pos))))
+        return {
+            "input_ids": torch.tensor(_pad([r["input_ids"] for r in rows], self.pad_id, width), dtype=torch.long),
+            "labels": torch.tensor(_pad([r["labels"] for r in rows], IGNORE, width), dtype=torch.long),
+            "position_ids": torch.tensor(positions, dtype=torch.long),
+        }
+
+
+class PaddingCollator:
+    """Collate unpacked samples: ``input_ids``, ``attention_mask``, ``labels`` with dynamic right padding.
+
+    Labels of padding are -100 by position (never by comparing ids with the pad id), so an EOS label survives
+    even when pad == eos.
+    """
+
+    def __init__(self, pad_id: int):
+        self.pad_id = int(pad_id)
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        return {
+            "input_ids": torch.tensor(_pad([r["input_ids"] for r in rows], self.pad_id, width), dtype=torch.long),
+            "attention_mask": torch.tensor(_pad([[1] * len(r["input_ids"]) for r in rows], 0, width), dtype=torch.long),
+            "labels": torch.tensor(_pad([r["labels"] for r in rows], IGNORE, width), dtype=torch.long),
+        }
+
+
+def padding_share(rows: Sequence[dict], batch_size: int, order: Sequence[int] | None = None) -> float:
+    """Share of computed positions that are padding when ``rows`` are batched in ``order`` (default: as given).
+
+    Each batch is padded to its longest row (dynamic padding, as both collators do).
+    """
+    lengths = [len(r["input_ids"]) for r in rows]
+    order = list(range(len(rows))) if order is None else list(order)
+    real = computed = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start : start + batch_size]]
+        real += sum(batch)
+        computed += max(batch) * len(batch)
+    return 1.0 - real / computed if computed else 0.0
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, mega_batches: int = 50) -> list[int]:
+    """A seeded order of indices whose consecutive batches hold samples of similar length.
+
+    Indices are shuffled, cut into groups of ``batch_size * mega_batches``, each group sorted by length, cut into
+    batches, and the batches shuffled (so long and short batches alternate randomly). Every index appears once.
+    """
+    rng = random.Random(seed)
+    indices = list(range(len(lengths)))
+    rng.shuffle(indices)
+    group = max(1, batch_size * mega_batches)
+    batches = []
+    for start in range(0, len(indices), group):
+        chunk = sorted(indices[start : start + group], key=lambda i: -lengths[i])
+        batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return [i for batch in batches for i in batch]

@@ -1,0 +1,168 @@
+"""``tuneforge data preview``: rendered samples with the supervised spans marked, then the dataset statistics.
+
+The preview loads only a tokenizer (never a model): the run's own one (hub id / local directory), or, for
+``model.from_config``, one trained on the training text exactly as training does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tuneforge.errors import UserError
+
+OPEN, CLOSE = "[[", "]]"
+
+
+def run_preview(config_path: str, overrides: list[str] | None = None, n: int = 3, as_json: bool = False,
+                out: Any = None) -> int:
+    """Print ``n`` samples and the stats of the data a run config describes. Returns the exit code (0)."""
+    from tuneforge.config import load_config
+    from tuneforge.data.build import build_datasets, load_records
+    from tuneforge.data.readers import record_text
+    from tuneforge.data.templates import resolve_template
+
+    out = out or sys.stdout
+    cfg = load_config(config_path, overrides or [])
+    records, _, _ = load_records(cfg.data, cfg.seed)
+    tokenizer = _tokenizer_for_config(cfg, [record_text(r) for r in records])
+    template = resolve_template(cfg.model.chat_template, tokenizer)
+    bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, cfg.seed, batch_size=cfg.train.batch_size)
+    samples = _preview_samples(cfg, records[:n], tokenizer, template, bundle)
+    if as_json:
+        for sample in samples:
+            out.write(json.dumps({k: sample[k] for k in ("text", "input_ids", "labels")}, ensure_ascii=False) + "\n")
+        return 0
+    _print_human(samples, bundle.stats, template, cfg, out)
+    return 0
+
+
+def _preview_samples(cfg: Any, records: list[dict], tokenizer: Any, template: Any, bundle: Any) -> list[dict]:
+    """Dicts with text, input_ids, labels, marked spans (char ranges) and a truncated flag."""
+    from tuneforge.data.tokenize import IGNORE, encode_chat_detailed
+
+    samples = []
+    if cfg.stage == "pt":
+        for row in bundle.train[: len(records)]:
+            text = tokenizer.decode(row["input_ids"])
+            samples.append({"text": text, "input_ids": row["input_ids"], "labels": row["labels"],
+                            "spans": [(0, len(text))], "truncated": False, "source": "block"})
+        return samples
+    for record in records:
+        messages = record["messages"]
+        if cfg.data.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": cfg.data.system_prompt}, *messages]
+        enc = encode_chat_detailed({"messages": messages}, tokenizer, template, cfg.data.max_length,
+                                   cfg.data.train_on_prompt)
+        kept = enc["offsets"][-1][1] if enc["offsets"] else 0
+        spans = _merge_spans([off for off, label in zip(enc["offsets"], enc["labels"], strict=True) if label != IGNORE])
+        samples.append({"text": enc["text"][:kept], "input_ids": enc["input_ids"], "labels": enc["labels"],
+                        "spans": spans, "truncated": enc["truncated"], "source": record.get("source", "?"),
+                        "supervised": enc["supervised"]})
+    return samples
+
+
+def _merge_spans(offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    spans: list[list[int]] = []
+    for start, end in offsets:
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    return [(s, e) for s, e in spans]
+
+
+def mark_plain(text: str, spans: list[tuple[int, int]]) -> str:
+    """``text`` with every supervised span wrapped in ``[[ ]]``."""
+    parts, last = [], 0
+    for start, end in spans:
+        parts.append(text[last:start])
+        parts.append(OPEN + text[start:end] + CLOSE)
+        last = end
+    parts.append(text[last:])
+    return "".join(parts)
+
+
+def _print_human(samples: list[dict], stats: dict, template: Any, cfg: Any, out: Any) -> None:
+    colour = out is sys.stdout and sys.stdout.isatty()
+    console = None
+    if colour:
+        from rich.console import Console
+
+        console = Console()
+    say = console.print if console else (lambda s="": out.write(f"{s}\n"))
+    legend = "supervised tokens in green" if colour else f"supervised tokens between {OPEN} and {CLOSE}"
+    say(f"template: {template.name}   stage: {cfg.stage}   ({legend})")
+    for i, sample in enumerate(samples, start=1):
+        note = "  (truncated)" if sample["truncated"] else ""
+        if sample.get("supervised") == 0:
+            note += "  (no supervised token: dropped from training)"
+        say(f"\n--- sample {i}  {sample['source']}  {len(sample['input_ids'])} tokens{note}")
+        if console:
+            from rich.text import Text
+
+            text = Text(sample["text"])
+            for start, end in sample["spans"]:
+                text.stylize("bold green", start, end)
+            console.print(text)
+        else:
+            say(mark_plain(sample["text"], sample["spans"]))
+    say("\n--- statistics")
+    for line in format_stats(stats):
+        say(line)
+
+
+def format_stats(stats: dict) -> list[str]:
+    """Human-readable lines for the dataset statistics."""
+    lines = []
+    for source, count in stats.get("records_per_file", {}).items():
+        lines.append(f"records  {source}: {count}")
+    c = stats.get("cleaning", {})
+    if c:
+        lines.append(
+            f"cleaning {c['records_in']} → {c['records_out']} records (min_length dropped {c['dropped_min_length']}, "
+            f"dedup dropped {c['dropped_duplicate']}, HTML changed {c['html_changed']}, "
+            f"normalisation changed {c['normalize_changed']})"
+        )
+    lines.append(f"split    train {stats.get('train_records')} records, eval {stats.get('eval_records')} records")
+    lines.append(f"samples  {stats.get('samples')} (dropped with no supervised token: "
+                 f"{stats.get('dropped_no_supervised')}, truncated: {stats.get('truncated')})")
+    length = stats.get("length", {})
+    lines.append("length   " + "  ".join(f"{k} {v}" for k, v in length.items()) + " tokens")
+    lines.append(f"tokens   {stats.get('tokens')} ({stats.get('supervised_tokens')} supervised, "
+                 f"share {stats.get('supervised_share', 0):.1%})")
+    lines.append(f"rows     {stats.get('rows')} ({'packed' if stats.get('packed') else 'not packed'}), "
+                 f"padding share {stats.get('padding_share', 0):.1%} at batch size "
+                 f"{stats.get('padding_share_batch_size')}")
+    return lines
+
+
+def _tokenizer_for_config(cfg: Any, texts: list[str]):
+    """The tokenizer a run uses, without loading the model.
+
+    ``model.tokenizer`` (or ``from_config.tokenizer``) when set, else ``model.name_or_path``; for
+    ``model.from_config`` without one, a byte-level BPE tokenizer trained on ``texts`` (the cleaned training
+    records' text) with ``from_config.vocab_size``, as the model loader does.
+    """
+    model = cfg.model
+    fc = model.from_config
+    name = model.tokenizer or (fc.tokenizer if fc else None) or model.name_or_path
+    if name is None:
+        from tuneforge.models import train_tokenizer
+
+        return train_tokenizer(texts, vocab_size=fc.vocab_size)
+    looks_local = Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise UserError(f"model path not found: {name} (a local directory or a hub id like Qwen/Qwen2.5-0.5B)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if looks_local else name,
+                                             trust_remote_code=model.trust_remote_code, revision=model.revision)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot load the tokenizer of {name!r} ({str(exc).splitlines()[0]}); "
+            "check the name, or the hub is unreachable: give a local model directory"
+        ) from None

@@ -1,0 +1,297 @@
+"""Readers: every supported data format becomes one canonical record shape.
+
+Canonical records (see docs/architecture.md)::
+
+    {"text": "...", "source": "data/a.txt#3"}
+    {"messages": [{"role": "user", "content": "..."}, ...], "source": "data/b.jsonl:12"}
+
+``source`` is ``file:line`` for JSON lines and ``file#n`` (1-based record number) otherwise; every error names it.
+Supported inputs: ``.txt`` (documents split on a separator), ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet``
+rows in text, Alpaca or chat (``messages`` / ``conversations``, role/content or ShareGPT from/value) shape,
+a directory of such files, and a hub dataset name (through ``datasets``) when no local path matches.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from tuneforge.errors import UserError
+
+FORMATS = ("auto", "text", "alpaca", "chat")
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+ROLE_MAP = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+}
+ALLOWED_ROLES = tuple(ROLE_MAP)
+
+
+def read_records(path: str | Path, format: str = "auto", text_separator: str = "\n\n\n") -> list[dict]:
+    """Read one file, directory or hub dataset into canonical records.
+
+    Args:
+        path: a local file (``.txt``, ``.jsonl``, ``.json``, ``.csv``, ``.parquet``), a directory of such
+            files (read in sorted order), or a hub dataset name (``owner/name``; split ``train``) when no local
+            path of that name exists.
+        format: ``auto`` (detected from the first record's keys), ``text``, ``alpaca`` or ``chat``.
+        text_separator: the document separator inside ``.txt`` files.
+
+    Returns:
+        A non-empty list of canonical records, each with a ``source``.
+
+    Raises:
+        UserError: file not found, empty file, non-UTF-8 bytes (byte offset and line), malformed JSON (file and
+            line), a missing field (field name and record), an unknown role (role, record, allowed roles), an
+            unreachable hub.
+    """
+    if format not in FORMATS:
+        raise UserError(f"data.format {format!r} is not known; expected one of {', '.join(FORMATS)}")
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in FILE_SUFFIXES)
+        if not files:
+            raise UserError(f"{p}: directory has no data files ({', '.join(FILE_SUFFIXES)})")
+        records: list[dict] = []
+        for f in files:
+            records.extend(read_records(f, format, text_separator))
+        return records
+    if p.is_file():
+        return _read_file(p, format, text_separator)
+    if p.suffix.lower() in FILE_SUFFIXES or str(path).startswith((".", "/", "~")) or "\\" in str(path):
+        raise UserError(f"data file not found: {path}")
+    return _read_hub(str(path), format)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _read_file(path: Path, fmt: str, text_separator: str) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".parquet"):
+        rows = _read_table(path)
+        if not rows:
+            raise UserError(f"{path}: file is empty (no rows)")
+        return rows_to_records(((f"{path}#{i + 1}", row) for i, row in enumerate(rows)), fmt)
+    text = _read_utf8(path)
+    if not text.strip():
+        raise UserError(f"{path}: file is empty")
+    if suffix == ".txt" or (suffix not in (".json", ".jsonl") and fmt == "text"):
+        if fmt not in ("auto", "text"):
+            raise UserError(f"{path}: a .txt file holds plain text; data.format {fmt!r} needs .jsonl/.json rows")
+        return _text_documents(path, text, text_separator)
+    if suffix == ".json":
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            return rows_to_records(_json_array(path, text), fmt)
+        if stripped.startswith("{") and "\n{" not in stripped:
+            # A single JSON object: one record (a file holding one conversation).
+            return rows_to_records(_json_array(path, f"[{text}]"), fmt)
+        # Many ".json" files are really JSON lines.
+    if suffix in (".json", ".jsonl"):
+        return rows_to_records(_json_lines(path, text), fmt)
+    raise UserError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}: not UTF-8 text: byte {exc.start} (line {line}) is {data[exc.start:exc.start + 1]!r}; "
+            "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+    return text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not content
+
+
+def _text_documents(path: Path, text: str, separator: str) -> list[dict]:
+    docs = [d.strip() for d in text.split(separator)] if separator else [text.strip()]
+    records = [{"text": d, "source": f"{path}#{i + 1}"} for i, d in enumerate(d for d in docs if d)]
+    if not records:
+        raise UserError(f"{path}: file is empty")
+    return records
+
+
+def _json_lines(path: Path, text: str) -> Iterable[tuple[str, Any]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno}); "
+                "each line must be one complete JSON object"
+            ) from None
+    return rows
+
+
+def _json_array(path: Path, text: str) -> list[tuple[str, Any]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if not data:
+        raise UserError(f"{path}: file is empty (an empty JSON array)")
+    return [(f"{path}#{i + 1}", row) for i, row in enumerate(data)]
+
+
+def _read_table(path: Path) -> list[dict]:
+    """CSV / parquet rows as dicts of strings (pandas, which ``datasets`` depends on)."""
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover - pandas comes with datasets
+        raise UserError(f"{path}: reading {path.suffix} files needs pandas (pip install pandas)") from None
+    try:
+        if path.suffix.lower() == ".csv":
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        else:
+            frame = pd.read_parquet(path)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); re-save the file as UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: file is empty") from None
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise UserError(f"{path}: cannot read {path.suffix} file ({exc})") from None
+    return frame.to_dict(orient="records")
+
+
+# --------------------------------------------------------------------------- hub
+
+
+def _read_hub(name: str, fmt: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        raise UserError(f"data file not found: {name} (and `datasets` is not installed to read it from the hub)") from None
+    try:
+        dataset = datasets.load_dataset(name, split="train")
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not a usable local file or hub dataset"
+        raise UserError(
+            f"{name}: no such local file, and loading it as a hub dataset failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "The hub may be unreachable (offline?): give a local .jsonl/.json/.txt/.csv/.parquet file instead"
+        ) from None
+    return rows_to_records(((f"{name}#{i + 1}", row) for i, row in enumerate(dataset)), fmt)
+
+
+# --------------------------------------------------------------------------- rows → records
+
+
+def rows_to_records(rows: Iterable[tuple[str, Any]], fmt: str = "auto") -> list[dict]:
+    """Turn ``(source, row_dict)`` pairs into canonical records; the format is detected on the first row."""
+    records = []
+    detected = None if fmt == "auto" else fmt
+    for source, row in rows:
+        if not isinstance(row, dict):
+            raise UserError(f"{source}: expected a JSON object (key: value), got {type(row).__name__}")
+        if detected is None:
+            detected = detect_format(row, source)
+        try:
+            records.append(_CONVERTERS[detected](row, source))
+        except UserError as exc:
+            if fmt == "auto" and records:
+                raise UserError(f"{exc} (format '{detected}' was detected from the first record; "
+                                "one file must hold one format)") from None
+            raise
+    if not records:
+        raise UserError("no records found (the file holds no rows)")
+    return records
+
+
+def detect_format(row: dict, source: str) -> str:
+    """``chat`` / ``alpaca`` / ``text`` from a row's keys."""
+    if "messages" in row or "conversations" in row:
+        return "chat"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    raise UserError(
+        f"{source}: cannot tell the data format from the keys {sorted(row)}; expected 'text' (plain text), "
+        "'instruction'/'input'/'output' (Alpaca) or 'messages'/'conversations' (chat). "
+        "Rename the fields or set data.format"
+    )
+
+
+def _field(row: dict, key: str, source: str, fmt: str, expected: str) -> Any:
+    if key not in row or row[key] is None:
+        raise UserError(f"{source}: record has no {key!r} field ({fmt} records need {expected}); keys: {sorted(row)}")
+    return row[key]
+
+
+def _string(value: Any, key: str, source: str) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise UserError(f"{source}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _text_record(row: dict, source: str) -> dict:
+    text = _field(row, "text", source, "text", "'text'")
+    return {"text": _string(text, "text", source), "source": source}
+
+
+def _alpaca_record(row: dict, source: str) -> dict:
+    expected = "'instruction' and 'output' (optional 'input', 'system', 'history')"
+    instruction = _string(_field(row, "instruction", source, "Alpaca", expected), "instruction", source)
+    output = _string(_field(row, "output", source, "Alpaca", expected), "output", source)
+    extra = _string(row.get("input") or "", "input", source)
+    messages = []
+    if row.get("system"):
+        messages.append({"role": "system", "content": _string(row["system"], "system", source)})
+    for turn, pair in enumerate(row.get("history") or []):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise UserError(f"{source}: history[{turn}] must be a [user, assistant] pair")
+        messages.append({"role": "user", "content": _string(pair[0], f"history[{turn}][0]", source)})
+        messages.append({"role": "assistant", "content": _string(pair[1], f"history[{turn}][1]", source)})
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages.append({"role": "user", "content": user})
+    messages.append({"role": "assistant", "content": output})
+    return {"messages": messages, "source": source}
+
+
+def _chat_record(row: dict, source: str) -> dict:
+    key = "messages" if "messages" in row else "conversations"
+    turns = _field(row, key, source, "chat", "'messages' or 'conversations' (a list of turns)")
+    if hasattr(turns, "tolist"):  # parquet gives numpy arrays
+        turns = turns.tolist()
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{source}: {key!r} must be a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"{source}: {key}[{i}]"
+        if not isinstance(turn, dict):
+            raise UserError(f"{where} must be an object with role/content (or ShareGPT from/value)")
+        role_key = "role" if "role" in turn else "from" if "from" in turn else None
+        content_key = "content" if "content" in turn else "value" if "value" in turn else None
+        if role_key is None:
+            raise UserError(f"{where} has no 'role' (or ShareGPT 'from') field; keys: {sorted(turn)}")
+        if content_key is None:
+            raise UserError(f"{where} has no 'content' (or ShareGPT 'value') field; keys: {sorted(turn)}")
+        raw_role = turn[role_key]
+        role = ROLE_MAP.get(str(raw_role).strip().lower())
+        if role is None:
+            raise UserError(f"{where}: unknown role {raw_role!r}; allowed roles: {', '.join(ALLOWED_ROLES)}")
+        content = turn[content_key]
+        messages.append({"role": role, "content": _string("" if content is None else content, content_key, where)})
+    return {"messages": messages, "source": source}
+
+
+_CONVERTERS = {"text": _text_record, "alpaca": _alpaca_record, "chat": _chat_record}
+
+
+def record_text(record: dict) -> str:
+    """The plain text of a record (chat turns' contents joined by newlines), for pretraining and tokenizers."""
+    if "text" in record:
+        return record["text"]
+    return "\n".join(m["content"] for m in record["messages"])
