@@ -24,11 +24,11 @@ _TAGS = (
     "link|main|mark|meta|nav|ol|option|p|pre|q|s|samp|section|select|small|span|strike|strong|sub|summary|sup|"
     "table|tbody|td|textarea|tfoot|th|thead|title|tr|tt|u|ul|var|wbr"
 )
-_ATTRS = r"""(?:\s+[\w:.-]+(?:\s*=\s*(?:"[^"]*"|'[^']*'|[^\s"'<>]+))?)*"""
-_TAG_RE = re.compile(rf"</?(?:{_TAGS}){_ATTRS}\s*/?>", re.IGNORECASE)
+# Attributes must look like attributes (name=value), so that `a<b and c>d` in code is not taken for a tag.
+_ATTRS = r"""(?:\s+[\w:.-]+\s*=\s*(?:"[^"]*"|'[^']*'|[^\s"'<>]+))*"""
+_TAG_RE = re.compile(rf"</?({_TAGS}){_ATTRS}\s*/?>", re.IGNORECASE)
 # Block-level tags become a line break so that words on both sides do not run together.
-_BLOCK_RE = re.compile(r"</?(?:p|br|div|li|tr|h[1-6]|ul|ol|table|blockquote|pre|hr|section|article)\b[^<>]*>",
-                       re.IGNORECASE)
+_BLOCK_TAGS = re.compile(r"p|br|div|li|tr|h[1-6]|ul|ol|table|blockquote|pre|hr|section|article", re.IGNORECASE)
 _DROP_RE = re.compile(r"<(script|style)\b[^<>]*>.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
 _ENTITY_RE = re.compile(r"&(?:[a-zA-Z]{2,8}|#\d{1,6}|#x[0-9a-fA-F]{1,6});")
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
@@ -59,8 +59,7 @@ def strip_html(text: str) -> str:
     if "<" not in text and "&" not in text:
         return text
     out = _DROP_RE.sub("", text)
-    out = _BLOCK_RE.sub("\n", out)
-    out = _TAG_RE.sub("", out)
+    out = _TAG_RE.sub(lambda m: "\n" if _BLOCK_TAGS.fullmatch(m.group(1)) else "", out)
     if out != text or _ENTITY_RE.search(out):
         out = html.unescape(out)
     return out
