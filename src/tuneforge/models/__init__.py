@@ -1,4 +1,4 @@
-"""Models: device/precision, local tokenizers, from-config builds, loading, target modules.
+"""Models: device/precision, local tokenizers, from-config builds, loading, target modules, generation.
 
 Functions are re-exported lazily so that importing this package does not import torch.
 """
@@ -10,7 +10,28 @@ import importlib
 _EXPORTS = {
     "train_tokenizer": "tuneforge.models.tokenizer",
     "build_model": "tuneforge.models.build",
+    "resolve_device": "tuneforge.models.device",
+    "resolve_dtype": "tuneforge.models.device",
+    "cpu_has_native_bf16": "tuneforge.models.device",
+    "dtype_name": "tuneforge.models.device",
+    "load_model": "tuneforge.models.load",
+    "load_tokenizer": "tuneforge.models.load",
+    "ensure_pad_token": "tuneforge.models.load",
+    "linear_modules": "tuneforge.models.targets",
+    "linear_module_paths": "tuneforge.models.targets",
+    "resolve_target_modules": "tuneforge.models.targets",
+    "targets_conv1d": "tuneforge.models.targets",
+    "ARCHITECTURE_DEFAULTS": "tuneforge.models.targets",
+    "generate": "tuneforge.models.generation",
+    "stream_generate": "tuneforge.models.generation",
+    "Loaded": "tuneforge.models.inference",
+    "load_for_inference": "tuneforge.models.inference",
+    "resolve_source": "tuneforge.models.inference",
+    "count_parameters": "tuneforge.models.params",
+    "format_parameters": "tuneforge.models.params",
 }
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):

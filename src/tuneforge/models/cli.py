@@ -1,0 +1,172 @@
+"""``tuneforge inspect MODEL``: linear layers grouped attention / mlp / other, parameter count, resolved targets.
+
+Light module: torch and transformers are imported inside the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from tuneforge.errors import UserError, did_you_mean
+
+# Methods whose adapters sit on linear layers chosen by target_modules.
+TARGETED_METHODS = ("lora", "qlora", "dora", "rslora", "pissa", "lora_plus", "adalora", "vera", "ia3", "galore")
+
+
+def add_commands(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="list a model's linear layers (attention / mlp / other) and the target modules each method resolves to",
+        description="Build MODEL on the meta device from its config (no weights are read) and list its linear and "
+        "Conv1D layers grouped attention / mlp / other, its parameter count, and the target_modules that "
+        "'attention', 'mlp' and 'all-linear' resolve to (or those of --method).",
+    )
+    parser.add_argument("model", metavar="MODEL", help="model directory, run directory, adapter directory or hub id")
+    parser.add_argument("--method", help="show the targets this method's default config resolves to")
+    parser.add_argument("--paths", action="store_true", help="also list the full module path of every layer")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (hub models)")
+    parser.set_defaults(func=run_inspect)
+
+
+def method_defaults(name: str) -> Any:
+    """The default config of method ``name`` (the schema's defaults).
+
+    Raises:
+        UserError: unknown method name, listing the known ones.
+    """
+    from pydantic import TypeAdapter
+
+    from tuneforge.config.schema import METHOD_NAMES, MethodConfig
+
+    if name not in METHOD_NAMES or name == "auto":
+        known = [m for m in METHOD_NAMES if m != "auto"]
+        raise UserError(f"--method: unknown method {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}")
+    return TypeAdapter(MethodConfig).validate_python({"name": name})
+
+
+def meta_model(base: str, trust_remote_code: bool = False):
+    """The model ``base`` (a directory or hub id) built on the meta device from its config: no weights read.
+
+    Raises:
+        UserError: a missing directory or an unreachable hub id.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from tuneforge.models.load import check_model_source, hub_error, looks_local
+
+    base = check_model_source(base, "MODEL")
+    try:
+        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if looks_local(base):
+            raise UserError(f"could not read the model config in {base}: {exc}") from exc
+        raise hub_error(base, exc, "MODEL") from exc
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        except ValueError:  # not a causal LM (e.g. BERT): inspect the bare model
+            model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    # Built on meta, tied embeddings are separate tensors until tied (they would be counted twice).
+    model.tie_weights()
+    return model
+
+
+def inspect_model(source: str, method: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Everything ``tuneforge inspect`` prints, as a dict (see :func:`run_inspect`)."""
+    from tuneforge.models.inference import resolve_source
+    from tuneforge.models.targets import (
+        GROUP_SPECS,
+        linear_module_paths,
+        linear_modules,
+        resolve_target_modules,
+    )
+
+    resolved = resolve_source(source)
+    model = meta_model(resolved.base, trust_remote_code)
+    info: dict[str, Any] = {
+        "model": source,
+        "base": resolved.base,
+        "adapter": resolved.adapter,
+        "architecture": type(model).__name__,
+        "model_type": getattr(model.config, "model_type", None),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "groups": linear_modules(model),
+        "paths": linear_module_paths(model),
+        "targets": {spec: _try_resolve(model, spec, resolve_target_modules) for spec in GROUP_SPECS},
+    }
+    if resolved.adapter is not None:
+        adapter_config = json.loads((_path(resolved.adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+        info["adapter_type"] = adapter_config.get("peft_type")
+        info["adapter_targets"] = adapter_config.get("target_modules")
+    if method:
+        cfg = method_defaults(method)
+        spec = getattr(cfg, "target_modules", None)
+        entry: dict[str, Any] = {"name": method, "target_modules": spec}
+        if method == "full":
+            entry["note"] = "every parameter trains; no target modules"
+        elif method == "prefix_tuning":
+            entry["note"] = "trains virtual-token prefixes in every layer; no target modules"
+        elif spec is None:
+            entry["note"] = "peft's own per-architecture defaults"
+        else:
+            entry["resolved"] = _try_resolve(model, spec, resolve_target_modules)
+        info["method"] = entry
+    return info
+
+
+def _path(text: str):
+    from pathlib import Path
+
+    return Path(text)
+
+
+def _try_resolve(model, spec, resolve) -> list[str] | str:
+    try:
+        return resolve(model, spec)
+    except UserError as exc:
+        return f"(none: {exc})"
+
+
+def _names(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return ", ".join(value) if value else "-"
+
+
+def format_report(info: dict, show_paths: bool = False) -> str:
+    """The text ``tuneforge inspect`` prints."""
+    lines = [f"model: {info['model']}  ({info['architecture']}, model_type {info['model_type']})"]
+    if info.get("adapter"):
+        lines.append(f"adapter: {info['adapter']} ({info.get('adapter_type')}, targets "
+                     f"{_names(info.get('adapter_targets') or [])}) on base {info['base']}")
+    lines.append(f"parameters: {info['parameters']:,d}")
+    total = sum(len(v) for v in info["paths"].values())
+    lines.append(f"linear layers: {total} (lm_head excluded)")
+    for group, names in info["groups"].items():
+        lines.append(f"  {group:<10} ({len(info['paths'][group])} layers): {_names(names)}")
+        if show_paths:
+            lines.extend(f"      {path}" for path in info["paths"][group])
+    lines.append("target_modules resolve to:")
+    for spec, names in info["targets"].items():
+        lines.append(f"  {spec:<10} -> {_names(names)}")
+    method = info.get("method")
+    if method:
+        lines.append(f"method {method['name']}: target_modules {method['target_modules']!r}")
+        if "resolved" in method:
+            lines.append(f"  -> {_names(method['resolved'])}")
+        if "note" in method:
+            lines.append(f"  ({method['note']})")
+    return "\n".join(lines)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    info = inspect_model(args.model, args.method, args.trust_remote_code)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_report(info, args.paths))
+    return 0

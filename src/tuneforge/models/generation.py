@@ -1,0 +1,266 @@
+"""Text generation with a chat template: batched (left-padded) and streaming.
+
+Generation stops at the tokenizer's EOS and at the template's stop tokens; the returned text is only the newly
+generated part, cut before the first stop string. ``template`` is a ``tuneforge.data.templates.ChatTemplate``
+(anything with ``render(messages, add_generation_prompt)``, ``stop`` and ``stop_token_ids(tokenizer)``), or
+``None`` to use the tokenizer's own chat template for message lists.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tuneforge.errors import UserError
+
+Prompt = str | Sequence[dict]
+
+
+def render_prompt(tokenizer: Any, template: Any, prompt: Prompt) -> tuple[str, bool]:
+    """The text to feed the model for one prompt, and whether the tokenizer should add its special tokens.
+
+    A plain string is used as-is (special tokens such as BOS added by the tokenizer); a list of chat messages is
+    rendered with ``add_generation_prompt=True`` (the template writes BOS itself).
+    """
+    if isinstance(prompt, str):
+        return prompt, True
+    messages = list(prompt)
+    if template is not None:
+        return template.render(messages, add_generation_prompt=True), False
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+    raise UserError("chat messages were given but there is no chat template (model.chat_template) to render them")
+
+
+def stop_strings(tokenizer: Any, template: Any) -> list[str]:
+    """Strings at which generated text is cut: the template's stop strings and the EOS token text."""
+    stops = list(getattr(template, "stop", None) or [])
+    if tokenizer.eos_token and tokenizer.eos_token not in stops:
+        stops.append(tokenizer.eos_token)
+    return [s for s in stops if s]
+
+
+def stop_token_ids(tokenizer: Any, template: Any, model: Any = None) -> list[int]:
+    """Token ids that end generation: EOS (tokenizer's and the model's generation config) and template stops."""
+    ids: list[int] = []
+
+    def add(value):
+        if value is None:
+            return
+        for item in value if isinstance(value, (list, tuple, set)) else [value]:
+            if item is not None and int(item) not in ids:
+                ids.append(int(item))
+
+    add(tokenizer.eos_token_id)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        add(generation_config.eos_token_id)
+    if template is not None and hasattr(template, "stop_token_ids"):
+        add(template.stop_token_ids(tokenizer))
+    return ids
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest stop string."""
+    cut = len(text)
+    for stop in stops:
+        index = text.find(stop)
+        if index != -1:
+            cut = min(cut, index)
+    return text[:cut]
+
+
+def _generation_config(tokenizer, stop_ids, pad_id, *, max_new_tokens, temperature, top_p, top_k,
+                       repetition_penalty):
+    from transformers import GenerationConfig
+
+    sampling = temperature is not None and temperature > 0
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sampling, eos_token_id=stop_ids or None,
+                  pad_token_id=pad_id, repetition_penalty=repetition_penalty, use_cache=True)
+    if sampling:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or 0)
+    else:
+        # Explicit neutral values: the model's own generation_config may carry sampling defaults.
+        kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
+    return GenerationConfig(**kwargs)
+
+
+def _encode(tokenizer, template, prompts: Sequence[Prompt]) -> list[list[int]]:
+    encoded = []
+    for prompt in prompts:
+        text, add_special = render_prompt(tokenizer, template, prompt)
+        ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        if not ids:
+            ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+        encoded.append(ids)
+    return encoded
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device):
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention[i, width - len(row):] = 1
+    return input_ids.to(device), attention.to(device)
+
+
+def _pad_id(tokenizer, stop_ids: list[int]) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return stop_ids[0] if stop_ids else 0
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+class _EvalMode:
+    """Put the model in eval mode for the block (no dropout) and restore its previous mode after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        if self.was_training:
+            self.model.train()
+
+
+def generate(model: Any, tokenizer: Any, template: Any, messages_or_prompts: Sequence[Prompt], *,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             repetition_penalty: float = 1.0, seed: int | None = None, batch_size: int = 8) -> list[str]:
+    """Generate a completion for each prompt.
+
+    Args:
+        model: a causal LM (or peft model).
+        tokenizer: its tokenizer.
+        template: a ``ChatTemplate`` for message lists, or ``None`` (tokenizer's own template).
+        messages_or_prompts: each item a plain string (used as-is) or a list of ``{"role", "content"}`` dicts.
+        max_new_tokens: generation budget per prompt.
+        temperature: 0 = greedy (deterministic); > 0 samples with ``top_p``/``top_k`` (``top_k=0`` = off).
+        repetition_penalty: 1.0 = none.
+        seed: seeds torch's RNG before sampling, for reproducible samples.
+        batch_size: prompts per left-padded batch.
+
+    Returns:
+        One string per prompt: only the new text, cut before the first stop string (template stops or EOS);
+        whitespace is kept as generated.
+    """
+    import torch
+
+    if isinstance(messages_or_prompts, str):
+        raise TypeError("messages_or_prompts must be a list of prompts or of message lists, not one string")
+    stops = stop_strings(tokenizer, template)
+    stop_ids = stop_token_ids(tokenizer, template, model)
+    pad_id = _pad_id(tokenizer, stop_ids)
+    config = _generation_config(tokenizer, stop_ids, pad_id, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty)
+    if seed is not None:
+        torch.manual_seed(seed)
+    encoded = _encode(tokenizer, template, list(messages_or_prompts))
+    device = _device(model)
+    results: list[str] = []
+    with _EvalMode(model), torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            rows = encoded[start:start + batch_size]
+            input_ids, attention = _left_pad(rows, pad_id, device)
+            output = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+            for row in output[:, input_ids.shape[1]:].tolist():
+                results.append(_decode_new(tokenizer, row, stop_ids, stops))
+    return results
+
+
+def _decode_new(tokenizer, ids: list[int], stop_ids: list[int], stops: list[str]) -> str:
+    for index, token in enumerate(ids):
+        if token in stop_ids:
+            ids = ids[:index]
+            break
+    return cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stops)
+
+
+def stream_generate(model: Any, tokenizer: Any, template: Any, prompt: Prompt, *, max_new_tokens: int = 128,
+                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                    repetition_penalty: float = 1.0, seed: int | None = None) -> Iterator[str]:
+    """Yield the completion of one prompt piece by piece as it is generated (for serve and chat).
+
+    Same arguments and stopping rules as :func:`generate`; the concatenated pieces equal what :func:`generate`
+    returns for the same prompt and settings. Text that might be the start of a stop string is held back until
+    it is known not to be one. Breaking out of the loop stops the generation thread at its next token.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    stops = stop_strings(tokenizer, template)
+    stop_ids = stop_token_ids(tokenizer, template, model)
+    pad_id = _pad_id(tokenizer, stop_ids)
+    config = _generation_config(tokenizer, stop_ids, pad_id, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty)
+    input_ids, attention = _left_pad(_encode(tokenizer, template, [prompt]), pad_id, _device(model))
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    cancelled = threading.Event()
+    failure: list[BaseException] = []
+
+    class _Cancel(StoppingCriteria):
+        def __call__(self, ids, scores, **kwargs):
+            return torch.full((ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=ids.device)
+
+    def run():
+        try:
+            if seed is not None:
+                torch.manual_seed(seed)
+            with _EvalMode(model), torch.no_grad():
+                model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
+                               streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancel()]))
+        except BaseException as exc:  # re-raised in the consumer
+            failure.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    emitted = ""
+    text = ""
+    finished = False
+    try:
+        for piece in streamer:
+            text += piece
+            cut = cut_at_stop(text, stops)
+            if len(cut) < len(text):  # a stop string appeared: emit up to it and stop
+                if len(cut) > len(emitted):
+                    yield cut[len(emitted):]
+                return
+            safe = len(text) - _held_back(text, stops)
+            if safe > len(emitted):
+                yield text[len(emitted):safe]
+                emitted = text[:safe]
+        finished = True
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+    finally:
+        cancelled.set()
+        if not finished:  # drain until the thread's end signal (a finished streamer would block forever)
+            for _ in streamer:
+                pass
+        thread.join()
+    if failure:
+        raise failure[0]
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` could be the start of a stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                longest = max(longest, size)
+                break
+    return longest
