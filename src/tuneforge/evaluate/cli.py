@@ -1,0 +1,252 @@
+"""Commands ``eval``, ``abtest`` and ``report`` (light module: heavy imports happen inside the commands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tuneforge.errors import UserError
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="score one or more models side by side (perplexity, BLEU, ROUGE, exact match)",
+        description="Evaluate models (run directories, HF model directories, adapter directories or hub ids) on "
+                    "the same data with the same generation settings. References for BLEU/ROUGE/exact come from "
+                    "each record's last assistant message (chat) or 'output' (alpaca).",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.add_argument("--data", required=True, help="eval file (jsonl/json/csv/parquet/txt; text, alpaca or chat)")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "alpaca", "chat"])
+    p.add_argument("--metrics", default="ppl", help="comma list: ppl,bleu,rouge1,rouge2,rougeL,rouge,exact,contains")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--json", action="store_true", help="print one JSON object per model instead of a table")
+    p.add_argument("--out", default=None, help="also write all results to this JSON file")
+    p.add_argument("--predictions", action="store_true", help="keep the generated answers in --json/--out output")
+    p.add_argument("--no-save", action="store_true", help="do not append results to <run dir>/eval_results.json")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass for perplexity")
+    p.add_argument("--max-length", type=int, default=None, help="perplexity window (default: model context)")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window step (default: max-length / 2)")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser(
+        "abtest", help="blind A/B sheet for human raters, or score its votes",
+        description="tuneforge abtest A B --prompts prompts.jsonl [--out sheet.html | --terminal]\n"
+                    "tuneforge abtest score sheet.key.json votes.jsonl [more votes.jsonl ...]\n\n"
+                    "The sheet hides which model is which; the mapping is kept in <sheet>.key.json next to it. "
+                    "Scores are win/tie/loss of model A with 95% Wilson confidence intervals.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("args", nargs="+", metavar="A B | score KEY VOTES...",
+                   help="two models, or 'score' followed by the key (or sheet) file and one or more votes files")
+    p.add_argument("--prompts", help="prompts file (chat/alpaca records: the conversation before the last answer; "
+                                     "text records: raw prompts)")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "alpaca", "chat"])
+    p.add_argument("--out", default="abtest.html", help="sheet path (its key goes to <name>.key.json)")
+    p.add_argument("--terminal", action="store_true", help="vote here in the terminal instead of an HTML sheet")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--shuffle-seed", type=int, default=None, help="seed of the left/right assignment (default: random)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--allow-partial", action="store_true", help="score: accept votes files with unanswered items")
+    p.add_argument("--json", action="store_true", help="score: print the result as JSON")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_abtest)
+
+    p = subparsers.add_parser("report", help="write RUN_DIR/report.html: curves, metrics, warnings, samples, config")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--no-samples", action="store_true", help="do not load the model to generate samples")
+    p.add_argument("--samples", type=int, default=3, help="number of sample generations")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_report)
+
+
+def _add_generation_args(p) -> None:
+    g = p.add_argument_group("generation (same for every model)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--greedy", action="store_true", help="force greedy decoding (temperature 0)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _generation_options(args):
+    from tuneforge.evaluate.runner import GenerationOptions
+
+    if args.max_new_tokens <= 0:
+        raise UserError("--max-new-tokens must be positive")
+    if args.temperature < 0:
+        raise UserError("--temperature must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        raise UserError("--top-p must be in (0, 1]")
+    if args.top_k < 0 or args.repetition_penalty <= 0:
+        raise UserError("--top-k must be >= 0 and --repetition-penalty > 0")
+    return GenerationOptions(max_new_tokens=args.max_new_tokens,
+                             temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _check_limit(limit):
+    if limit is not None and limit <= 0:
+        raise UserError("--limit must be a positive number of records")
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def cmd_eval(args) -> int:
+    from tuneforge.evaluate import runner
+    from tuneforge.utils import atomic_write_json
+
+    metrics = runner.parse_metrics(args.metrics)
+    gen = _generation_options(args)
+    _check_limit(args.limit)
+    progress = None if args.json else (lambda msg: print(msg, file=sys.stderr))
+    rows = runner.run_eval(args.models, args.data, metrics, gen, fmt=args.format, limit=args.limit,
+                           device=args.device, batch_size=args.batch_size, max_length=args.max_length,
+                           stride=args.stride, keep_predictions=args.predictions, progress=progress)
+    if not args.no_save:
+        runner.save_to_run_dirs(rows, args.data, metrics, gen)
+    if args.out:
+        atomic_write_json(args.out, {"data": args.data, "metrics": metrics, "generation": gen.to_dict(),
+                                     "results": rows})
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
+    _print_table(rows, runner.table_columns(metrics), args, gen)
+    return 0
+
+
+def _print_table(rows, columns, args, gen) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tuneforge.evaluate.runner import format_value
+
+    table = Table(title=f"{args.data} — {rows[0]['n'] if rows else 0} records")
+    table.add_column("model")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for row in rows:
+        table.add_row(row["model"], *(format_value(c, row.get(c)) for c in columns))
+    console = Console()
+    console.print(table)
+    if any(c not in ("ppl", "tokens") for c in columns):
+        tok = rows[0].get("bleu_tokenize") if rows else None
+        console.print(f"generation: {gen.to_dict()}" + (f"; BLEU tokenizer: {tok}" if tok else ""))
+    console.print("ppl: token-weighted over the set (answers only for chat data); scores 0-100")
+
+
+# --------------------------------------------------------------------------- abtest
+
+
+def cmd_abtest(args) -> int:
+    if args.args[0] == "score":
+        return _abtest_score(args)
+    if len(args.args) != 2:
+        raise UserError("abtest needs exactly two models (A B), or: abtest score KEY VOTES...")
+    if not args.prompts:
+        raise UserError("abtest A B needs --prompts FILE (a jsonl of chat/alpaca/text records)")
+    _check_limit(args.limit)
+    return _abtest_make(args)
+
+
+def _abtest_make(args) -> int:
+    import secrets
+
+    from tuneforge.evaluate import _backend, abtest
+    from tuneforge.evaluate.runner import load_eval_records, prompt_and_reference
+
+    gen = _generation_options(args)
+    records = load_eval_records(args.prompts, args.format, args.limit)
+    prompts = [prompt_and_reference(r)[0] for r in records]
+    model_a, model_b = args.args
+    answers = []
+    for spec in (model_a, model_b):
+        print(f"generating {len(prompts)} answers with {spec} ...", file=sys.stderr)
+        loaded = _backend.load_model(spec, device=args.device)
+        answers.append(_backend.generate(loaded, prompts, **gen.to_dict()))
+        del loaded
+    seed = args.shuffle_seed if args.shuffle_seed is not None else secrets.randbits(32)
+    items = abtest.make_items(prompts, answers[0], answers[1], seed)
+    if args.terminal:
+        return _abtest_terminal(args, abtest, items, model_a, model_b, seed, gen)
+    sheet, key = abtest.write_sheet(args.out, items, model_a, model_b, seed, gen.to_dict())
+    print(f"sheet: {sheet}  (give this to raters)\nkey:   {key}  (keep private)\n"
+          f"score: tuneforge abtest score {key} votes.jsonl")
+    return 0
+
+
+def _abtest_terminal(args, abtest, items, model_a, model_b, seed, gen) -> int:
+    import secrets
+    from pathlib import Path
+
+    from tuneforge.utils import atomic_write_json
+
+    sheet_id = secrets.token_hex(8)
+    out = Path(args.out)
+    key_path = abtest.key_path_for(out)
+    atomic_write_json(key_path, abtest.build_key(items, model_a, model_b, sheet_id, None, None, seed,
+                                                 gen.to_dict()))
+    rows = abtest.terminal_votes(items, sheet_id)
+    votes_path = out.with_name(out.stem + ".votes.jsonl")
+    abtest.write_votes(votes_path, rows)
+    print(f"\nvotes: {votes_path}  key: {key_path}")
+    if not rows:
+        print("no votes given")
+        return 0
+    key, _ = abtest.load_key(key_path)
+    result = abtest.score(key, [abtest.read_votes(votes_path, key, allow_partial=True)])
+    _print_ab(result, as_json=False)
+    return 0
+
+
+def _abtest_score(args) -> int:
+    from tuneforge.evaluate import abtest
+
+    rest = args.args[1:]
+    if len(rest) < 2:
+        raise UserError("usage: tuneforge abtest score KEY_OR_SHEET VOTES.jsonl [MORE_VOTES.jsonl ...]")
+    result = abtest.score_files(rest[0], rest[1:], allow_partial=args.allow_partial)
+    _print_ab(result, as_json=args.json)
+    return 0
+
+
+def _print_ab(result, as_json: bool) -> None:
+    data = result.to_dict()
+    if as_json:
+        print(json.dumps(data, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"A = {data['model_a']}   vs   B = {data['model_b']}   "
+                        f"({data['votes']} votes, {data['raters']} rater file(s))")
+    for col in ("outcome for A", "count", "share", "95% CI (Wilson)"):
+        table.add_column(col, justify="right" if col != "outcome for A" else "left")
+    for name in ("win", "tie", "loss"):
+        lo, hi = data[f"{name}_ci"]
+        table.add_row(name, str(data[name]), f"{100 * data[f'{name}_rate']:.1f}%", f"{100 * lo:.1f}–{100 * hi:.1f}%")
+    console = Console()
+    console.print(table)
+    if data["a_win_rate_decisive"] is not None:
+        lo, hi = data["a_win_rate_decisive_ci"]
+        console.print(f"A wins {100 * data['a_win_rate_decisive']:.1f}% of decisive votes "
+                      f"(95% CI {100 * lo:.1f}–{100 * hi:.1f}%)")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def cmd_report(args) -> int:
+    from tuneforge.evaluate.report import build_report
+
+    path = build_report(args.run_dir, samples=not args.no_samples, n_samples=args.samples,
+                        max_new_tokens=args.max_new_tokens)
+    print(f"report: {path}")
+    return 0
