@@ -1,0 +1,180 @@
+"""Export a run or model with int8 / int4 weight-only quantization, and measure what it costs in perplexity.
+
+Quantization is bitsandbytes' (LLM.int8() for ``int8``, NF4 with double quantization for ``int4``): it runs on
+CPU here and ``save_pretrained`` writes a directory that stock ``transformers.AutoModelForCausalLM.from_pretrained``
+loads again (bitsandbytes installed). An adapter run is merged into its base first (quantized models cannot take a
+merge afterwards). The exported directory is reloaded before it is kept, and its perplexity on a small text set is
+compared with the unquantized model's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from tuneforge.errors import UserError
+from tuneforge.merge.lora import copy_template_files, load_base_and_adapter
+from tuneforge.merge.sources import check_mergeable, quantization_of, resolve_source
+from tuneforge.utils import atomic_dir, atomic_write_json
+
+QUANTIZE = ("int8", "int4")
+
+
+def default_texts(limit: int = 60) -> list[str]:
+    """Paragraphs of the Python documentation shipped with Python (``pydoc_data``), a fixed offline text set."""
+    from pydoc_data.topics import topics
+
+    texts = []
+    for key in sorted(topics):
+        texts.extend(p.strip() for p in topics[key].split("\n\n") if len(p.strip()) > 80)
+    # every 7th paragraph: spread over topics rather than the first few alphabetically
+    return texts[::7][:limit]
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Texts for the perplexity check: a .txt file (paragraphs split on blank lines) or .jsonl with ``text``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--data {path}: no such file")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: not valid JSON ({exc})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UserError(f"{path}:{number}: expected an object with a \"text\" string")
+            texts.append(record["text"])
+    else:
+        texts = [p.strip() for p in raw.split("\n\n") if p.strip()]
+    if not texts:
+        raise UserError(f"--data {path}: no text found")
+    return texts
+
+
+def perplexity(model: Any, tokenizer: Any, texts: list[str], *, block_size: int = 128, max_blocks: int = 24) -> float:
+    """Perplexity of ``model`` on ``texts`` joined by EOS and cut into blocks of ``block_size`` tokens."""
+    import torch
+
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    block_size = min(block_size, limit or block_size)
+    blocks = [ids[i: i + block_size] for i in range(0, len(ids) - 1, block_size)][:max_blocks]
+    blocks = [b for b in blocks if len(b) > 1]
+    if not blocks:
+        raise UserError("the perplexity text set is empty after tokenisation; give a longer --data file")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for block in blocks:
+            input_ids = torch.tensor([block])
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+            total += float(loss) * (len(block) - 1)
+            count += len(block) - 1
+    return math.exp(total / count)
+
+
+def quantization_config(kind: str):
+    """The ``BitsAndBytesConfig`` for ``int8`` or ``int4`` (NF4, double quant, fp32 compute on CPU)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", data: str | None = None,
+                 echo=print) -> dict:
+    """Quantize a run / adapter / model directory and save it at ``out`` (atomically).
+
+    Returns:
+        ``{"quantize", "ppl_original", "ppl_quantized", "ppl_delta", "ppl_ratio", "bytes_original",
+        "bytes_quantized", "texts"}`` (also written to ``out/export_report.json``).
+
+    Raises:
+        UserError: unknown ``quantize``, an already quantized model, a non-mergeable adapter, bitsandbytes
+            missing, or a bad ``data`` file.
+    """
+    import torch
+
+    if quantize not in QUANTIZE:
+        raise UserError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE)}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("export needs bitsandbytes: pip install 'tuneforge[quant]'") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    texts = read_texts(data) if data else default_texts()
+    source = resolve_source(path)
+    if source.kind == "model" and quantization_of(source.model_dir):
+        raise UserError(f"{path}: already quantized ({quantization_of(source.model_dir).get('quant_method')}); "
+                        "export from the unquantized model")
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent if out.parent.exists() else None) as work:
+        if source.kind == "adapter":
+            check_mergeable(source)
+            peft_model, tokenizer, _ = load_base_and_adapter(source)
+            model = peft_model.merge_and_unload()
+            model.save_pretrained(work)  # the quantizer loads from a directory
+            origin = Path(work)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(source.model_dir))
+            model = AutoModelForCausalLM.from_pretrained(str(source.model_dir), dtype=torch.float32)
+            origin = source.model_dir
+        model.eval()
+        ppl_original = perplexity(model, tokenizer, texts)
+        bytes_original = _weight_bytes(model)
+        del model
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bitsandbytes warns on every CPU matmul that it casts inputs
+            quantized = AutoModelForCausalLM.from_pretrained(str(origin), quantization_config=quantization_config(
+                quantize), device_map="cpu")
+            with atomic_dir(out) as tmp:
+                quantized.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                copy_template_files(source, tmp)
+                # the check that matters: what was written loads again with stock transformers
+                reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), device_map="cpu")
+                reloaded.eval()
+                ppl_quantized = perplexity(reloaded, tokenizer, texts)
+                report = {
+                    "source": str(path), "quantize": quantize, "method": "bitsandbytes "
+                    + ("LLM.int8()" if quantize == "int8" else "NF4 + double quant"),
+                    "ppl_original": ppl_original, "ppl_quantized": ppl_quantized,
+                    "ppl_delta": ppl_quantized - ppl_original, "ppl_ratio": ppl_quantized / ppl_original,
+                    "bytes_original": bytes_original, "bytes_quantized": _dir_bytes(tmp),
+                    "texts": len(texts), "data": str(data) if data else "builtin:pydoc_data",
+                }
+                atomic_write_json(tmp / "export_report.json", report)
+    echo(f"{quantize}: perplexity {ppl_original:.3f} → {ppl_quantized:.3f} "
+         f"(delta {report['ppl_delta']:+.3f}, ×{report['ppl_ratio']:.4f}); weights "
+         f"{bytes_original / 1e6:.2f} MB → {report['bytes_quantized'] / 1e6:.2f} MB; written to {out}")
+    return report
+
+
+def _weight_bytes(model: Any) -> int:
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _dir_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))

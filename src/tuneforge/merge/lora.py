@@ -1,0 +1,181 @@
+"""Fold a LoRA-family adapter into its base: W' = W + (alpha / r) · B A, saved as a plain HF model directory.
+
+The merge is checked, not hoped: the logits of adapter inference (base + adapter, unmerged) and of the merged model
+are compared on a few probe inputs, and a difference above the tolerance fails before anything is written.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneforge.errors import UserError
+from tuneforge.merge.sources import TEMPLATE_FILES, Source, check_mergeable, quantization_of, resolve_source
+from tuneforge.utils import atomic_dir, atomic_write_json
+
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b",
+    "Question: what does a context manager do?\nAnswer:",
+)
+
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+# Default tolerance on the max |logit| difference, by saved dtype: fp32 merges agree to ~1e-6; half precision
+# rounds every weight, which moves logits by up to a few hundredths on small models.
+DEFAULT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
+
+
+@dataclass
+class MergeReport:
+    """What ``merge_lora`` did: where it wrote, and how far the merged logits are from adapter inference."""
+
+    out: Path
+    base: str
+    max_diff: float
+    mean_diff: float
+    tolerance: float
+    dtype: str
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        return {"out": str(self.out), "base": self.base, "max_logit_diff": self.max_diff,
+                "mean_logit_diff": self.mean_diff, "tolerance": self.tolerance, "dtype": self.dtype,
+                "notes": self.notes}
+
+
+def load_base_and_adapter(source: Source, *, dtype: Any = None):
+    """Load ``source``'s base unquantized (fp32 by default) with the adapter on top, on CPU.
+
+    A QLoRA adapter is folded into the *unquantized* original weights (the dequantise-first route): its base path
+    is the original checkpoint, quantized only at load time during training. A base stored quantized on disk is
+    refused, because its exact original weights are gone.
+
+    Returns:
+        ``(peft_model, tokenizer, notes)``.
+
+    Raises:
+        UserError: the base is stored quantized, or cannot be loaded.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    notes: list[str] = []
+    quant = quantization_of(source.base) if Path(str(source.base)).is_dir() else None
+    if quant:
+        method = quant.get("quant_method", "quantized")
+        raise UserError(
+            f"base model {source.base} is stored {method}-quantized: folding an adapter into rounded weights and "
+            "saving them unquantized would bake the rounding error into every weight. Pass the original "
+            "unquantized checkpoint with --base DIR"
+        )
+    if source.method == "qlora" or (source.adapter_config or {}).get("use_qalora"):
+        notes.append("adapter trained on a 4-bit base: merged into the unquantized original weights from "
+                     f"{source.base} (dequantise-first); the merged model does not include the 4-bit rounding")
+    try:
+        base = AutoModelForCausalLM.from_pretrained(source.base, dtype=dtype or torch.float32)
+    except OSError as exc:
+        raise UserError(f"cannot load base model {source.base!r} of adapter {source.model_dir}: {exc}. "
+                        "Pass the base with --base DIR") from None
+    model = PeftModel.from_pretrained(base, str(source.model_dir))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(source.model_dir if _has_tokenizer(source.model_dir)
+                                                  else source.base))
+    return model, tokenizer, notes
+
+
+def probe_batches(tokenizer: Any, texts=PROBE_TEXTS) -> list:
+    """Token-id tensors (one per text) used to compare two models' logits."""
+    return [tokenizer(text, return_tensors="pt")["input_ids"] for text in texts]
+
+
+def logits_on(model: Any, batches: list) -> list:
+    """Logits of ``model`` on each probe batch (fp32, no grad)."""
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=ids).logits.float() for ids in batches]
+
+
+def logit_difference(reference: list, other: list) -> tuple[float, float]:
+    """``(max, mean)`` absolute difference between two lists of logit tensors."""
+    import torch
+
+    diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(reference, other, strict=True)])
+    return float(diffs.max()), float(diffs.mean())
+
+
+def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = None, dtype: str = "fp32",
+               base: str | None = None, echo=print) -> MergeReport:
+    """Merge the adapter of a run (or adapter directory) into its base and save a plain HF model at ``out``.
+
+    Args:
+        path: a tuneforge run directory or a PEFT adapter directory.
+        out: the output directory (written atomically: on any failure nothing is left there).
+        tolerance: the largest allowed max-|logit| difference between adapter inference and the merged model;
+            default by ``dtype`` (1e-3 for fp32).
+        dtype: saved precision, ``fp32`` | ``bf16`` | ``fp16``.
+        base: use this base model instead of the one recorded in the adapter.
+        echo: where progress lines go.
+
+    Returns:
+        A :class:`MergeReport`; ``out`` then holds ``config.json``, ``model.safetensors`` (or shards), the tokenizer,
+        ``chat_template.jinja``/``template.json`` when the run had them, and ``merge_report.json``.
+
+    Raises:
+        UserError: not an adapter, a non-mergeable method, a quantized base, or a logit difference above tolerance.
+    """
+    import torch
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of fp32, bf16, fp16")
+    dtype_name = DTYPES[dtype]
+    tolerance = DEFAULT_TOLERANCE[dtype_name] if tolerance is None else float(tolerance)
+    source = resolve_source(path, base_override=base)
+    check_mergeable(source)
+    out = Path(out)
+    if out.resolve() in (source.model_dir.resolve(), Path(str(source.base)).resolve()):
+        raise UserError(f"--out {out}: would overwrite the model being merged; choose another directory")
+
+    model, tokenizer, notes = load_base_and_adapter(source)
+    batches = probe_batches(tokenizer)
+    unmerged = logits_on(model, batches)
+    merged = model.merge_and_unload()
+    merged = merged.to(getattr(torch, dtype_name))
+    after = logits_on(merged, batches)
+    max_diff, mean_diff = logit_difference(unmerged, after)
+    echo(f"logit difference adapter vs merged on {len(batches)} probes: max {max_diff:.3g}, mean {mean_diff:.3g} "
+         f"(tolerance {tolerance:g})")
+    if not max_diff <= tolerance:  # also catches NaN
+        raise UserError(
+            f"merged model differs from adapter inference by up to {max_diff:.3g} in the logits (mean "
+            f"{mean_diff:.3g}), above --tolerance {tolerance:g}; nothing was written to {out}. A half-precision "
+            "--dtype rounds weights: try --dtype fp32, or raise --tolerance if this loss is acceptable"
+        )
+    report = MergeReport(out, str(source.base), max_diff, mean_diff, tolerance, dtype_name, notes)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        copy_template_files(source, tmp)
+        atomic_write_json(tmp / "merge_report.json", report.to_dict())
+    for note in notes:
+        echo(f"note: {note}")
+    echo(f"merged model written to {out}")
+    return report
+
+
+def copy_template_files(source: Source, target: Path) -> None:
+    """Copy ``chat_template.jinja``/``template.json`` of a run or adapter beside a saved model."""
+    folder = source.template_dir()
+    if folder is None:
+        return
+    for name in TEMPLATE_FILES:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, target / name)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

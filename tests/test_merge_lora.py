@@ -1,0 +1,192 @@
+"""LoRA merge: adapter folded into its base, saved as a plain HF model, checked against adapter inference.
+
+The helpers at the top build tiny bases, adapters and run directories on disk; the other merge/export/serve test
+files import them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuneforge.errors import UserError
+
+# ----------------------------------------------------------------------------- helpers (shared by other tests)
+
+
+def save_base(model, tokenizer, folder: Path) -> Path:
+    """Save ``model`` + tokenizer + the chatml template as a plain HF model directory."""
+    from tuneforge.data.templates import get_template
+
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    get_template("chatml").save(folder)
+    return folder
+
+
+def make_adapter(base_dir: Path, folder: Path, *, seed: int = 1, r: int = 4, target_modules=("q_proj", "v_proj"),
+                 scale: float = 1.0, **lora_kwargs) -> Path:
+    """A LoRA adapter on ``base_dir`` with random non-zero A and B (as if trained), saved with tokenizer/template."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.data.templates import get_template
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules), init_lora_weights=False,
+                        lora_dropout=0.0, **lora_kwargs)
+    model = get_peft_model(base, config)
+    if scale != 1.0:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(scale)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(folder)
+    get_template("chatml").save(folder)
+    return folder
+
+
+def make_run(run_dir: Path, base_dir: Path, *, method: str = "lora", seed: int = 1, **adapter_kwargs) -> Path:
+    """A tuneforge-shaped run directory: config.yaml, template.json and final/ holding a LoRA adapter."""
+    from tuneforge.data.templates import get_template
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    make_adapter(base_dir, run_dir / "final", seed=seed, **adapter_kwargs)
+    config = {"run_name": run_dir.name, "model": {"name_or_path": str(base_dir)},
+              "method": {"name": method}, "data": {"train": ["x.jsonl"]}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    get_template("chatml").save(run_dir)
+    return run_dir
+
+
+def peft_logits(base_dir: Path, adapter_dir: Path, ids):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture()
+def base_dir(tmp_path, tiny_llama, tiny_tokenizer):
+    return save_base(tiny_llama, tiny_tokenizer, tmp_path / "base")
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_merged_run_loads_in_stock_transformers_and_matches_adapter(tmp_path, base_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.merge.lora import merge_lora
+
+    run = make_run(tmp_path / "runs" / "a", base_dir)
+    out = tmp_path / "merged"
+    report = merge_lora(run, out, echo=lambda *_: None)
+
+    assert report.max_diff < 1e-4 and report.mean_diff <= report.max_diff
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert (out / "chat_template.jinja").is_file() and (out / "template.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("A sentence the probes never saw, with numbers 1 2 3.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(base_dir)(input_ids=ids).logits
+    want = peft_logits(base_dir, run / "final", ids)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert (got - base).abs().max() > 1e-2  # the adapter really changed the model: the comparison can fail
+    saved = json.loads((out / "merge_report.json").read_text())
+    assert saved["max_logit_diff"] == pytest.approx(report.max_diff)
+
+
+def test_adapter_dir_merge_and_template_from_adapter(tmp_path, base_dir):
+    from tuneforge.merge.lora import merge_lora
+
+    adapter = make_adapter(base_dir, tmp_path / "adapter", seed=3, target_modules=("q_proj", "down_proj"))
+    report = merge_lora(adapter, tmp_path / "out", echo=lambda *_: None)
+    assert report.base == str(base_dir.resolve())
+    assert (tmp_path / "out" / "chat_template.jinja").is_file()
+
+
+def test_merge_above_tolerance_fails_and_writes_nothing(tmp_path, base_dir, capsys):
+    from tuneforge.cli import main
+
+    run = make_run(tmp_path / "run", base_dir, scale=5.0)
+    out = tmp_path / "merged"
+    code = main(["merge", str(run), "--out", str(out), "--dtype", "bf16", "--tolerance", "1e-6"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "above --tolerance" in err and "nothing was written" in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no temp dir left either
+
+
+def test_cli_merge_prints_logit_difference(tmp_path, base_dir, capsys):
+    from tuneforge.cli import main
+
+    run = make_run(tmp_path / "run", base_dir)
+    assert main(["merge", str(run), "--out", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "logit difference adapter vs merged" in out and "max" in out and "mean" in out
+
+
+def test_full_model_run_and_prompt_adapters_are_refused(tmp_path, base_dir):
+    from tuneforge.merge.lora import merge_lora
+
+    with pytest.raises(UserError, match="nothing to merge"):
+        merge_lora(base_dir, tmp_path / "x")
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    (prefix / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "PREFIX_TUNING", "base_model_name_or_path": str(base_dir)}))
+    with pytest.raises(UserError, match="cannot be merged"):
+        merge_lora(prefix, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_quantized_base_is_refused_with_reason(tmp_path, base_dir):
+    import shutil
+
+    from tuneforge.merge.lora import merge_lora
+
+    adapter = make_adapter(base_dir, tmp_path / "adapter")
+    qbase = tmp_path / "qbase"
+    shutil.copytree(base_dir, qbase)
+    config = json.loads((qbase / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (qbase / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="quantized.*--base"):
+        merge_lora(adapter, tmp_path / "out", base=str(qbase))
+    # the dequantise-first route: the original unquantized base is given explicitly
+    merge_lora(adapter, tmp_path / "out", base=str(base_dir), echo=lambda *_: None)
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_qlora_run_merges_into_unquantized_base_with_a_note(tmp_path, base_dir):
+    from tuneforge.merge.lora import merge_lora
+
+    lines = []
+    run = make_run(tmp_path / "q", base_dir, method="qlora")
+    merge_lora(run, tmp_path / "out", echo=lines.append)
+    assert any("dequantise-first" in line for line in lines)
+
+
+def test_missing_and_wrong_paths_are_user_errors(tmp_path):
+    from tuneforge.merge.lora import merge_lora
+
+    with pytest.raises(UserError, match="no such"):
+        merge_lora(tmp_path / "nope", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a tuneforge run"):
+        merge_lora(tmp_path / "empty", tmp_path / "out")
