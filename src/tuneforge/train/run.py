@@ -71,7 +71,8 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     if packing and not packing_keeps_samples_apart(model, len(tokenizer)):
         echo("packing: this model's attention does not separate packed samples; using length-grouped batches")
         packing = False
-    bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, seed=cfg.seed, packing=packing)
+    bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, seed=cfg.seed, packing=packing,
+                            batch_size=cfg.train.batch_size)
 
     # Everything that can fail on user input has been checked: from here on, write the run directory.
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +209,7 @@ def _count_parameters(model) -> tuple[int, int]:
 
 
 def _describe_data(stats: dict, echo) -> None:
-    keys = ("train_samples", "train_rows", "eval_rows", "dropped_no_supervised", "truncated", "supervised_share", "padding_share")
+    keys = ("samples", "rows", "eval_rows", "dropped_no_supervised", "truncated", "supervised_share", "padding_share")
     shown = {k: stats[k] for k in keys if k in stats}
     if shown:
         echo("data: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
@@ -266,15 +267,14 @@ def _training_arguments(cfg: RunConfig, method, run_dir: Path, has_eval: bool, p
         save_total_limit=None,  # we rotate ourselves, after the completion marker (checkpoints.py)
         seed=cfg.seed,
         data_seed=cfg.seed,
-        report_to=[r for r in t.report_to if r != "none"],
-        logging_dir=str(run_dir / "tensorboard"),
+        report_to=[r for r in t.report_to if r not in ("none", "tensorboard")],  # tensorboard: our own writer
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_workers,
         use_cpu=device_is_cpu,
         bf16=dtype == torch.bfloat16 and not device_is_cpu,
         fp16=dtype == torch.float16,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         optim={"adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}.get(t.optim, t.optim),
         neftune_noise_alpha=t.neftune_alpha,
         load_best_model_at_end=bool(t.early_stopping_patience and evaluating),
@@ -292,15 +292,15 @@ def _training_arguments(cfg: RunConfig, method, run_dir: Path, has_eval: bool, p
 def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir):
     from transformers import EarlyStoppingCallback
 
-    from tuneforge.data.packing import PackedCollator, PaddingCollator
     from tuneforge.train.callbacks import MetricsFileCallback
 
     total_steps = _total_steps(len(bundle.train), cfg)
     args = _training_arguments(cfg, method, run_dir, bool(bundle.eval), packing, total_steps)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collator = PackedCollator(pad_id) if packing or cfg.stage == "pt" else PaddingCollator(pad_id)
+    collator = bundle.collator(tokenizer)
 
     callbacks = [MetricsFileCallback(run_dir)]
+    if "tensorboard" in cfg.train.report_to:
+        callbacks.append(_tensorboard(run_dir / "tensorboard"))
     monitor = _monitor(cfg, run_dir, model, tokenizer, template)
     if monitor is not None:
         callbacks.append(monitor)
@@ -321,6 +321,14 @@ def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run
     )
     trainer.keep_checkpoints = cfg.train.save_total_limit
     return trainer, monitor
+
+
+def _tensorboard(log_dir: Path):
+    """TensorBoard logs in ``run_dir/tensorboard`` (the Trainer's default would bury them under checkpoints/)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
 
 
 def _monitor(cfg, run_dir, model, tokenizer, template):
@@ -416,7 +424,7 @@ def _summary(cfg, trainer, output, bundle, trainable, total, runtime, packing, t
     history = trainer.state.log_history
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     losses = [h["loss"] for h in history if "loss" in h]
-    tokens = bundle.stats.get("train_tokens")
+    tokens = bundle.stats.get("tokens")
     steps = trainer.state.global_step
     return {
         "status": "completed",
