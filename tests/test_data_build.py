@@ -159,3 +159,12 @@ def test_cli_preview_bad_data_exits_2(tmp_path, capsys):
     assert main(["data", "preview", str(write_config(tmp_path, bad))]) == 2
     err = capsys.readouterr().err
     assert "unknown role 'bot'" in err and "Traceback" not in err
+
+
+def test_data_package_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, tuneforge.data.cli, tuneforge.data.build, tuneforge.data.preview; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

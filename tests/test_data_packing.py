@@ -147,3 +147,29 @@ def test_packed_rows_give_same_logits_as_separate_samples(tiny_llama, tiny_token
             start += n
     assert worst < 1e-4
     assert leak > 1e-2  # without per-sample masks the samples would see each other: the test can fail
+
+
+def test_packing_supported_detects_models_that_ignore_position_masks(tiny_llama, tiny_gpt2):
+    from tuneforge.data.packing import packing_supported
+
+    assert packing_supported(tiny_llama) and packing_supported(tiny_gpt2)
+
+    class IgnoresPositions:
+        """Forwards without position_ids: packed samples would attend to each other."""
+
+        def __init__(self, model):
+            self.model, self.config, self.training = model, model.config, False
+
+        def parameters(self):
+            return self.model.parameters()
+
+        def eval(self):
+            return self
+
+        def train(self, mode=True):
+            return self
+
+        def __call__(self, input_ids, position_ids=None, use_cache=False):
+            return self.model(input_ids=input_ids, use_cache=use_cache)
+
+    assert not packing_supported(IgnoresPositions(tiny_llama))

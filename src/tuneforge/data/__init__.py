@@ -23,6 +23,7 @@ _EXPORTS = {
     "PaddingCollator": "tuneforge.data.packing",
     "padding_share": "tuneforge.data.packing",
     "length_grouped_order": "tuneforge.data.packing",
+    "packing_supported": "tuneforge.data.packing",
     "build_datasets": "tuneforge.data.build",
     "load_records": "tuneforge.data.build",
     "DataBundle": "tuneforge.data.build",

@@ -167,3 +167,29 @@ def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, meg
         batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
     rng.shuffle(batches)
     return [i for batch in batches for i in batch]
+
+
+def packing_supported(model: Any, atol: float = 1e-4) -> bool:
+    """Whether ``model`` keeps packed samples apart when given only ``position_ids`` (and ``use_cache=False``).
+
+    Runs two short random sequences packed in one row and each alone, and compares the second one's logits.
+    Use it to choose packing or the length-grouped fallback for an architecture/attention backend.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        vocab = int(getattr(model.config, "vocab_size", 256))
+        gen = torch.Generator().manual_seed(0)
+        first = torch.randint(0, vocab, (1, 6), generator=gen).to(device)
+        second = torch.randint(0, vocab, (1, 5), generator=gen).to(device)
+        ids = torch.cat([first, second], dim=1)
+        positions = torch.tensor([list(range(6)) + list(range(5))], device=device)
+        with torch.no_grad():
+            packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, 6:].float()
+            alone = model(input_ids=second, use_cache=False).logits[0].float()
+        return bool((packed - alone).abs().max().item() <= atol * max(1.0, alone.abs().max().item()))
+    finally:
+        model.train(was_training)
