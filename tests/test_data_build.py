@@ -168,3 +168,33 @@ def test_data_package_imports_no_torch():
     code = ("import sys, tuneforge.data.cli, tuneforge.data.build, tuneforge.data.preview; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_preview_missing_model_path_exits_2(tmp_path, capsys):
+    import yaml
+
+    from tuneforge.cli import main
+
+    config = write_config(tmp_path, chat_file(tmp_path / "c.jsonl", 3))
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    raw["model"] = {"name_or_path": str(tmp_path / "no-such-model")}
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert main(["data", "preview", str(config)]) == 2
+    assert "local model path does not exist" in capsys.readouterr().err
+
+
+def test_cli_preview_local_model_directory_tokenizer(tmp_path, capsys, tiny_tokenizer, tiny_gpt2):
+    import yaml
+
+    from tuneforge.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_gpt2.config.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    config = write_config(tmp_path, chat_file(tmp_path / "c.jsonl", 3))
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    raw["model"] = {"name_or_path": str(model_dir), "chat_template": "plain"}
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert main(["data", "preview", str(config), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "User: What is 0 plus 0?\nAssistant:[[ The answer is 0.<|endoftext|>]]" in out

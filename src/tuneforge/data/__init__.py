@@ -26,6 +26,7 @@ _EXPORTS = {
     "packing_supported": "tuneforge.data.packing",
     "build_datasets": "tuneforge.data.build",
     "load_records": "tuneforge.data.build",
+    "tokenizer_texts": "tuneforge.data.build",
     "DataBundle": "tuneforge.data.build",
 }
 

@@ -54,6 +54,23 @@ def read_sources(sources: list[str], data_cfg: Any) -> tuple[list[dict], dict[st
     return records, per_file
 
 
+def tokenizer_texts(data_cfg: Any) -> list[str]:
+    """The text a from-config model's tokenizer is trained on: every cleaned training record, file by file.
+
+    Text records give their text; chat records give each message's content. (Same list as
+    ``tuneforge.train.run._tokenizer_texts``, so ``data preview`` sees the tokenizer training will build.)
+    """
+    texts: list[str] = []
+    for path in data_cfg.train:
+        records, _ = clean_records(read_records(path, data_cfg.format, data_cfg.text_separator), data_cfg.clean)
+        for record in records:
+            if "text" in record:
+                texts.append(record["text"])
+            else:
+                texts.extend(message["content"] for message in record["messages"])
+    return texts
+
+
 def load_records(data_cfg: Any, seed: int) -> tuple[list[dict], list[dict] | None, dict[str, Any]]:
     """Read, clean, cap (``max_samples``) and split train/eval records.
 

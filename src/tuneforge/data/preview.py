@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import UserError
@@ -20,14 +19,13 @@ def run_preview(config_path: str, overrides: list[str] | None = None, n: int = 3
                 out: Any = None) -> int:
     """Print ``n`` samples and the stats of the data a run config describes. Returns the exit code (0)."""
     from tuneforge.config import load_config
-    from tuneforge.data.build import build_datasets, load_records
-    from tuneforge.data.readers import record_text
+    from tuneforge.data.build import build_datasets, load_records, tokenizer_texts
     from tuneforge.data.templates import resolve_template
 
     out = out or sys.stdout
     cfg = load_config(config_path, overrides or [])
     records, _, _ = load_records(cfg.data, cfg.seed)
-    tokenizer = _tokenizer_for_config(cfg, [record_text(r) for r in records])
+    tokenizer = _tokenizer_for_config(cfg, lambda: tokenizer_texts(cfg.data))
     template = resolve_template(cfg.model.chat_template, tokenizer)
     bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, cfg.seed, batch_size=cfg.train.batch_size)
     samples = _preview_samples(cfg, records[:n], tokenizer, template, bundle)
@@ -139,30 +137,27 @@ def format_stats(stats: dict) -> list[str]:
     return lines
 
 
-def _tokenizer_for_config(cfg: Any, texts: list[str]):
-    """The tokenizer a run uses, without loading the model.
+def _tokenizer_for_config(cfg: Any, texts: Any):
+    """The tokenizer a run uses, without loading the model (the same rules as ``models.load_model``).
 
-    ``model.tokenizer`` (or ``from_config.tokenizer``) when set, else ``model.name_or_path``; for
-    ``model.from_config`` without one, a byte-level BPE tokenizer trained on ``texts`` (the cleaned training
-    records' text) with ``from_config.vocab_size``, as the model loader does.
+    ``model.from_config.tokenizer`` / ``model.tokenizer`` / ``model.name_or_path`` when set (local directory or
+    hub id); for ``model.from_config`` without one, a byte-level BPE tokenizer of ``from_config.vocab_size``
+    trained on ``texts()`` (a callable: the text is only read when needed), as training does.
     """
+    from tuneforge.models.load import ensure_pad_token, load_tokenizer
+
     model = cfg.model
     fc = model.from_config
-    name = model.tokenizer or (fc.tokenizer if fc else None) or model.name_or_path
-    if name is None:
+    if fc is not None:
+        source = fc.tokenizer or model.tokenizer
+        if source:
+            return load_tokenizer(source, what="model.from_config.tokenizer")
         from tuneforge.models import train_tokenizer
 
-        return train_tokenizer(texts, vocab_size=fc.vocab_size)
-    looks_local = Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not Path(name).expanduser().exists():
-        raise UserError(f"model path not found: {name} (a local directory or a hub id like Qwen/Qwen2.5-0.5B)")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if looks_local else name,
-                                             trust_remote_code=model.trust_remote_code, revision=model.revision)
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"cannot load the tokenizer of {name!r} ({str(exc).splitlines()[0]}); "
-            "check the name, or the hub is unreachable: give a local model directory"
-        ) from None
+        corpus = [t for t in texts() if t]
+        if not corpus:
+            raise UserError("model.from_config: no training text to train the tokenizer on")
+        return ensure_pad_token(train_tokenizer(corpus, vocab_size=fc.vocab_size))
+    return load_tokenizer(model.tokenizer or model.name_or_path, revision=model.revision,
+                          trust_remote_code=model.trust_remote_code,
+                          what="model.tokenizer" if model.tokenizer else "model.name_or_path")
