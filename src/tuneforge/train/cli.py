@@ -20,9 +20,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train", help="train one run from a YAML config")
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 method.r=16")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in the same output_dir")
+    # REMAINDER so that flags may also follow the overrides (`train x.yaml train.lr=1e-4 --resume`).
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides, e.g. train.lr=1e-4 method.r=16")
     p.set_defaults(func=train_command)
 
     p = sub.add_parser("generate", help="generate with a run's model, adapter, tokenizer and template")
@@ -50,9 +51,18 @@ def validate_command(args) -> int:
 
 def train_command(args) -> int:
     from tuneforge.config import load_config
+    from tuneforge.errors import UserError
     from tuneforge.train.run import run_training
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = []
+    for item in args.overrides:
+        if item in ("--resume", "--overwrite"):
+            setattr(args, item[2:], True)
+        elif item.startswith("-"):
+            raise UserError(f"train: unknown option {item!r} (options: --resume, --overwrite)")
+        else:
+            overrides.append(item)
+    cfg = load_config(args.config, overrides)
     run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 

@@ -2,10 +2,11 @@
 
 What it watches (each check is a plain function below, testable without a Trainer):
 
-* **non-finite loss** (NaN/inf train or eval loss, or non-finite trainable weights when a checkpoint is about to be
-  saved) → sets ``control.should_training_stop``, cancels that step's save and evaluation so no broken checkpoint
+* **non-finite loss** (NaN/inf train or eval loss or grad norm, or non-finite trainable weights when a checkpoint is
+  about to be saved) → sets ``control.should_training_stop``, cancels that step's save and evaluation so no broken checkpoint
   is written, records ``stopped_reason`` and explains. The trainer then keeps the last good checkpoint and writes
-  no final model.
+  no final model. The Trainer's ``logging_nan_inf_filter`` (which logs a NaN step loss as the running average) is
+  switched off at train begin so that a NaN loss is seen.
 * **loss spikes**: a logged loss above ``loss_spike_ratio`` × the mean of the previous ``window`` logged losses.
 * **grad-norm spikes**: a logged grad norm above ``grad_spike_ratio`` × the mean of the previous ``window``.
 * **growing memory**: process RSS (CPU) or CUDA peak allocated memory rising over the last ``window`` logs.
@@ -270,6 +271,10 @@ class StabilityMonitor(TrainerCallback):
         if not is_finite(loss):
             self.stop(control, step, "nan_loss", f"training loss is {loss} at step {step}", args)
             return
+        if grad is not None and not is_finite(grad):
+            # The optimizer step already applied these gradients: the weights are broken.
+            self.stop(control, step, "nan_loss", f"gradient norm is {grad} at step {step}", args)
+            return
         loss = float(loss)
         average = spike(self.losses, loss, self.cfg.loss_spike_ratio, self.cfg.window)
         if average is not None:
@@ -278,16 +283,13 @@ class StabilityMonitor(TrainerCallback):
                       f"{average:.4g} (threshold {self.cfg.loss_spike_ratio:g}x)", advice_for("loss_spike", args))
         self.losses.append(loss)
         if grad is not None:
-            if not is_finite(grad):
-                self.warn(step, "grad_spike", f"gradient norm is {grad} at step {step}", advice_for("grad_spike", args))
-            else:
-                grad = float(grad)
-                average = spike(self.grad_norms, grad, self.cfg.grad_spike_ratio, self.cfg.window)
-                if average is not None:
-                    self.warn(step, "grad_spike",
-                              f"gradient norm spiked to {grad:.4g} at step {step}, {grad / average:.1f}x its moving "
-                              f"average {average:.4g}", advice_for("grad_spike", args))
-                self.grad_norms.append(grad)
+            grad = float(grad)
+            average = spike(self.grad_norms, grad, self.cfg.grad_spike_ratio, self.cfg.window)
+            if average is not None:
+                self.warn(step, "grad_spike",
+                          f"gradient norm spiked to {grad:.4g} at step {step}, {grad / average:.1f}x its moving "
+                          f"average {average:.4g}", advice_for("grad_spike", args))
+            self.grad_norms.append(grad)
         self.check_memory(step, current_memory(), args)
 
     def check_memory(self, step: int, value: float | None, args: Any = None) -> None:
@@ -314,6 +316,13 @@ class StabilityMonitor(TrainerCallback):
         return issues
 
     # ---- Trainer events
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # By default the Trainer replaces a NaN/inf step loss by the running average before logging
+        # (logging_nan_inf_filter), which would hide exactly what this monitor must see.
+        if getattr(args, "logging_nan_inf_filter", False):
+            args.logging_nan_inf_filter = False
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:

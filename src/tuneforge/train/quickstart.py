@@ -120,7 +120,7 @@ def score_classification(model_path: str, items: list[dict]) -> dict:
     gold = [item["messages"][-1]["content"] for item in items]
     exact = sum(a.strip().lower() == g for a, g in zip(answers, gold, strict=True)) / len(items)
     ppl = perplexity(loaded.model, loaded.tokenizer, items, template=loaded.template)
-    return {"exact": exact, "ppl": ppl["ppl"], "tokens": ppl["tokens"], "examples": answers[:5]}
+    return {"exact": exact, "ppl": ppl.ppl, "tokens": ppl.tokens, "examples": answers[:5]}
 
 
 def _stage(text: str) -> None:

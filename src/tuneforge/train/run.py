@@ -60,15 +60,15 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
 
     method = get_method(cfg.method.name)
 
-    texts = _tokenizer_texts(cfg) if cfg.model.from_config and not _saved_base(run_dir, resume) else None
+    from tuneforge.data.build import build_datasets, tokenizer_texts
+    from tuneforge.data.packing import packing_supported
+
+    texts = tokenizer_texts(cfg.data) if cfg.model.from_config and not _saved_base(run_dir, resume) else None
     model, tokenizer = _load_model(cfg, method, texts, run_dir, resume)
     template = _template(cfg, tokenizer)
 
-    from tuneforge.data.build import build_datasets
-    from tuneforge.train.packing_check import packing_keeps_samples_apart
-
     packing = bool(cfg.data.packing and cfg.stage == "sft")
-    if packing and not packing_keeps_samples_apart(model, len(tokenizer)):
+    if packing and not _packing_works(model, packing_supported):
         echo("packing: this model's attention does not separate packed samples; using length-grouped batches")
         packing = False
     bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, seed=cfg.seed, packing=packing,
@@ -156,20 +156,11 @@ def _saved_base(run_dir: Path, resume: bool) -> bool:
     return resume and (run_dir / BASE_DIR / "config.json").is_file()
 
 
-def _tokenizer_texts(cfg: RunConfig) -> list[str]:
-    """The run's own training text, for training a tokenizer for a from-config model."""
-    from tuneforge.data.clean import clean_records
-    from tuneforge.data.readers import read_records
-
-    texts: list[str] = []
-    for path in cfg.data.train:
-        records, _ = clean_records(read_records(path, cfg.data.format, cfg.data.text_separator), cfg.data.clean)
-        for record in records:
-            if "text" in record:
-                texts.append(record["text"])
-            else:
-                texts.extend(message["content"] for message in record["messages"])
-    return texts
+def _packing_works(model, check) -> bool:
+    try:
+        return check(model)
+    except (TypeError, ValueError, RuntimeError):  # an architecture that rejects position_ids-only inputs
+        return False
 
 
 def _load_model(cfg: RunConfig, method, texts, run_dir: Path, resume: bool):
