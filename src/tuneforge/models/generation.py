@@ -27,7 +27,8 @@ def render_prompt(tokenizer: Any, template: Any, prompt: Prompt) -> tuple[str, b
         return prompt, True
     messages = list(prompt)
     if template is not None:
-        return template.render(messages, add_generation_prompt=True), False
+        # The tokenizer supplies bos_token/eos_token to the template, exactly as in training (data.tokenize).
+        return template.render(messages, add_generation_prompt=True, tokenizer=tokenizer), False
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
     raise UserError("chat messages were given but there is no chat template (model.chat_template) to render them")

@@ -135,7 +135,9 @@ def load_template(template_dir: str | None, tokenizer: Any):
         log.warning("tuneforge.data.templates is not available: generating without a chat template")
         return None
     if template_dir is not None:
-        return ChatTemplate.load(template_dir)
+        template = ChatTemplate.load(template_dir)
+        if template is not None:
+            return template
     try:
         return resolve_template("auto", tokenizer)
     except UserError as exc:

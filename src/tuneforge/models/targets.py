@@ -37,6 +37,9 @@ _ATTENTION_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_
                      "c_attn", "wqkv", "out_proj", "w_pack", "wq", "wk", "wv", "wo", "qkv"}
 _MLP_LEAVES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "fc_in", "fc_out",
                "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3"}
+# Names of output embeddings (lm heads) in common architectures, excluded from the groups even when the model
+# does not report them through get_output_embeddings (e.g. remote-code models).
+OUTPUT_NAMES = ("lm_head", "embed_out", "output_layer")
 # peft's own layers inside an already-wrapped model: not targets themselves.
 _PEFT_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "vera_A",
                "vera_B", "ia3_l", "lora_E"}
@@ -80,7 +83,7 @@ def classify(name: str) -> str:
 def _output_embedding_names(model: Any) -> set[str]:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {name for name, module in model.named_modules() if out is not None and module is out}
-    names.update(name for name, _ in model.named_modules() if name.split(".")[-1] in ("lm_head", "embed_out"))
+    names.update(name for name, _ in model.named_modules() if name.split(".")[-1] in OUTPUT_NAMES)
     return names
 
 
