@@ -31,7 +31,7 @@ _HAN_RE = re.compile(f"[{_HAN}]")
 _OTHER_RE = re.compile(f"[{_OTHER_UNSEGMENTED}]")
 _UNSEGMENTED_RE = re.compile(f"[{_HAN}{_OTHER_UNSEGMENTED}]")
 # One unsegmented character, or a run of letters/digits of any other script.
-_TOKEN_RE = re.compile(f"[{_HAN}{_OTHER_UNSEGMENTED}]|[^\\W_]+")
+_TOKEN_RE = re.compile(f"[{_HAN}{_OTHER_UNSEGMENTED}]|[^\\W_{_HAN}{_OTHER_UNSEGMENTED}]+")
 
 
 def has_unsegmented(texts: list[str] | str) -> bool:
