@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import UserError
-from tuneforge.merge.lora import copy_template_files, load_base_and_adapter
+from tuneforge.merge.lora import (
+    copy_template_files,
+    load_base_and_adapter,
+    logit_difference,
+    logits_on,
+    probe_batches,
+)
 from tuneforge.merge.sources import check_mergeable, quantization_of, resolve_source
 from tuneforge.utils import atomic_dir, atomic_write_json
 
@@ -101,8 +107,8 @@ def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", d
     """Quantize a run / adapter / model directory and save it at ``out`` (atomically).
 
     Returns:
-        ``{"quantize", "ppl_original", "ppl_quantized", "ppl_delta", "ppl_ratio", "bytes_original",
-        "bytes_quantized", "texts"}`` (also written to ``out/export_report.json``).
+        ``{"quantize", "ppl_original", "ppl_quantized", "ppl_delta", "ppl_ratio", "logit_max_diff",
+        "logit_mean_diff", "bytes_original", "bytes_quantized", "texts"}`` (also written to ``out/export_report.json``).
 
     Raises:
         UserError: unknown ``quantize``, an already quantized model, a non-mergeable adapter, bitsandbytes
@@ -137,6 +143,8 @@ def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", d
             origin = source.model_dir
         model.eval()
         ppl_original = perplexity(model, tokenizer, texts)
+        probes = probe_batches(tokenizer)
+        logits_original = logits_on(model, probes)
         bytes_original = _weight_bytes(model)
         del model
         with warnings.catch_warnings():
@@ -151,17 +159,19 @@ def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", d
                 reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), device_map="cpu")
                 reloaded.eval()
                 ppl_quantized = perplexity(reloaded, tokenizer, texts)
+                max_diff, mean_diff = logit_difference(logits_original, logits_on(reloaded, probes))
                 report = {
                     "source": str(path), "quantize": quantize, "method": "bitsandbytes "
                     + ("LLM.int8()" if quantize == "int8" else "NF4 + double quant"),
                     "ppl_original": ppl_original, "ppl_quantized": ppl_quantized,
                     "ppl_delta": ppl_quantized - ppl_original, "ppl_ratio": ppl_quantized / ppl_original,
+                    "logit_max_diff": max_diff, "logit_mean_diff": mean_diff,
                     "bytes_original": bytes_original, "bytes_quantized": _dir_bytes(tmp),
                     "texts": len(texts), "data": str(data) if data else "builtin:pydoc_data",
                 }
                 atomic_write_json(tmp / "export_report.json", report)
     echo(f"{quantize}: perplexity {ppl_original:.3f} → {ppl_quantized:.3f} "
-         f"(delta {report['ppl_delta']:+.3f}, ×{report['ppl_ratio']:.4f}); weights "
+         f"(delta {report['ppl_delta']:+.3f}, ×{report['ppl_ratio']:.4f}); logits max diff {max_diff:.3g}; weights "
          f"{bytes_original / 1e6:.2f} MB → {report['bytes_quantized'] / 1e6:.2f} MB; written to {out}")
     return report
 
