@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 from tuneforge.errors import UserError
@@ -39,7 +40,10 @@ KEY_VERSION = 1
 # --------------------------------------------------------------------------- statistics
 
 
-def wilson_interval(k: float, n: float, z: float = 1.959964) -> tuple[float, float]:
+Z95 = NormalDist().inv_cdf(0.975)  # 1.95996...
+
+
+def wilson_interval(k: float, n: float, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval for a proportion ``k/n`` (95% by default). ``(0, 0)`` when ``n`` is 0."""
     if n <= 0:
         return (0.0, 0.0)

@@ -122,18 +122,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _short(spec: str, limit: int = 40) -> str:
+    """A long path shortened to its last two parts (``…/runs/a``), so the table keeps its numbers readable."""
+    if len(spec) <= limit or "/" not in spec:
+        return spec
+    parts = spec.rstrip("/").split("/")
+    return "…/" + "/".join(parts[-2:])
+
+
 def _print_table(rows, columns, args, gen) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from tuneforge.evaluate.runner import format_value
 
-    table = Table(title=f"{args.data} — {rows[0]['n'] if rows else 0} records")
-    table.add_column("model")
+    table = Table(title=f"{_short(args.data)} — {rows[0]['n'] if rows else 0} records")
+    table.add_column("model", overflow="fold")
     for c in columns:
-        table.add_column(c, justify="right")
+        table.add_column(c, justify="right", no_wrap=True)
     for row in rows:
-        table.add_row(row["model"], *(format_value(c, row.get(c)) for c in columns))
+        table.add_row(_short(row["model"]), *(format_value(c, row.get(c)) for c in columns))
     console = Console()
     console.print(table)
     if any(c not in ("ppl", "tokens") for c in columns):

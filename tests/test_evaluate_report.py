@@ -1,0 +1,81 @@
+"""`tuneforge report`: report.html from a synthetic run directory, with plots, tables, warnings, config, samples."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from tuneforge.cli import main
+from tuneforge.evaluate.report import build_report, read_metrics
+
+
+def _synthetic_run(run):
+    run.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for step in range(1, 21):
+        lines.append({"event": "log", "step": step, "epoch": step / 20, "loss": 3.0 - 0.1 * step,
+                      "lr": 1e-4 * (1 - step / 20), "grad_norm": 1.0 + 0.01 * step})
+        if step % 5 == 0:
+            lines.append({"event": "eval", "step": step, "eval_loss": 3.1 - 0.09 * step})
+    lines.append({"event": "warning", "step": 12, "kind": "loss_spike", "message": "loss spiked to 9.9 <b>",
+                  "advice": "lower train.lr"})
+    text = "".join(json.dumps(x) + "\n" for x in lines) + '{"event": "log", "step": 21, "lo'  # cut by a crash
+    (run / "metrics.jsonl").write_text(text)
+    (run / "summary.json").write_text(json.dumps({"train_loss": 1.234567, "params": {"trainable": 4096}}))
+    (run / "config.yaml").write_text("run_name: demo\ntrain:\n  lr: 0.0001\n")
+    (run / "eval_results.json").write_text(json.dumps([{"model": str(run), "data": "eval.jsonl", "ppl": 12.5,
+                                                        "tokens": 321, "time": "now"}]))
+    return run
+
+
+def test_report_from_synthetic_run(tmp_path):
+    run = _synthetic_run(tmp_path / "runs" / "demo")
+    assert len(read_metrics(run / "metrics.jsonl")) == 25  # the cut line is skipped
+    path = build_report(run, samples=False)
+    assert path == run / "report.html"
+    page = path.read_text()
+    images = page.split('src="data:image/png;base64,')[1:]
+    assert len(images) == 3  # loss (+ eval loss), lr, grad norm
+    for img in images:
+        assert base64.b64decode(img.split('"', 1)[0])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "loss spiked to 9.9 &lt;b&gt;" in page and "lower train.lr" in page  # warnings, escaped
+    assert "run_name: demo" in page  # resolved config
+    assert "1.23457" in page and "params.trainable" in page  # summary.json
+    assert "12.5" in page and "321" in page  # eval results table
+    assert "disabled (--no-samples)" in page
+    assert not list(run.glob(".report.html.*"))  # atomic write left no temp file
+
+
+def test_report_stopped_run_and_cli(tmp_path, capsys):
+    run = tmp_path / "stopped"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"event": "log", "step": 1, "loss": "nan"}) + "\n")
+    (run / "summary.json").write_text(json.dumps({"status": "stopped", "reason": "training loss is nan at step 1"}))
+    assert main(["report", str(run), "--no-samples"]) == 0
+    page = (run / "report.html").read_text()
+    assert "Training stopped early: training loss is nan at step 1" in page
+    assert "no loss values logged" in page  # a "nan" string is not plotted
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_report_generates_samples_from_the_final_model(tmp_path, tiny_llama, tiny_tokenizer):
+    run = _synthetic_run(tmp_path / "run")
+    tiny_llama.save_pretrained(run / "final")
+    tiny_tokenizer.save_pretrained(run / "final")
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "What is a list?"},
+                                             {"role": "assistant", "content": "A sequence."}]}) + "\n")
+    (run / "config.yaml").write_text(f"run_name: demo\ndata:\n  train: [{data}]\n  eval: {data}\n")
+    page = build_report(run, samples=True, n_samples=2, max_new_tokens=5).read_text()
+    assert "What is a list?" in page and 'class="out"' in page
+
+
+@pytest.mark.parametrize("missing", ["metrics.jsonl", "summary.json"])
+def test_report_tolerates_missing_parts(tmp_path, missing):
+    run = _synthetic_run(tmp_path / "r")
+    (run / missing).unlink()
+    page = build_report(run, samples=False).read_text()
+    assert "<h2>Training curves</h2>" in page
