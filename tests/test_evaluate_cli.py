@@ -105,3 +105,16 @@ def test_abtest_makes_a_sheet_from_two_models(tmp_path, model_dir, capsys):
     assert main(["abtest", "score", str(sheet), str(votes), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tie"] == 2 and result["votes"] == 2
+
+
+def test_abtest_terminal_mode(tmp_path, model_dir, monkeypatch, capsys):
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [CHAT[0], CHAT[2]])
+    answers = iter(["l", "t"])
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(answers))
+    out = tmp_path / "ab.html"
+    assert main(["abtest", str(model_dir), str(model_dir), "--prompts", str(prompts), "--out", str(out),
+                 "--terminal", "--max-new-tokens", "3", "--shuffle-seed", "0"]) == 0
+    votes = [json.loads(x) for x in (tmp_path / "ab.votes.jsonl").read_text().splitlines()]
+    assert [v["vote"] for v in votes] == ["left", "tie"]
+    assert not out.exists() and (tmp_path / "ab.key.json").exists()
+    assert "95% CI" in capsys.readouterr().out

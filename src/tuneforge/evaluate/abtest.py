@@ -247,12 +247,15 @@ def score_files(key_or_sheet: str | Path, votes_paths: list[str | Path], allow_p
 # --------------------------------------------------------------------------- terminal mode
 
 
-def terminal_votes(items: list[dict], sheet_id: str, ask: Callable[[str], str] = input,
-                   say: Callable[[str], None] = print) -> list[dict]:
+def terminal_votes(items: list[dict], sheet_id: str, ask: Callable[[str], str] | None = None,
+                   say: Callable[[str], None] | None = None) -> list[dict]:
     """Ask a rater for each item in the terminal; returns vote rows (``sheet_id``, ``item``, ``vote``).
 
-    Answers: ``l`` (left better), ``r`` (right better), ``t`` (tie), ``s`` (skip), ``q`` (stop here).
+    Answers: ``l`` (left better), ``r`` (right better), ``t`` (tie), ``s`` (skip), ``q`` (stop here; end of
+    input counts as ``q``). ``ask``/``say`` default to ``input``/``print``.
     """
+    ask = ask or input
+    say = say or print
     choices = {"l": "left", "r": "right", "t": "tie"}
     rows = []
     for n, item in enumerate(items, 1):
@@ -260,7 +263,10 @@ def terminal_votes(items: list[dict], sheet_id: str, ask: Callable[[str], str] =
         say(f"--- LEFT ---\n{item['left']}\n")
         say(f"--- RIGHT ---\n{item['right']}\n")
         while True:
-            answer = ask("better? [l]eft / [r]ight / [t]ie / [s]kip / [q]uit: ").strip().lower()[:1]
+            try:
+                answer = ask("better? [l]eft / [r]ight / [t]ie / [s]kip / [q]uit: ").strip().lower()[:1]
+            except EOFError:
+                answer = "q"
             if answer in choices or answer in ("s", "q"):
                 break
             say("please answer l, r, t, s or q")

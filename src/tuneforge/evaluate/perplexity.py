@@ -19,6 +19,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tuneforge.errors import UserError
+
 IGNORE = -100
 
 
@@ -47,6 +49,9 @@ def encode_records(records: list[dict], tokenizer: Any, template: Any = None,
     from tuneforge.evaluate import _backend
 
     pairs, skipped = [], 0
+    if template is None and any("messages" in r for r in records):
+        raise UserError("chat records need a chat template to find the answers, and this model has none; "
+                        "set one when training (model.chat_template) or evaluate plain text records")
     for record in records:
         if "messages" in record:
             encoded = _backend.encode_chat(record, tokenizer, template, 10**9, train_on_prompt)
@@ -151,6 +156,7 @@ def perplexity(model: Any, tokenizer: Any, records: list[dict], *, template: Any
 
     Raises:
         ValueError: no record had a token to score.
+        UserError: chat records but no chat template.
     """
     max_length = max_length or default_window(model, tokenizer)
     stride = stride or max(1, max_length // 2)
