@@ -189,3 +189,43 @@ def test_qlora_on_unquantized_model_is_refused(tiny_llama):
 
     with pytest.raises(UserError, match="not loaded quantized"):
         get_method("qlora").apply(tiny_llama, QLoraMethod(name="qlora"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_qlora_gradients_survive_an_eval_forward(arch, tmp_path, tiny_tokenizer):
+    """bitsandbytes repacks 4-bit weights for CPU inference at the first eval forward (on avx512_bf16 CPUs),
+    after which no gradient flows through the base layers (and biased layers fail). Evaluating mid-training
+    must not change the gradients. (On CPUs without avx512_bf16 there is no repack and this holds trivially.)"""
+    import torch
+
+    from tuneforge.config.schema import FromConfig, ModelConfig, QLoraMethod
+    from tuneforge.methods import get_method
+    from tuneforge.models import build_model, load_model
+
+    torch.manual_seed(0)
+    fc = FromConfig(architecture=arch, hidden_size=64, num_layers=2, num_heads=4, vocab_size=512,
+                    max_position_embeddings=256)
+    build_model(fc, tiny_tokenizer).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    ids = _ids(tiny_tokenizer, 16)
+
+    def first_layer_grad(eval_first: bool) -> float:
+        method = get_method("qlora")
+        cfg = QLoraMethod(name="qlora", r=4, dropout=0.0, compute_dtype="fp32", target_modules="attention")
+        model, _ = load_model(ModelConfig(name_or_path=str(tmp_path), precision="fp32"),
+                              extra_kwargs=method.model_load_kwargs(cfg, torch.float32), device="cpu")
+        torch.manual_seed(1)
+        peft_model = method.apply(model, cfg)
+        if eval_first:
+            peft_model.eval()
+            with torch.no_grad():
+                peft_model(ids)
+        peft_model.train()
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        grads = [p.grad.norm().item() for n, p in peft_model.named_parameters()
+                 if p.requires_grad and ".0." in n and "lora_B" in n]
+        return sum(grads)
+
+    clean = first_layer_grad(False)
+    assert clean > 0
+    assert first_layer_grad(True) == pytest.approx(clean, rel=1e-5)
