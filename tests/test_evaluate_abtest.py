@@ -142,3 +142,20 @@ def test_missing_key_and_usage_errors(tmp_path, capsys):
     assert main(["abtest", "only_one_model", "--prompts", "p.jsonl"]) == 2
     assert main(["abtest", "a", "b"]) == 2
     assert "--prompts" in capsys.readouterr().err
+
+
+def test_judge_with_position_swapping(sheet):
+    _, _, key = sheet
+
+    def fair(prompt, first, second):  # prefers MODEL_ALPHA's answer wherever it is shown
+        return 1.0 if "ALPHA" in first else -1.0
+
+    votes = abtest.judge_votes(key, fair)
+    result = abtest.score(key, [{v["item"]: v["vote"] for v in votes}])
+    assert (result.wins, result.ties, result.losses) == (len(PROMPTS), 0, 0)
+
+    def biased(prompt, first, second):  # always prefers whatever is shown first
+        return 1.0
+
+    votes = abtest.judge_votes(key, biased)
+    assert {v["vote"] for v in votes} == {"tie"}  # the swap exposes the position bias

@@ -118,3 +118,15 @@ def test_abtest_terminal_mode(tmp_path, model_dir, monkeypatch, capsys):
     assert [v["vote"] for v in votes] == ["left", "tie"]
     assert not out.exists() and (tmp_path / "ab.key.json").exists()
     assert "95% CI" in capsys.readouterr().out
+
+
+def test_abtest_judge_cli(tmp_path, model_dir, capsys):
+    from tuneforge.evaluate import abtest
+
+    items = abtest.make_items(["What is a list?", "Name a loop."], ["A sequence.", "for"], ["No idea.", "x"], 5)
+    sheet, key = abtest.write_sheet(tmp_path / "s.html", items, "a", "b", 5, {})
+    assert main(["abtest", "judge", str(key), "--judge", str(model_dir), "--json"]) == 0
+    votes = [json.loads(x) for x in (tmp_path / "s.judge.votes.jsonl").read_text().splitlines()]
+    assert [v["item"] for v in votes] == [it["id"] for it in items]
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["votes"] == 2
+    assert main(["abtest", "judge", str(key)]) == 2  # --judge missing

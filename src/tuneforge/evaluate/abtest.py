@@ -12,7 +12,9 @@ coin decides which model is shown on the left. Two files are written:
 Scoring (``tuneforge abtest score sheet.key.json votes.jsonl [more votes ...]``) checks that the sheet still has
 its recorded hash, that every vote carries the sheet's id and a known item id, that no item is voted twice in one
 file and that every item is voted (partial files are refused unless ``allow_partial``), then maps left/right back
-to the models and counts wins, ties and losses of model A. The 95% confidence intervals are **Wilson score
+to the models and counts wins, ties and losses of model A. A judge model can vote too
+(``tuneforge abtest judge KEY --judge MODEL``): each pair is judged in both orders, and only a verdict that
+survives the swap counts (otherwise a tie). The 95% confidence intervals are **Wilson score
 intervals** for each proportion (wins / ties / losses over all votes, and A's win rate over decisive votes).
 """
 
@@ -281,6 +283,54 @@ def write_votes(path: str | Path, rows: list[dict]) -> None:
     from tuneforge.utils import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+# --------------------------------------------------------------------------- judge model
+
+JUDGE_PROMPT = (
+    "You are comparing two answers to the same request. Pick the answer that is more helpful, correct and "
+    "clear.\n\n[Request]\n{prompt}\n\n[Answer 1]\n{first}\n\n[Answer 2]\n{second}\n\n"
+    "Which answer is better? Reply with 1 or 2 only."
+)
+
+
+def judge_votes(key: dict, prefers_first: Callable[[str, str, str], float], rater: str = "judge") -> list[dict]:
+    """Votes of a judge with position swapping, in the votes-file format (scored like a human rater's).
+
+    Each item is judged twice, with the sheet's left answer shown first and then second.
+    ``prefers_first(prompt, first, second)`` returns a score > 0 when the judge prefers the first answer.
+    The item's vote is the side both orders agree on; a disagreement (position bias) counts as a tie.
+    """
+    rows = []
+    for it in key["items"]:
+        left_first = prefers_first(it["prompt"], it["answer_left"], it["answer_right"]) > 0
+        left_second = prefers_first(it["prompt"], it["answer_right"], it["answer_left"]) <= 0
+        vote = ("left" if left_first else "right") if left_first == left_second else "tie"
+        rows.append({"sheet_id": key["sheet_id"], "item": it["id"], "vote": vote, "rater": rater})
+    return rows
+
+
+def logit_judge(loaded: Any) -> Callable[[str, str, str], float]:
+    """``prefers_first`` for :func:`judge_votes` from a loaded chat model: the log-probability margin of
+    answering "1" over "2" as the first token of its reply (no sampling, so it is deterministic)."""
+    import torch
+
+    from tuneforge.models.generation import render_prompt
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    one = tokenizer.encode("1", add_special_tokens=False)[0]
+    two = tokenizer.encode("2", add_special_tokens=False)[0]
+    device = next(model.parameters()).device
+
+    def prefers_first(prompt: str, first: str, second: str) -> float:
+        messages = [{"role": "user", "content": JUDGE_PROMPT.format(prompt=prompt, first=first, second=second)}]
+        text, special = render_prompt(tokenizer, loaded.template, messages)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=special)["input_ids"].to(device)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1].float()
+        return float(logits[one] - logits[two])
+
+    return prefers_first
 
 
 # --------------------------------------------------------------------------- HTML

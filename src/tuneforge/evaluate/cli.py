@@ -35,13 +35,15 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "abtest", help="blind A/B sheet for human raters, or score its votes",
         description="tuneforge abtest A B --prompts prompts.jsonl [--out sheet.html | --terminal]\n"
-                    "tuneforge abtest score sheet.key.json votes.jsonl [more votes.jsonl ...]\n\n"
+                    "tuneforge abtest score sheet.key.json votes.jsonl [more votes.jsonl ...]\n"
+                    "tuneforge abtest judge sheet.key.json --judge MODEL   (a model votes, position-swapped)\n\n"
                     "The sheet hides which model is which; the mapping is kept in <sheet>.key.json next to it. "
                     "Scores are win/tie/loss of model A with 95% Wilson confidence intervals.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("args", nargs="+", metavar="A B | score KEY VOTES...",
-                   help="two models, or 'score' followed by the key (or sheet) file and one or more votes files")
+    p.add_argument("args", nargs="+", metavar="A B | score KEY VOTES... | judge KEY",
+                   help="two models; or 'score' with the key (or sheet) file and one or more votes files; or "
+                        "'judge' with the key file (and --judge MODEL)")
     p.add_argument("--prompts", help="prompts file (chat/alpaca records: the conversation before the last answer; "
                                      "text records: raw prompts)")
     p.add_argument("--format", default="auto", choices=["auto", "text", "alpaca", "chat"])
@@ -51,6 +53,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--shuffle-seed", type=int, default=None, help="seed of the left/right assignment (default: random)")
     p.add_argument("--device", default="auto")
     p.add_argument("--allow-partial", action="store_true", help="score: accept votes files with unanswered items")
+    p.add_argument("--judge", help="judge: the model that votes (with position swapping)")
+    p.add_argument("--votes-out", help="judge: where to write its votes (default <sheet>.judge.votes.jsonl)")
     p.add_argument("--json", action="store_true", help="score: print the result as JSON")
     _add_generation_args(p)
     p.set_defaults(func=cmd_abtest)
@@ -156,6 +160,8 @@ def _print_table(rows, columns, args, gen) -> None:
 def cmd_abtest(args) -> int:
     if args.args[0] == "score":
         return _abtest_score(args)
+    if args.args[0] == "judge":
+        return _abtest_judge(args)
     if len(args.args) != 2:
         raise UserError("abtest needs exactly two models (A B), or: abtest score KEY VOTES...")
     if not args.prompts:
@@ -222,6 +228,24 @@ def _abtest_score(args) -> int:
         raise UserError("usage: tuneforge abtest score KEY_OR_SHEET VOTES.jsonl [MORE_VOTES.jsonl ...]")
     result = abtest.score_files(rest[0], rest[1:], allow_partial=args.allow_partial)
     _print_ab(result, as_json=args.json)
+    return 0
+
+
+def _abtest_judge(args) -> int:
+    from pathlib import Path
+
+    from tuneforge.evaluate import _backend, abtest
+
+    if len(args.args) != 2 or not args.judge:
+        raise UserError("usage: tuneforge abtest judge KEY_OR_SHEET --judge MODEL [--votes-out judge.votes.jsonl]")
+    key, key_path = abtest.load_key(args.args[1])
+    loaded = _backend.load_model(args.judge, device=args.device)
+    rows = abtest.judge_votes(key, abtest.logit_judge(loaded), rater=f"judge:{args.judge}")
+    out = Path(args.votes_out) if args.votes_out else key_path.with_name(
+        key_path.name.replace(".key.json", "") + ".judge.votes.jsonl")
+    abtest.write_votes(out, rows)
+    print(f"judge votes: {out} (each pair judged in both orders; disagreements count as ties)")
+    _print_ab(abtest.score(key, [abtest.read_votes(out, key)]), as_json=args.json)
     return 0
 
 
