@@ -44,9 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_noise() -> None:
+    """Silence warnings that say nothing to a tuneforge user (deprecations inside libraries, optional kernels)."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes' CPU backend looks for an optional `kernels` package and logs a warning when it is absent.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\b")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(torch|transformers|peft)\b")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_library_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
