@@ -137,14 +137,18 @@ def test_qlora_4bit_on_cpu_one_step_changes_only_lora(saved_llama):
     quant = model.config.quantization_config
     quant = quant if isinstance(quant, dict) else quant.to_dict()
     assert quant["bnb_4bit_quant_type"] == "nf4" and quant["bnb_4bit_use_double_quant"] is True
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        base_logits = model.eval()(ids).logits
     peft_model = method.apply(model, cfg)
     trainable, total = count_parameters(peft_model)
     assert (trainable, total) == peft_model.get_nb_trainable_parameters() and 0 < trainable < total
+    with torch.no_grad():  # the untrained adapter (B = 0) leaves the quantized model's output unchanged
+        assert torch.allclose(peft_model.eval()(ids).logits, base_logits, atol=1e-5)
 
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()
-    ids = _ids(tokenizer)
     loss = peft_model(input_ids=ids, labels=ids).loss
     loss.backward()
     optimizer.step()

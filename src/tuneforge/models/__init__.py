@@ -27,6 +27,7 @@ _EXPORTS = {
     "Loaded": "tuneforge.models.inference",
     "load_for_inference": "tuneforge.models.inference",
     "resolve_source": "tuneforge.models.inference",
+    "keep_cpu_weights_trainable": "tuneforge.models.quant",
     "count_parameters": "tuneforge.models.params",
     "format_parameters": "tuneforge.models.params",
 }

@@ -148,7 +148,11 @@ def load_model(model_cfg: Any, *, texts: Iterable[str] | None = None, extra_kwar
         model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if not quantized:
+    if quantized:
+        from tuneforge.models.quant import keep_cpu_weights_trainable
+
+        keep_cpu_weights_trainable(model)  # eval and train forwards must use the same (differentiable) kernel
+    else:
         model.to(device=device, dtype=dtype)
     return model, tokenizer
 
