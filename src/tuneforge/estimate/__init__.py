@@ -1,0 +1,36 @@
+"""Memory bill and method recommendation (``tuneforge estimate``).
+
+Public entry points (imported lazily so that ``import tuneforge.estimate`` does not import torch):
+
+* ``model_spec(source) -> ModelSpec`` — exact parameter counts and linear shapes from a config, on the meta device;
+* ``estimate_memory(spec, Setup(...)) -> Bill`` — bytes per component and the peak;
+* ``recommend(model_source, budget_gb, seq_len, target_batch, ...) -> Recommendation``;
+* ``recommend_for_run(cfg) -> dict`` — the ``method:`` section for ``method.name: auto``;
+  ``recommendation_for_run(cfg)`` also gives the ``train:`` keys.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "model_spec": "tuneforge.estimate.spec",
+    "ModelSpec": "tuneforge.estimate.spec",
+    "Setup": "tuneforge.estimate.bill",
+    "Bill": "tuneforge.estimate.bill",
+    "estimate_memory": "tuneforge.estimate.bill",
+    "Recommendation": "tuneforge.estimate.recommend",
+    "recommend": "tuneforge.estimate.recommend",
+    "recommend_for_run": "tuneforge.estimate.recommend",
+    "recommendation_for_run": "tuneforge.estimate.recommend",
+    "setup_from_run": "tuneforge.estimate.recommend",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tuneforge.estimate' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,177 @@
+"""``tuneforge estimate``: the memory bill of a training setup, and which setup fits a budget.
+
+Light module: torch/transformers are imported inside the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tuneforge.errors import UserError
+
+#: CLI defaults, applied after a run config (if any) has filled in its own values
+DEFAULTS = {"method": "lora", "r": 16, "batch_size": 2, "seq_len": 2048, "optim": "adamw",
+            "grad_accum": 1, "device": "cuda", "target_modules": "all-linear", "lora_dropout": 0.05}
+
+
+def add_commands(subparsers) -> None:
+    """Register ``estimate``."""
+    p = subparsers.add_parser(
+        "estimate", help="memory bill of a training setup; --recommend picks one that fits",
+        description="Estimate the peak memory of fine-tuning MODEL_OR_CONFIG (a hub id, a local model directory, a "
+                    "built-in model name, or a run config .yaml) without downloading weights.",
+    )
+    p.add_argument("source", metavar="MODEL_OR_CONFIG")
+    p.add_argument("--method", choices=["full", "lora", "qlora", "dora", "rslora", "pissa", "lora_plus", "galore"])
+    p.add_argument("--r", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--target-modules", help="attention | mlp | all-linear | comma-separated names")
+    p.add_argument("--batch-size", type=int, help="micro-batch (default 2)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048)")
+    p.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 1)")
+    p.add_argument("--grad-checkpointing", action="store_true", default=None)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default bf16 (fp32 with --device cpu)")
+    p.add_argument("--optim", choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"])
+    p.add_argument("--galore-rank", type=int, help="GaLore projection rank (default 128)")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="cuda bills the CUDA context (default cuda)")
+    p.add_argument("--gpu-mem", type=float, help="memory budget in GiB: says whether the setup fits")
+    p.add_argument("--recommend", action="store_true", help="choose method, rank, batch, accumulation, checkpointing")
+    p.add_argument("--target-batch", type=int, help="effective batch for --recommend (default 16, the guide's)")
+    p.add_argument("--margin", type=float, default=0.10, help="safety margin of the budget (default 0.10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_estimate)
+
+
+def _settings(args) -> tuple[object, dict, dict]:
+    """(model source, Setup kwargs, run-config extras) from the flags and, for a .yaml source, the run config."""
+    from dataclasses import asdict
+
+    values: dict = {}
+    extras: dict = {}
+    source: object = args.source
+    if Path(args.source).suffix in (".yaml", ".yml"):
+        from tuneforge.config.load import load_config
+        from tuneforge.estimate.recommend import setup_from_run
+
+        cfg = load_config(args.source)
+        extras["budget_gb"] = cfg.train.memory_budget_gb
+        extras["target_batch"] = cfg.train.batch_size * cfg.train.grad_accum
+        if cfg.method.name == "auto":
+            extras["auto"] = True
+            source = cfg.model.name_or_path or cfg.model.from_config
+            values.update(seq_len=cfg.data.max_length, batch_size=cfg.train.batch_size,
+                          grad_accum=cfg.train.grad_accum)
+        else:
+            source, setup = setup_from_run(cfg)
+            values.update(asdict(setup))
+    flags = {"method": args.method, "r": args.r, "batch_size": args.batch_size, "seq_len": args.seq_len,
+             "grad_accum": args.grad_accum, "gradient_checkpointing": args.grad_checkpointing,
+             "precision": args.precision, "optim": args.optim, "galore_rank": args.galore_rank,
+             "device": args.device}
+    if args.target_modules:
+        names = [n.strip() for n in args.target_modules.split(",") if n.strip()]
+        flags["target_modules"] = names[0] if len(names) == 1 and names[0] in ("attention", "mlp", "all-linear") \
+            else names
+    values.update({k: v for k, v in flags.items() if v is not None})
+    for key, default in DEFAULTS.items():
+        values.setdefault(key, default)
+    # CPUs without native bf16 train in fp32 (ENVIRONMENT.md); GPUs in bf16.
+    values.setdefault("precision", "fp32" if values["device"] == "cpu" else "bf16")
+    return source, values, extras
+
+
+def run_estimate(args) -> int:
+    from tuneforge.estimate.bill import GiB, Setup, estimate_memory
+    from tuneforge.estimate.recommend import DEFAULT_TARGET_BATCH, recommend
+    from tuneforge.estimate.spec import model_spec
+
+    source, values, extras = _settings(args)
+    if args.margin < 0 or args.margin >= 1:
+        raise UserError(f"--margin {args.margin}: expected a fraction in [0, 1)")
+    for key in ("r", "batch_size", "seq_len", "grad_accum", "target_batch"):
+        value = values.get(key) if key != "target_batch" else args.target_batch
+        if value is not None and value <= 0:
+            raise UserError(f"--{key.replace('_', '-')} must be positive (got {value})")
+    spec = model_spec(source)
+    budget = args.gpu_mem if args.gpu_mem is not None else extras.get("budget_gb")
+    if args.recommend or extras.get("auto"):
+        if budget is None:
+            raise UserError("--recommend needs a budget: give --gpu-mem GiB (or train.memory_budget_gb in the config)")
+        target = args.target_batch or extras.get("target_batch") or DEFAULT_TARGET_BATCH
+        rec = recommend(spec, budget, seq_len=values["seq_len"], target_batch=target, device=values["device"],
+                        precision=args.precision, r=args.r, margin=args.margin,
+                        target_modules=values["target_modules"])
+        if args.json:
+            print(json.dumps(rec.to_json(), default=str))
+        else:
+            _print_bill(rec.bill, budget, args.margin)
+            from rich.console import Console
+
+            console = Console()
+            console.print(f"\n[bold]Recommendation[/bold]: method: {rec.method_section()}  train: {rec.train_overrides()}")
+            console.print(rec.explanation)
+        return 0
+    setup = Setup(**{k: v for k, v in values.items() if k in Setup.__dataclass_fields__})
+    bill = estimate_memory(spec, setup)
+    if args.json:
+        data = bill.to_json()
+        if budget is not None:
+            data["budget_bytes"] = int(budget * GiB)
+            data["fits"] = bill.total_bytes <= budget * GiB * (1 - args.margin)
+        print(json.dumps(data, default=str))
+    else:
+        _print_bill(bill, budget, args.margin)
+    return 0
+
+
+LABELS = {
+    "weights": "weights", "master_weights": "fp32 master weights", "gradients": "gradients",
+    "optimizer": "optimizer states", "activations": "activations", "logits": "logits (fp32, loss)",
+    "temporaries": "temporaries", "framework": "framework (CUDA context)",
+    "overlap": "overlap (not resident at the peak)",
+}
+
+
+def _print_bill(bill, budget_gb: float | None, margin: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tuneforge.estimate.bill import GiB
+
+    s = bill.setup
+    title = (f"{bill.model}: {s['method']}"
+             + (f" r={s['r']}" if s["method"] not in ("full", "galore") else "")
+             + f", batch {s['batch_size']} x seq {s['seq_len']}, {s['precision']}, {s['optim']}"
+             + (", grad checkpointing" if s["gradient_checkpointing"] else "")
+             + (f", accum {s['grad_accum']}" if s["grad_accum"] > 1 else ""))
+    table = Table(title=title)
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    table.add_column("share", justify="right")
+    for name, value in bill.components.items():
+        if value == 0:
+            continue
+        table.add_row(LABELS.get(name, name), f"{value / GiB:.3f}", f"{100 * value / bill.total_bytes:.0f}%")
+    table.add_row("[bold]peak[/bold]", f"[bold]{bill.total_bytes / GiB:.3f}[/bold]", "100%")
+    console = Console()
+    console.print(table)
+    console.print(f"parameters: {bill.total_params:,} total, {bill.trainable_params:,} trainable "
+                  f"({100 * bill.trainable_params / max(bill.total_params, 1):.2f}%)")
+    for note in bill.notes:
+        console.print(f"  {note}")
+    if budget_gb is not None:
+        usable = budget_gb * GiB * (1 - margin)
+        if bill.total_bytes <= usable:
+            console.print(f"[green]fits[/green] in {budget_gb:g} GiB with a {margin:.0%} margin "
+                          f"({(usable - bill.total_bytes) / GiB:.2f} GiB to spare)")
+        else:
+            console.print(f"[red]does not fit[/red] in {budget_gb:g} GiB with a {margin:.0%} margin: "
+                          f"{(bill.total_bytes - usable) / GiB:.2f} GiB over; try --recommend")
+
+
+# argparse type hint for tests/tools that build the parser alone
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge")
+    add_commands(parser.add_subparsers())
+    return parser
