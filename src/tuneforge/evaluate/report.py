@@ -142,7 +142,9 @@ def generate_samples(run_dir: Path, n: int = 3, max_new_tokens: int = 64) -> tup
         outputs = _backend.generate(loaded, prompts, max_new_tokens=max_new_tokens, temperature=0.0, seed=0)
     except (UserError, OSError, ValueError) as exc:
         return [], f"samples unavailable: {exc}"
-    return [{"prompt": prompt_text(p), "output": o} for p, o in zip(prompts, outputs, strict=True)], None
+    # Surrounding whitespace is trimmed for display (an untrained model may emit pages of newlines).
+    return [{"prompt": prompt_text(p), "output": o.strip() or "(empty answer)"}
+            for p, o in zip(prompts, outputs, strict=True)], None
 
 
 def build_report(run_dir: str | Path, samples: bool = True, n_samples: int = 3,

@@ -360,7 +360,7 @@ def _print_warning(warning: StabilityWarning) -> None:
         from rich.console import Console
         from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold yellow]warning[/] step {warning.step} [{escape(warning.kind)}]: "
+        Console(stderr=True).print(f"[bold yellow]warning[/] step {warning.step} {escape(f'[{warning.kind}]')}: "
                                    f"{escape(warning.message)}\n  [dim]advice: {escape(warning.advice)}[/]")
     except ImportError:  # pragma: no cover
         import sys
