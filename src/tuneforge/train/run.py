@@ -251,6 +251,7 @@ def _training_arguments(cfg: RunConfig, method, run_dir: Path, has_eval: bool, p
         max_steps=t.max_steps or -1,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # the stability monitor must see a NaN loss, not a running average
         eval_strategy="steps" if evaluating else "no",
         eval_steps=t.eval_steps if evaluating else None,
         save_strategy="steps" if t.save_steps or t.early_stopping_patience else "no",
@@ -331,24 +332,13 @@ def _monitor(cfg, run_dir, model, tokenizer, template):
         return None
     sampler = None
     if cfg.train.monitor.sample_every and cfg.stage == "sft":
-        sampler = _sampler(model, tokenizer, template)
+        from tuneforge.train.monitor import generation_sampler
+
+        sampler = generation_sampler(model, tokenizer, template, [SAMPLE_PROMPT])
     return StabilityMonitor(run_dir, cfg.train.monitor, sampler=sampler)
 
 
-def _sampler(model, tokenizer, template):
-    """Greedy answers to a fixed prompt, for the monitor's degeneration check."""
-
-    def sample() -> list[str]:
-        from tuneforge.models.generation import generate
-
-        prompt = [{"role": "user", "content": "Explain what a Python list is."}]
-        was_training = model.training
-        try:
-            return generate(model, tokenizer, template, [prompt], max_new_tokens=48)
-        finally:
-            model.train(was_training)
-
-    return sample
+SAMPLE_PROMPT = [{"role": "user", "content": "Explain what a Python list is."}]
 
 
 class _ListDataset:
