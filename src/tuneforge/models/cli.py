@@ -56,11 +56,11 @@ def meta_model(base: str, trust_remote_code: bool = False):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from tuneforge.models.load import check_model_source, hub_error, looks_local
+    from tuneforge.models.load import check_model_source, hub_error, hub_kwargs, looks_local
 
     base = check_model_source(base, "MODEL")
     try:
-        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **hub_kwargs(base))
     except (OSError, ValueError) as exc:
         if looks_local(base):
             raise UserError(f"could not read the model config in {base}: {exc}") from exc
@@ -85,7 +85,7 @@ def inspect_model(source: str, method: str | None = None, trust_remote_code: boo
         resolve_target_modules,
     )
 
-    resolved = resolve_source(source)
+    resolved = resolve_source(source, "MODEL")
     model = meta_model(resolved.base, trust_remote_code)
     info: dict[str, Any] = {
         "model": source,

@@ -89,7 +89,7 @@ def _base_of_adapter(adapter: Path, run_dir: Path | None) -> str:
     return base
 
 
-def resolve_source(path_or_id: str) -> Resolved:
+def resolve_source(path_or_id: str, what: str = "the model path") -> Resolved:
     """Find the base model, adapter, tokenizer and template of what the user named (no weights are read).
 
     Raises:
@@ -107,7 +107,7 @@ def resolve_source(path_or_id: str) -> Resolved:
     else:
         run_dir, final = None, path
     if not path.exists():
-        check_model_source(source)  # raises for local-looking paths
+        check_model_source(source, what)  # raises for local-looking paths
         return Resolved(source, source, None, source, None, None)
     if is_adapter_dir(final):
         base = _base_of_adapter(final, run_dir)
@@ -164,7 +164,7 @@ def load_for_inference(path_or_id: str, device: str = "auto", dtype: Any = None)
     from tuneforge.models.device import resolve_device, resolve_dtype
     from tuneforge.models.load import _from_pretrained, check_model_source, load_tokenizer
 
-    resolved = resolve_source(path_or_id)
+    resolved = resolve_source(path_or_id, str(path_or_id))
     device = resolve_device(device)
     dtype = dtype or resolve_dtype("auto", device)
     tokenizer = load_tokenizer(resolved.tokenizer, what=str(path_or_id))

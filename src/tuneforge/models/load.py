@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from tuneforge.errors import UserError
 
@@ -38,10 +41,34 @@ def check_model_source(name: str, what: str = "model.name_or_path") -> str:
         return name
     path = Path(name).expanduser()
     if not path.exists():
-        raise UserError(f"local model path does not exist: {path} (set in {what}; give a model directory or a hub id)")
+        shown = f"{name} ({path})" if name.startswith("~") else name
+        raise UserError(f"local model path does not exist: {shown} (given as {what}; give a model directory "
+                        "or a hub id)")
     if path.is_dir() and not any((path / f).exists() for f in ("config.json", "adapter_config.json")):
         raise UserError(f"{path} (from {what}) is not a model directory: it has no config.json")
     return str(path)
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached (``False`` at once when ``HF_HUB_OFFLINE`` is set).
+
+    Why: without a network, huggingface_hub retries each request with back-off (~30 s) before failing; one
+    quick TCP probe lets us go straight to the local cache (``local_files_only``) instead.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def hub_kwargs(name: str) -> dict:
+    """``{"local_files_only": True}`` for a hub id when the hub is unreachable (use the cache only), else ``{}``."""
+    return {} if looks_local(name) or hub_reachable() else {"local_files_only": True}
 
 
 def hub_error(name: str, exc: Exception, what: str = "model.name_or_path") -> UserError:
@@ -93,7 +120,8 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
 
     source = check_model_source(name, what)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code,
+                                                  **hub_kwargs(source))
     except (OSError, ValueError) as exc:
         if looks_local(source):
             raise UserError(f"could not load a tokenizer from {source} ({what}): {exc}") from exc
@@ -163,7 +191,7 @@ def _from_pretrained(name: str, **kwargs):
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs, **hub_kwargs(name))
     except OSError as exc:
         if looks_local(name):
             raise UserError(f"could not load a model from {name}: {exc}") from exc
