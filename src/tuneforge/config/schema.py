@@ -167,6 +167,9 @@ class VeraMethod(_MethodBase):
     dropout: float = Field(0.0, ge=0, lt=1)
     d_initial: float = 0.1
     target_modules: TargetModules = "attention"
+    allow_unequal_shapes: bool = Field(
+        False, description="let peft share A/B of the largest target shape, sliced per module (not in the paper)"
+    )
 
 
 class PrefixTuningMethod(_MethodBase):

@@ -1,0 +1,108 @@
+"""Helpers shared by the method modules: optimizer choice and target-module matching.
+
+Callers may rely on:
+
+* :func:`optimizer_class` — the optimizer class and extra kwargs behind ``train.optim`` (``adamw_torch``,
+  ``adamw_8bit``, ``paged_adamw_8bit``, ``sgd``, ``adafactor``), used by methods that build their own optimizer
+  (LoRA+, GaLore) so that ``train.optim`` keeps its meaning there;
+* :func:`resolve_targets` — ``method.target_modules`` (``attention`` | ``mlp`` | ``all-linear`` | names) as a list
+  of module-name suffixes peft accepts, via :func:`tuneforge.models.targets.resolve_target_modules`;
+* :func:`matching_modules` — the modules of a model that a list of target names selects, with peft's own rule
+  (full name, or a suffix after a dot);
+* :func:`ensure_mergeable` — a :class:`~tuneforge.errors.UserError` for methods whose result cannot be merged.
+
+Heavy imports (torch, bitsandbytes, transformers) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneforge.errors import UserError
+
+
+def optimizer_class(train_cfg: Any) -> tuple[type, dict]:
+    """The optimizer class and its extra kwargs for ``train.optim``.
+
+    Returns:
+        ``(cls, kwargs)``; ``cls(params, lr=..., weight_decay=..., **kwargs)`` builds it.
+
+    Raises:
+        UserError: ``adamw_8bit`` / ``paged_adamw_8bit`` without bitsandbytes installed (names the package).
+    """
+    import torch
+
+    name = getattr(train_cfg, "optim", "adamw_torch") or "adamw_torch"
+    if name == "adamw_torch":
+        return torch.optim.AdamW, {}
+    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        try:
+            import bitsandbytes.optim as bnb_optim
+        except ImportError:
+            raise UserError(
+                f"train.optim: {name!r} needs bitsandbytes — install it with `pip install bitsandbytes==0.50.2` "
+                "(or `pip install tuneforge[quant]`), or use train.optim: adamw_torch"
+            ) from None
+        return (bnb_optim.PagedAdamW8bit if name.startswith("paged") else bnb_optim.AdamW8bit), {}
+    if name == "sgd":
+        return torch.optim.SGD, {}
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor, {"scale_parameter": False, "relative_step": False}
+    raise UserError(f"train.optim: {name!r} is not supported by this method; use adamw_torch")
+
+
+def resolve_targets(model: Any, spec: Any) -> list[str]:
+    """``method.target_modules`` resolved to module-name suffixes for peft's ``target_modules``.
+
+    A thin wrapper over :func:`tuneforge.models.targets.resolve_target_modules` (per-architecture defaults,
+    discovery, and the ``UserError`` naming the layers that exist when nothing matches).
+    """
+    from tuneforge.models.targets import resolve_target_modules
+
+    return list(resolve_target_modules(model, spec))
+
+
+def matching_modules(model: Any, targets: list[str]) -> dict[str, Any]:
+    """``{full_name: module}`` for every module selected by ``targets`` (peft's rule: equal or ``.suffix``)."""
+    found = {}
+    for name, module in model.named_modules():
+        if any(name == t or name.endswith(f".{t}") for t in targets) and hasattr(module, "weight"):
+            found[name] = module
+    return found
+
+
+def in_out_features(module: Any) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or a transformers ``Conv1D`` (weight is in × out)."""
+    if hasattr(module, "in_features"):
+        return int(module.in_features), int(module.out_features)
+    if hasattr(module, "nf") and hasattr(module, "nx"):  # GPT-2's Conv1D
+        return int(module.nx), int(module.nf)
+    weight = module.weight
+    return int(weight.shape[1]), int(weight.shape[0])
+
+
+def ensure_mergeable(method_name: str) -> None:
+    """Raise a :class:`UserError` unless the method's trained result can be folded into the base weights.
+
+    For the merge/export code to call before merging a run's adapter.
+
+    Raises:
+        UserError: naming the method, why it cannot merge, and what to do instead.
+    """
+    from tuneforge.methods.base import get_method
+
+    method = get_method(method_name)
+    if method.mergeable:
+        return
+    if not method.is_adapter:
+        raise UserError(
+            f"method {method_name!r} trains the model's own weights: there is no adapter to merge — "
+            "the run's final/ directory already is the full model"
+        )
+    raise UserError(
+        f"method {method_name!r} cannot be merged into the base weights ({method.reference or 'its adapter'} "
+        "adds virtual tokens or state that is not a weight delta); serve or evaluate the adapter on its base "
+        "model instead (tuneforge serve / eval take the run directory)"
+    )

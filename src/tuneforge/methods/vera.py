@@ -1,0 +1,79 @@
+"""VeRA — Kopiczko et al., 2024, "VeRA: Vector-based Random Matrix Adaptation" (ICLR 2024).
+
+``h = W0 x + Λ_b B Λ_d A x``: one pair of frozen random matrices ``A`` (r × d_in) and ``B`` (d_out × r) is shared
+by every adapted layer; only the per-layer scaling vectors ``d`` (length r, initialised to ``d_initial``) and
+``b`` (length d_out, initialised to 0, so training starts from the base model) are trained.
+
+Sharing one ``A``/``B`` means the adapted layers must have the same shape, as in the paper. peft 0.21 can also
+share matrices of the largest shape and slice them per layer; we allow that only when asked
+(``method.allow_unequal_shapes: true``), and otherwise say which target modules differ.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from tuneforge.errors import UserError
+from tuneforge.methods.base import Method, register
+from tuneforge.methods.optim import in_out_features, matching_modules, resolve_targets
+
+
+@register("vera")
+class VeraMethod(Method):
+    """VeRA adapter: trained scaling vectors around shared frozen random projections."""
+
+    reference = "Kopiczko et al., 2024 — VeRA: Vector-based Random Matrix Adaptation"
+    mergeable = True
+    is_adapter = True
+
+    def peft_config(self, cfg: Any, model: Any):
+        """The ``peft.VeraConfig`` for ``cfg``, after checking the target shapes.
+
+        Raises:
+            UserError: target modules of different shapes (unless ``allow_unequal_shapes``).
+        """
+        from peft import VeraConfig
+
+        targets = resolve_targets(model, cfg.target_modules)
+        if not getattr(cfg, "allow_unequal_shapes", False):
+            check_equal_shapes(model, targets)
+        return VeraConfig(
+            task_type="CAUSAL_LM",
+            r=cfg.r,
+            target_modules=targets,
+            vera_dropout=cfg.dropout,
+            d_initial=cfg.d_initial,
+            save_projection=True,  # the adapter file then carries A and B: loading never depends on a PRNG
+        )
+
+    def apply(self, model: Any, cfg: Any) -> Any:
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config(cfg, model))
+
+
+def shape_groups(model: Any, targets: list[str]) -> dict[tuple[int, int], list[str]]:
+    """Target module names grouped by ``(in_features, out_features)``; layer indices are folded (``layers.*``)."""
+    groups: dict[tuple[int, int], set[str]] = defaultdict(set)
+    for name, module in matching_modules(model, targets).items():
+        folded = ".".join("*" if part.isdigit() else part for part in name.split("."))
+        groups[in_out_features(module)].add(folded)
+    return {shape: sorted(names) for shape, names in groups.items()}
+
+
+def check_equal_shapes(model: Any, targets: list[str]) -> None:
+    """Raise a :class:`UserError` naming the modules of each shape when the VeRA targets differ in shape."""
+    groups = shape_groups(model, targets)
+    if len(groups) <= 1:
+        return
+    parts = [f"{d_in}→{d_out}: {', '.join(names)}" for (d_in, d_out), names in sorted(groups.items())]
+    biggest = max(groups.items(), key=lambda item: len(item[1]))[1]
+    suggestion = sorted({name.rsplit("*.", 1)[-1] for name in biggest})
+    raise UserError(
+        "method vera: VeRA shares one frozen random pair A (r×d_in) and B (d_out×r) across all target modules, "
+        "so they must have the same shape, but method.target_modules selects modules of "
+        f"{len(groups)} shapes — " + "; ".join(parts) + ". "
+        f"Choose modules of one shape (e.g. target_modules: {suggestion}) or set method.allow_unequal_shapes: "
+        "true (peft then shares matrices of the largest shape and slices them per module)"
+    )
