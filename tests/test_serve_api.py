@@ -208,12 +208,26 @@ def test_bad_requests_get_4xx_with_an_openai_error_body(server, body, status, ne
     assert needle in error["message"] and error["type"]
 
 
+def test_json_body_is_read_whatever_the_content_type(server):
+    """`curl -d '{...}'` sends application/x-www-form-urlencoded; the JSON body must still be understood."""
+    import json
+
+    import httpx
+
+    body = json.dumps({"model": "a", "message": "hi", "temperature": 0, "max_length": 4})
+    response = httpx.post(server["url"] + "/chat", content=body, timeout=60, headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200 and response.json()["model"] == "a"
+
+
 def test_bad_simple_chat_and_completion_requests(server):
     import httpx
 
     headers = {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(server["url"] + "/chat", headers=headers, json={"model": "a", "message": ""})
     assert r.status_code == 400 and "message" in r.json()["error"]["message"]
+    r = httpx.post(server["url"] + "/chat", headers=headers, json=["not", "an", "object"])
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
     r = httpx.post(server["url"] + "/v1/completions", headers=headers, json={"model": "a", "prompt": ["x", "y"]})
     assert r.status_code == 400 and "one string" in r.json()["error"]["message"]
     r = httpx.post(server["url"] + "/v1/nothing", headers=headers, json={})

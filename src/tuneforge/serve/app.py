@@ -17,6 +17,7 @@ import time
 import uuid
 from typing import Any, Literal
 
+from fastapi import Request  # module level: FastAPI resolves endpoint annotations from this module's globals
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneforge.errors import UserError
@@ -107,7 +108,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
         default_temperature: used when a request gives no ``temperature`` (0 = greedy).
     """
     import anyio
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -195,7 +196,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
         return _model_card(name)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(request: Request):
+        req = await _parse(request, ChatCompletionRequest)
         served = pick(req.model)
         messages = [m.as_dict() for m in req.messages]
         settings, prompt_tokens = await anyio.to_thread.run_sync(
@@ -213,7 +215,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
                 "usage": usage}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(request: Request):
+        req = await _parse(request, CompletionRequest)
         served = pick(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
@@ -232,7 +235,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
                 "usage": usage}
 
     @app.post("/chat")
-    async def simple_chat(req: SimpleChatRequest):
+    async def simple_chat(request: Request):
+        req = await _parse(request, SimpleChatRequest)
         served = pick(req.model)
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
             m.as_dict() for m in req.history] + [{"role": "user", "content": req.message}]
@@ -313,6 +317,23 @@ async def _sse_completion(engine, served, prompt, settings, ident, created, prom
         yield _event({"id": ident, "object": "text_completion", "created": created, "model": served.name,
                       "choices": [], "usage": usage})
     yield "data: [DONE]\n\n"
+
+
+async def _parse(request: Any, schema: type[BaseModel]) -> Any:
+    """The JSON body validated against ``schema``, whatever the Content-Type (curl -d sends a form type)."""
+    from pydantic import ValidationError
+
+    raw = await request.body()
+    try:
+        data = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc.errors()) from None
 
 
 def _validation_error(errors: list[dict]) -> APIError:

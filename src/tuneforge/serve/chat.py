@@ -42,6 +42,9 @@ def chat_loop(model: Any, tokenizer: Any, template: Any, *, system: str | None =
             history = []
             out.write("(conversation cleared)\n")
             continue
+        if text == "/help":
+            out.write(HELP + "\n")
+            continue
         if text.startswith("/"):
             out.write(f"unknown command {text.split()[0]!r}; {HELP}\n")
             continue
