@@ -68,20 +68,29 @@ def test_resolve_dtype_cpu(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="tuneforge.models.device"):
         assert dev.resolve_dtype("bf16", "cpu") is torch.bfloat16
     assert "emulated" in caplog.text
-    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: True)
+    caplog.clear()
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: True)  # avx512_bf16 only: no warning, auto stays fp32
+    with caplog.at_level(logging.WARNING, logger="tuneforge.models.device"):
+        assert dev.resolve_dtype("bf16", "cpu") is torch.bfloat16
+    assert "emulated" not in caplog.text
+    monkeypatch.setattr(dev, "cpu_has_amx_bf16", lambda: False)
+    assert dev.resolve_dtype("auto", "cpu") is torch.float32
+    monkeypatch.setattr(dev, "cpu_has_amx_bf16", lambda: True)
     assert dev.resolve_dtype("auto", "cpu") is torch.bfloat16
     with pytest.raises(UserError, match="precision"):
         dev.resolve_dtype("fp8", "cpu")
 
 
 def test_cpu_bf16_flag_read_from_cpuinfo(tmp_path):
-    from tuneforge.models.device import cpu_has_native_bf16
+    from tuneforge.models.device import cpu_has_amx_bf16, cpu_has_native_bf16
 
-    with_flag, without = tmp_path / "a", tmp_path / "b"
+    with_flag, without, amx = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     with_flag.write_text("flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n")
     without.write_text("flags\t\t: fpu avx512f avx512_vnni\n")
-    assert cpu_has_native_bf16(str(with_flag)) is True
+    amx.write_text("flags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(str(with_flag)) is True and cpu_has_amx_bf16(str(with_flag)) is False
     assert cpu_has_native_bf16(str(without)) is False
+    assert cpu_has_native_bf16(str(amx)) is True and cpu_has_amx_bf16(str(amx)) is True
     assert cpu_has_native_bf16(str(tmp_path / "missing")) is False
 
 

@@ -13,6 +13,7 @@ _EXPORTS = {
     "resolve_device": "tuneforge.models.device",
     "resolve_dtype": "tuneforge.models.device",
     "cpu_has_native_bf16": "tuneforge.models.device",
+    "cpu_has_amx_bf16": "tuneforge.models.device",
     "dtype_name": "tuneforge.models.device",
     "load_model": "tuneforge.models.load",
     "load_tokenizer": "tuneforge.models.load",
