@@ -34,7 +34,10 @@ class AdaLoraMethod(Method):
         """The ``peft.AdaLoraConfig`` for ``cfg`` (a placeholder ``total_step`` until training sets the real one)."""
         from peft import AdaLoraConfig
 
+        from tuneforge.models.targets import targets_conv1d
+
         total = total_steps or _placeholder_total(cfg)
+        targets = resolve_targets(model, cfg.target_modules)
         return AdaLoraConfig(
             task_type="CAUSAL_LM",
             init_r=cfg.init_r,
@@ -48,7 +51,8 @@ class AdaLoraMethod(Method):
             beta2=cfg.beta2,
             orth_reg_weight=cfg.orth_reg_weight,
             total_step=total,
-            target_modules=resolve_targets(model, cfg.target_modules),
+            target_modules=targets,
+            fan_in_fan_out=targets_conv1d(model, targets),  # GPT-2's Conv1D stores weights transposed
         )
 
     def apply(self, model: Any, cfg: Any) -> Any:

@@ -35,6 +35,8 @@ class VeraMethod(Method):
         """
         from peft import VeraConfig
 
+        from tuneforge.models.targets import targets_conv1d
+
         targets = resolve_targets(model, cfg.target_modules)
         if not getattr(cfg, "allow_unequal_shapes", False):
             check_equal_shapes(model, targets)
@@ -44,6 +46,7 @@ class VeraMethod(Method):
             target_modules=targets,
             vera_dropout=cfg.dropout,
             d_initial=cfg.d_initial,
+            fan_in_fan_out=targets_conv1d(model, targets),  # GPT-2's Conv1D stores weights transposed
             save_projection=True,  # the adapter file then carries A and B: loading never depends on a PRNG
         )
 
