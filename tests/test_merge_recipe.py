@@ -297,3 +297,24 @@ def test_matches_mergekit(tmp_path, models, method):
     assert set(ours) == set(theirs)
     for name in ours:
         assert (ours[name] - theirs[name]).abs().max() < 1e-6, name
+
+
+def test_adapter_on_half_precision_base_rounds_once(tmp_path, tiny_llama, tiny_tokenizer):
+    """W_bf16 + ΔW must not be rounded back to bf16 before the float32 output: equal to peft's fp32 merge."""
+    import copy
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = save_base(copy.deepcopy(tiny_llama).to(torch.bfloat16), tiny_tokenizer, tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "ad", target_modules=("q_proj",))
+    want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                     str(adapter)).merge_and_unload().state_dict()
+    got = run(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
+                         "models": [{"model": str(adapter)}]}, "fp32")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert (got[name] - want[name]).abs().max() < 1e-6
+    default = run(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base),
+                             "models": [{"model": str(adapter)}]}, "native")
+    assert {t.dtype for t in default.values()} == {torch.bfloat16}  # without dtype: the base's own precision

@@ -204,7 +204,7 @@ def merge_recipe(recipe_path: str | Path, out: str | Path, *, max_shard_size: st
         writer = _ShardWriter(tmp, shard_limit)
         for name in names:
             ref_tensor = reference.reader.get(name)
-            dtype = getattr(torch, out_dtype) if out_dtype else ref_tensor.dtype
+            dtype = getattr(torch, out_dtype) if out_dtype else reference.reader.dtype(name)
             if not ref_tensor.is_floating_point():  # integer buffers are copied, never averaged
                 writer.add(name, ref_tensor)
                 continue

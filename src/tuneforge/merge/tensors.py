@@ -14,6 +14,10 @@ from typing import Any
 from tuneforge.errors import UserError
 
 INDEX = "model.safetensors.index.json"
+# safetensors dtype codes → torch dtype attribute names
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 SINGLE = "model.safetensors"
 
 
@@ -54,6 +58,15 @@ class Checkpoint:
     def get(self, name: str):
         """The tensor ``name`` (read now)."""
         return self._open(self._files[name]).get_tensor(name)
+
+    def dtype(self, name: str):
+        """The stored ``torch.dtype`` of ``name``, without reading its data."""
+        import torch
+
+        code = self._open(self._files[name]).get_slice(name).get_dtype()
+        if code not in _DTYPE_NAMES:
+            return self.get(name).dtype
+        return getattr(torch, _DTYPE_NAMES[code])
 
 
 class LoraOnBase:
@@ -113,14 +126,20 @@ class LoraOnBase:
         return self.base.shape(name)
 
     def get(self, name: str):
+        """The tensor with the adapter folded in; adapted tensors come back in float32 (not rounded back to a
+        half-precision base) so that the merge and the final cast round only once."""
         tensor = self.whole[name] if name in self.whole else self.base.get(name)
         if name in self.lora:
             delta = self.delta(name)
             if tuple(delta.shape) != tuple(tensor.shape):
                 raise UserError(f"{self.label}: LoRA delta for {name!r} has shape {tuple(delta.shape)} but the base "
                                 f"tensor has {tuple(tensor.shape)}; the adapter was trained on a different base")
-            tensor = (tensor.float() + delta).to(tensor.dtype)
+            tensor = tensor.float() + delta
         return tensor
+
+    def dtype(self, name: str):
+        """The stored dtype of the base tensor (what an unmerged model would hold)."""
+        return self.whole[name].dtype if name in self.whole else self.base.dtype(name)
 
     def delta(self, name: str):
         """scale · B A for the tensor ``name`` (float32, in the base tensor's layout)."""
