@@ -377,3 +377,15 @@ def test_inspect_bad_input(tmp_path, llama_dir, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["inspect", str(llama_dir), "--method", "lorra"]) == 2
     assert "did you mean 'lora'" in capsys.readouterr().err
+
+
+def test_inspect_adapter_dir_reads_the_base_config(llama_dir, tmp_path, capsys):
+    from tuneforge.cli import main
+
+    adapter = tmp_path / "adapter"
+    _peft_llama(llama_dir).save_pretrained(adapter)
+    assert main(["inspect", str(adapter)]) == 0
+    out = capsys.readouterr().out
+    assert f"on base {llama_dir}" in out and "(LORA, targets " in out
+    assert "q_proj" in out.split("(LORA, targets ")[1].split(")")[0]
+    assert "attention  (8 layers)" in out
