@@ -318,3 +318,19 @@ def test_adapter_on_half_precision_base_rounds_once(tmp_path, tiny_llama, tiny_t
     default = run(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base),
                              "models": [{"model": str(adapter)}]}, "native")
     assert {t.dtype for t in default.values()} == {torch.bfloat16}  # without dtype: the base's own precision
+
+
+def test_adapter_against_another_base_model_is_refused(tmp_path, models):
+    from tuneforge.merge.recipe import merge_recipe
+
+    base, a, _ = models
+    adapter = make_adapter(base, tmp_path / "ad")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(a),
+                                    "models": [{"model": str(adapter)}]}))
+    with pytest.raises(UserError, match="different bases"):
+        merge_recipe(path, tmp_path / "out", echo=_quiet)
+    # a fine-tuned full model and an adapter of the shared base may be averaged
+    path.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(adapter)}]}))
+    merge_recipe(path, tmp_path / "out", echo=_quiet)
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -191,7 +191,7 @@ def merge_recipe(recipe_path: str | Path, out: str | Path, *, max_shard_size: st
                             "model (per model, or once under the top-level parameters:)")
     reference = base or merging[0]
     _check_compatible(reference, [m for m in merging if m is not reference], recipe_path)
-    _check_adapter_bases([m for m in [base, *merging] if m is not None], recipe_path)
+    _check_adapter_bases(base, merging, recipe_path)
 
     config = json.loads((reference.weights_dir / "config.json").read_text(encoding="utf-8"))
     n_layers = config.get("num_hidden_layers") or config.get("n_layer")
@@ -313,19 +313,20 @@ def _check_compatible(reference: _Input, others: list[_Input], recipe_path: Path
                             "the models do not share an architecture")
 
 
-def _check_adapter_bases(items: list[_Input], recipe_path: Path) -> None:
-    """Adapters must all sit on the same base, and on the recipe's base_model when it is a full model."""
-    bases = {}
-    for item in items:
-        if item.source.kind == "adapter":
-            bases[str(Path(str(item.source.base)).resolve())] = item.given
-        elif item is items[0]:
-            bases.setdefault(str(item.source.model_dir.resolve()), item.given)
-    adapters = [i for i in items if i.source.kind == "adapter"]
-    if adapters and len(bases) > 1:
-        listed = "; ".join(f"{given} → {base}" for base, given in bases.items())
-        raise UserError(f"{recipe_path}: LoRA adapters (and base_model) come from different bases ({listed}); "
-                        "adapters are merged only onto the base they were trained on")
+def _check_adapter_bases(base: _Input | None, merging: list[_Input], recipe_path: Path) -> None:
+    """Adapters must all sit on one base, and on the recipe's base_model when that is a full model."""
+    adapters = [m for m in merging if m.source.kind == "adapter"]
+    bases = {str(Path(str(m.source.base)).resolve()): m.given for m in adapters}
+    if len(bases) > 1:
+        listed = "; ".join(f"{given} → {folder}" for folder, given in bases.items())
+        raise UserError(f"{recipe_path}: the LoRA adapters come from different bases ({listed}); adapters are "
+                        "merged only onto the base they were trained on")
+    if bases and base is not None and base.source.kind == "model":
+        folder = str(base.source.model_dir.resolve())
+        if folder not in bases:
+            adapter_base, given = next(iter(bases.items()))
+            raise UserError(f"{recipe_path}: adapter {given} was trained on {adapter_base} but base_model is "
+                            f"{base.given} ({folder}): different bases")
 
 
 def _write_config(source_dir: Path, target: Path, out_dtype: str | None) -> None:
