@@ -389,3 +389,29 @@ def test_inspect_adapter_dir_reads_the_base_config(llama_dir, tmp_path, capsys):
     assert f"on base {llama_dir}" in out and "(LORA, targets " in out
     assert "q_proj" in out.split("(LORA, targets ")[1].split(")")[0]
     assert "attention  (8 layers)" in out
+
+
+def test_moved_run_dir_finds_its_saved_base(llama_dir, tiny_tokenizer, tmp_path):
+    """A from-config run keeps its base in <run>/base; after moving the run, the absolute base path in
+    adapter_config.json is stale and <run>/base is used."""
+    import shutil
+
+    import torch
+
+    from tuneforge.models import load_for_inference
+
+    model = _peft_llama(llama_dir)
+    run = tmp_path / "moved"
+    shutil.copytree(llama_dir, run / "base")
+    model.save_pretrained(run / "final")
+    tiny_tokenizer.save_pretrained(run / "final")
+    (run / "config.yaml").write_text("run_name: moved\n")
+    config_path = run / "final" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "old-location" / "base")
+    config_path.write_text(json.dumps(config))
+    loaded = load_for_inference(str(run), device="cpu", dtype=torch.float32)
+    assert loaded.base == str(run / "base")
+    ids = _ids(tiny_tokenizer)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
