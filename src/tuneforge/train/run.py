@@ -82,7 +82,9 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         _save_base(model, tokenizer, template, run_dir / BASE_DIR)
 
     model = method.apply(model, cfg.method)
-    trainable, total = _count_parameters(model)
+    from tuneforge.models.params import count_parameters
+
+    trainable, total = count_parameters(model)
     echo(f"method {cfg.method.name}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
     _describe_data(bundle.stats, echo)
 
@@ -189,14 +191,6 @@ def _save_base(model, tokenizer, template, target: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         template.save(tmp)
-
-
-def _count_parameters(model) -> tuple[int, int]:
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()  # exactly as peft counts them
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
 
 
 def _describe_data(stats: dict, echo) -> None:
