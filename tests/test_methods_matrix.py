@@ -9,8 +9,9 @@ For each (method, arch) row:
 3. four optimizer steps (the method's own optimizer when it has one, else AdamW) on a fixed batch lower the loss;
 4. frozen base weights are bit-for-bit unchanged;
 5. save (``save_pretrained``; PiSSA: its LoRA conversion) → load (``PeftModel.from_pretrained`` on a fresh copy of
-   the same base) gives identical logits (PiSSA: within 1e-4, the conversion re-factorises the update);
-6. where mergeable, merged logits equal unmerged within ``MERGE_ATOL`` = 1e-4 absolute;
+   the same base) gives identical logits (to 1e-6; PiSSA 1e-5, the conversion re-factorises the update; QLoRA
+   1e-2, see ``QLORA_ATOL``);
+6. where mergeable, merged logits equal unmerged within ``MERGE_ATOL`` = 1e-5 absolute;
 7. the disabled adapter (``with model.disable_adapter():``) gives the base model's logits (to 1e-6).
 
 Adding a method = one entry in ``ROWS``.
@@ -26,11 +27,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-MERGE_ATOL = 1e-4  # merged vs unmerged logits (fp32; measured ≤ 1e-6 for LoRA, DoRA's norm adds a little)
+# Measured on these tiny models (fp32): merged vs unmerged ≤ 4.3e-7 for every mergeable method; save → load
+# bit-identical except AdaLoRA (2.1e-7) and PiSSA's LoRA conversion (2.5e-7); disabled adapter = base exactly.
+MERGE_ATOL = 1e-5  # merged vs unmerged logits
 EQUAL_ATOL = 1e-6  # "identical" after save → load, disabled adapter vs base
-PISSA_LOAD_ATOL = 1e-4  # PiSSA's rank-2r conversion recomputes the update in a different order
+PISSA_LOAD_ATOL = 1e-5  # PiSSA's rank-2r conversion recomputes the update in a different order
 # bitsandbytes' CPU backend repacks 4-bit weights for a faster inference kernel on the first eval forward (and
-# unpacks them on save); its results differ from the training path's by ~2e-3 in the logits (measured), so
+# unpacks them on save); its results differ from the training path's by 2e-3–3e-3 in the logits (measured), so
 # QLoRA's "identical" comparisons use this bound — still far below what a trained-vs-untrained adapter moves.
 QLORA_ATOL = 1e-2
 STEPS = 4
