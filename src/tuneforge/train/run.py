@@ -104,7 +104,7 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         )
 
     final_dir = run_dir / "final"
-    _save_final(trainer.model, tokenizer, template, final_dir, run_dir)
+    _save_final(trainer.model, tokenizer, template, final_dir, run_dir, method)
     summary = _summary(cfg, trainer, output, bundle, trainable, total, runtime, packing, torch)
     atomic_write_json(run_dir / "summary.json", summary)
     echo(f"done: {run_dir} (final model in {final_dir})")
@@ -379,8 +379,11 @@ def _resume_point(run_dir: Path, resume: bool, echo) -> Path | None:
 # ----------------------------------------------------------------------------- outputs
 
 
-def _save_final(model, tokenizer, template, final_dir: Path, run_dir: Path) -> None:
-    """Adapter (PEFT format) or full model + tokenizer + template, written atomically."""
+def _save_final(model, tokenizer, template, final_dir: Path, run_dir: Path, method) -> None:
+    """Adapter (PEFT format) or full model + tokenizer + template, written atomically.
+
+    A method may convert its adapter for the original base on the way out (PiSSA trains against a residual base).
+    """
     base = run_dir / BASE_DIR
     if hasattr(model, "peft_config"):
         for peft_cfg in model.peft_config.values():
@@ -389,8 +392,12 @@ def _save_final(model, tokenizer, template, final_dir: Path, run_dir: Path) -> N
                 peft_cfg.base_model_name_or_path = str(base.resolve())
             elif source and Path(source).is_dir():
                 peft_cfg.base_model_name_or_path = str(Path(source).resolve())
+    save_adapter = getattr(method, "save_adapter", None)
     with atomic_dir(final_dir) as tmp:
-        model.save_pretrained(tmp)
+        if save_adapter is not None:
+            save_adapter(model, tmp)
+        else:
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         template.save(tmp)
 
