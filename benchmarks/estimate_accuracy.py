@@ -33,8 +33,9 @@ CONFIGS = [
 ]
 
 
-def jobs(quick: bool) -> list[dict]:
+def jobs(quick: bool, only: str | None = None) -> list[dict]:
     chosen = CONFIGS[::3] if quick else CONFIGS
+    chosen = [c for c in chosen if only is None or c[0] == only]
     return [dict(MODEL, method=m, batch=b, seq_len=s, gc=g, steps=2, **extra) for m, b, s, g, extra in chosen]
 
 
@@ -56,6 +57,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every third configuration only")
+    parser.add_argument("--only", choices=sorted({c[0] for c in CONFIGS}), help="one method's configurations")
     parser.add_argument("--json-out", help="also write the rows to this JSON file")
     args = parser.parse_args()
 
@@ -63,7 +65,7 @@ def main() -> int:
     header = f"{'configuration':<36} {'estimate MiB':>12} {'measured MiB':>12} {'error':>7}  peak phase"
     print(header)
     print("-" * len(header))
-    for job in jobs(args.quick):
+    for job in jobs(args.quick, args.only):
         setup, config = job_setup(job)
         spec = model_spec(config, name="bench-llama")
         bill = estimate_memory(spec, setup)

@@ -314,6 +314,10 @@ def estimate_memory(spec: ModelSpec, setup: Setup) -> Bill:
     block_tmp = tokens * a * (3 * spec.intermediate_size + 2 * spec.hidden_size)
     if setup.method == "qlora":  # a dequantized copy of the largest 4/8-bit weight while it multiplies
         block_tmp += max(lin.numel for lin in _quantized_linears(spec)) * a
+    if setup.gradient_checkpointing:
+        # Calibration (benchmarks/estimate_accuracy.py): recomputing a block's forward inside backward adds that
+        # forward's own temporaries, measured at about one more set of block temporaries.
+        block_tmp *= 2
     step_tmp = _step_temporaries(spec, setup, tensors)
     grads_layers = grads - head_grad if not (setup.method == "galore" and setup.galore_layerwise) else 0
     grad_per_layer = grads_layers / max(layers, 1)

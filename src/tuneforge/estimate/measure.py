@@ -48,6 +48,15 @@ def saved_activation_bytes(model: Any, input_ids: Any) -> int:
 
 # --------------------------------------------------------------------------- the training-state builder
 
+#: our target-module groups in peft's terms for a Llama
+PEFT_TARGETS = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"],
+                "all-linear": "all-linear"}
+
+
+def peft_targets(targets):
+    """``target_modules`` for peft: our group names translated, explicit lists unchanged."""
+    return PEFT_TARGETS.get(targets, targets) if isinstance(targets, str) else list(targets)
+
 
 def build_training_state(job: dict) -> tuple[Any, Any]:
     """A from-config Llama with ``job``'s method applied, and its optimizer (fp32, CPU unless CUDA is asked).
@@ -77,8 +86,9 @@ def build_training_state(job: dict) -> tuple[Any, Any]:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        targets = peft_targets(job.get("targets", "all-linear"))
         model = get_peft_model(model, LoraConfig(r=job.get("r", 8), lora_alpha=16, lora_dropout=job.get("dropout", 0.0),
-                                                 target_modules=job.get("targets", "all-linear")))
+                                                 target_modules=targets))
     if job.get("gc"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if job["method"] != "full":
@@ -104,8 +114,15 @@ def _quantized_model(config, job: dict, device: str):
         AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.float32)
-        return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, device_map=device,
-                                                    dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, device_map=device,
+                                                     dtype=torch.float32)
+    # Unquantized tensors loaded on CPU are zero-copy views of the memory-mapped safetensors file: the whole file
+    # would stay mapped (and its read pages resident) for as long as one of them lives. Copy them out so that RSS
+    # holds what a GPU would: the quantized weights and the unquantized ones, nothing of the file.
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if type(tensor).__name__ != "Params4bit":
+            tensor.data = tensor.data.clone()
+    return model
 
 
 def _train_steps(model, optimizer, job: dict, steps: int) -> None:
