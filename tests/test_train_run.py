@@ -194,3 +194,28 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, chat_data, capsys)
     config = _write_config(tmp_path / "r.yaml", _cfg(tmp_path / "none", chat_data))
     assert main(["train", str(config), "--resume"]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "dora", "r": 4},
+    {"name": "pissa", "r": 4},
+    {"name": "adalora", "init_r": 6, "target_r": 4},
+    {"name": "lora_plus", "r": 4, "lr_ratio": 8},
+    {"name": "ia3"},
+    {"name": "prefix_tuning", "num_virtual_tokens": 4},
+    {"name": "galore", "rank": 8, "update_proj_gap": 2},
+], ids=lambda m: m["name"])
+def test_method_family_through_the_trainer_reloads_with_the_same_logits(tmp_path, chat_data, method):
+    import torch
+
+    from tuneforge.models.inference import load_for_inference
+
+    out = tmp_path / method["name"]
+    raw = _cfg(out, chat_data, train={"max_steps": 4, "save_steps": None, "eval_steps": None})
+    raw["method"] = method
+    result = _train(raw)
+    loaded = load_for_inference(str(out), device="cpu")
+    ids = torch.tensor([loaded.tokenizer("A class definition is an executable statement.")["input_ids"]])
+    trained = result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, trained(input_ids=ids).logits, rtol=0, atol=1e-5)

@@ -34,6 +34,7 @@ class TrainResult:
     run_dir: Path
     final_dir: Path
     summary: dict = field(default_factory=dict)
+    model: Any = field(default=None, repr=False)  # the trained model in memory (for callers in the same process)
 
 
 def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, echo=print) -> TrainResult:
@@ -108,7 +109,7 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     summary = _summary(cfg, trainer, output, bundle, trainable, total, runtime, packing, torch)
     atomic_write_json(run_dir / "summary.json", summary)
     echo(f"done: {run_dir} (final model in {final_dir})")
-    return TrainResult(run_dir=run_dir, final_dir=final_dir, summary=summary)
+    return TrainResult(run_dir=run_dir, final_dir=final_dir, summary=summary, model=trainer.model)
 
 
 # ----------------------------------------------------------------------------- setup
