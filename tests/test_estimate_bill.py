@@ -68,7 +68,10 @@ def test_components_sum_to_total_and_peak_is_the_largest_phase():
         bill = estimate_memory(spec, Setup(method=method, batch_size=1, seq_len=1024, gradient_checkpointing=True))
         assert sum(bill.components.values()) == bill.total_bytes
         assert bill.total_bytes == max(bill.phases.values()) + bill.components["framework"]
-        assert bill.trainable_params == (spec.total_params if method in ("full", "galore") else bill.trainable_params)
+        if method in ("full", "galore"):
+            assert bill.trainable_params == spec.total_params
+        else:
+            assert 0 < bill.trainable_params < spec.total_params / 100
 
 
 def test_guide_llama3_8b_bill():

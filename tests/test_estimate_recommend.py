@@ -8,7 +8,7 @@ import pytest
 
 from tuneforge.errors import UserError
 from tuneforge.estimate.bill import GiB, estimate_memory
-from tuneforge.estimate.recommend import recommend, recommend_for_run, recommendation_for_run
+from tuneforge.estimate.choose import recommend, recommend_for_run, recommendation_for_run
 from tuneforge.estimate.spec import model_spec
 
 

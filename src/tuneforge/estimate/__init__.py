@@ -19,11 +19,11 @@ _EXPORTS = {
     "Setup": "tuneforge.estimate.bill",
     "Bill": "tuneforge.estimate.bill",
     "estimate_memory": "tuneforge.estimate.bill",
-    "Recommendation": "tuneforge.estimate.recommend",
-    "recommend": "tuneforge.estimate.recommend",
-    "recommend_for_run": "tuneforge.estimate.recommend",
-    "recommendation_for_run": "tuneforge.estimate.recommend",
-    "setup_from_run": "tuneforge.estimate.recommend",
+    "Recommendation": "tuneforge.estimate.choose",
+    "recommend": "tuneforge.estimate.choose",
+    "recommend_for_run": "tuneforge.estimate.choose",
+    "recommendation_for_run": "tuneforge.estimate.choose",
+    "setup_from_run": "tuneforge.estimate.choose",
 }
 
 __all__ = list(_EXPORTS)

@@ -52,7 +52,7 @@ def _settings(args) -> tuple[object, dict, dict]:
     source: object = args.source
     if Path(args.source).suffix in (".yaml", ".yml"):
         from tuneforge.config.load import load_config
-        from tuneforge.estimate.recommend import setup_from_run
+        from tuneforge.estimate.choose import setup_from_run
 
         cfg = load_config(args.source)
         extras["budget_gb"] = cfg.train.memory_budget_gb
@@ -83,7 +83,7 @@ def _settings(args) -> tuple[object, dict, dict]:
 
 def run_estimate(args) -> int:
     from tuneforge.estimate.bill import GiB, Setup, estimate_memory
-    from tuneforge.estimate.recommend import DEFAULT_TARGET_BATCH, recommend
+    from tuneforge.estimate.choose import DEFAULT_TARGET_BATCH, recommend
     from tuneforge.estimate.spec import model_spec
 
     source, values, extras = _settings(args)

@@ -7,7 +7,7 @@ is *priced* with :func:`tuneforge.estimate.bill.estimate_memory` for the actual 
 and the first one that fits with a safety margin wins, in the guide's order of preference:
 
 1. full fine-tuning (AdamW, then 8-bit AdamW), 2. GaLore (full-parameter learning, low-rank optimizer state),
-3. LoRA (r 32 when it fits a micro-batch of 4 without checkpointing — the guide's "quality first" row — else r 16),
+3. LoRA (r 32 when it fits a micro-batch of at least 4 — the guide's "quality first" row — else r 16),
 4. QLoRA (r 8, 4-bit NF4 base).
 
 Within a method the largest power-of-two micro-batch up to the target batch (and at most 16) is chosen, first
@@ -180,7 +180,9 @@ def _explain(spec: ModelSpec, title: str, s: Setup, bill: Bill, budget: int, mar
     gib = 1 / GiB
     rejected = sorted({desc.split(",")[0] for desc, total in tried if total > budget * (1 - margin)}
                       - {s.method}, key=["full", "galore", "lora", "qlora"].index)
-    why_not = f" {' and '.join(rejected)} did not fit at any micro-batch;" if rejected else ""
+    titles = {"full": "full fine-tuning", "galore": "GaLore", "lora": "LoRA", "qlora": "QLoRA"}
+    names = " and ".join(titles[m] for m in rejected)
+    why_not = f" {names[:1].upper()}{names[1:]} did not fit at any micro-batch." if rejected else ""
     comps = bill.components
     big = max(("weights", "optimizer", "activations", "logits", "gradients"), key=lambda k: comps[k])
     return (
