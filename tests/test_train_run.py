@@ -219,3 +219,17 @@ def test_method_family_through_the_trainer_reloads_with_the_same_logits(tmp_path
     trained = result.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids).logits, trained(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_auto_method_is_chosen_by_the_estimator_for_the_budget(tmp_path, chat_data):
+    import yaml
+
+    out = tmp_path / "auto"
+    raw = _cfg(out, chat_data, train={"max_steps": 2, "save_steps": None, "eval_steps": None,
+                                      "memory_budget_gb": 8})
+    raw["method"] = {"name": "auto"}
+    _train(raw)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    # A tiny model fits easily in 8 GB: the guide's first choice, full fine-tuning, is what must be picked.
+    assert saved["method"]["name"] == "full"
+    assert (out / "final" / "model.safetensors").is_file()

@@ -142,16 +142,18 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def _resolve_auto_method(cfg: RunConfig, echo) -> RunConfig:
-    """``method.name: auto`` → the method the estimator recommends for ``train.memory_budget_gb``."""
+    """``method.name: auto`` → the method, batch and accumulation the estimator recommends for the budget."""
     if cfg.method.name != "auto":
         return cfg
     from tuneforge.config import validate_config
-    from tuneforge.estimate import recommend_for_run
+    from tuneforge.estimate import recommendation_for_run
 
-    method = recommend_for_run(cfg)
-    echo(f"method auto → {method} (budget {cfg.train.memory_budget_gb} GB)")
+    choice = recommendation_for_run(cfg)
     raw = cfg.model_dump(mode="json")
-    raw["method"] = method
+    raw["method"] = choice.method_section()
+    raw["train"] = {**raw["train"], **choice.train_overrides()}
+    echo(f"method auto → {raw['method']} with {choice.train_overrides()} (budget {cfg.train.memory_budget_gb} GB)")
+    echo(choice.explanation)
     return validate_config(raw, source="method auto")
 
 
