@@ -63,3 +63,19 @@ def append_jsonl(path: str | Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
         handle.flush()
+
+
+def lazy_exports(package: str, exports: dict[str, str]):
+    """A module ``__getattr__`` that imports ``exports[name]`` (a module path) on first access.
+
+    Packages use it so that ``import tuneforge.x`` stays cheap while ``tuneforge.x.func`` still works.
+    """
+    import importlib
+
+    def __getattr__(name: str):
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(module), name)
+
+    return __getattr__

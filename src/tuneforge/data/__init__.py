@@ -5,7 +5,7 @@ Public names are re-exported lazily (importing this package imports neither torc
 
 from __future__ import annotations
 
-import importlib
+from tuneforge.utils import lazy_exports
 
 _EXPORTS = {
     "read_records": "tuneforge.data.readers",
@@ -33,8 +33,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tuneforge.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -11,7 +11,7 @@ Public entry points (imported lazily so that ``import tuneforge.estimate`` does 
 
 from __future__ import annotations
 
-import importlib
+from tuneforge.utils import lazy_exports
 
 _EXPORTS = {
     "model_spec": "tuneforge.estimate.spec",
@@ -29,8 +29,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tuneforge.estimate' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

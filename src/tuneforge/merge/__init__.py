@@ -7,7 +7,7 @@ Public entry points (imported lazily so that ``import tuneforge.merge`` does not
 
 from __future__ import annotations
 
-import importlib
+from tuneforge.utils import lazy_exports
 
 _EXPORTS = {
     "merge_lora": "tuneforge.merge.lora",
@@ -19,8 +19,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tuneforge.merge' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

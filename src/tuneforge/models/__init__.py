@@ -5,7 +5,7 @@ Functions are re-exported lazily so that importing this package does not import 
 
 from __future__ import annotations
 
-import importlib
+from tuneforge.utils import lazy_exports
 
 _EXPORTS = {
     "train_tokenizer": "tuneforge.models.tokenizer",
@@ -36,8 +36,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tuneforge.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -87,6 +87,14 @@ def _generation_config(tokenizer, stop_ids, pad_id, *, max_new_tokens, temperatu
     return GenerationConfig(**kwargs)
 
 
+def _setup(model, tokenizer, template, **options):
+    """Stop strings, stop ids, pad id and the generation config shared by :func:`generate` and streaming."""
+    stops = stop_strings(tokenizer, template)
+    stop_ids = stop_token_ids(tokenizer, template, model)
+    pad_id = _pad_id(tokenizer, stop_ids)
+    return stops, stop_ids, pad_id, _generation_config(tokenizer, stop_ids, pad_id, **options)
+
+
 def _encode(tokenizer, template, prompts: Sequence[Prompt]) -> list[list[int]]:
     encoded = []
     for prompt in prompts:
@@ -159,12 +167,9 @@ def generate(model: Any, tokenizer: Any, template: Any, messages_or_prompts: Seq
 
     if isinstance(messages_or_prompts, str):
         raise TypeError("messages_or_prompts must be a list of prompts or of message lists, not one string")
-    stops = stop_strings(tokenizer, template)
-    stop_ids = stop_token_ids(tokenizer, template, model)
-    pad_id = _pad_id(tokenizer, stop_ids)
-    config = _generation_config(tokenizer, stop_ids, pad_id, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, top_k=top_k,
-                                repetition_penalty=repetition_penalty)
+    stops, stop_ids, pad_id, config = _setup(model, tokenizer, template, max_new_tokens=max_new_tokens,
+                                             temperature=temperature, top_p=top_p, top_k=top_k,
+                                             repetition_penalty=repetition_penalty)
     if seed is not None:
         torch.manual_seed(seed)
     encoded = _encode(tokenizer, template, list(messages_or_prompts))
@@ -200,12 +205,9 @@ def stream_generate(model: Any, tokenizer: Any, template: Any, prompt: Prompt, *
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-    stops = stop_strings(tokenizer, template)
-    stop_ids = stop_token_ids(tokenizer, template, model)
-    pad_id = _pad_id(tokenizer, stop_ids)
-    config = _generation_config(tokenizer, stop_ids, pad_id, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, top_k=top_k,
-                                repetition_penalty=repetition_penalty)
+    stops, stop_ids, pad_id, config = _setup(model, tokenizer, template, max_new_tokens=max_new_tokens,
+                                             temperature=temperature, top_p=top_p, top_k=top_k,
+                                             repetition_penalty=repetition_penalty)
     input_ids, attention = _left_pad(_encode(tokenizer, template, [prompt]), pad_id, _device(model))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     cancelled = threading.Event()

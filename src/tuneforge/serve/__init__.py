@@ -5,7 +5,7 @@ Imported lazily: ``import tuneforge.serve`` loads neither torch nor fastapi.
 
 from __future__ import annotations
 
-import importlib
+from tuneforge.utils import lazy_exports
 
 _EXPORTS = {
     "Engine": "tuneforge.serve.engine",
@@ -15,8 +15,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tuneforge.serve' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
