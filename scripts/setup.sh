@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[quant,serve,dev]"
+# constraints.txt pins every transitive dependency to the versions CI was green with.
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[quant,serve,dev]"
