@@ -233,3 +233,16 @@ def test_auto_method_is_chosen_by_the_estimator_for_the_budget(tmp_path, chat_da
     # A tiny model fits easily in 8 GB: the guide's first choice, full fine-tuning, is what must be picked.
     assert saved["method"]["name"] == "full"
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path, chat_data):
+    out = tmp_path / "early"
+    # At a constant, high learning rate eval loss soon fails to improve: patience 1 must stop the run
+    # long before max_steps, and the best checkpoint is the one restored into final/.
+    raw = _cfg(out, chat_data, train={"max_steps": 60, "lr": 0.03, "eval_steps": 2, "save_steps": 2,
+                                      "early_stopping_patience": 1, "scheduler": "constant"})
+    result = _train(raw)
+    evals = [json.loads(line)["eval_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("event") == "eval"]
+    assert result.summary["global_step"] < 60
+    assert result.summary["best_eval_loss"] == min(evals)

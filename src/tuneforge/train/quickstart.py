@@ -35,7 +35,9 @@ def quickstart_configs(out: Path, pretrain_steps: int, sft_steps: int, small: bo
         "model": {
             "from_config": {"architecture": "llama", "hidden_size": width, "num_layers": layers, "num_heads": 4,
                             "vocab_size": vocab, "max_position_embeddings": 512},
-            "chat_template": "chatml",
+            # The base never sees chat markers in pretraining, so their embeddings stay random; the plain template
+            # ends answers with EOS, which pretraining did teach (documents are joined with it).
+            "chat_template": "plain",
         },
         "method": {"name": "full"},
         "data": {"train": [str(data / "pretrain.jsonl")], "max_length": 128 if small else 256, "packing": False},
@@ -48,7 +50,11 @@ def quickstart_configs(out: Path, pretrain_steps: int, sft_steps: int, small: bo
         "seed": 42,
         "stage": "sft",
         "model": {"name_or_path": str(out / "pretrain" / "final"), "chat_template": "auto"},
-        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        # all-linear plus the output layer: at this size the frozen (tied) output layer is the bottleneck — LoRA
+        # without it could not even memorise one batch (loss stalls at 0.8; with it 0.004, 60 steps).
+        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0,
+                   "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                      "lm_head"]},
         "data": {"train": [str(data / "sft_train.jsonl")], "eval": str(data / "sft_eval.jsonl"),
                  "max_length": 256, "packing": True},
         "train": {"max_steps": sft_steps, "batch_size": 8, "lr": 2.0e-3, "warmup_steps": 5,
@@ -78,8 +84,8 @@ def run_quickstart(out: str | Path = "runs/quickstart", pretrain_steps: int | No
 
     out = Path(out)
     started = time.time()
-    pretrain_steps = pretrain_steps or (40 if small else 220)
-    sft_steps = sft_steps or (30 if small else 120)
+    pretrain_steps = pretrain_steps or (40 if small else 360)
+    sft_steps = sft_steps or (30 if small else 200)
     test = write_data(out)
     raw_pt, raw_sft = quickstart_configs(out, pretrain_steps, sft_steps, small)
     for name, raw in (("pretrain", raw_pt), ("sft", raw_sft)):
@@ -142,4 +148,4 @@ def _print_table(result: dict, out: Path) -> None:
     delta = result["tuned"]["exact"] - result["base"]["exact"]
     console.print(f"majority-class baseline: {result['majority_class_exact']:.1%}; tuned − base: {delta:+.1%} "
                   f"in {result['seconds']:.0f} s")
-    console.print(f"try: tuneforge generate {out / 'sft'} --prompt \"{builtin.QUESTION}\\n\\nThe for statement is used to iterate.\"")
+    console.print(f"try: tuneforge generate {out / 'sft'} --prompt \"{builtin.QUESTION} The for statement is used to iterate.\"")
