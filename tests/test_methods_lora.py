@@ -233,3 +233,29 @@ def test_qlora_gradients_survive_an_eval_forward(arch, tmp_path, tiny_tokenizer)
     clean = first_layer_grad(False)
     assert clean > 0
     assert first_layer_grad(True) == pytest.approx(clean, rel=1e-5)
+
+
+def test_adapter_on_a_tied_output_layer_is_refused_and_untied_one_merges(tiny_llama, tiny_tokenizer):
+    import torch
+
+    from tuneforge.config.schema import FromConfig, LoraMethod
+    from tuneforge.methods import get_method
+    from tuneforge.models import build_model
+
+    cfg = LoraMethod(name="lora", r=4, dropout=0.0, target_modules=["q_proj", "lm_head"])
+    with pytest.raises(UserError, match="ties to its input embeddings"):
+        get_method("lora").apply(tiny_llama, cfg)
+
+    torch.manual_seed(0)
+    untied = build_model(FromConfig(hidden_size=64, num_layers=2, num_heads=4, vocab_size=512,
+                                    tie_word_embeddings=False), tiny_tokenizer)
+    model = get_method("lora").apply(untied, cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)  # a trained-looking adapter, so the merge has something to fold
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        adapted = model(ids).logits
+        merged = model.merge_and_unload()(ids).logits
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-4)

@@ -40,6 +40,7 @@ class LoraMethod(Method):
         from tuneforge.models.targets import targets_conv1d
 
         targets = self.target_modules(model, cfg)
+        _refuse_tied_output_layer(model, targets)
         return dict(
             task_type="CAUSAL_LM",
             r=cfg.r,
@@ -66,3 +67,22 @@ class LoraMethod(Method):
         from peft import get_peft_model
 
         return get_peft_model(model, self.peft_config(cfg, model))
+
+
+def _refuse_tied_output_layer(model: Any, targets: list[str]) -> None:
+    """An adapter on an output layer that shares its weight with the input embeddings cannot be merged: folding
+    the delta into the shared tensor would change the input embeddings too (merged logits drift, seen here by 15)."""
+    from tuneforge.errors import UserError
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    if output is None or not tied:
+        return
+    names = {name for name, module in model.named_modules() if module is output}
+    hit = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    if hit:
+        raise UserError(
+            f"method.target_modules includes {hit[0]!r}, the output layer, which this model ties to its input "
+            "embeddings (tie_word_embeddings): an adapter there could never be merged. Drop it from target_modules, "
+            "or use a model with untied embeddings (from_config: tie_word_embeddings: false)"
+        )

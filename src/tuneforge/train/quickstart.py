@@ -34,7 +34,9 @@ def quickstart_configs(out: Path, pretrain_steps: int, sft_steps: int, small: bo
         "stage": "pt",
         "model": {
             "from_config": {"architecture": "llama", "hidden_size": width, "num_layers": layers, "num_heads": 4,
-                            "vocab_size": vocab, "max_position_embeddings": 512},
+                            "vocab_size": vocab, "max_position_embeddings": 512,
+                            # untied, so that the SFT adapter may target the output layer and still merge
+                            "tie_word_embeddings": False},
             # The base never sees chat markers in pretraining, so their embeddings stay random; the plain template
             # ends answers with EOS, which pretraining did teach (documents are joined with it).
             "chat_template": "plain",
