@@ -83,7 +83,7 @@ def _generation_config(tokenizer, stop_ids, pad_id, *, max_new_tokens, temperatu
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or 0)
     else:
         # Explicit neutral values: the model's own generation_config may carry sampling defaults.
-        kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
+        kwargs.update(temperature=1.0, top_p=1.0, top_k=None)
     return GenerationConfig(**kwargs)
 
 
