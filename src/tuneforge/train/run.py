@@ -224,11 +224,12 @@ def _training_arguments(cfg: RunConfig, method, run_dir: Path, has_eval: bool, p
     import torch
     from transformers import TrainingArguments
 
-    t = cfg.train
-    device_is_cpu = not torch.cuda.is_available() or cfg.model.device == "cpu"
     from tuneforge.models.device import resolve_device, resolve_dtype
 
-    dtype = resolve_dtype(cfg.model.precision, resolve_device(cfg.model.device))
+    t = cfg.train
+    device = resolve_device(cfg.model.device)
+    device_is_cpu = device == "cpu"
+    dtype = resolve_dtype(cfg.model.precision, device)
     warmup = t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio
     evaluating = bool(has_eval and t.eval_steps)
     save_steps = t.save_steps or total_steps + 1
@@ -261,7 +262,7 @@ def _training_arguments(cfg: RunConfig, method, run_dir: Path, has_eval: bool, p
         dataloader_num_workers=t.dataloader_workers,
         use_cpu=device_is_cpu,
         bf16=dtype == torch.bfloat16 and not device_is_cpu,
-        fp16=dtype == torch.float16,
+        fp16=dtype == torch.float16 and not device_is_cpu,  # autocast flags are CUDA's; on CPU the dtype is the model's
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         optim={"adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}.get(t.optim, t.optim),
@@ -323,14 +324,10 @@ def _tensorboard(log_dir: Path):
 def _monitor(cfg, run_dir, model, tokenizer, template):
     if not cfg.train.monitor.enabled:
         return None
-    try:
-        from tuneforge.train.monitor import StabilityMonitor
-    except ImportError:
-        return None
+    from tuneforge.train.monitor import StabilityMonitor, generation_sampler
+
     sampler = None
     if cfg.train.monitor.sample_every and cfg.stage == "sft":
-        from tuneforge.train.monitor import generation_sampler
-
         sampler = generation_sampler(model, tokenizer, template, [SAMPLE_PROMPT])
     return StabilityMonitor(run_dir, cfg.train.monitor, sampler=sampler)
 
