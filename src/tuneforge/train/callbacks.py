@@ -10,19 +10,16 @@ from transformers import TrainerCallback
 
 from tuneforge.utils import append_jsonl
 
-_LOG_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")
-
 
 class MetricsFileCallback(TrainerCallback):
     """Append every Trainer log to ``run_dir/metrics.jsonl`` as ``{"event": "log"|"eval", "step": ..., ...}``.
 
-    Keys are renamed to the names the report reads: ``learning_rate`` → ``lr``. Also counts tokens seen, so
-    ``tokens_per_s`` can be reported.
+    Keys are renamed to the names the report reads: ``learning_rate`` → ``lr``; non-finite values become strings
+    (JSON has no NaN).
     """
 
-    def __init__(self, run_dir: str | Path, tokens_per_step: float | None = None):
+    def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.tokens_per_step = tokens_per_step
         self.started = time.time()
 
     def on_log(self, args, state, control, logs=None, **kwargs):

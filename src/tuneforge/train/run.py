@@ -50,7 +50,6 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         UserError: for anything the user can fix (data, paths, options), before a file is written where possible.
         TrainingStopped: when the stability monitor stopped training.
     """
-    import torch
     from transformers import set_seed
 
     run_dir = Path(cfg.output_dir)
@@ -106,7 +105,7 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
 
     final_dir = run_dir / "final"
     _save_final(trainer.model, tokenizer, template, final_dir, run_dir, method)
-    summary = _summary(cfg, trainer, output, bundle, trainable, total, runtime, packing, torch)
+    summary = _summary(cfg, trainer, output, bundle, trainable, total, runtime, packing)
     atomic_write_json(run_dir / "summary.json", summary)
     echo(f"done: {run_dir} (final model in {final_dir})")
     return TrainResult(run_dir=run_dir, final_dir=final_dir, summary=summary, model=trainer.model)
@@ -302,8 +301,8 @@ def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run
     trainer = _marked_trainer_class()(
         model=model,
         args=args,
-        train_dataset=_ListDataset(bundle.train),
-        eval_dataset=_ListDataset(bundle.eval) if bundle.eval else None,
+        train_dataset=bundle.train,  # a list of rows is a map-style dataset
+        eval_dataset=bundle.eval or None,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
@@ -333,19 +332,6 @@ def _monitor(cfg, run_dir, model, tokenizer, template):
 
 
 SAMPLE_PROMPT = [{"role": "user", "content": "Explain what a Python list is."}]
-
-
-class _ListDataset:
-    """A list of rows as a map-style dataset (the Trainer needs ``__len__`` and ``__getitem__``)."""
-
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.rows[index]
 
 
 def _marked_trainer_class():
@@ -402,7 +388,9 @@ def _save_final(model, tokenizer, template, final_dir: Path, run_dir: Path, meth
         template.save(tmp)
 
 
-def _summary(cfg, trainer, output, bundle, trainable, total, runtime, packing, torch) -> dict:
+def _summary(cfg, trainer, output, bundle, trainable, total, runtime, packing) -> dict:
+    import torch
+
     history = trainer.state.log_history
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     losses = [h["loss"] for h in history if "loss" in h]
