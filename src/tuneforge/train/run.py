@@ -37,7 +37,8 @@ class TrainResult:
     model: Any = field(default=None, repr=False)  # the trained model in memory (for callers in the same process)
 
 
-def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, echo=print) -> TrainResult:
+def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, echo=print,
+                 callbacks: list | None = None) -> TrainResult:
     """Train one run described by ``cfg`` and write its run directory.
 
     Args:
@@ -45,6 +46,8 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         resume: continue from the newest complete checkpoint in ``<output_dir>/checkpoints``.
         overwrite: allow writing into an output directory that already holds a finished run.
         echo: where progress lines go (``print`` by default).
+        callbacks: extra ``transformers.TrainerCallback`` objects, appended after tuneforge's own
+            (``tuneforge search`` reports intermediate evals and stops pruned trials through one).
 
     Raises:
         UserError: for anything the user can fix (data, paths, options), before a file is written where possible.
@@ -89,6 +92,8 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     _describe_data(bundle.stats, echo)
 
     trainer, monitor = _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir)
+    for callback in callbacks or ():
+        trainer.add_callback(callback)
     resume_from = _resume_point(run_dir, resume, echo)
     started = time.time()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
