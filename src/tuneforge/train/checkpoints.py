@@ -1,7 +1,7 @@
 """Checkpoints that are never resumed half-written.
 
-The HF Trainer writes a checkpoint directory file by file. We write a ``COMPLETE`` marker after the last file
-(trainer state) is on disk, rotate old checkpoints ourselves only after that, and resume only from a marked
+The HF Trainer writes a checkpoint directory file by file. We flush every file to disk (fsync) and then write a
+``COMPLETE`` marker, rotate old checkpoints ourselves only after that, and resume only from a marked
 checkpoint. A directory without a marker is what a killed process left behind: it is moved aside, never used.
 """
 
@@ -37,9 +37,13 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
 
 
 def mark_complete(checkpoint: str | Path) -> None:
-    """Write the marker (the last thing written into a checkpoint)."""
-    from tuneforge.utils import atomic_write_text
+    """Flush the checkpoint's files to disk, then write the marker (the last thing written into a checkpoint).
 
+    Without the flush a power loss could keep the marker but lose file contents still in the page cache.
+    """
+    from tuneforge.utils import atomic_write_text, fsync_tree
+
+    fsync_tree(checkpoint)
     atomic_write_text(Path(checkpoint) / MARKER, "ok\n")
 
 
