@@ -44,7 +44,7 @@ def test_eval_two_models_json(tmp_path, model_dir, capsys):
 
     # ppl equals the library function on the same records (answers only: fewer tokens than the whole rendering).
     from tuneforge.evaluate.perplexity import perplexity
-    from tuneforge.models.inference import load_for_inference
+    from tuneforge.models.reference import load_for_inference
 
     loaded = load_for_inference(str(model_dir), device="cpu")
     direct = perplexity(loaded.model, loaded.tokenizer, [CHAT[0], CHAT[2]], template=loaded.template)

@@ -64,6 +64,7 @@ def test_resolve_dtype_cpu(monkeypatch, caplog):
 
     assert dev.resolve_dtype("fp32", "cpu") is torch.float32
     monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(dev, "cpu_has_amx_bf16", lambda: False)  # the CPU running the tests may have AMX
     assert dev.resolve_dtype("auto", "cpu") is torch.float32
     with caplog.at_level(logging.WARNING, logger="tuneforge.models.device"):
         assert dev.resolve_dtype("bf16", "cpu") is torch.bfloat16
@@ -257,7 +258,7 @@ def test_load_for_inference_errors(tmp_path, llama_dir):
     run = tmp_path / "unfinished"
     (run / "final").mkdir(parents=True)
     (run / "config.yaml").write_text("run_name: x\n")
-    with pytest.raises(UserError, match="holds no model"):
+    with pytest.raises(UserError, match="has no model .* did the training run finish"):
         load_for_inference(str(run), device="cpu")
     adapter = tmp_path / "orphan"
     adapter.mkdir()
@@ -288,7 +289,7 @@ def _greedy_ids(model, tokenizer, text, n):
 
 
 def test_generation_stops_at_the_template_stop_token(llama_model, tiny_tokenizer):
-    from tuneforge.models import generate
+    from tuneforge.models import GenerationSettings, generate
 
     messages = [{"role": "user", "content": "What is a list?"}]
     template = _ChatML()
@@ -296,40 +297,36 @@ def test_generation_stops_at_the_template_stop_token(llama_model, tiny_tokenizer
     free = _greedy_ids(llama_model, tiny_tokenizer, prompt, 10)
     # Declare the first token the model emits after a few others to be a stop token: generation must end there.
     k = next(i for i in range(2, len(free)) if free[i] not in free[:i])
-    stopped = generate(llama_model, tiny_tokenizer, _ChatML(extra_stop_ids=[free[k]]), [messages], max_new_tokens=10,
-                       repetition_penalty=PENALTY)
+    stopped = generate(llama_model, tiny_tokenizer, _ChatML(extra_stop_ids=[free[k]]), [messages], GenerationSettings(max_new_tokens=10, repetition_penalty=PENALTY))
     assert stopped == [tiny_tokenizer.decode(free[:k], skip_special_tokens=True)]
-    unstopped = generate(llama_model, tiny_tokenizer, template, [messages], max_new_tokens=10,
-                         repetition_penalty=PENALTY)
+    unstopped = generate(llama_model, tiny_tokenizer, template, [messages], GenerationSettings(max_new_tokens=10, repetition_penalty=PENALTY))
     assert unstopped == [tiny_tokenizer.decode(free, skip_special_tokens=True)]
     # A stop *string* cuts the text even when it is not a single token.
     text = unstopped[0]
     assert len(text) > 5
     cut_text = text[2:5]
     cut = generate(llama_model, tiny_tokenizer, _ChatML(stop=("<|im_end|>", cut_text)), [messages],
-                   max_new_tokens=10, repetition_penalty=PENALTY)
+                   GenerationSettings(max_new_tokens=10, repetition_penalty=PENALTY))
     assert cut == [text[: text.find(cut_text)]]
 
 
 def test_batched_left_padded_generation_equals_one_by_one(llama_model, tiny_tokenizer):
-    from tuneforge.models import generate
+    from tuneforge.models import GenerationSettings, generate
 
     prompts = ["The for statement", "A class definition creates a class object and"]
-    batched = generate(llama_model, tiny_tokenizer, None, prompts, max_new_tokens=6, repetition_penalty=PENALTY)
-    single = [generate(llama_model, tiny_tokenizer, None, [p], max_new_tokens=6, repetition_penalty=PENALTY)[0]
+    batched = generate(llama_model, tiny_tokenizer, None, prompts, GenerationSettings(max_new_tokens=6, repetition_penalty=PENALTY))
+    single = [generate(llama_model, tiny_tokenizer, None, [p], GenerationSettings(max_new_tokens=6, repetition_penalty=PENALTY))[0]
               for p in prompts]
     assert len(set(batched[1])) > 1
     assert batched == single
 
 
 def test_stream_equals_generate(llama_model, tiny_tokenizer):
-    from tuneforge.models import generate, stream_generate
+    from tuneforge.models import GenerationSettings, generate, stream_generate
 
     messages = [{"role": "user", "content": "Explain the with statement"}]
-    whole = generate(llama_model, tiny_tokenizer, _ChatML(), [messages], max_new_tokens=12,
-                     repetition_penalty=PENALTY)[0]
-    pieces = list(stream_generate(llama_model, tiny_tokenizer, _ChatML(), messages, max_new_tokens=12,
-                                  repetition_penalty=PENALTY))
+    whole = generate(llama_model, tiny_tokenizer, _ChatML(), [messages], GenerationSettings(max_new_tokens=12, repetition_penalty=PENALTY))[0]
+    pieces = list(stream_generate(llama_model, tiny_tokenizer, _ChatML(), messages, GenerationSettings(max_new_tokens=12, repetition_penalty=PENALTY)))
     assert len(pieces) > 1
     assert "".join(pieces) == whole
 

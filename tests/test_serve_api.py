@@ -67,8 +67,8 @@ def client(server):
 @pytest.fixture(scope="module")
 def expected(runs):
     """What each run answers in process (load_for_inference + generate), the ground truth for the server."""
-    from tuneforge.models.generation import generate
-    from tuneforge.models.inference import load_for_inference
+    from tuneforge.models.generation import GenerationSettings, generate
+    from tuneforge.models.reference import load_for_inference
 
     cache = {}
 
@@ -76,8 +76,8 @@ def expected(runs):
         if name not in cache:
             cache[name] = load_for_inference(str(runs[name]), device="cpu")
         loaded = cache[name]
-        return generate(loaded.model, loaded.tokenizer, loaded.template, [messages], max_new_tokens=max_tokens,
-                        temperature=0.0)[0]
+        return generate(loaded.model, loaded.tokenizer, loaded.template, [messages],
+                        GenerationSettings(max_new_tokens=max_tokens))[0]
 
     return answer
 

@@ -27,16 +27,16 @@ def feeder(lines):
 
 
 def test_chat_loop_streams_keeps_history_and_resets(run):
-    from tuneforge.models.generation import generate, stream_generate
-    from tuneforge.models.inference import load_for_inference
+    from tuneforge.models.generation import GenerationSettings, generate, stream_generate
+    from tuneforge.models.reference import load_for_inference
     from tuneforge.serve.chat import chat_loop
 
     loaded = load_for_inference(str(run), device="cpu")
     seen, pieces = [], []
 
-    def spy(model, tokenizer, template, messages, **kwargs):
+    def spy(model, tokenizer, template, messages, settings):
         seen.append([dict(m) for m in messages])
-        for piece in stream_generate(model, tokenizer, template, messages, **kwargs):
+        for piece in stream_generate(model, tokenizer, template, messages, settings):
             pieces.append(piece)
             yield piece
 
@@ -46,7 +46,7 @@ def test_chat_loop_streams_keeps_history_and_resets(run):
                                                       "never read"]), out=out, stream=spy)
     first = generate(loaded.model, loaded.tokenizer, loaded.template,
                      [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]],
-                     max_new_tokens=10)[0]
+                     GenerationSettings(max_new_tokens=10))[0]
     assert len(seen) == 3  # empty line and unknown command generate nothing; nothing after /exit is read
     assert [m["content"] for m in seen[0]] == ["Be brief.", "hello"]
     # the second turn carries the first exchange

@@ -59,7 +59,7 @@ def test_sft_lora_run_leaves_a_loadable_run_directory(tmp_path, chat_data):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tuneforge.models.inference import load_for_inference
+    from tuneforge.models.reference import load_for_inference
 
     out = tmp_path / "sft"
     result = _train(_cfg(out, chat_data, train={"max_steps": 16, "save_steps": 8}))
@@ -208,7 +208,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, chat_data, capsys)
 def test_method_family_through_the_trainer_reloads_with_the_same_logits(tmp_path, chat_data, method):
     import torch
 
-    from tuneforge.models.inference import load_for_inference
+    from tuneforge.models.reference import load_for_inference
 
     out = tmp_path / method["name"]
     raw = _cfg(out, chat_data, train={"max_steps": 4, "save_steps": None, "eval_steps": None})

@@ -10,12 +10,12 @@ from typing import Any
 
 
 def load_model(spec: str, device: str = "auto") -> Any:
-    """``tuneforge.models.inference.load_for_inference``: run dir, HF model dir, adapter dir or hub id.
+    """``tuneforge.models.reference.load_for_inference``: run dir, HF model dir, adapter dir or hub id.
 
     Returns an object with ``model``, ``tokenizer``, ``template`` and ``source``; raises UserError when the
     model cannot be found.
     """
-    from tuneforge.models.inference import load_for_inference
+    from tuneforge.models.reference import load_for_inference
 
     return load_for_inference(spec, device=device)
 
@@ -25,9 +25,10 @@ def generate(loaded: Any, prompts: list, **options) -> list[str]:
 
     ``options``: max_new_tokens, temperature (0 = greedy), top_p, top_k, repetition_penalty, seed.
     """
+    from tuneforge.models.generation import GenerationSettings
     from tuneforge.models.generation import generate as _generate
 
-    return list(_generate(loaded.model, loaded.tokenizer, loaded.template, prompts, **options))
+    return list(_generate(loaded.model, loaded.tokenizer, loaded.template, prompts, GenerationSettings(**options)))
 
 
 def read_records(path: str, format: str = "auto") -> list[dict]:

@@ -1,4 +1,5 @@
-"""Models: device/precision, local tokenizers, from-config builds, loading, target modules, generation.
+"""Models: the model reference and loader, device/precision, local tokenizers, from-config builds, target modules,
+generation.
 
 Functions are re-exported lazily so that importing this package does not import torch.
 """
@@ -25,9 +26,14 @@ _EXPORTS = {
     "ARCHITECTURE_DEFAULTS": "tuneforge.models.targets",
     "generate": "tuneforge.models.generation",
     "stream_generate": "tuneforge.models.generation",
-    "Loaded": "tuneforge.models.inference",
-    "load_for_inference": "tuneforge.models.inference",
-    "resolve_source": "tuneforge.models.inference",
+    "Loaded": "tuneforge.models.reference",
+    "ModelRef": "tuneforge.models.reference",
+    "load_for_inference": "tuneforge.models.reference",
+    "resolve": "tuneforge.models.reference",
+    "is_run_dir": "tuneforge.models.reference",
+    "GenerationSettings": "tuneforge.models.generation",
+    "Completion": "tuneforge.models.generation",
+    "complete": "tuneforge.models.generation",
     "keep_cpu_weights_trainable": "tuneforge.models.quant",
     "count_parameters": "tuneforge.models.params",
     "format_parameters": "tuneforge.models.params",

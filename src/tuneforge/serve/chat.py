@@ -21,6 +21,8 @@ def chat_loop(model: Any, tokenizer: Any, template: Any, *, system: str | None =
         out: where answers are written (stdout by default), flushed piece by piece as they are generated.
         stream: the streaming generator (default ``tuneforge.models.generation.stream_generate``).
     """
+    from tuneforge.models.generation import GenerationSettings
+
     if stream is None:
         from tuneforge.models.generation import stream_generate as stream
     out = out or sys.stdout
@@ -53,8 +55,9 @@ def chat_loop(model: Any, tokenizer: Any, template: Any, *, system: str | None =
         out.write("assistant> ")
         out.flush()
         answer = ""
-        for piece in stream(model, tokenizer, template, messages, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty):
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      repetition_penalty=repetition_penalty)
+        for piece in stream(model, tokenizer, template, messages, settings):
             answer += piece
             out.write(piece)
             out.flush()

@@ -67,7 +67,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
 def chat_command(args: argparse.Namespace) -> int:
     from tuneforge.errors import UserError
-    from tuneforge.models.inference import load_for_inference
+    from tuneforge.models.reference import load_for_inference
     from tuneforge.serve.chat import chat_loop
 
     _positive(args.max_new_tokens, "--max-new-tokens")

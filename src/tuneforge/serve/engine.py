@@ -78,7 +78,7 @@ class Engine:
     """
 
     def __init__(self, specs: list[str], device: str = "auto"):
-        from tuneforge.models.inference import load_for_inference, load_template, resolve_source
+        from tuneforge.models.reference import load_for_inference, load_template, resolve
         from tuneforge.models.load import load_tokenizer
 
         if not specs:
@@ -88,7 +88,7 @@ class Engine:
         shared: dict[str, Any] = {}  # base → PeftModel already holding adapters of that base
         for spec in specs:
             name, path = served_name(spec, set(self.models))
-            resolved = resolve_source(path)
+            resolved = resolve(path)
             if resolved.adapter is not None and resolved.base in shared:
                 model = shared[resolved.base]
                 adapter_name = _adapter_key(name)
@@ -134,7 +134,7 @@ class Engine:
         with self.lock:
             self._activate(served)
             return generate(served.model, served.tokenizer, self._template(served, settings), [prompt],
-                            **_kwargs(settings))[0]
+                            _settings(settings))[0]
 
     def stream(self, served: Served, prompt: str | list[dict], settings: Settings,
                cancelled: threading.Event | None = None) -> Iterator[str]:
@@ -156,7 +156,7 @@ class Engine:
                     # closing(): stop the generation thread at once when cancelled, before the lock is released
                     with contextlib.closing(stream_generate(served.model, served.tokenizer,
                                                             self._template(served, settings), prompt,
-                                                            **_kwargs(settings))) as stream:
+                                                            _settings(settings))) as stream:
                         for piece in stream:
                             if cancelled.is_set():
                                 break
@@ -193,9 +193,12 @@ class Engine:
         return dataclasses.replace(served.template, stop=[*served.template.stop, *settings.stop])
 
 
-def _kwargs(settings: Settings) -> dict:
-    return dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
-                top_k=settings.top_k, repetition_penalty=settings.repetition_penalty, seed=settings.seed)
+def _settings(settings: Settings):
+    from tuneforge.models.generation import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                              top_p=settings.top_p, top_k=settings.top_k,
+                              repetition_penalty=settings.repetition_penalty, seed=settings.seed)
 
 
 def _adapter_key(name: str) -> str:

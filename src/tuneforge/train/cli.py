@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tuneforge.models.generation import add_generation_args
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this group's subcommands."""
@@ -31,12 +33,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", required=True, help="a user message (repeat for several)")
     p.add_argument("--system", default=None)
     p.add_argument("--raw", action="store_true", help="use the prompt as raw text, without the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    add_generation_args(p)
     p.set_defaults(func=generate_command)
 
 
@@ -68,8 +65,8 @@ def train_command(args) -> int:
 
 
 def generate_command(args) -> int:
-    from tuneforge.models.generation import generate
-    from tuneforge.models.inference import load_for_inference
+    from tuneforge.models.generation import GenerationSettings, generate
+    from tuneforge.models.reference import load_for_inference
 
     loaded = load_for_inference(args.model)
     if args.raw:
@@ -77,11 +74,7 @@ def generate_command(args) -> int:
     else:
         system = [{"role": "system", "content": args.system}] if args.system else []
         prompts = [[*system, {"role": "user", "content": text}] for text in args.prompt]
-    outputs = generate(
-        loaded.model, loaded.tokenizer, loaded.template, prompts,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed,
-    )
+    outputs = generate(loaded.model, loaded.tokenizer, loaded.template, prompts, GenerationSettings.from_args(args))
     for prompt, output in zip(args.prompt, outputs, strict=True):
         if len(args.prompt) > 1:
             print(f"### {prompt}")

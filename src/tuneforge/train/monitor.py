@@ -376,36 +376,16 @@ def generation_sampler(model: Any, tokenizer: Any, template: Any, prompts: Seque
                        max_new_tokens: int = 48) -> Callable[[], list[dict]]:
     """A sampler for :class:`StabilityMonitor`: greedy answers to ``prompts`` as ``{"text", "finished"}``.
 
-    ``finished`` is True when a stop token (EOS or the template's end-of-turn) was generated, which is what the
-    "never emits EOS" check needs (plain strings cannot tell). The model's train/eval mode is restored.
+    ``finished`` is True when a stop token (EOS or the template's end-of-turn) or stop string ended the answer,
+    which is what the "never emits EOS" check needs. Generation goes through the one generation path
+    (``models.generation.complete``), which restores the model's train/eval mode.
     """
 
     def sample() -> list[dict]:
-        import torch
+        from tuneforge.models.generation import GenerationSettings, complete
 
-        from tuneforge.models.generation import cut_at_stop, render_prompt, stop_strings, stop_token_ids
-
-        stop_ids = stop_token_ids(tokenizer, template, model)
-        stops = stop_strings(tokenizer, template)
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        out = []
-        try:
-            with torch.no_grad():
-                for prompt in prompts:
-                    text, special = render_prompt(tokenizer, template, prompt)
-                    ids = tokenizer(text, return_tensors="pt", add_special_tokens=special)["input_ids"].to(device)
-                    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                         max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                                         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                         else stop_ids[0])
-                    new = gen[0, ids.shape[1]:].tolist()
-                    finished = any(t in stop_ids for t in new)
-                    decoded = tokenizer.decode(new, skip_special_tokens=False)
-                    out.append({"text": cut_at_stop(decoded, stops), "finished": finished})
-        finally:
-            model.train(was_training)
-        return out
+        settings = GenerationSettings(max_new_tokens=max_new_tokens)
+        return [{"text": c.text, "finished": c.finished}
+                for c in complete(model, tokenizer, template, list(prompts), settings)]
 
     return sample

@@ -116,15 +116,15 @@ def run_quickstart(out: str | Path = "runs/quickstart", pretrain_steps: int | No
 def score_classification(model_path: str, items: list[dict]) -> dict:
     """Exact match of greedy answers and answer-only perplexity on ``items``."""
     from tuneforge.evaluate.perplexity import perplexity
-    from tuneforge.models.generation import generate
-    from tuneforge.models.inference import load_for_inference
+    from tuneforge.models.generation import GenerationSettings, generate
+    from tuneforge.models.reference import load_for_inference
 
     loaded = load_for_inference(model_path, device="cpu")
     prompts = [item["messages"][:-1] for item in items]
     answers = []
     for start in range(0, len(prompts), 16):
         answers += generate(loaded.model, loaded.tokenizer, loaded.template, prompts[start : start + 16],
-                            max_new_tokens=4)
+                            GenerationSettings(max_new_tokens=4))
     gold = [item["messages"][-1]["content"] for item in items]
     exact = sum(a.strip().lower() == g for a, g in zip(answers, gold, strict=True)) / len(items)
     ppl = perplexity(loaded.model, loaded.tokenizer, items, template=loaded.template)

@@ -1,0 +1,323 @@
+"""THE model reference: what a path or id points at, and the one way to load it for inference.
+
+Accepted everywhere a command takes a model (generate, eval, report, abtest, merge, export, serve, chat): a tuneforge
+run directory, a run's ``final/``, a PEFT adapter directory, a plain Hugging Face model directory, or a hub id. The
+base model, adapter, tokenizer and chat template are found from the files alone; nobody is told them twice.
+
+:func:`resolve` reads metadata only (no torch); :func:`load_for_inference` loads weights. The run-directory file
+names are constants here so that every package names them the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuneforge.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- the run directory contract
+
+RUN_CONFIG = "config.yaml"          # the resolved run config
+RUN_FINAL = "final"                 # PEFT adapter or full model + tokenizer + chat template
+RUN_BASE = "base"                   # the random base of an adapter trained on a from-config model
+RUN_CHECKPOINTS = "checkpoints"     # HF Trainer checkpoints, each with a COMPLETE marker
+RUN_METRICS = "metrics.jsonl"       # every logged step, eval and warning
+RUN_SUMMARY = "summary.json"        # final metrics, parameter counts, data statistics
+RUN_EVAL_RESULTS = "eval_results.json"
+RUN_REPORT = "report.html"
+RUN_TEMPLATE = "template.json"      # the chat template (name, jinja, stop strings)
+TEMPLATE_JINJA = "chat_template.jinja"
+TEMPLATE_FILES = (RUN_TEMPLATE, TEMPLATE_JINJA)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Files that only a tuneforge run writes beside its config.yaml (one of them is enough).
+_RUN_EVIDENCE = (RUN_FINAL, RUN_CHECKPOINTS, RUN_METRICS, RUN_SUMMARY)
+
+# peft types whose adapters `merge_and_unload` can fold into the base weights (prompt-learning types cannot).
+MERGEABLE_PEFT_TYPES = frozenset({"LORA", "ADALORA", "IA3", "VERA", "LOHA", "LOKR", "OFT", "BOFT", "FOURIERFT",
+                                  "HRA"})
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a tuneforge run directory (finished or not): ``config.yaml`` plus something only a run
+    writes (``final/``, ``checkpoints/``, ``metrics.jsonl`` or ``summary.json``)."""
+    path = Path(path)
+    return (path / RUN_CONFIG).is_file() and any((path / name).exists() for name in _RUN_EVIDENCE)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a PEFT adapter (``adapter_config.json``)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The raw ``config.yaml`` of a run as a dict (``{}`` when absent).
+
+    Raises:
+        UserError: the file is not valid YAML.
+    """
+    import yaml
+
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+# ----------------------------------------------------------------------------- the reference
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where the parts of a model are (no weights loaded).
+
+    Attributes:
+        given: what the user wrote.
+        kind: ``"adapter"`` (a PEFT adapter on a base), ``"model"`` (a local full model directory) or ``"hub"``
+            (a hub id, resolved by transformers at load time).
+        base: the base model directory or hub id (the model itself when there is no adapter).
+        adapter: the adapter directory, or ``None``.
+        tokenizer: directory or hub id to load the tokenizer from.
+        template_dir: the directory holding the run's ``template.json`` / ``chat_template.jinja``, if any.
+        run_dir: the tuneforge run directory when the reference is a run, else ``None``.
+        method: the run's ``method.name`` when known.
+        adapter_config: the parsed ``adapter_config.json`` for adapters.
+    """
+
+    given: str
+    kind: str
+    base: str
+    adapter: str | None = None
+    tokenizer: str = ""
+    template_dir: str | None = None
+    run_dir: str | None = None
+    method: str | None = None
+    adapter_config: dict | None = field(default=None, compare=False)
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.adapter is not None
+
+    @property
+    def model_dir(self) -> Path:
+        """The directory holding the weights: the adapter directory, or the model directory (not for hub ids)."""
+        return Path(self.adapter or self.base)
+
+    @property
+    def peft_type(self) -> str | None:
+        return (self.adapter_config or {}).get("peft_type")
+
+    def quantization(self) -> dict | None:
+        """The ``quantization_config`` stored in the (base) model's ``config.json``, or ``None``."""
+        return quantization_of(self.base)
+
+    def mergeable(self) -> bool:
+        """Whether the adapter can be folded into its base weights (by its peft type: prompt-learning adapters
+        such as prefix tuning cannot; every weight-delta adapter can)."""
+        return self.is_adapter and self.peft_type in MERGEABLE_PEFT_TYPES
+
+
+def quantization_of(model_dir: str | Path) -> dict | None:
+    """The ``quantization_config`` in ``model_dir/config.json``, or ``None`` (also for hub ids)."""
+    config = Path(str(model_dir)) / "config.json"
+    if not config.is_file():
+        return None
+    return _read_json(config).get("quantization_config")
+
+
+def resolve(path_or_id: str | Path, what: str | None = None, *, base_override: str | None = None) -> ModelRef:
+    """Find the base model, adapter, tokenizer and template of what the user named (no weights are read).
+
+    Args:
+        path_or_id: a run directory, a run's ``final/``, an adapter directory, a model directory or a hub id.
+        what: how to name the argument in errors (default: the value itself).
+        base_override: for adapters, use this base model instead of the one recorded in the adapter.
+
+    Raises:
+        UserError: a path that does not exist or holds no model, an unfinished run, a missing base.
+    """
+    from tuneforge.models.load import check_model_source
+
+    given = str(path_or_id)
+    what = what or given
+    path = Path(given).expanduser()
+    if not path.exists():
+        check_model_source(given, what)  # raises for local-looking paths
+        return ModelRef(given, "hub", given, tokenizer=given)
+    run_dir, final = _run_and_final(path)
+    method = (read_run_config(run_dir).get("method") or {}).get("name") if run_dir else None
+    if is_adapter_dir(final):
+        config = _read_json(final / "adapter_config.json")
+        base = _base_of_adapter(final, config, run_dir, base_override)
+        tokenizer = str(final) if _has_tokenizer(final) else base
+        kind, adapter = "adapter", str(final)
+    elif (final / "config.json").is_file():
+        config, base, tokenizer, kind, adapter = None, str(final), str(final), "model", None
+    else:
+        raise UserError(_no_model_message(given, final, run_dir))
+    template_dir = next((str(d) for d in (final, run_dir) if d is not None
+                         and any((d / f).is_file() for f in TEMPLATE_FILES)), None)
+    return ModelRef(given, kind, base, adapter, tokenizer, template_dir, str(run_dir) if run_dir else None,
+                    method if isinstance(method, str) else None, config)
+
+
+def _run_and_final(path: Path) -> tuple[Path | None, Path]:
+    """``(run_dir, folder holding the weights)`` for a path that exists."""
+    if is_run_dir(path):
+        return path, path / RUN_FINAL
+    if path.name == RUN_FINAL and is_run_dir(path.parent):
+        return path.parent, path
+    return None, path
+
+
+def _no_model_message(given: str, final: Path, run_dir: Path | None) -> str:
+    if run_dir is not None:
+        return (f"{given}: the run has no model in {final} yet: did the training run finish? "
+                f"(`tuneforge train <config> --resume` continues it)")
+    return (f"{given}: not a tuneforge run (config.yaml + final/), a PEFT adapter (adapter_config.json) or a "
+            "Hugging Face model directory (config.json)")
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in TOKENIZER_FILES)
+
+
+def _base_of_adapter(adapter: Path, config: dict, run_dir: Path | None, base_override: str | None) -> str:
+    """The base model of an adapter: ``base_override``, else ``base_model_name_or_path`` resolved as a path (as
+    given, relative to the adapter or the run directory), else ``<run>/base``, else taken as a hub id."""
+    from tuneforge.models.load import check_model_source, looks_local
+
+    if base_override:
+        return check_model_source(base_override, "--base")
+    base = config.get("base_model_name_or_path") or ""
+    candidates = [Path(base).expanduser(), adapter / base] if base else []
+    if run_dir is not None:
+        candidates += [run_dir / base] if base else []
+        candidates.append(run_dir / RUN_BASE)
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return str(candidate.resolve())
+    if not base:
+        raise UserError(f"{adapter}/adapter_config.json names no base_model_name_or_path: cannot find the base "
+                        "model (pass --base DIR where the command has it)")
+    if looks_local(base):
+        raise UserError(
+            f"the base model of adapter {adapter} ({base}, from adapter_config.json base_model_name_or_path) does "
+            "not exist; restore it or edit base_model_name_or_path to point at the base model directory"
+        )
+    return base
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Loaded:
+    """A model ready for inference.
+
+    Attributes:
+        model: in eval mode; a ``peft.PeftModel`` when an adapter was loaded.
+        tokenizer: with a pad token.
+        template: the ``ChatTemplate`` used in training (or the tokenizer's / auto one), ``None`` if none applies.
+        ref: the :class:`ModelRef` it was loaded from.
+    """
+
+    model: Any
+    tokenizer: Any
+    template: Any
+    ref: ModelRef
+
+    @property
+    def source(self) -> str:
+        return self.ref.given
+
+    @property
+    def base(self) -> str:
+        return self.ref.base
+
+    @property
+    def adapter(self) -> str | None:
+        return self.ref.adapter
+
+
+def load_template(template_dir: str | None, tokenizer: Any):
+    """The run's saved ``ChatTemplate`` when there is one, else ``resolve_template("auto", tokenizer)``;
+    ``None`` when no template applies (plain-text generation still works)."""
+    from tuneforge.data.templates import ChatTemplate, resolve_template
+
+    if template_dir is not None:
+        template = ChatTemplate.load(template_dir)
+        if template is not None:
+            return template
+    try:
+        return resolve_template("auto", tokenizer)
+    except UserError as exc:
+        log.warning("no chat template: %s", exc)
+        return None
+
+
+def load_tokenizer_of(ref: ModelRef):
+    """The tokenizer of a reference (with a pad token)."""
+    from tuneforge.models.load import load_tokenizer
+
+    return load_tokenizer(ref.tokenizer, what=ref.given)
+
+
+def load_base_model(ref: ModelRef, *, dtype: Any = None, **kwargs):
+    """The base model of ``ref`` (no adapter), on the CPU, in ``dtype`` (default float32)."""
+    import torch
+
+    from tuneforge.models.load import _from_pretrained, check_model_source
+
+    return _from_pretrained(check_model_source(ref.base, ref.given), dtype=dtype or torch.float32, **kwargs)
+
+
+def load_for_inference(ref: ModelRef | str, device: str = "auto", dtype: Any = None) -> Loaded:
+    """Load a model, its tokenizer and chat template for generation or scoring.
+
+    Args:
+        ref: a :class:`ModelRef`, or anything :func:`resolve` accepts.
+        device: ``auto``, ``cpu``, ``cuda``...
+        dtype: a ``torch.dtype``; default: ``resolve_dtype("auto", device)``.
+
+    Returns:
+        :class:`Loaded` with the model in eval mode on ``device``. An adapter is loaded with stock
+        ``peft.PeftModel.from_pretrained`` onto its base (not merged), so the logits are those of training.
+
+    Raises:
+        UserError: missing paths, an unfinished run, a base model that cannot be found.
+    """
+    from tuneforge.models.device import resolve_device, resolve_dtype
+
+    ref = ref if isinstance(ref, ModelRef) else resolve(ref)
+    device = resolve_device(device)
+    dtype = dtype or resolve_dtype("auto", device)
+    tokenizer = load_tokenizer_of(ref)
+    model = load_base_model(ref, dtype=dtype)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if ref.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, ref.adapter)
+    model.to(device)
+    model.eval()
+    return Loaded(model=model, tokenizer=tokenizer, template=load_template(ref.template_dir, tokenizer), ref=ref)
