@@ -78,8 +78,8 @@ class Engine:
     """
 
     def __init__(self, specs: list[str], device: str = "auto"):
-        from tuneforge.models.reference import load_for_inference, load_template, resolve
         from tuneforge.models.load import load_tokenizer
+        from tuneforge.models.reference import load_for_inference, load_template, resolve
 
         if not specs:
             raise UserError("give at least one run, adapter or model directory to serve")
