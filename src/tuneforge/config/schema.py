@@ -319,6 +319,63 @@ class TrainConfig(Strict):
         return self
 
 
+# --------------------------------------------------------------------------- preference / grpo (docs/preference.md)
+
+PREFERENCE_STAGES = ("dpo", "orpo", "kto", "simpo")
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+_DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
+
+
+class PreferenceConfig(Strict):
+    """Keys of the preference stages; ``beta`` defaults per stage (dpo/kto/orpo 0.1, simpo 2.0)."""
+
+    loss: Literal[DPO_LOSSES] = "sigmoid"  # type: ignore[valid-type]
+    beta: float | None = Field(None, gt=0, description="dpo/kto: KL strength; orpo: lambda; simpo: reward scale")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo robust/exo_pair; simpo")
+    precompute_ref: bool = Field(False, description="full fine-tuning: reference log-probs computed once, no copy")
+    gamma: float = Field(0.5, ge=0, description="simpo: target reward margin")
+    desirable_weight: float = Field(1.0, gt=0, description="kto")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto")
+
+    def beta_for(self, stage: str) -> float:
+        """``beta`` as given, else the stage's default."""
+        return self.beta if self.beta is not None else _DEFAULT_BETA[stage]
+
+
+class RewardConfig(Strict):
+    """One verifiable reward of a GRPO run (summed with ``weight``)."""
+
+    type: Literal["exact", "regex", "numeric", "format", "function"]
+    field: str = Field("answer", description="exact/numeric: the record field holding the expected answer")
+    pattern: str | None = Field(None, description="regex: must match the completion; format: must match it whole")
+    function: str | None = Field(None, description="function: 'package.module:name' called per completion")
+    tolerance: float = Field(1e-6, ge=0, description="numeric: allowed absolute difference")
+    weight: float = 1.0
+
+    @model_validator(mode="after")
+    def _needs(self) -> RewardConfig:
+        if self.type in ("regex", "format") and not self.pattern:
+            raise ValueError(f"reward type {self.type!r} needs 'pattern' (a Python regular expression)")
+        if self.type == "function" and not self.function:
+            raise ValueError("reward type 'function' needs 'function: package.module:name'")
+        return self
+
+
+class GrpoConfig(Strict):
+    """GRPO: sample ``group_size`` completions per prompt, score them, push towards the better ones."""
+
+    rewards: list[RewardConfig] = Field(min_length=1)
+    group_size: int = Field(4, ge=2)
+    beta: float = Field(0.0, ge=0, description="KL coefficient against the reference (0: no reference pass)")
+    epsilon: float = Field(0.2, gt=0, description="clipping range of the policy ratio")
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    steps_per_generation: int | None = Field(None, gt=0, description="optimizer steps per generation batch")
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -328,11 +385,23 @@ class RunConfig(Strict):
     run_name: str = "run"
     output_dir: str | None = None
     seed: int = 42
-    stage: Literal["pt", "sft"] = "sft"
+    stage: Literal["pt", "sft", "dpo", "orpo", "kto", "simpo", "grpo"] = "sft"
     model: ModelConfig
     method: MethodConfig = Field(default_factory=lambda: LoraMethod(name="lora"))
     data: DataConfig
     train: TrainConfig = TrainConfig()
+    preference: PreferenceConfig | None = None
+    grpo: GrpoConfig | None = None
+
+    @model_validator(mode="after")
+    def _stage_sections(self) -> RunConfig:
+        if self.preference is not None and self.stage not in PREFERENCE_STAGES:
+            raise ValueError(f"preference: is for stages {', '.join(PREFERENCE_STAGES)}, not stage {self.stage!r}")
+        if self.stage in PREFERENCE_STAGES and self.preference is None:
+            self.preference = PreferenceConfig()
+        if (self.grpo is not None) != (self.stage == "grpo"):
+            raise ValueError("stage 'grpo' needs a grpo: section (with rewards), and grpo: needs stage 'grpo'")
+        return self
 
     @model_validator(mode="after")
     def _defaults(self) -> RunConfig:

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from tuneforge.data import preference
 from tuneforge.errors import UserError
 
 FORMATS = ("auto", "text", "alpaca", "chat")
@@ -208,7 +209,10 @@ def rows_to_records(rows: Iterable[tuple[str, Any]], fmt: str = "auto") -> list[
 
 
 def detect_format(row: dict, source: str) -> str:
-    """``chat`` / ``alpaca`` / ``text`` from a row's keys."""
+    """``chat`` / ``alpaca`` / ``text`` (or ``preference`` / ``kto`` / ``prompt``: data/preference.py) from a row's keys."""
+    kind = preference.detect(row)
+    if kind:
+        return kind
     if "messages" in row or "conversations" in row:
         return "chat"
     if "instruction" in row and "output" in row:
@@ -288,6 +292,7 @@ def _chat_record(row: dict, source: str) -> dict:
 
 
 _CONVERTERS = {"text": _text_record, "alpaca": _alpaca_record, "chat": _chat_record}
+_CONVERTERS.update(preference.CONVERTERS)
 
 
 def record_text(record: dict) -> str:

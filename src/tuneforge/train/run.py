@@ -65,8 +65,11 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
 
     from tuneforge.data.build import build_datasets, tokenizer_texts
     from tuneforge.data.packing import packing_supported
+    from tuneforge.train.stages import get_stage
 
-    texts = tokenizer_texts(cfg.data) if cfg.model.from_config and not _saved_base(run_dir, resume) else None
+    stage = get_stage(cfg.stage)  # dpo/orpo/kto/simpo/grpo: train/stages/ build their data and trainer
+    texts_of = stage.tokenizer_texts if stage else tokenizer_texts
+    texts = texts_of(cfg.data) if cfg.model.from_config and not _saved_base(run_dir, resume) else None
     model, tokenizer = _load_model(cfg, method, texts, run_dir, resume)
     template = _template(cfg, tokenizer)
 
@@ -74,8 +77,11 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     if packing and not _packing_works(model, packing_supported):
         echo("packing: this model's attention does not separate packed samples; using length-grouped batches")
         packing = False
-    bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, seed=cfg.seed, packing=packing,
-                            batch_size=cfg.train.batch_size)
+    if stage is not None:
+        bundle = stage.build_data(cfg, tokenizer, template)
+    else:
+        bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, seed=cfg.seed, packing=packing,
+                                batch_size=cfg.train.batch_size)
 
     # Everything that can fail on user input has been checked: from here on, write the run directory.
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +97,7 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     echo(f"method {cfg.method.name}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
     _describe_data(bundle.stats, echo)
 
-    trainer, monitor = _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir)
+    trainer, monitor = _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir, stage)
     for callback in callbacks or ():
         trainer.add_callback(callback)
     resume_from = _resume_point(run_dir, resume, echo)
@@ -283,7 +289,7 @@ def _training_arguments(cfg: RunConfig, method, run_dir: Path, has_eval: bool, p
     return TrainingArguments(**kwargs)
 
 
-def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir):
+def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir, stage=None):
     from transformers import EarlyStoppingCallback
 
     from tuneforge.train.callbacks import MetricsFileCallback
@@ -303,6 +309,11 @@ def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run
     callbacks.extend(method.callbacks(cfg.method, total_steps))
 
     optimizer = method.create_optimizer(model, cfg.method, cfg.train)
+    if stage is not None:  # the stage's TRL trainer, from these arguments, callbacks and optimizer
+        trainer = stage.build_trainer(cfg, model, tokenizer, template, bundle, args, callbacks, (optimizer, None),
+                                      _marked_trainer_class)
+        trainer.keep_checkpoints = cfg.train.save_total_limit
+        return trainer, monitor
     trainer = _marked_trainer_class()(
         model=model,
         args=args,
@@ -339,10 +350,10 @@ def _monitor(cfg, run_dir, model, tokenizer, template):
 SAMPLE_PROMPT = [{"role": "user", "content": "Explain what a Python list is."}]
 
 
-def _marked_trainer_class():
+def _marked_trainer_class(base=None):
     from transformers import Trainer
 
-    class MarkedTrainer(Trainer):
+    class MarkedTrainer(base or Trainer):
         """A Trainer whose checkpoints get a completion marker before any old one is rotated away."""
 
         keep_checkpoints: int | None = None

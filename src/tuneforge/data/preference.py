@@ -1,0 +1,435 @@
+"""Preference and prompt data: readers, encoding with the run's chat template, truncation, collators.
+
+Canonical records (besides ``text`` / ``messages``, see docs/architecture.md), each with a ``source``:
+
+    {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]}        paired preference (dpo, orpo, simpo, kto)
+    {"prompt": [msgs], "completion": [msgs], "label": bool}          unpaired (kto)
+    {"prompt": [msgs], "fields": {...}}                              prompts with checkable fields (grpo)
+
+Accepted rows: ``{prompt, chosen, rejected}`` where the prompt is a string or a message list and each completion a
+string, one message or a message list; the chat form ``{chosen: [conversation], rejected: [conversation]}`` whose
+shared leading turns become the prompt; ``{prompt, completion, label}``; ``{prompt, <any answer fields>}``.
+
+Encoding renders ``prompt + completion`` exactly as SFT renders a conversation (:func:`encode_chat_detailed`: the
+same template, the same offset-mapped mask, the same end-of-turn marker) and keeps only the completion's assistant
+turns supervised. Truncation never cuts a completion: the prompt loses tokens from the left (a leading BOS is kept),
+and a pair whose completion does not fit beside one prompt token is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuneforge.data.tokenize import IGNORE, encode_chat_detailed
+from tuneforge.errors import UserError
+
+PAIRED_STAGES = ("dpo", "orpo", "simpo")
+KIND_OF = {"preference": "paired", "kto": "unpaired", "prompt": "prompt"}
+_NO_LIMIT = 10**9
+
+
+# --------------------------------------------------------------------------- readers (registered in readers.py)
+
+
+def detect(row: dict) -> str | None:
+    """``preference`` / ``kto`` / ``prompt`` when a row has that shape, else None (the row is text/alpaca/chat)."""
+    if "chosen" in row or "rejected" in row:
+        return "preference"
+    if "completion" in row and "label" in row:
+        return "kto"
+    if "prompt" in row and "messages" not in row and "text" not in row:
+        return "prompt"
+    return None
+
+
+def preference_record(row: dict, source: str) -> dict:
+    """A ``{prompt, chosen, rejected}`` row (or the chat form) → canonical paired record.
+
+    Raises:
+        UserError: a missing ``chosen``/``rejected``, chosen identical to rejected, an empty completion, a completion
+            without an assistant turn, or an empty prompt — each naming ``source``.
+    """
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise UserError(f"{source}: preference record has no {key!r} field; a pair needs 'chosen' and "
+                            f"'rejected' (and 'prompt' unless both are whole conversations); keys: {sorted(row)}")
+    if row.get("prompt") is not None:
+        prompt = _messages(row["prompt"], "prompt", source, default_role="user")
+        chosen = _messages(row["chosen"], "chosen", source, default_role="assistant")
+        rejected = _messages(row["rejected"], "rejected", source, default_role="assistant")
+    else:
+        prompt, chosen, rejected = _split_shared_prefix(
+            _messages(row["chosen"], "chosen", source, default_role="assistant"),
+            _messages(row["rejected"], "rejected", source, default_role="assistant"),
+            source,
+        )
+    prompt = _with_system(row, prompt, source)
+    if chosen == rejected:
+        raise UserError(f"{source}: 'chosen' and 'rejected' are identical; a preference pair needs two different "
+                        "answers (remove the record or fix the rejected answer)")
+    for key, completion in (("chosen", chosen), ("rejected", rejected)):
+        _check_completion(completion, key, source)
+    _check_prompt(prompt, source)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source}
+
+
+def kto_record(row: dict, source: str) -> dict:
+    """A ``{prompt, completion, label}`` row → canonical unpaired record (``label``: true = desirable)."""
+    for key in ("prompt", "completion", "label"):
+        if row.get(key) is None:
+            raise UserError(f"{source}: unpaired (KTO) record has no {key!r} field; it needs 'prompt', "
+                            f"'completion' and a true/false 'label'; keys: {sorted(row)}")
+    label = _label(row["label"], source)
+    prompt = _with_system(row, _messages(row["prompt"], "prompt", source, default_role="user"), source)
+    completion = _messages(row["completion"], "completion", source, default_role="assistant")
+    _check_completion(completion, "completion", source)
+    _check_prompt(prompt, source)
+    return {"prompt": prompt, "completion": completion, "label": label, "source": source}
+
+
+def prompt_record(row: dict, source: str) -> dict:
+    """A ``{prompt, <fields>}`` row → ``{"prompt": msgs, "fields": {other keys}}`` (GRPO rewards read the fields)."""
+    prompt = _with_system(row, _messages(row.get("prompt"), "prompt", source, default_role="user"), source)
+    _check_prompt(prompt, source)
+    fields = {k: v for k, v in row.items() if k not in ("prompt", "system")}
+    return {"prompt": prompt, "fields": fields, "source": source}
+
+
+def _messages(value: Any, key: str, source: str, default_role: str) -> list[dict]:
+    # The chat reader's role/content rules: one implementation (imported here: readers imports this module).
+    from tuneforge.data.readers import _chat_record
+
+    if value is None:
+        raise UserError(f"{source}: record has no {key!r} field")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    if hasattr(value, "tolist"):  # parquet gives numpy arrays
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{source}: {key!r} must be a string or a non-empty list of {{role, content}} messages")
+    return _chat_record({"messages": value}, f"{source}: {key}")["messages"]
+
+
+def _split_shared_prefix(chosen: list[dict], rejected: list[dict], source: str):
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if chosen == rejected:
+        raise UserError(f"{source}: 'chosen' and 'rejected' are identical; a preference pair needs two different "
+                        "answers (remove the record or fix the rejected answer)")
+    if shared == 0:
+        raise UserError(f"{source}: no 'prompt' field and 'chosen'/'rejected' share no leading turn; give 'prompt' "
+                        "or make both whole conversations that start with the same user turn(s)")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _with_system(row: dict, prompt: list[dict], source: str) -> list[dict]:
+    system = row.get("system")
+    if system and prompt[0]["role"] != "system":
+        if not isinstance(system, str):
+            raise UserError(f"{source}: 'system' must be a string")
+        return [{"role": "system", "content": system}, *prompt]
+    return prompt
+
+
+def _check_completion(completion: list[dict], key: str, source: str) -> None:
+    if not completion:
+        raise UserError(f"{source}: {key!r} adds no turn after the shared prompt")
+    if not any(m["role"] == "assistant" for m in completion):
+        raise UserError(f"{source}: {key!r} has no assistant turn, so nothing of it could be trained")
+    if any(m["role"] == "assistant" and not m["content"].strip() for m in completion):
+        raise UserError(f"{source}: {key!r} has an empty assistant answer; drop the record or write the answer")
+
+
+def _check_prompt(prompt: list[dict], source: str) -> None:
+    if not any(m["content"].strip() for m in prompt):
+        raise UserError(f"{source}: the prompt is empty")
+    if prompt[-1]["role"] == "assistant":
+        raise UserError(f"{source}: the prompt ends with an assistant turn; the completion must answer a user turn")
+
+
+def _label(value: Any, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "desirable"):
+        return True
+    if text in ("false", "0", "no", "undesirable"):
+        return False
+    raise UserError(f"{source}: 'label' must be true (desirable) or false (undesirable), got {value!r}")
+
+
+CONVERTERS = {"preference": preference_record, "kto": kto_record, "prompt": prompt_record}
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_completion(prompt: list[dict], completion: list[dict], tokenizer: Any, template: Any,
+                      source: str = "?") -> dict:
+    """Tokens of ``prompt + completion`` rendered as SFT renders them, with the completion's mask.
+
+    Returns:
+        ``{"input_ids", "completion_mask", "prompt_length"}``: the sequence ends at the completion's last supervised
+        token (its end-of-turn marker / EOS; template text after it carries no signal), ``completion_mask[t]`` is 1
+        exactly where SFT would supervise token ``t`` of a completion turn, ``prompt_length`` is the index of the
+        first supervised token.
+
+    Raises:
+        UserError: when the template renders the completion to no supervised token.
+    """
+    sample = encode_chat_detailed({"messages": [*prompt, *completion]}, tokenizer, template, _NO_LIMIT)
+    boundary = len(template.render(prompt, add_generation_prompt=True, tokenizer=tokenizer))
+    mask = [int(label != IGNORE and end > boundary) for label, (_, end) in zip(sample["labels"], sample["offsets"],
+                                                                                strict=True)]
+    if not any(mask):
+        raise UserError(f"{source}: the completion is empty after rendering with chat template {template.name!r} "
+                        "(no answer token to train); check the record and `tuneforge data preview`")
+    first = mask.index(1)
+    last = len(mask) - 1 - mask[::-1].index(1)
+    if first == 0:
+        raise UserError(f"{source}: the rendered prompt is empty, so the first answer token has nothing to follow")
+    return {"input_ids": sample["input_ids"][: last + 1], "completion_mask": mask[: last + 1], "prompt_length": first}
+
+
+def fit(encoded: list[dict], max_length: int, bos_id: int | None) -> tuple[list[dict] | None, bool]:
+    """Truncate encodings that share one prompt to ``max_length`` without touching their completions.
+
+    The prompt loses tokens from the left, the same number for every encoding, keeping a leading BOS. Returns
+    ``(fitted or None, prompt_truncated)``; None when some completion does not fit beside one prompt token.
+    """
+    longest = max(len(e["input_ids"]) for e in encoded)
+    if longest <= max_length:
+        return encoded, False
+    cut = longest - max_length
+    out = []
+    for e in encoded:
+        ids, mask, p = e["input_ids"], e["completion_mask"], e["prompt_length"]
+        keep_bos = bos_id is not None and ids[0] == bos_id
+        start = 1 if keep_bos else 0
+        if p - start - cut < 1:
+            return None, True
+        ids = ids[:start] + ids[start + cut:]
+        mask = mask[:start] + mask[start + cut:]
+        out.append({"input_ids": ids, "completion_mask": mask, "prompt_length": p - cut})
+    return out, True
+
+
+def encode_pair(record: dict, tokenizer: Any, template: Any, max_length: int) -> tuple[dict | None, bool]:
+    """One paired record → ``{"chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"}`` (or None: too long)."""
+    source = record.get("source", "?")
+    sides = [encode_completion(record["prompt"], record[k], tokenizer, template, f"{source} ({k})")
+             for k in ("chosen", "rejected")]
+    if sides[0]["input_ids"] == sides[1]["input_ids"]:
+        raise UserError(f"{source}: 'chosen' and 'rejected' render to the same tokens; the pair teaches nothing")
+    fitted, truncated = fit(sides, max_length, tokenizer.bos_token_id)
+    if fitted is None:
+        return None, truncated
+    chosen, rejected = fitted
+    return {"chosen_ids": chosen["input_ids"], "chosen_mask": chosen["completion_mask"],
+            "rejected_ids": rejected["input_ids"], "rejected_mask": rejected["completion_mask"]}, truncated
+
+
+def encode_unpaired(record: dict, tokenizer: Any, template: Any, max_length: int) -> tuple[dict | None, bool]:
+    """One unpaired record → ``{"prompt_ids", "completion_ids", "completion_mask", "label"}`` (or None: too long)."""
+    side = encode_completion(record["prompt"], record["completion"], tokenizer, template, record.get("source", "?"))
+    fitted, truncated = fit([side], max_length, tokenizer.bos_token_id)
+    if fitted is None:
+        return None, truncated
+    ids, mask, p = fitted[0]["input_ids"], fitted[0]["completion_mask"], fitted[0]["prompt_length"]
+    return {"prompt_ids": ids[:p], "completion_ids": ids[p:], "completion_mask": mask[p:],
+            "label": bool(record["label"])}, truncated
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class PreferenceBundle:
+    """Encoded rows for a preference or GRPO stage (same role as :class:`tuneforge.data.build.DataBundle`)."""
+
+    train: list[dict]
+    eval: list[dict] | None
+    stats: dict[str, Any] = field(default_factory=dict)
+    packed: bool = False
+
+    def collator(self, tokenizer: Any):
+        """The collator for these rows."""
+        pad = _pad_id(tokenizer)
+        if self.train and "chosen_ids" in self.train[0]:
+            return PairCollator(pad)
+        return UnpairedCollator(pad)
+
+
+def load_stage_records(data_cfg: Any, kind: str, seed: int) -> tuple[list[dict], list[dict] | None, dict]:
+    """Read train (and eval) records of ``kind`` (``paired`` / ``unpaired`` / ``prompt``); split with ``seed``.
+
+    Paired records are accepted for ``unpaired`` (each pair gives a desirable and an undesirable example, as in
+    the KTO paper's setup). Raises UserError naming the first record of another kind.
+    """
+    from tuneforge.data.build import read_sources
+
+    records, per_file = read_sources(data_cfg.train, data_cfg)
+    records = _of_kind(records, kind)
+    if data_cfg.max_samples:
+        records = records[: data_cfg.max_samples]
+    stats: dict[str, Any] = {"records_per_file": per_file}
+    eval_records = None
+    if data_cfg.eval:
+        sources = [data_cfg.eval] if isinstance(data_cfg.eval, str) else list(data_cfg.eval)
+        eval_records = _of_kind(read_sources(sources, data_cfg)[0], kind)
+    elif data_cfg.eval_split:
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, round(len(records) * data_cfg.eval_split))
+        if n_eval >= len(records):
+            raise UserError(f"data.eval_split={data_cfg.eval_split} of {len(records)} records leaves nothing to "
+                            "train on; lower it or give more data")
+        held = set(order[:n_eval])
+        eval_records = [r for i, r in enumerate(records) if i in held]
+        records = [r for i, r in enumerate(records) if i not in held]
+    stats["train_records"] = len(records)
+    stats["eval_records"] = len(eval_records or [])
+    return records, eval_records, stats
+
+
+def _of_kind(records: list[dict], kind: str) -> list[dict]:
+    out = []
+    for record in records:
+        if kind == "unpaired" and "chosen" in record:
+            out.append({"prompt": record["prompt"], "completion": record["chosen"], "label": True,
+                        "source": record["source"]})
+            out.append({"prompt": record["prompt"], "completion": record["rejected"], "label": False,
+                        "source": record["source"]})
+            continue
+        have = "paired" if "chosen" in record else "unpaired" if "label" in record else (
+            "prompt" if "fields" in record else "conversation/text")
+        if have != kind:
+            wanted = {"paired": "{prompt, chosen, rejected} pairs (or chosen/rejected conversations)",
+                      "unpaired": "{prompt, completion, label} records (or pairs)",
+                      "prompt": "{prompt, <answer fields>} records"}[kind]
+            raise UserError(f"{record.get('source', '?')}: a {have} record, but this stage needs {wanted}; "
+                            "see docs/preference.md for the formats")
+        out.append(record)
+    return out
+
+
+def build_preference_data(data_cfg: Any, stage: str, tokenizer: Any, template: Any, seed: int) -> PreferenceBundle:
+    """Encoded train/eval rows for stage ``dpo``/``orpo``/``simpo`` (pairs) or ``kto`` (unpaired examples).
+
+    ``stats`` keys: records_per_file, train_records, eval_records, samples, rows, eval_rows, dropped_too_long,
+    truncated (prompts cut from the left), tokens, length, completion_tokens; for kto also desirable/undesirable.
+
+    Raises:
+        UserError: bad records (see the readers), no sample left after truncation (with the counts and the fix).
+    """
+    kind = "unpaired" if stage == "kto" else "paired"
+    records, eval_records, stats = load_stage_records(data_cfg, kind, seed)
+    train, train_stats = _encode_all(records, kind, tokenizer, template, data_cfg.max_length, "training")
+    stats.update(train_stats)
+    evaluation = None
+    if eval_records:
+        evaluation, eval_stats = _encode_all(eval_records, kind, tokenizer, template, data_cfg.max_length, "eval")
+        stats["eval_dropped_too_long"] = eval_stats["dropped_too_long"]
+    stats["rows"] = len(train)
+    stats["eval_rows"] = len(evaluation or [])
+    return PreferenceBundle(train=train, eval=evaluation, stats=stats)
+
+
+def _encode_all(records, kind, tokenizer, template, max_length, what):
+    encode = encode_pair if kind == "paired" else encode_unpaired
+    rows, dropped, truncated = [], 0, 0
+    for record in records:
+        row, cut = encode(record, tokenizer, template, max_length)
+        truncated += int(cut and row is not None)
+        if row is None:
+            dropped += 1
+            continue
+        rows.append(row)
+    if not rows:
+        raise UserError(f"no {what} example is left: all {len(records)} records have a completion longer than "
+                        f"data.max_length={max_length} allows (completions are never cut). Raise data.max_length "
+                        "or shorten the answers")
+    lengths = [len(r.get("chosen_ids", r.get("prompt_ids", []))) + len(r.get("completion_ids", [])) for r in rows]
+    completion = sum(sum(r.get("chosen_mask", r.get("completion_mask", []))) for r in rows)
+    stats = {"samples": len(rows), "dropped_too_long": dropped, "truncated": truncated, "tokens": sum(lengths),
+             "completion_tokens": completion, "length": {"min": min(lengths), "max": max(lengths),
+                                                         "mean": round(sum(lengths) / len(lengths), 1)}}
+    if kind == "unpaired":
+        stats["desirable"] = sum(r["label"] for r in rows)
+        stats["undesirable"] = len(rows) - stats["desirable"]
+    return rows, stats
+
+
+# --------------------------------------------------------------------------- collators
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return int(pad)
+
+
+def _pad(rows: list[list[int]], value: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+@dataclass
+class PairCollator:
+    """Pairs → TRL's DPO batch: ``input_ids``/``attention_mask``/``completion_mask``, chosen rows then rejected rows.
+
+    Right padding; reference log-probs (``ref_chosen_logps``/``ref_rejected_logps``) pass through when present.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        ids = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        masks = [e["chosen_mask"] for e in examples] + [e["rejected_mask"] for e in examples]
+        batch = {
+            "input_ids": _pad(ids, self.pad_token_id),
+            "attention_mask": _pad([[1] * len(r) for r in ids], 0),
+            "completion_mask": _pad(masks, 0),
+        }
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples])
+        return batch
+
+
+@dataclass
+class UnpairedCollator:
+    """Unpaired examples → TRL's KTO batch (``input_ids``, masks, ``label``; ``KL_*`` when ``KL_completion_ids``)."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        batch: dict[str, Any] = {}
+        for prefix, ids_key, mask_key in (("", "completion_ids", "completion_mask"),
+                                          ("KL_", "KL_completion_ids", "KL_completion_mask")):
+            if ids_key not in examples[0]:
+                continue
+            ids = [e["prompt_ids"] + e[ids_key] for e in examples]
+            masks = [[0] * len(e["prompt_ids"]) + e[mask_key] for e in examples]
+            batch[f"{prefix}input_ids"] = _pad(ids, self.pad_token_id)
+            batch[f"{prefix}attention_mask"] = _pad([[1] * len(r) for r in ids], 0)
+            batch[f"{prefix}completion_mask"] = _pad(masks, 0)
+        for key in ("ref_logps", "ref_KL_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples])
+        batch["label"] = torch.tensor([bool(e["label"]) for e in examples])
+        return batch

@@ -1,0 +1,32 @@
+"""The part every data-driven stage shares: which records it reads and how a from-config tokenizer sees them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Stage:
+    """Base of the stage strategies (see :mod:`tuneforge.train.stages`)."""
+
+    kind = "paired"  # the record kind read (data/preference.py): paired | unpaired | prompt
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def tokenizer_texts(self, data_cfg: Any) -> list[str]:
+        """Every message content (and, for prompts, every string field) of the training records."""
+        from tuneforge.data.preference import load_stage_records
+
+        records, _, _ = load_stage_records(data_cfg, self.kind, seed=0)
+        texts: list[str] = []
+        for record in records:
+            for key in ("prompt", "chosen", "rejected", "completion"):
+                texts.extend(m["content"] for m in record.get(key, []))
+            texts.extend(v for v in record.get("fields", {}).values() if isinstance(v, str))
+        return texts
+
+    def build_data(self, cfg: Any, tokenizer: Any, template: Any):
+        """Encoded rows and statistics for this stage."""
+        from tuneforge.data.preference import build_preference_data
+
+        return build_preference_data(cfg.data, self.name, tokenizer, template, seed=cfg.seed)

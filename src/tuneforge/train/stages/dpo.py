@@ -1,0 +1,121 @@
+"""``stage: dpo`` — Direct Preference Optimization (Rafailov et al., 2023) on TRL's DPOTrainer.
+
+Sigmoid loss per pair, with policy π, reference π_ref and β = ``preference.beta``::
+
+    L = -log σ(β [(log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x))])
+
+(``preference.loss`` picks TRL's other losses: ipo, hinge, robust, ...). Log-probs are summed over the completion
+tokens of data/preference.py's mask, the SFT mask of the answer turn(s).
+
+Reference model:
+- adapters: the same model with the adapter disabled (no second copy), when the freshly applied adapter leaves the
+  model's output unchanged (LoRA, DoRA, VeRA, IA3, ...; checked on a training row). When it does not (PiSSA and
+  OLoRA rewrite the base weights; prefix tuning adds prefixes) the disabled model is not the starting point, so the
+  reference is TRL's frozen copy of the initial adapter (adapter-sized), removed before final/ is written;
+- full fine-tuning: a frozen copy of the starting model, or ``preference.precompute_ref: true`` — reference
+  log-probs computed once before training, no copy kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneforge.train.stages.base import Stage
+from tuneforge.train.stages.common import (
+    check_no_lm_head_adapter,
+    remove_adapter_callback,
+    to_dataset,
+    trl_args,
+)
+
+
+def adapter_is_identity(model: Any, input_ids: list[int]) -> bool:
+    """True when ``model`` (a PeftModel) gives the same logits with its adapter enabled and disabled."""
+    import torch
+
+    training = model.training
+    model.eval()
+    try:
+        ids = torch.tensor([input_ids], device=next(model.parameters()).device)
+        with torch.no_grad():
+            enabled = model(input_ids=ids, use_cache=False).logits[:, -ids.size(1):]
+            with model.disable_adapter():
+                disabled = model(input_ids=ids, use_cache=False).logits
+    finally:
+        model.train(training)
+    return bool(torch.allclose(enabled, disabled, atol=1e-5, rtol=0))
+
+
+def frozen_copy(model: Any) -> Any:
+    """A frozen, eval-mode deep copy of ``model`` (the full fine-tuning reference)."""
+    import copy
+
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def trainer_base():
+    """TRL's DPOTrainer, fed rows that data/preference.py already encoded (no second renderer)."""
+    from trl import DPOTrainer
+
+    class TuneforgeDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # rendered, masked and truncated by data/preference.py
+
+    return TuneforgeDPOTrainer
+
+
+class DPOStage(Stage):
+    """DPO on pairs; see the module docstring."""
+
+    def build_trainer(self, cfg, model, tokenizer, template, bundle, args, callbacks, optimizers, trainer_class):
+        from trl import DPOConfig
+
+        from tuneforge.data.preference import PairCollator, _pad_id
+
+        pref = cfg.preference
+        is_peft = hasattr(model, "peft_config")
+        ref_model = None
+        disable_for_reference = False
+        if is_peft:
+            check_no_lm_head_adapter(model)
+            disable_for_reference = adapter_is_identity(model, bundle.train[0]["chosen_ids"])
+        elif not pref.precompute_ref:
+            ref_model = frozen_copy(model)
+        dpo_args = trl_args(
+            args, DPOConfig,
+            beta=pref.beta_for("dpo"),
+            loss_type=[pref.loss],
+            label_smoothing=pref.label_smoothing,
+            precompute_ref_log_probs=pref.precompute_ref,
+            max_length=None,  # data/preference.py truncated the prompts; a completion is never cut
+        )
+        trainer = trainer_class(trainer_base())(
+            model=model,
+            ref_model=ref_model,
+            args=dpo_args,
+            data_collator=PairCollator(_pad_id(tokenizer)),
+            train_dataset=to_dataset(bundle.train),
+            eval_dataset=to_dataset(bundle.eval),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        finish_peft_reference(trainer, disable_for_reference)
+        return trainer
+
+
+def finish_peft_reference(trainer: Any, disable_for_reference: bool) -> None:
+    """Drop TRL's ``ref`` adapter copy when disabling the adapter gives the same model; else remove it at the end."""
+    model = trainer.model
+    if "ref" not in getattr(model, "peft_config", {}):
+        return
+    if disable_for_reference:
+        model.delete_adapter("ref")  # TRL then computes the reference with the adapter disabled
+    else:
+        trainer.add_callback(remove_adapter_callback("ref"))
+
+
+def stage(name: str) -> DPOStage:
+    return DPOStage(name)

@@ -1,0 +1,90 @@
+"""Preference stages end to end on tiny from-config models: run directory, metrics, reference, resume, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneforge.config import validate_config
+from tuneforge.data import builtin
+
+
+def preference_rows(items: list[dict]) -> list[dict]:
+    """Pairs from the built-in classification task: the right label is chosen, the next label rejected."""
+    rows = []
+    for item in items:
+        label = item["label"]
+        wrong = builtin.LABELS[(builtin.LABELS.index(label) + 1) % len(builtin.LABELS)]
+        rows.append({"prompt": item["messages"][0]["content"], "chosen": label, "rejected": wrong})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pref_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("prefs")
+    items = builtin.classification_items(seed=3)
+    write_jsonl(folder / "train.jsonl", preference_rows(items[:48]))
+    write_jsonl(folder / "eval.jsonl", preference_rows(items[48:56]))
+    kto = []
+    for row in preference_rows(items[:24]):
+        kto.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        kto.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    write_jsonl(folder / "kto.jsonl", kto)
+    return folder
+
+
+def _cfg(out: Path, data: Path, stage: str = "dpo", **sections) -> dict:
+    raw = {
+        "run_name": out.name,
+        "output_dir": str(out),
+        "seed": 5,
+        "stage": stage,
+        "model": {"from_config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "vocab_size": 512},
+                  "chat_template": "plain"},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "attention"},
+        "data": {"train": [str(data / "train.jsonl")], "eval": str(data / "eval.jsonl"), "max_length": 96},
+        "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "logging_steps": 1, "eval_steps": 3,
+                  "save_steps": 3, "report_to": ["none"], "scheduler": "constant"},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
+def _train(raw: dict, **kwargs):
+    from tuneforge.train.run import run_training
+
+    return run_training(validate_config(raw), echo=lambda *_: None, **kwargs)
+
+
+def _logs(run_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if line.get("event") == "log" and "loss" in line]
+
+
+def test_dpo_lora_run_logs_reward_metrics_and_saves_only_the_adapter(tmp_path, pref_data):
+    out = tmp_path / "dpo"
+    result = _train(_cfg(out, pref_data))
+    logs = _logs(out)
+    assert len(logs) == 6
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert all(key in line for line in logs), key
+    # The first step is at the reference: the policy equals it, so the loss is log 2 and every reward 0.
+    assert logs[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    assert logs[-1]["rewards/margins"] > 0.0, [line["rewards/margins"] for line in logs]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["stage"] == "dpo"
+    assert summary["data"]["samples"] == 48 and summary["data"]["dropped_too_long"] == 0
+    final = out / "final"
+    assert (final / "adapter_model.safetensors").is_file()
+    assert not (final / "ref").exists()  # no helper adapter in the saved run
+    assert list(result.model.peft_config) == ["default"]
+    assert any(json.loads(line).get("event") == "eval" for line in (out / "metrics.jsonl").read_text().splitlines())
