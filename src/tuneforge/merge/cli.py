@@ -16,7 +16,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "task_arithmetic).",
     )
     p.add_argument("source", metavar="RUN_OR_ADAPTER_OR_RECIPE")
-    p.add_argument("--out", required=True, help="output model directory (replaced atomically)")
+    p.add_argument("--out", required=True,
+                   help="new output model directory (never an input or a directory holding one; written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest allowed max |logit| difference, adapter vs merged (default 1e-3 for fp32)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="saved precision (LoRA merge)")
@@ -27,7 +29,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="int8/int4 weight-only quantized export with its perplexity delta")
     p.add_argument("source", metavar="RUN_OR_MODEL")
     p.add_argument("--quantize", required=True, choices=["int8", "int4"])
-    p.add_argument("--out", required=True, help="output model directory (replaced atomically)")
+    p.add_argument("--out", required=True,
+                   help="new output model directory (never the source or a directory holding it; written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--data", default=None,
                    help="text for the perplexity check (.txt paragraphs or .jsonl with text); default: stdlib docs")
     p.set_defaults(func=export_command)
@@ -38,20 +42,58 @@ def is_recipe(path: str) -> bool:
     return Path(path).suffix in (".yaml", ".yml") and Path(path).is_file()
 
 
+def merge_inputs(source: str, base: str | None = None) -> list[str]:
+    """Every local path a merge reads: the argument, a recipe's models and base, each one's run, adapter and base.
+
+    What cannot be resolved is kept as given (the merge itself reports it); :func:`tuneforge.utils.prepare_output`
+    keeps ``--out`` clear of all of them.
+    """
+    from tuneforge.errors import UserError
+    from tuneforge.models.reference import resolve
+
+    given = [source, base]
+    if is_recipe(source):
+        from tuneforge.merge.recipe import load_recipe
+
+        recipe = load_recipe(source)
+        folder = Path(source).parent
+        names = [recipe.base_model, *(entry.model for entry in recipe.models)]
+        for name in filter(None, names):
+            parts = [name, *name.split("+", 1)] if "+" in name else [name]
+            given += [candidate for part in parts for candidate in (part, str(folder / part))]
+    found: list[str] = []
+    for item in filter(None, given):
+        found.append(item)
+        if not Path(item).exists():
+            continue
+        try:
+            ref = resolve(item)
+        except UserError:
+            continue
+        found += [p for p in (ref.run_dir, ref.adapter, ref.base) if p]
+    return found
+
+
 def merge_command(args: argparse.Namespace) -> int:
-    if is_recipe(args.source):
-        from tuneforge.merge.recipe import merge_recipe
+    from tuneforge.utils import prepare_output, sigterm_raises
 
-        merge_recipe(args.source, args.out, max_shard_size=args.max_shard_size)
-        return 0
-    from tuneforge.merge.lora import merge_lora
+    prepare_output(args.out, merge_inputs(args.source, args.base), force=args.force)
+    with sigterm_raises():  # SIGTERM unwinds through the temporary directories' cleanup
+        if is_recipe(args.source):
+            from tuneforge.merge.recipe import merge_recipe
 
-    merge_lora(args.source, args.out, tolerance=args.tolerance, dtype=args.dtype, base=args.base)
+            merge_recipe(args.source, args.out, max_shard_size=args.max_shard_size)
+            return 0
+        from tuneforge.merge.lora import merge_lora
+
+        merge_lora(args.source, args.out, tolerance=args.tolerance, dtype=args.dtype, base=args.base)
     return 0
 
 
 def export_command(args: argparse.Namespace) -> int:
     from tuneforge.merge.export import export_model
+    from tuneforge.utils import sigterm_raises
 
-    export_model(args.source, args.out, quantize=args.quantize, data=args.data)
+    with sigterm_raises():  # SIGTERM unwinds through the temporary directories' cleanup
+        export_model(args.source, args.out, quantize=args.quantize, data=args.data, force=args.force)
     return 0

@@ -25,7 +25,7 @@ from tuneforge.merge.lora import (
     probe_batches,
 )
 from tuneforge.merge.sources import check_mergeable, quantization_of, resolve_source
-from tuneforge.utils import atomic_dir, atomic_write_json
+from tuneforge.utils import atomic_dir, atomic_write_json, prepare_output
 
 QUANTIZE = ("int8", "int4")
 
@@ -103,8 +103,11 @@ def quantization_config(kind: str):
 
 
 def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", data: str | None = None,
-                 echo=print) -> dict:
+                 force: bool = False, echo=print) -> dict:
     """Quantize a run / adapter / model directory and save it at ``out`` (atomically).
+
+    ``out`` must not be, hold or lie inside the source, its run or its base; an existing non-empty ``out`` is
+    replaced only with ``force`` (:func:`tuneforge.utils.prepare_output`).
 
     Returns:
         ``{"quantize", "ppl_original", "ppl_quantized", "ppl_delta", "ppl_ratio", "logit_max_diff",
@@ -118,6 +121,8 @@ def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", d
 
     if quantize not in QUANTIZE:
         raise UserError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE)}")
+    source = resolve_source(path)
+    prepare_output(out, [path, source.model_dir, source.run_dir, source.base, data], force=force)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -125,7 +130,6 @@ def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     texts = read_texts(data) if data else default_texts()
-    source = resolve_source(path)
     if source.kind == "model" and quantization_of(source.model_dir):
         raise UserError(f"{path}: already quantized ({quantization_of(source.model_dir).get('quant_method')}); "
                         "export from the unquantized model")

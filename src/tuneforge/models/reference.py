@@ -31,6 +31,7 @@ RUN_SUMMARY = "summary.json"        # final metrics, parameter counts, data stat
 RUN_EVAL_RESULTS = "eval_results.json"
 RUN_REPORT = "report.html"
 RUN_TEMPLATE = "template.json"      # the chat template (name, jinja, stop strings)
+RUN_MANIFEST = "tuneforge_run.json"  # written first into every run directory: tuneforge made it (train/rundir.py)
 TEMPLATE_JINJA = "chat_template.jinja"
 TEMPLATE_FILES = (RUN_TEMPLATE, TEMPLATE_JINJA)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

@@ -8,6 +8,8 @@ markers, ``final/`` written atomically, ``metrics.jsonl`` and ``summary.json``.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 
 from tuneforge.config import RunConfig, dump_config
 from tuneforge.errors import UserError
-from tuneforge.train import checkpoints
+from tuneforge.train import checkpoints, rundir
 from tuneforge.utils import atomic_dir, atomic_write_json, atomic_write_text
 
 BASE_DIR = "base"  # a from-config base model saved beside its adapter, so the adapter can be loaded again
@@ -25,6 +27,15 @@ class TrainingStopped(UserError):
     """Training was stopped by the stability monitor (e.g. NaN loss); the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+class TrainingInterrupted(UserError):
+    """SIGTERM arrived during training: a complete checkpoint was saved and ``--resume`` continues from it.
+
+    Exit code 75 (``EX_TEMPFAIL``: try again later), so a job script can tell "resume me" from a failure.
+    """
+
+    exit_code = 75
 
 
 @dataclass
@@ -38,27 +49,44 @@ class TrainResult:
 
 
 def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, echo=print,
-                 callbacks: list | None = None) -> TrainResult:
+                 callbacks: list | None = None, allow_config_change: bool = False) -> TrainResult:
     """Train one run described by ``cfg`` and write its run directory.
+
+    The whole setup (config, model, template, data, method, target modules) is built before the run directory is
+    touched, so bad input never damages an existing run (docs/architecture.md, "Run directory").
 
     Args:
         cfg: a validated run config.
         resume: continue from the newest complete checkpoint in ``<output_dir>/checkpoints``.
-        overwrite: allow writing into an output directory that already holds a finished run.
+        overwrite: replace the tuneforge run (finished or not) in the output directory; the old run is moved aside
+            once the new setup is built and deleted once the new ``final/`` exists.
         echo: where progress lines go (``print`` by default).
         callbacks: extra ``transformers.TrainerCallback`` objects, appended after tuneforge's own
             (``tuneforge search`` reports intermediate evals and stops pruned trials through one).
+        allow_config_change: with ``resume``, continue even though stage, model, method or data differ from the
+            run's saved ``config.yaml``.
 
     Raises:
-        UserError: for anything the user can fix (data, paths, options), before a file is written where possible.
+        UserError: for anything the user can fix (data, paths, options), before a file is written; also a fresh
+            start over an unfinished run, a directory that is not a tuneforge run, a run another process holds.
         TrainingStopped: when the stability monitor stopped training.
+        TrainingInterrupted: SIGTERM during training (a complete checkpoint was saved first).
     """
+    run_dir = Path(cfg.output_dir)
+    stop = rundir.SigtermStop()
+    with rundir.run_lock(run_dir), stop.installed():
+        return _train_locked(cfg, run_dir, resume, overwrite, echo, callbacks, allow_config_change, stop)
+
+
+def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, echo, callbacks,
+                  allow_config_change: bool, stop: rundir.SigtermStop) -> TrainResult:
     from transformers import set_seed
 
-    run_dir = Path(cfg.output_dir)
-    _check_run_dir(run_dir, resume, overwrite)
+    rundir.check_start(run_dir, resume, overwrite)
     set_seed(cfg.seed)
     cfg = _resolve_auto_method(cfg, echo)
+    if resume:
+        rundir.check_same_setup(cfg.model_dump(mode="json"), run_dir, allow_config_change, echo)
     from tuneforge.methods import get_method
 
     method = get_method(cfg.method.name)
@@ -83,27 +111,56 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, seed=cfg.seed, packing=packing,
                                 batch_size=cfg.train.batch_size)
 
-    # Everything that can fail on user input has been checked: from here on, write the run directory.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    template.save(run_dir)
+    # A random from-config base is saved before the method changes the model, beside the run dir until it commits.
+    staged_base = None
     if cfg.model.from_config and method.is_adapter and not _saved_base(run_dir, resume):
-        _save_base(model, tokenizer, template, run_dir / BASE_DIR)
+        staged_base = rundir.stage_dir(run_dir, BASE_DIR)
+    try:
+        if staged_base is not None:
+            _save_base(model, tokenizer, template, staged_base)
+        model = method.apply(model, cfg.method)
+        from tuneforge.models.params import count_parameters
 
-    model = method.apply(model, cfg.method)
-    from tuneforge.models.params import count_parameters
-
-    trainable, total = count_parameters(model)
+        trainable, total = count_parameters(model)
+        # Everything that can fail on user input has been checked: from here on, write the run directory.
+        start = rundir.begin(run_dir, cfg.run_name, resume, overwrite)
+    except BaseException:
+        if staged_base is not None:
+            shutil.rmtree(staged_base, ignore_errors=True)
+        raise
     echo(f"method {cfg.method.name}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
     _describe_data(bundle.stats, echo)
 
-    trainer, monitor = _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir, stage)
-    for callback in callbacks or ():
-        trainer.add_callback(callback)
-    resume_from = _resume_point(run_dir, resume, echo)
+    try:
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        template.save(run_dir)
+        if staged_base is not None:
+            os.rename(staged_base, run_dir / BASE_DIR)
+        trainer, monitor = _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir, stage)
+        for callback in callbacks or ():
+            trainer.add_callback(callback)
+        trainer.add_callback(stop.callback())
+        resume_from = _resume_point(run_dir, resume, echo)
+    except BaseException:
+        start.undo()  # training never started: the directory is as it was (a replaced run is put back)
+        if staged_base is not None:
+            shutil.rmtree(staged_base, ignore_errors=True)
+        raise
+    if start.aside is not None:
+        echo(f"overwrite: the previous run is kept at {start.aside} until this one has finished")
     started = time.time()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with stop.training():
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     runtime = time.time() - started
+
+    if stop.stopped_at is not None:
+        last = checkpoints.latest_checkpoint(run_dir / "checkpoints")
+        atomic_write_json(run_dir / "summary.json", {"status": "interrupted", "global_step": stop.stopped_at,
+                                                     "checkpoint": str(last) if last else None})
+        raise TrainingInterrupted(
+            f"SIGTERM: training stopped at step {stop.stopped_at} after saving the complete checkpoint {last}; "
+            "run the same command with --resume to continue"
+        )
 
     if monitor is not None and getattr(monitor, "stopped_reason", None):
         last = checkpoints.latest_checkpoint(run_dir / "checkpoints")
@@ -118,37 +175,12 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     _save_final(trainer.model, tokenizer, template, final_dir, run_dir, method)
     summary = _summary(cfg, trainer, output, bundle, trainable, total, runtime, packing)
     atomic_write_json(run_dir / "summary.json", summary)
+    start.finish(echo)  # only now may a replaced run go
     echo(f"done: {run_dir} (final model in {final_dir})")
     return TrainResult(run_dir=run_dir, final_dir=final_dir, summary=summary, model=trainer.model)
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if resume:
-        if not checkpoints.latest_checkpoint(run_dir / "checkpoints"):
-            raise UserError(
-                f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; "
-                "start the run without --resume (or set train.save_steps so checkpoints are written)"
-            )
-        return
-    if (run_dir / "final").exists() and not overwrite:
-        raise UserError(
-            f"{run_dir} already holds a finished run; choose another run_name/output_dir, "
-            "pass --overwrite, or --resume to continue its checkpoints"
-        )
-    if overwrite:
-        import shutil
-
-        for name in ("checkpoints", "final", BASE_DIR, "metrics.jsonl", "summary.json", "tensorboard"):
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    elif (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()  # an unfinished earlier attempt: start its log afresh
 
 
 def _resolve_auto_method(cfg: RunConfig, echo) -> RunConfig:
@@ -281,6 +313,7 @@ def _training_arguments(cfg: RunConfig, method, run_dir: Path, has_eval: bool, p
         metric_for_best_model="eval_loss" if t.early_stopping_patience else None,
         greater_is_better=False if t.early_stopping_patience else None,
         disable_tqdm=False,
+        include_num_input_tokens_seen="non_padding",  # tokens/s in the progress display
         train_sampling_strategy="random" if packing or cfg.stage == "pt" else "group_by_length",
     )
     if t.scheduler == "cosine_with_restarts":
@@ -292,7 +325,7 @@ def _training_arguments(cfg: RunConfig, method, run_dir: Path, has_eval: bool, p
 def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir, stage=None):
     from transformers import EarlyStoppingCallback
 
-    from tuneforge.train.callbacks import MetricsFileCallback
+    from tuneforge.train.callbacks import MetricsFileCallback, install_progress
 
     total_steps = _total_steps(len(bundle.train), cfg)
     args = _training_arguments(cfg, method, run_dir, bool(bundle.eval), packing, total_steps)
@@ -313,6 +346,7 @@ def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run
         trainer = stage.build_trainer(cfg, model, tokenizer, template, bundle, args, callbacks, (optimizer, None),
                                       _marked_trainer_class)
         trainer.keep_checkpoints = cfg.train.save_total_limit
+        install_progress(trainer, cfg.stage)
         return trainer, monitor
     trainer = _marked_trainer_class()(
         model=model,
@@ -325,6 +359,7 @@ def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run
         optimizers=(optimizer, None),
     )
     trainer.keep_checkpoints = cfg.train.save_total_limit
+    install_progress(trainer, cfg.stage)
     return trainer, monitor
 
 
