@@ -23,7 +23,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one run from a YAML config")
     p.add_argument("config")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in the same output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in output_dir (deleted only once the new run has finished)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue although stage, model, method or data differ from the run's config")
     # REMAINDER so that flags may also follow the overrides (`train x.yaml train.lr=1e-4 --resume`).
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides, e.g. train.lr=1e-4 method.r=16")
     p.set_defaults(func=train_command)
@@ -52,15 +55,16 @@ def train_command(args) -> int:
     from tuneforge.train.run import run_training
 
     overrides = []
+    flags = ("--resume", "--overwrite", "--allow-config-change")
     for item in args.overrides:
-        if item in ("--resume", "--overwrite"):
-            setattr(args, item[2:], True)
+        if item in flags:
+            setattr(args, item[2:].replace("-", "_"), True)
         elif item.startswith("-"):
-            raise UserError(f"train: unknown option {item!r} (options: --resume, --overwrite)")
+            raise UserError(f"train: unknown option {item!r} (options: {', '.join(flags)})")
         else:
             overrides.append(item)
     cfg = load_config(args.config, overrides)
-    run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+    run_training(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     return 0
 
 
