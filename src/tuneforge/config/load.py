@@ -65,10 +65,15 @@ def read_yaml(path: str | Path) -> dict:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a run config.
 
+    A config without ``run_name`` is named after its file (``configs/sft-small.yaml`` → ``sft-small``, so it writes
+    ``runs/sft-small``): two configs never share one run directory by default.
+
     Raises:
         UserError: naming the key, the bad value and what is allowed.
     """
     raw = apply_overrides(read_yaml(path), overrides or [])
+    if "run_name" not in raw:
+        raw["run_name"] = Path(path).stem
     return validate_config(raw, source=str(path))
 
 
