@@ -1,0 +1,76 @@
+"""``tuneforge search``: a hyperparameter study over a run config (light module: heavy imports inside)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(subparsers) -> None:
+    """Register ``search``."""
+    p = subparsers.add_parser(
+        "search", help="hyperparameter search (Optuna): grid, random or TPE, pruning, shared studies",
+        description="Search hyperparameters of RUN.yaml over the keys of SPACE.yaml. Every trial is an ordinary run "
+                    "directory <study>/trial-<n>, scored on the eval split. The study is stored in "
+                    "<study>/study.db (SQLite) or --storage URL (several workers may share one).",
+    )
+    p.add_argument("config", metavar="RUN.yaml")
+    p.add_argument("--space", required=True, metavar="SPACE.yaml",
+                   help="dotted config keys → {choice|uniform|log_uniform|int: ...} or {tie: expression}")
+    p.add_argument("--trials", type=int, help="trials in the study (all workers together); grid: default all points")
+    p.add_argument("--sampler", default="tpe", help="grid | random | tpe (default tpe)")
+    p.add_argument("--objective", default="eval_loss",
+                   help="eval_loss (default) | ppl | bleu | rouge1 | rouge2 | rougeL | exact | contains")
+    p.add_argument("--direction", choices=["minimize", "maximize"],
+                   help="default: minimize for eval_loss/ppl, maximize for the others")
+    p.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
+    p.add_argument("--storage", help="SQLAlchemy URL, e.g. postgresql://user:pw@host/db (default: SQLite file)")
+    p.add_argument("--study", help="study name (default <run_name>-search); also the folder of its trials")
+    p.add_argument("--out", help="study folder (default: beside the config's output_dir, named after the study)")
+    p.add_argument("--pruner", default="median", help="median | halving | none (default median)")
+    p.add_argument("--pruner-startup", type=int, default=2,
+                   help="median pruner: completed trials before any pruning (default 2)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an existing study (re-queues trials of a killed search) or join it as a worker")
+    p.add_argument("--gpu-mem", type=float, metavar="GIB",
+                   help="prune, before they start, combinations tuneforge estimate says cannot fit this GPU memory")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation length for bleu/rouge/exact objectives")
+    p.add_argument("--train-log", action="store_true", help="show every trial's training lines")
+    p.set_defaults(func=search_command)
+
+
+def search_command(args: argparse.Namespace) -> int:
+    import signal
+
+    from rich.console import Console
+
+    from tuneforge.search.results import best_row, counts, print_leaderboard, rows, write_best, write_html
+    from tuneforge.search.study import SearchOptions, prepare, run_search
+
+    options = SearchOptions(
+        config=args.config, space=args.space, trials=args.trials, sampler=args.sampler, objective=args.objective,
+        direction=args.direction, timeout=args.timeout, storage=args.storage, study=args.study, pruner=args.pruner,
+        pruner_startup=args.pruner_startup, resume=args.resume, gpu_mem=args.gpu_mem, out=args.out,
+        max_new_tokens=args.max_new_tokens,
+    )
+    search = prepare(options)
+    console = Console()
+
+    def interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: the running trial is queued again
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        result = run_search(search, echo=console.print, train_echo=print if args.train_log else None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    table = rows(result.study, search.direction)
+    print_leaderboard(table, search.objective, console)
+    summary = ", ".join(f"{v} {k}" for k, v in counts(table).items())
+    console.print(f"study '{search.study_name}': {summary}; this worker ran {len(result.ran)}")
+    best = best_row(table)
+    if best is not None:
+        console.print(f"best: trial {best.number}, {search.objective} {best.value:.6g} → {write_best(search, best)}")
+    else:
+        console.print("no completed trial yet: no best.yaml")
+    console.print(f"report: {write_html(search, result.study, table)}")
+    return 0
