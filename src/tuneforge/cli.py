@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "tuneforge.evaluate.cli",     # eval, abtest, report
     "tuneforge.merge.cli",        # merge, export
     "tuneforge.serve.cli",        # serve, chat
+    "tuneforge.search.cli",       # search
 )
 
 
