@@ -71,11 +71,11 @@ def test_adalora_target_rank_above_initial_rank_is_rejected():
 # --------------------------------------------------------------------------- VeRA shapes
 
 
-def test_vera_with_unequal_target_shapes_names_the_modules(tiny_gpt2):
+def test_vera_with_explicit_unequal_target_shapes_names_the_modules(tiny_gpt2):
     from tuneforge.methods import get_method
 
     with pytest.raises(UserError) as err:
-        get_method("vera").apply(tiny_gpt2, _method({"name": "vera", "r": 8}))
+        get_method("vera").apply(tiny_gpt2, _method({"name": "vera", "r": 8, "target_modules": "attention"}))
     message = str(err.value)
     # GPT-2 attention: c_attn is 64→192, attn.c_proj is 64→64
     assert "64→192: transformer.h.*.attn.c_attn" in message

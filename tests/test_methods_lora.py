@@ -9,9 +9,9 @@ from tuneforge.errors import UserError
 
 
 def _lora_cfg(**kw):
-    from tuneforge.config.schema import LoraMethod
+    from tuneforge.methods.lora import LoraMethodConfig
 
-    return LoraMethod(name="lora", **kw)
+    return LoraMethodConfig(name="lora", **kw)
 
 
 def _ids(tokenizer, n=32):
@@ -114,12 +114,13 @@ def saved_llama(tmp_path_factory, tiny_tokenizer):
 def _qlora(saved_llama, **kw):
     import torch
 
-    from tuneforge.config.schema import ModelConfig, QLoraMethod
+    from tuneforge.config.schema import ModelConfig
     from tuneforge.methods import get_method
+    from tuneforge.methods.qlora import QLoraMethodConfig
     from tuneforge.models import load_model
 
     method = get_method("qlora")
-    cfg = QLoraMethod(name="qlora", r=4, dropout=0.0, **kw)
+    cfg = QLoraMethodConfig(name="qlora", r=4, dropout=0.0, **kw)
     extra = method.model_load_kwargs(cfg, torch.float32)
     model, tokenizer = load_model(ModelConfig(name_or_path=str(saved_llama), precision="fp32"),
                                   extra_kwargs=extra, device="cpu")
@@ -167,11 +168,10 @@ def test_qlora_8bit_loads_int8(saved_llama):
 def test_qlora_compute_dtype():
     import torch
 
-    from tuneforge.config.schema import QLoraMethod
-    from tuneforge.methods.qlora import compute_dtype
+    from tuneforge.methods.qlora import QLoraMethodConfig, compute_dtype
 
-    assert compute_dtype(QLoraMethod(name="qlora"), torch.bfloat16) is torch.bfloat16
-    assert compute_dtype(QLoraMethod(name="qlora", compute_dtype="fp32"), torch.bfloat16) is torch.float32
+    assert compute_dtype(QLoraMethodConfig(name="qlora"), torch.bfloat16) is torch.bfloat16
+    assert compute_dtype(QLoraMethodConfig(name="qlora", compute_dtype="fp32"), torch.bfloat16) is torch.float32
 
 
 def test_qlora_without_bitsandbytes_says_what_to_install(monkeypatch):
@@ -179,20 +179,20 @@ def test_qlora_without_bitsandbytes_says_what_to_install(monkeypatch):
 
     import torch
 
-    from tuneforge.config.schema import QLoraMethod
     from tuneforge.methods import get_method
+    from tuneforge.methods.qlora import QLoraMethodConfig
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     with pytest.raises(UserError, match="pip install 'bitsandbytes"):
-        get_method("qlora").model_load_kwargs(QLoraMethod(name="qlora"), torch.float32)
+        get_method("qlora").model_load_kwargs(QLoraMethodConfig(name="qlora"), torch.float32)
 
 
 def test_qlora_on_unquantized_model_is_refused(tiny_llama):
-    from tuneforge.config.schema import QLoraMethod
     from tuneforge.methods import get_method
+    from tuneforge.methods.qlora import QLoraMethodConfig
 
     with pytest.raises(UserError, match="not loaded quantized"):
-        get_method("qlora").apply(tiny_llama, QLoraMethod(name="qlora"))
+        get_method("qlora").apply(tiny_llama, QLoraMethodConfig(name="qlora"))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -202,8 +202,9 @@ def test_qlora_gradients_survive_an_eval_forward(arch, tmp_path, tiny_tokenizer)
     must not change the gradients. (On CPUs without avx512_bf16 there is no repack and this holds trivially.)"""
     import torch
 
-    from tuneforge.config.schema import FromConfig, ModelConfig, QLoraMethod
+    from tuneforge.config.schema import FromConfig, ModelConfig
     from tuneforge.methods import get_method
+    from tuneforge.methods.qlora import QLoraMethodConfig
     from tuneforge.models import build_model, load_model
 
     torch.manual_seed(0)
@@ -215,7 +216,7 @@ def test_qlora_gradients_survive_an_eval_forward(arch, tmp_path, tiny_tokenizer)
 
     def first_layer_grad(eval_first: bool) -> float:
         method = get_method("qlora")
-        cfg = QLoraMethod(name="qlora", r=4, dropout=0.0, compute_dtype="fp32", target_modules="attention")
+        cfg = QLoraMethodConfig(name="qlora", r=4, dropout=0.0, compute_dtype="fp32", target_modules="attention")
         model, _ = load_model(ModelConfig(name_or_path=str(tmp_path), precision="fp32"),
                               extra_kwargs=method.model_load_kwargs(cfg, torch.float32), device="cpu")
         torch.manual_seed(1)
@@ -238,11 +239,12 @@ def test_qlora_gradients_survive_an_eval_forward(arch, tmp_path, tiny_tokenizer)
 def test_adapter_on_a_tied_output_layer_is_refused_and_untied_one_merges(tiny_llama, tiny_tokenizer):
     import torch
 
-    from tuneforge.config.schema import FromConfig, LoraMethod
+    from tuneforge.config.schema import FromConfig
     from tuneforge.methods import get_method
+    from tuneforge.methods.lora import LoraMethodConfig
     from tuneforge.models import build_model
 
-    cfg = LoraMethod(name="lora", r=4, dropout=0.0, target_modules=["q_proj", "lm_head"])
+    cfg = LoraMethodConfig(name="lora", r=4, dropout=0.0, target_modules=["q_proj", "lm_head"])
     with pytest.raises(UserError, match="ties to its input embeddings"):
         get_method("lora").apply(tiny_llama, cfg)
 

@@ -75,9 +75,7 @@ ROWS: dict[str, Row] = {
                      r".*\.lora_[AB]\.default\.weight$", lr=3e-3),
     "adalora": Row({"name": "adalora", "init_r": 6, "target_r": 2, "dropout": 0.0, "tinit": 1, "tfinal": 1},
                    r".*\.lora_[ABE]\.default$"),
-    "vera": Row({"name": "vera", "r": 16}, r".*\.vera_lambda_[bd]\.default$", lr=5e-2,
-                # GPT-2's attention layers differ in shape (c_attn 64→192, attn.c_proj 64→64).
-                arch_config={"gpt2": {"allow_unequal_shapes": True}}),
+    "vera": Row({"name": "vera", "r": 16}, r".*\.vera_lambda_[bd]\.default$", lr=1e-1),
     "prefix_tuning": Row({"name": "prefix_tuning", "num_virtual_tokens": 4}, r"^prompt_encoder\..*", lr=1e-1),
     "ia3": Row({"name": "ia3"}, r".*\.ia3_l\.default$", lr=5e-2),
     "galore": Row({"name": "galore", "rank": 8, "update_proj_gap": 2, "scale": 1.0}, r".*", lr=1e-3),
@@ -147,7 +145,7 @@ def _module_shapes(model, targets):
 
 def expected_trainable(name: str, base, cfg) -> int:
     """The number of trained parameters by each method's formula, computed on the unwrapped base model."""
-    from tuneforge.methods.optim import resolve_targets
+    from tuneforge.methods import get_method
 
     if name in FULL_PARAMETER:
         return sum(p.numel() for _, p in _unique_params(base))
@@ -162,7 +160,7 @@ def expected_trainable(name: str, base, cfg) -> int:
             for d_in, d_out in _module_shapes(base, [target]):
                 total += d_in if target in feedforward else d_out
         return total
-    shapes = _module_shapes(base, resolve_targets(base, cfg.target_modules))
+    shapes = _module_shapes(base, get_method(name).target_modules(base, cfg))
     if name == "adalora":  # A (r × in), B (out × r), E (r × 1)
         return sum(cfg.init_r * (i + o) + cfg.init_r for i, o in shapes)
     if name == "vera":  # lambda_d (r), lambda_b (out)
@@ -444,12 +442,18 @@ def test_ia3_feedforward_modules_per_architecture(tiny_llama, tiny_gpt2):
     assert resolve_ia3_targets(tiny_gpt2, explicit)[1] == ["mlp.c_proj"]
 
 
-def test_vera_default_targets_of_llama_share_one_shape(tiny_llama):
-    from tuneforge.methods.optim import resolve_targets
-    from tuneforge.methods.vera import shape_groups
+def test_vera_default_targets_are_the_largest_same_shape_attention_set(tiny_llama, tiny_gpt2, tiny_tokenizer):
+    """VeRA's defaults work on every architecture: one shape per shared A/B pair, the most layers of that shape."""
+    from tuneforge.config.schema import FromConfig
+    from tuneforge.methods import get_method
+    from tuneforge.models import build_model
 
-    groups = shape_groups(tiny_llama, resolve_targets(tiny_llama, "attention"))
-    assert list(groups) == [(64, 64)]
+    vera, cfg = get_method("vera"), _method_config("vera", "llama")
+    assert vera.target_modules(tiny_llama, cfg) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert vera.target_modules(tiny_gpt2, cfg) == ["c_attn"]  # 64→192; attn.c_proj is 64→64
+    gqa = build_model(FromConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=512),
+                      tiny_tokenizer)
+    assert vera.target_modules(gqa, cfg) == ["q_proj", "o_proj"]  # k_proj, v_proj are 64→32
 
 
 def test_mergeable_flags_are_truthful():

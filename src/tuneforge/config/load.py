@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from tuneforge.config.schema import METHOD_NAMES, RunConfig
 from tuneforge.errors import UserError, did_you_mean
+from tuneforge.methods.base import registrations
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -149,23 +150,13 @@ def _known_keys(parent: list[str], raw: dict) -> list[str]:
         if field is None:
             return []
         if part == "method":
-            from tuneforge.config import schema
-
             name = raw.get("method", {}).get("name", "lora") if isinstance(raw.get("method"), dict) else "lora"
-            model = _method_class(schema, name)
+            reg = registrations().get(name)
+            model = reg.config if reg else None
             continue
         annotation = field.annotation
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
     return list(model.model_fields) if model else []
-
-
-def _method_class(schema, name: str) -> type[BaseModel] | None:
-    for obj in vars(schema).values():
-        if isinstance(obj, type) and issubclass(obj, BaseModel) and "name" in getattr(obj, "model_fields", {}):
-            ann = obj.model_fields["name"].annotation
-            if getattr(ann, "__args__", None) == (name,):
-                return obj
-    return None
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -6,16 +6,12 @@ Every model forbids unknown keys, so a typo fails at the door with the key's pat
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
+from tuneforge.config.strict import Strict
+from tuneforge.methods.base import registrations
 
 # --------------------------------------------------------------------------- model
 
@@ -56,11 +52,24 @@ class ModelConfig(Strict):
     from_config: FromConfig | None = None
     tokenizer: str | None = None
     chat_template: str = "auto"
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra variables for the chat template (e.g. enable_thinking: false), used by training, "
+        "generate, eval and serve alike (saved with the run's template)",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
     revision: str | None = None
     attn_implementation: str | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_reserved_template_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = {"messages", "add_generation_prompt", "tools", "documents"} & set(value)
+        if reserved:
+            raise ValueError(f"{sorted(reserved)} are set by tuneforge itself, not by chat_template_kwargs")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -71,163 +80,15 @@ class ModelConfig(Strict):
 
 # --------------------------------------------------------------------------- methods
 
-TargetModules = Literal["attention", "mlp", "all-linear"] | list[str]
+# Each method module holds its config class (tuneforge.methods.<name>) and registers it; the union is read from the
+# registry so that a new method is one new file. Method modules import no torch at module level.
+_METHODS = registrations()
 
+#: the ``method:`` section: one config class per registered method, told apart by ``name``
+MethodConfig = Annotated[Union[tuple(reg.config for reg in _METHODS.values())], Field(discriminator="name")]  # noqa: UP007
 
-class _MethodBase(Strict):
-    pass
-
-
-class FullMethod(_MethodBase):
-    """Full fine-tuning: every parameter trains."""
-
-    name: Literal["full"]
-
-
-class LoraMethod(_MethodBase):
-    """LoRA (Hu et al., 2021) and the options of its LoRA-family variants."""
-
-    name: Literal["lora"]
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    bias: Literal["none", "all", "lora_only"] = "none"
-    target_modules: TargetModules = "all-linear"
-    modules_to_save: list[str] | None = None
-    use_rslora: bool = False
-    use_dora: bool = False
-    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
-
-
-class QLoraMethod(LoraMethod):
-    """QLoRA (Dettmers et al., 2023): LoRA over a 4-bit NF4 base with double quantization."""
-
-    name: Literal["qlora"]  # type: ignore[assignment]
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    bits: Literal[4, 8] = 4
-
-
-class DoraMethod(LoraMethod):
-    """DoRA (Liu et al., 2024): weight-decomposed LoRA (magnitude + direction)."""
-
-    name: Literal["dora"]  # type: ignore[assignment]
-
-
-class RsLoraMethod(LoraMethod):
-    """rsLoRA (Kalajdzievski, 2023): scaling alpha/sqrt(r) instead of alpha/r."""
-
-    name: Literal["rslora"]  # type: ignore[assignment]
-
-
-class PissaMethod(LoraMethod):
-    """PiSSA (Meng et al., 2024): LoRA initialised from the principal singular vectors."""
-
-    name: Literal["pissa"]  # type: ignore[assignment]
-    niter: int | None = Field(None, gt=0, description="fast SVD iterations; None = full SVD")
-
-
-class LoraPlusMethod(LoraMethod):
-    """LoRA+ (Hayou et al., 2024): B gets lr * lr_ratio."""
-
-    name: Literal["lora_plus"]  # type: ignore[assignment]
-    lr_ratio: float = Field(16.0, gt=0)
-    lr_embedding: float | None = Field(None, gt=0)
-
-
-class AdaLoraMethod(_MethodBase):
-    """AdaLoRA (Zhang et al., 2023): SVD-form LoRA whose rank budget is reallocated during training."""
-
-    name: Literal["adalora"]
-    init_r: int = Field(12, gt=0)
-    target_r: int = Field(8, gt=0)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    tinit: int = Field(0, ge=0, description="steps of warm-up before budget pruning")
-    tfinal: int = Field(0, ge=0, description="steps of final fine-tuning after pruning")
-    delta_t: int = Field(1, gt=0, description="steps between two budget allocations")
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    target_modules: TargetModules = "attention"
-
-    @model_validator(mode="after")
-    def _ranks(self) -> AdaLoraMethod:
-        if self.target_r > self.init_r:
-            raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
-        return self
-
-
-class VeraMethod(_MethodBase):
-    """VeRA (Kopiczko et al., 2024): shared frozen random matrices, trained scaling vectors."""
-
-    name: Literal["vera"]
-    r: int = Field(256, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    d_initial: float = 0.1
-    target_modules: TargetModules = "attention"
-    allow_unequal_shapes: bool = Field(
-        False, description="let peft share A/B of the largest target shape, sliced per module (not in the paper)"
-    )
-
-
-class PrefixTuningMethod(_MethodBase):
-    """Prefix tuning (Li & Liang, 2021): trained key/value prefixes in every layer."""
-
-    name: Literal["prefix_tuning"]
-    num_virtual_tokens: int = Field(16, gt=0)
-    prefix_projection: bool = False
-
-
-class Ia3Method(_MethodBase):
-    """IA3 (Liu et al., 2022): learned rescaling vectors on keys, values and the MLP."""
-
-    name: Literal["ia3"]
-    target_modules: TargetModules | None = None
-    feedforward_modules: list[str] | None = None
-
-
-class GaloreMethod(_MethodBase):
-    """GaLore (Zhao et al., 2024): full-parameter training with low-rank projected optimizer states."""
-
-    name: Literal["galore"]
-    rank: int = Field(128, gt=0)
-    update_proj_gap: int = Field(200, gt=0)
-    scale: float = Field(0.25, gt=0)
-    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
-    target_modules: TargetModules = "all-linear"
-    layerwise: bool = False
-
-
-class AutoMethod(_MethodBase):
-    """Let ``tuneforge estimate`` choose the method that fits ``train.memory_budget_gb``."""
-
-    name: Literal["auto"]
-    r: int = Field(16, gt=0)
-
-
-MethodConfig = Annotated[
-    FullMethod
-    | LoraMethod
-    | QLoraMethod
-    | DoraMethod
-    | RsLoraMethod
-    | PissaMethod
-    | LoraPlusMethod
-    | AdaLoraMethod
-    | VeraMethod
-    | PrefixTuningMethod
-    | Ia3Method
-    | GaloreMethod
-    | AutoMethod,
-    Field(discriminator="name"),
-]
-
-METHOD_NAMES = (
-    "full", "lora", "qlora", "dora", "rslora", "pissa", "lora_plus", "adalora", "vera",
-    "prefix_tuning", "ia3", "galore", "auto",
-)
+#: every ``method.name`` (``auto`` included)
+METHOD_NAMES = tuple(_METHODS)
 
 
 # --------------------------------------------------------------------------- data
@@ -254,6 +115,11 @@ class DataConfig(Strict):
     packing: bool = True
     train_on_prompt: bool = False
     system_prompt: str | None = None
+    system_message: Literal["fold", "drop", "error"] = Field(
+        "fold",
+        description="for chat templates that refuse the system role (Gemma 2, Mistral v0.1): fold it into the "
+        "first user message, drop it, or stop with an error",
+    )
     clean: CleanConfig = CleanConfig()
     max_samples: int | None = Field(None, gt=0)
 
@@ -387,7 +253,7 @@ class RunConfig(Strict):
     seed: int = 42
     stage: Literal["pt", "sft", "dpo", "orpo", "kto", "simpo", "grpo"] = "sft"
     model: ModelConfig
-    method: MethodConfig = Field(default_factory=lambda: LoraMethod(name="lora"))
+    method: MethodConfig = Field(default_factory=lambda: _METHODS["lora"].config(name="lora"))
     data: DataConfig
     train: TrainConfig = TrainConfig()
     preference: PreferenceConfig | None = None

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 from tuneforge.errors import UserError
 from tuneforge.estimate.spec import LinearShape, ModelSpec, resolve_targets
+from tuneforge.methods.base import method_class, priced_methods
 
 GiB = 1024**3
 MiB = 1024**2
@@ -34,9 +35,9 @@ MiB = 1024**2
 #: taken from the card. 300-500 MB with torch 2.x lazy module loading; we bill 400 MiB.
 CUDA_CONTEXT_BYTES = 400 * MiB
 
-#: methods the bill models; LoRA-family members that only change initialisation or learning rates cost as LoRA
-LORA_LIKE = ("lora", "rslora", "pissa", "lora_plus", "dora")
-METHODS = ("full", *LORA_LIKE, "qlora", "galore")
+#: methods the bill models (each method's ``priced_as``: LoRA-family members that only change initialisation or
+#: learning rates cost as LoRA)
+METHODS = tuple(priced_methods())
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -76,6 +77,16 @@ class Setup:
         for key in ("r", "batch_size", "seq_len", "grad_accum", "galore_rank"):
             if getattr(self, key) <= 0:
                 raise UserError(f"{key} must be positive (got {getattr(self, key)})")
+
+    @property
+    def priced_as(self) -> str:
+        """The cost model of the method: ``full``, ``galore``, ``lora``, ``dora`` or ``qlora``."""
+        return method_class(self.method).priced_as
+
+    @property
+    def full_parameter(self) -> bool:
+        """Whether every parameter trains (full fine-tuning, GaLore)."""
+        return self.priced_as in ("full", "galore")
 
     @property
     def act_bytes(self) -> int:
@@ -123,10 +134,10 @@ def lora_trainable(spec: ModelSpec, setup: Setup) -> list[tuple[int, int]]:
 
 def trainable_tensors(spec: ModelSpec, setup: Setup) -> list[int]:
     """Element counts of every trainable tensor (for per-tensor optimizer rules such as 8-bit Adam's)."""
-    if setup.method in ("full", "galore"):
+    if setup.full_parameter:
         return list(spec.param_numels)
     tensors = [n for pair in lora_trainable(spec, setup) for n in pair]
-    if setup.method == "dora":  # one magnitude vector (out_features) per adapted layer
+    if setup.priced_as == "dora":  # one magnitude vector (out_features) per adapted layer
         tensors += [lin.out_features for lin in resolve_targets(spec, setup.target_modules)]
     return tensors
 
@@ -139,10 +150,10 @@ def _quantized_linears(spec: ModelSpec) -> list[LinearShape]:
 def weight_bytes(spec: ModelSpec, setup: Setup, trainable: int) -> tuple[int, str]:
     """Bytes of the weights as stored (adapters included) and a one-line explanation."""
     dtype_bytes = setup.act_bytes
-    if setup.method in ("full", "galore"):
+    if setup.full_parameter:
         return spec.total_params * dtype_bytes, f"{spec.total_params:,} params x {dtype_bytes} B"
     adapters = trainable * 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype=True)
-    if setup.method != "qlora":
+    if setup.priced_as != "qlora":
         return spec.total_params * dtype_bytes + adapters, f"base x {dtype_bytes} B + adapters x 4 B (fp32)"
     quant = _quantized_linears(spec)
     q_params = sum(lin.numel for lin in quant)
@@ -164,7 +175,7 @@ def weight_bytes(spec: ModelSpec, setup: Setup, trainable: int) -> tuple[int, st
 
 def optimizer_bytes(spec: ModelSpec, setup: Setup, tensors: list[int]) -> tuple[int, str]:
     """Bytes of optimizer state for the trainable tensors."""
-    if setup.method == "galore":
+    if setup.priced_as == "galore":
         return _galore_bytes(spec, setup)
     return _plain_optimizer_bytes(setup.optim, tensors)
 
@@ -229,7 +240,7 @@ def layer_activation_bytes(spec: ModelSpec, setup: Setup) -> tuple[int, int]:
         return _korthikanti_bytes(spec, setup), setup.act_bytes * spec.hidden_size
     h, inter, a = spec.hidden_size, spec.intermediate_size, setup.act_bytes
     q_dim, kv_dim = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    full = setup.method in ("full", "galore")
+    full = setup.full_parameter
     targeted = _targeted_dropout(spec, setup)
     mask_bytes = a if setup.device == "cpu" else 1  # CPU dropout multiplies by a saved float mask; CUDA saves bool
     total = 0
@@ -261,7 +272,7 @@ def _first_block(linears: list[LinearShape]) -> list[LinearShape]:
 
 def _targeted_dropout(spec: ModelSpec, setup: Setup) -> dict[str, float]:
     """Leaf name → LoRA dropout for the targeted linears (empty for full-parameter methods)."""
-    if setup.method in ("full", "galore"):
+    if setup.full_parameter:
         return {}
     return {lin.name.rsplit(".", 1)[-1]: setup.lora_dropout for lin in resolve_targets(spec, setup.target_modules)}
 
@@ -283,14 +294,14 @@ def estimate_memory(spec: ModelSpec, setup: Setup) -> Bill:
         UserError: a method the model cannot take (e.g. target modules it does not have).
     """
     tokens, a = setup.tokens, setup.act_bytes
-    full = setup.method in ("full", "galore")
+    full = setup.full_parameter
     tensors = trainable_tensors(spec, setup)
     trainable = sum(tensors)
     weights, weights_how = weight_bytes(spec, setup, 0 if full else trainable)
     master = 4 * trainable if full and setup.precision != "fp32" else 0
     grad_elem = a if full else 4
     grads = trainable * grad_elem
-    if setup.method == "galore" and setup.galore_layerwise:
+    if setup.priced_as == "galore" and setup.galore_layerwise:
         grads = max(spec.param_numels) * grad_elem  # each gradient is consumed by its hook and freed
     optim, optim_how = optimizer_bytes(spec, setup, tensors)
 
@@ -312,14 +323,14 @@ def estimate_memory(spec: ModelSpec, setup: Setup) -> Bill:
 
     # One block's backward: the gradients flowing through the MLP (3 of b·s·I) and the residual stream (2 of b·s·h).
     block_tmp = tokens * a * (3 * spec.intermediate_size + 2 * spec.hidden_size)
-    if setup.method == "qlora":  # a dequantized copy of the largest 4/8-bit weight while it multiplies
+    if setup.priced_as == "qlora":  # a dequantized copy of the largest 4/8-bit weight while it multiplies
         block_tmp += max(lin.numel for lin in _quantized_linears(spec)) * a
     if setup.gradient_checkpointing:
         # Calibration (benchmarks/estimate_accuracy.py): recomputing a block's forward inside backward adds that
         # forward's own temporaries, measured at about one more set of block temporaries.
         block_tmp *= 2
     step_tmp = _step_temporaries(spec, setup, tensors)
-    grads_layers = grads - head_grad if not (setup.method == "galore" and setup.galore_layerwise) else 0
+    grads_layers = grads - head_grad if not (setup.priced_as == "galore" and setup.galore_layerwise) else 0
     grad_per_layer = grads_layers / max(layers, 1)
     held_grads = grads if setup.grad_accum > 1 else 0  # accumulation keeps gradients across micro-batches
 
@@ -361,7 +372,7 @@ def estimate_memory(spec: ModelSpec, setup: Setup) -> Bill:
 
 
 def _step_temporaries(spec: ModelSpec, setup: Setup, tensors: list[int]) -> int:
-    if setup.optim != "adamw" or setup.method == "galore":
+    if setup.optim != "adamw" or setup.priced_as == "galore":
         return 4 * max(tensors)  # one fp32 temporary of the largest tensor (dequantized state / projection)
     if setup.device == "cuda":
         # torch's default multi-tensor (foreach) AdamW on CUDA builds sqrt(v) for all parameters at once.

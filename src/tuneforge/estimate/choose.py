@@ -22,13 +22,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tuneforge.errors import UserError
-from tuneforge.estimate.bill import Bill, GiB, Setup, estimate_memory
+from tuneforge.estimate.bill import METHODS, Bill, GiB, Setup, estimate_memory
 from tuneforge.estimate.spec import ModelSpec, model_spec
+from tuneforge.methods.base import registrations
 
 #: the guide's effective batch (002 §5: every scenario config reaches 16 = batch x accumulation)
 DEFAULT_TARGET_BATCH = 16
 DEFAULT_MARGIN = 0.10
 MAX_MICRO_BATCH = 16
+#: Setup field → the method config key that holds it (present in a method's config class or not)
+CONFIG_KEYS = {"r": "r", "target_modules": "target_modules", "lora_dropout": "dropout", "quant_bits": "bits",
+               "double_quant": "double_quant", "galore_rank": "rank", "galore_layerwise": "layerwise"}
 
 
 @dataclass
@@ -50,14 +54,10 @@ class Recommendation:
     def method_section(self) -> dict:
         """The run config's ``method:`` section for this choice (keys of :mod:`tuneforge.config.schema`)."""
         s = self.setup
-        if s.method == "full":
-            return {"name": "full"}
-        if s.method == "galore":
-            return {"name": "galore", "rank": s.galore_rank, "target_modules": s.target_modules}
-        section = {"name": s.method, "r": s.r, "alpha": 2 * s.r, "dropout": s.lora_dropout,
-                   "target_modules": s.target_modules}
-        if s.method == "qlora":
-            section.update(bits=s.quant_bits, double_quant=s.double_quant)
+        fields = registrations()[s.method].config.model_fields
+        section = {"name": s.method, **{key: getattr(s, field) for field, key in CONFIG_KEYS.items() if key in fields}}
+        if "alpha" in fields:
+            section["alpha"] = 2 * s.r  # the guide's alpha = 2r
         return section
 
     def train_overrides(self) -> dict:
@@ -164,9 +164,9 @@ def _fit(spec: ModelSpec, setup: Setup, target: int, usable: float, tried: list,
 
 def _describe(s: Setup) -> str:
     parts = [s.method]
-    if s.method in ("lora", "qlora"):
+    if not s.full_parameter:
         parts.append(f"r={s.r}")
-    if s.method == "galore":
+    if s.priced_as == "galore":
         parts.append(f"rank={s.galore_rank}")
     if s.optim != "adamw":
         parts.append(s.optim)
@@ -217,18 +217,11 @@ def setup_from_run(cfg: Any, device: str | None = None) -> tuple[Any, Setup]:
         "optim": cfg.train.optim, "device": device,
     }
     name = method.name
-    if name in ("lora", "qlora", "dora", "rslora", "pissa", "lora_plus"):
-        fields.update(method=name, r=method.r, target_modules=method.target_modules, lora_dropout=method.dropout)
-        if name == "qlora":
-            fields.update(quant_bits=method.bits, double_quant=method.double_quant)
-    elif name == "galore":
-        fields.update(method="galore", galore_rank=method.rank, target_modules=method.target_modules,
-                      galore_layerwise=method.layerwise)
-    elif name == "full":
-        fields.update(method="full")
-    else:
-        raise UserError(f"method.name {name!r}: tuneforge estimate models full, lora (and dora, rslora, pissa, "
-                        f"lora_plus), qlora and galore; price {name!r} as lora for an upper bound")
+    if name not in METHODS:
+        raise UserError(f"method.name {name!r}: tuneforge estimate models {', '.join(METHODS)}; "
+                        f"price {name!r} as lora for an upper bound")
+    fields["method"] = name
+    fields.update({field: getattr(method, key) for field, key in CONFIG_KEYS.items() if key in type(method).model_fields})
     source = cfg.model.name_or_path or cfg.model.from_config
     return source, Setup(**fields)
 

@@ -24,7 +24,9 @@ def add_commands(subparsers) -> None:
                     "built-in model name, or a run config .yaml) without downloading weights.",
     )
     p.add_argument("source", metavar="MODEL_OR_CONFIG")
-    p.add_argument("--method", choices=["full", "lora", "qlora", "dora", "rslora", "pissa", "lora_plus", "galore"])
+    from tuneforge.methods import priced_methods
+
+    p.add_argument("--method", choices=priced_methods())
     p.add_argument("--r", type=int, help="LoRA rank (default 16)")
     p.add_argument("--target-modules", help="attention | mlp | all-linear | comma-separated names")
     p.add_argument("--batch-size", type=int, help="micro-batch (default 2)")
@@ -138,10 +140,11 @@ def _print_bill(bill, budget_gb: float | None, margin: float) -> None:
     from rich.table import Table
 
     from tuneforge.estimate.bill import GiB
+    from tuneforge.methods import method_class
 
     s = bill.setup
     title = (f"{bill.model}: {s['method']}"
-             + (f" r={s['r']}" if s["method"] not in ("full", "galore") else "")
+             + (f" r={s['r']}" if method_class(s["method"]).is_adapter else "")
              + f", batch {s['batch_size']} x seq {s['seq_len']}, {s['precision']}, {s['optim']}"
              + (", grad checkpointing" if s["gradient_checkpointing"] else "")
              + (f", accum {s['grad_accum']}" if s["grad_accum"] > 1 else ""))

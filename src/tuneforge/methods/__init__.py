@@ -1,5 +1,16 @@
-"""Fine-tuning methods, one module each, registered by name (see :mod:`tuneforge.methods.base`)."""
+"""Fine-tuning methods, one module each (config class + implementation), registered by name (see
+:mod:`tuneforge.methods.base`)."""
 
-from tuneforge.methods.base import Method, get_method, known_methods, register
+from tuneforge.methods.base import (
+    Method,
+    get_method,
+    known_methods,
+    method_class,
+    method_names,
+    priced_methods,
+    register,
+    registrations,
+)
 
-__all__ = ["Method", "get_method", "known_methods", "register"]
+__all__ = ["Method", "get_method", "known_methods", "method_class", "method_names", "priced_methods", "register",
+           "registrations"]

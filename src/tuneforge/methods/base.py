@@ -1,40 +1,33 @@
 """The method registry and the contract every fine-tuning method fulfils.
 
-A method is a class registered under its config name (``method.name``). The trainer calls, in order:
+A method is one module of this package holding its config class (pydantic, :class:`~tuneforge.config.strict.Strict`
+base, ``name: Literal["<name>"]``) and its implementation (a :class:`Method` subclass), made known by one call,
+``register(ConfigClass, MethodClass)``. The config schema's ``method:`` union, ``METHOD_NAMES``, the CLI choices
+and the estimator's method list are all read from here. Method modules import torch/peft only inside functions:
+the schema imports every one of them, and ``tuneforge validate`` must stay instant.
+
+The trainer calls, in order:
 
 1. ``model_load_kwargs(cfg, dtype)`` → extra kwargs for ``from_pretrained`` (e.g. a ``BitsAndBytesConfig``);
 2. ``apply(model, cfg)`` → the model to train (a ``peft.PeftModel`` for adapters, the model itself for ``full``);
 3. ``create_optimizer(model, cfg, train_cfg)`` → an optimizer, or ``None`` for the Trainer's default;
 4. ``callbacks(cfg, total_steps)`` → extra ``TrainerCallback`` objects (e.g. AdaLoRA's budget schedule);
-5. ``trainer_args(cfg)`` → extra ``TrainingArguments`` kwargs (e.g. GaLore's ``optim``).
-
-Adding a method = one module in this package + ``@register("name")`` + one row in the shared behaviour test matrix.
+5. ``trainer_args(cfg)`` → extra ``TrainingArguments`` kwargs (e.g. GaLore's ``optim``);
+6. ``save_adapter(model, out_dir)`` → the final result (PiSSA/OLoRA convert theirs for the original base).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, ClassVar
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from tuneforge.errors import UserError, did_you_mean
+from tuneforge.models.targets import GROUP_SPECS
 
-_REGISTRY: dict[str, type[Method]] = {}
-
-# name → module that registers it; imported on first use so `import tuneforge` stays light.
-_MODULES = {
-    "full": "tuneforge.methods.full",
-    "lora": "tuneforge.methods.lora",
-    "qlora": "tuneforge.methods.qlora",
-    "dora": "tuneforge.methods.dora",
-    "rslora": "tuneforge.methods.rslora",
-    "pissa": "tuneforge.methods.pissa",
-    "lora_plus": "tuneforge.methods.lora_plus",
-    "adalora": "tuneforge.methods.adalora",
-    "vera": "tuneforge.methods.vera",
-    "prefix_tuning": "tuneforge.methods.prefix_tuning",
-    "ia3": "tuneforge.methods.ia3",
-    "galore": "tuneforge.methods.galore",
-}
+#: ``method.target_modules``: a group of :mod:`tuneforge.models.targets` or explicit module names
+TargetModules = Literal[GROUP_SPECS] | list[str]
 
 
 class Method:
@@ -47,12 +40,22 @@ class Method:
     mergeable: ClassVar[bool] = False
     #: whether the result is a PEFT adapter (saved in PEFT format) rather than a full model
     is_adapter: ClassVar[bool] = False
+    #: how ``tuneforge estimate`` prices the method: ``full``, ``galore``, ``lora``, ``dora``, ``qlora``, or
+    #: ``None`` when the estimator has no model for it
+    priced_as: ClassVar[str | None] = None
 
     def model_load_kwargs(self, cfg: Any, dtype: Any) -> dict:
         return {}
 
     def apply(self, model: Any, cfg: Any) -> Any:
         raise NotImplementedError
+
+    def target_modules(self, model: Any, cfg: Any) -> list[str] | None:
+        """The module-name suffixes the method adapts on ``model`` (``None``: it has no target modules)."""
+        from tuneforge.models.targets import resolve_target_modules
+
+        spec = getattr(cfg, "target_modules", None)
+        return None if spec is None else resolve_target_modules(model, spec)
 
     def create_optimizer(self, model: Any, cfg: Any, train_cfg: Any) -> Any | None:
         return None
@@ -63,21 +66,72 @@ class Method:
     def trainer_args(self, cfg: Any) -> dict:
         return {}
 
+    def save_adapter(self, model: Any, out_dir: Any) -> None:
+        """Save the trained result (adapter or full model) so that it loads onto the original base model."""
+        model.save_pretrained(str(out_dir))
 
-def register(name: str):
-    """Class decorator: make a :class:`Method` available as ``method.name: <name>``."""
 
-    def wrap(cls: type[Method]) -> type[Method]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+@dataclass(frozen=True)
+class Registration:
+    """One method: its config class and its implementation (``None`` for ``auto``, resolved before training)."""
 
-    return wrap
+    name: str
+    config: type
+    method: type[Method] | None
+
+
+_REGISTRY: dict[str, Registration] = {}
+_HELPERS = {"base", "optim"}  # modules of this package that are not methods
+_discovered = False
+
+
+def register(config: type, method: type[Method] | None = None) -> None:
+    """Make a method available as ``method.name: <name>``; the name is the config class's ``name`` literal."""
+    (name,) = config.model_fields["name"].annotation.__args__
+    if method is not None:
+        method.name = name
+    _REGISTRY[name] = Registration(name, config, method)
+
+
+def registrations() -> dict[str, Registration]:
+    """Every registered method by name (sorted), after importing every method module of this package once."""
+    global _discovered
+    if not _discovered:
+        package = importlib.import_module("tuneforge.methods")
+        for module in pkgutil.iter_modules(package.__path__):
+            if module.name not in _HELPERS:
+                importlib.import_module(f"tuneforge.methods.{module.name}")
+        _discovered = True
+    return dict(sorted(_REGISTRY.items()))
+
+
+def method_names() -> list[str]:
+    """Every name ``method.name`` accepts, ``auto`` included."""
+    return list(registrations())
 
 
 def known_methods() -> list[str]:
-    """Every method name that can be put in ``method.name`` (besides ``auto``)."""
-    return sorted(_MODULES)
+    """Every method that trains (the names :func:`get_method` accepts; ``auto`` is resolved before training)."""
+    return [name for name, reg in registrations().items() if reg.method is not None]
+
+
+def priced_methods() -> list[str]:
+    """The methods ``tuneforge estimate`` can price."""
+    return [name for name, reg in registrations().items() if reg.method is not None and reg.method.priced_as]
+
+
+def method_class(name: str) -> type[Method]:
+    """The implementation class of method ``name``.
+
+    Raises:
+        UserError: for an unknown name (or ``auto``), listing the known ones.
+    """
+    reg = registrations().get(name)
+    if reg is None or reg.method is None:
+        known = known_methods()
+        why = " (it is resolved to a concrete method before training)" if reg is not None else ""
+        raise UserError(f"unknown method {name!r}{why}{did_you_mean(name, known)}; known: {', '.join(known)}")
+    return reg.method
 
 
 def get_method(name: str) -> Method:
@@ -86,11 +140,4 @@ def get_method(name: str) -> Method:
     Raises:
         UserError: for an unknown name, listing the known ones.
     """
-    if name not in _REGISTRY:
-        module = _MODULES.get(name)
-        if module is None:
-            raise UserError(
-                f"unknown method {name!r}{did_you_mean(name, _MODULES)}; known: {', '.join(known_methods())}"
-            )
-        importlib.import_module(module)
-    return _REGISTRY[name]()
+    return method_class(name)()

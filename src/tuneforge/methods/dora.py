@@ -8,20 +8,27 @@ Trained: ``A``, ``B`` and ``m``. peft's ``use_dora=True``; mergeable like LoRA.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from tuneforge.methods.base import register
-from tuneforge.methods.lora import LoraMethod
+from tuneforge.methods.lora import LoraMethod, LoraMethodConfig
 
 
-@register("dora")
+class DoraMethodConfig(LoraMethodConfig):
+    """DoRA (Liu et al., 2024): weight-decomposed LoRA (magnitude + direction)."""
+
+    name: Literal["dora"]  # type: ignore[assignment]
+
+
 class DoraMethod(LoraMethod):
     """LoRA with weight decomposition (peft ``LoraConfig(use_dora=True)``)."""
 
     reference = "Liu et al., 2024 — DoRA: Weight-Decomposed Low-Rank Adaptation"
-    mergeable = True
-    is_adapter = True
+    priced_as = "dora"
 
     def lora_options(self, cfg: Any, model: Any) -> dict:
         """LoRA's options for ``cfg`` with ``use_dora=True``."""
         return {**super().lora_options(cfg, model), "use_dora": True}
+
+
+register(DoraMethodConfig, DoraMethod)

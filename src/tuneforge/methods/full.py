@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from tuneforge.config.strict import Strict
 from tuneforge.methods.base import Method, register
 
 
-@register("full")
+class FullMethodConfig(Strict):
+    """Full fine-tuning: every parameter trains."""
+
+    name: Literal["full"]
+
+
 class FullMethod(Method):
     """All parameters trainable; the result is saved as a full model (not an adapter)."""
 
     reference = "full fine-tuning (all weights updated)"
     mergeable = False
     is_adapter = False
+    priced_as = "full"
 
     def apply(self, model: Any, cfg: Any) -> Any:
         """Return ``model`` itself with ``requires_grad=True`` on every floating-point parameter."""
@@ -21,3 +28,6 @@ class FullMethod(Method):
             # Integer (quantized) storage cannot carry gradients; full fine-tuning of such weights is not possible.
             param.requires_grad = param.is_floating_point()
         return model
+
+
+register(FullMethodConfig, FullMethod)

@@ -16,20 +16,35 @@ on a machine without it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
+
+from tuneforge.config.strict import Strict
 from tuneforge.errors import UserError
-from tuneforge.methods.base import Method, register
-from tuneforge.methods.optim import matching_modules, resolve_targets
+from tuneforge.methods.base import Method, TargetModules, register
+from tuneforge.methods.optim import matching_modules
 
 
-@register("galore")
+class GaloreMethodConfig(Strict):
+    """GaLore (Zhao et al., 2024): full-parameter training with low-rank projected optimizer states."""
+
+    name: Literal["galore"]
+    rank: int = Field(128, gt=0)
+    update_proj_gap: int = Field(200, gt=0)
+    scale: float = Field(0.25, gt=0)
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
+    target_modules: TargetModules = "all-linear"
+    layerwise: bool = False
+
+
 class GaloreMethod(Method):
     """Full fine-tuning with GaLore's gradient low-rank projection on the target weight matrices."""
 
     reference = "Zhao et al., 2024 — GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection"
     mergeable = False
     is_adapter = False
+    priced_as = "galore"
 
     def __init__(self) -> None:
         self._target_names: list[str] | None = None
@@ -93,7 +108,7 @@ class GaloreMethod(Method):
 
 def target_weight_names(model: Any, cfg: Any) -> list[str]:
     """Parameter names (``<module>.weight``) of the weight matrices GaLore projects for ``cfg.target_modules``."""
-    targets = resolve_targets(model, cfg.target_modules)
+    targets = GaloreMethod().target_modules(model, cfg)
     names = [f"{name}.weight" for name, module in matching_modules(model, targets).items()
              if getattr(module, "weight", None) is not None and module.weight.ndim == 2]
     if not names:
@@ -129,3 +144,6 @@ def galore_optimizer_class(train_cfg: Any) -> type:
             )
         return galore_torch.GaLoreAdamW8bit
     raise UserError(f"train.optim: {optim!r} cannot be combined with method galore; use adamw_torch or adafactor")
+
+
+register(GaloreMethodConfig, GaloreMethod)

@@ -13,14 +13,22 @@ input is the wide intermediate activation (in_features > out_features), unless `
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from tuneforge.config.strict import Strict
 from tuneforge.errors import UserError
-from tuneforge.methods.base import Method, register
-from tuneforge.methods.optim import in_out_features, matching_modules, resolve_targets
+from tuneforge.methods.base import Method, TargetModules, register
+from tuneforge.methods.optim import in_out_features, matching_modules
 
 
-@register("ia3")
+class Ia3MethodConfig(Strict):
+    """IA3 (Liu et al., 2022): learned rescaling vectors on keys, values and the MLP."""
+
+    name: Literal["ia3"]
+    target_modules: TargetModules | None = None
+    feedforward_modules: list[str] | None = None
+
+
 class Ia3Method(Method):
     """(IA)³ adapter: learned rescaling of keys, values and the feed-forward activation."""
 
@@ -38,6 +46,10 @@ class Ia3Method(Method):
 
         targets, feedforward = resolve_ia3_targets(model, cfg)
         return IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=feedforward)
+
+    def target_modules(self, model: Any, cfg: Any) -> list[str]:
+        """The resolved IA3 targets (peft's per-architecture choice when ``target_modules`` is unset)."""
+        return resolve_ia3_targets(model, cfg)[0]
 
     def apply(self, model: Any, cfg: Any) -> Any:
         from peft import get_peft_model
@@ -57,7 +69,9 @@ def resolve_ia3_targets(model: Any, cfg: Any) -> tuple[list[str], list[str]]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if cfg.target_modules is None and model_type in TARGET_DEFAULTS and cfg.feedforward_modules is None:
         return list(TARGET_DEFAULTS[model_type]), list(FF_DEFAULTS[model_type])
-    targets = resolve_targets(model, cfg.target_modules or "all-linear")
+    from tuneforge.models.targets import resolve_target_modules
+
+    targets = resolve_target_modules(model, cfg.target_modules or "all-linear")
     if cfg.feedforward_modules is not None:
         feedforward = list(cfg.feedforward_modules)
         outside = [f for f in feedforward if not any(f == t or f.endswith(f".{t}") for t in targets)]
@@ -90,3 +104,6 @@ def _mlp_module_names(model: Any) -> list[str]:
     from tuneforge.models.targets import linear_module_paths
 
     return linear_module_paths(model)["mlp"]
+
+
+register(Ia3MethodConfig, Ia3Method)

@@ -9,31 +9,56 @@ methods.
 The layers are peft's; this module turns the run config into a ``peft.LoraConfig`` with ``target_modules``
 resolved per architecture (:func:`tuneforge.models.targets.resolve_target_modules`). Subclasses (dora, rslora,
 pissa, lora_plus...) override :meth:`LoraMethod.lora_options` or :meth:`LoraMethod.peft_config`.
+
+``init: pissa`` and ``init: olora`` start from a decomposition of the base weights and change the base to the
+residual ``W0 − B0 A0``, so the adapter as trained only fits that residual. :meth:`LoraMethod.save_adapter`
+therefore converts it into an ordinary LoRA adapter (rank 2r, ``ΔW = B A − B0 A0``) for the *original* base, via
+peft's ``path_initial_model_for_weight_conversion``; intermediate checkpoints stay in the residual form (resume
+needs it).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
 
-from tuneforge.methods.base import Method, register
+from pydantic import Field
+
+from tuneforge.config.strict import Strict
+from tuneforge.errors import UserError
+from tuneforge.methods.base import Method, TargetModules, register
 
 # method.init → peft's init_lora_weights
 INIT_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+#: initialisations that change the base weights: the final adapter is converted for the original base
+MUTATING_INITS = ("pissa", "olora")
+#: attribute set on the peft model by :meth:`LoraMethod.apply`: directory of the initial (step 0) adapter
+INIT_ATTR = "_tuneforge_init_adapter_dir"
 
 
-@register("lora")
+class LoraMethodConfig(Strict):
+    """LoRA (Hu et al., 2021) and the options of its LoRA-family variants."""
+
+    name: Literal["lora"]
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: TargetModules = "all-linear"
+    modules_to_save: list[str] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+
+
 class LoraMethod(Method):
     """LoRA adapters on the resolved target modules; everything else frozen."""
 
     reference = "Hu et al., 2021. LoRA: Low-Rank Adaptation of Large Language Models. arXiv:2106.09685"
     mergeable = True
     is_adapter = True
-
-    def target_modules(self, model: Any, cfg: Any) -> list[str]:
-        """``cfg.target_modules`` resolved for ``model`` (raises ``UserError`` when nothing matches)."""
-        from tuneforge.models.targets import resolve_target_modules
-
-        return resolve_target_modules(model, cfg.target_modules)
+    priced_as = "lora"
 
     def lora_options(self, cfg: Any, model: Any) -> dict:
         """Keyword arguments for ``peft.LoraConfig``; subclasses update this dict (e.g. ``use_dora=True``)."""
@@ -63,17 +88,49 @@ class LoraMethod(Method):
         return LoraConfig(**self.lora_options(cfg, model))
 
     def apply(self, model: Any, cfg: Any) -> Any:
-        """Wrap ``model`` in a ``peft.PeftModel``: only the LoRA matrices (and ``modules_to_save``) train."""
+        """Wrap ``model`` in a ``peft.PeftModel``: only the LoRA matrices (and ``modules_to_save``) train.
+
+        With a base-changing initialisation (PiSSA, OLoRA) the step-0 adapter is saved aside for
+        :meth:`save_adapter`.
+
+        Raises:
+            UserError: a base-changing initialisation together with DoRA (peft cannot convert that adapter back
+                to the original base).
+        """
         from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(cfg, model))
+        config = self.peft_config(cfg, model)
+        init = str(config.init_lora_weights)
+        mutating = init.startswith(MUTATING_INITS)
+        if mutating and config.use_dora:
+            raise UserError(
+                f"method.init {init.split('_')[0]!r} with DoRA: the adapter is trained against a changed (residual) "
+                "base and peft cannot convert a DoRA adapter back to the original base, so the result would not "
+                "load onto your model; use init: default with DoRA, or method lora/pissa without DoRA"
+            )
+        peft_model = get_peft_model(model, config)
+        if mutating:
+            init_dir = Path(tempfile.mkdtemp(prefix="tuneforge-init-adapter-")) / "initial_adapter"
+            peft_model.save_pretrained(str(init_dir))
+            setattr(peft_model, INIT_ATTR, str(init_dir))
+        return peft_model
+
+    def save_adapter(self, model: Any, out_dir: str | Path) -> None:
+        """Save ``model``'s adapter for the original (unmodified) base model.
+
+        ``PeftModel.from_pretrained(original_base, out_dir)`` reproduces the trained model's logits; a PiSSA/OLoRA
+        adapter is converted on the way (see the module docstring).
+        """
+        init_dir = getattr(model, INIT_ATTR, None)
+        if init_dir is None:
+            model.save_pretrained(str(out_dir))
+        else:
+            model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=init_dir)
 
 
 def _refuse_tied_output_layer(model: Any, targets: list[str]) -> None:
     """An adapter on an output layer that shares its weight with the input embeddings cannot be merged: folding
     the delta into the shared tensor would change the input embeddings too (merged logits drift, seen here by 15)."""
-    from tuneforge.errors import UserError
-
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     if output is None or not tied:
@@ -86,3 +143,6 @@ def _refuse_tied_output_layer(model: Any, targets: list[str]) -> None:
             "embeddings (tie_word_embeddings): an adapter there could never be merged. Drop it from target_modules, "
             "or use a model with untied embeddings (from_config: tie_word_embeddings: false)"
         )
+
+
+register(LoraMethodConfig, LoraMethod)

@@ -1,12 +1,10 @@
-"""Helpers shared by the method modules: optimizer choice and target-module matching.
+"""Helpers shared by the method modules: optimizer choice, module matching, the merge check.
 
 Callers may rely on:
 
 * :func:`optimizer_class` — the optimizer class and extra kwargs behind ``train.optim`` (``adamw_torch``,
   ``adamw_8bit``, ``paged_adamw_8bit``, ``sgd``, ``adafactor``), used by methods that build their own optimizer
   (LoRA+, GaLore) so that ``train.optim`` keeps its meaning there;
-* :func:`resolve_targets` — ``method.target_modules`` (``attention`` | ``mlp`` | ``all-linear`` | names) as a list
-  of module-name suffixes peft accepts, via :func:`tuneforge.models.targets.resolve_target_modules`;
 * :func:`matching_modules` — the modules of a model that a list of target names selects, with peft's own rule
   (full name, or a suffix after a dot);
 * :func:`ensure_mergeable` — a :class:`~tuneforge.errors.UserError` for methods whose result cannot be merged.
@@ -51,17 +49,6 @@ def optimizer_class(train_cfg: Any) -> tuple[type, dict]:
 
         return Adafactor, {"scale_parameter": False, "relative_step": False}
     raise UserError(f"train.optim: {name!r} is not supported by this method; use adamw_torch")
-
-
-def resolve_targets(model: Any, spec: Any) -> list[str]:
-    """``method.target_modules`` resolved to module-name suffixes for peft's ``target_modules``.
-
-    A thin wrapper over :func:`tuneforge.models.targets.resolve_target_modules` (per-architecture defaults,
-    discovery, and the ``UserError`` naming the layers that exist when nothing matches).
-    """
-    from tuneforge.models.targets import resolve_target_modules
-
-    return list(resolve_target_modules(model, spec))
 
 
 def matching_modules(model: Any, targets: list[str]) -> dict[str, Any]:

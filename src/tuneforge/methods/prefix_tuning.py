@@ -11,12 +11,22 @@ The prefixes are extra keys/values, not a weight delta: the adapter cannot be me
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
+
+from tuneforge.config.strict import Strict
 from tuneforge.methods.base import Method, register
 
 
-@register("prefix_tuning")
+class PrefixTuningMethodConfig(Strict):
+    """Prefix tuning (Li & Liang, 2021): trained key/value prefixes in every layer."""
+
+    name: Literal["prefix_tuning"]
+    num_virtual_tokens: int = Field(16, gt=0)
+    prefix_projection: bool = False
+
+
 class PrefixTuningMethod(Method):
     """Trained key/value prefixes in every layer (peft ``PrefixTuningConfig``)."""
 
@@ -42,3 +52,6 @@ class PrefixTuningMethod(Method):
         from peft import get_peft_model
 
         return get_peft_model(model, self.peft_config(cfg, model))
+
+
+register(PrefixTuningMethodConfig, PrefixTuningMethod)

@@ -7,20 +7,26 @@ keeps them stable, and larger ranks then help. Everything else is LoRA (peft ``u
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from tuneforge.methods.base import register
-from tuneforge.methods.lora import LoraMethod
+from tuneforge.methods.lora import LoraMethod, LoraMethodConfig
 
 
-@register("rslora")
+class RsLoraMethodConfig(LoraMethodConfig):
+    """rsLoRA (Kalajdzievski, 2023): scaling alpha/sqrt(r) instead of alpha/r."""
+
+    name: Literal["rslora"]  # type: ignore[assignment]
+
+
 class RsLoraMethod(LoraMethod):
     """LoRA with the rank-stabilised scaling ``alpha / sqrt(r)``."""
 
     reference = "Kalajdzievski, 2023 — A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA"
-    mergeable = True
-    is_adapter = True
 
     def lora_options(self, cfg: Any, model: Any) -> dict:
         """LoRA's options for ``cfg`` with ``use_rslora=True``."""
         return {**super().lora_options(cfg, model), "use_rslora": True}
+
+
+register(RsLoraMethodConfig, RsLoraMethod)

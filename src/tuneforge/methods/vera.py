@@ -4,22 +4,41 @@
 by every adapted layer; only the per-layer scaling vectors ``d`` (length r, initialised to ``d_initial``) and
 ``b`` (length d_out, initialised to 0, so training starts from the base model) are trained.
 
-Sharing one ``A``/``B`` means the adapted layers must have the same shape, as in the paper. peft 0.21 can also
-share matrices of the largest shape and slice them per layer; we allow that only when asked
+Sharing one ``A``/``B`` means the adapted layers must have the same shape, as in the paper. By default
+(``target_modules`` unset) the attention projections of the most common shape are adapted — all four on a Llama
+without grouped-query attention, ``q_proj``/``o_proj`` with it, ``c_attn`` on GPT-2. peft 0.21 can also share
+matrices of the largest shape and slice them per layer; for targets the user chose, we allow that only when asked
 (``method.allow_unequal_shapes: true``), and otherwise say which target modules differ.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
+
+from tuneforge.config.strict import Strict
 from tuneforge.errors import UserError
-from tuneforge.methods.base import Method, register
-from tuneforge.methods.optim import in_out_features, matching_modules, resolve_targets
+from tuneforge.methods.base import Method, TargetModules, register
+from tuneforge.methods.optim import in_out_features, matching_modules
 
 
-@register("vera")
+class VeraMethodConfig(Strict):
+    """VeRA (Kopiczko et al., 2024): shared frozen random matrices, trained scaling vectors."""
+
+    name: Literal["vera"]
+    r: int = Field(256, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    d_initial: float = 0.1
+    target_modules: TargetModules | None = Field(
+        None, description="default: the attention projections of the most common shape"
+    )
+    allow_unequal_shapes: bool = Field(
+        False, description="let peft share A/B of the largest target shape, sliced per module (not in the paper)"
+    )
+
+
 class VeraMethod(Method):
     """VeRA adapter: trained scaling vectors around shared frozen random projections."""
 
@@ -27,19 +46,28 @@ class VeraMethod(Method):
     mergeable = True
     is_adapter = True
 
-    def peft_config(self, cfg: Any, model: Any):
-        """The ``peft.VeraConfig`` for ``cfg``, after checking the target shapes.
+    def target_modules(self, model: Any, cfg: Any) -> list[str]:
+        """The explicit targets after the shape check, or by default the largest same-shape attention set.
 
         Raises:
-            UserError: target modules of different shapes (unless ``allow_unequal_shapes``).
+            UserError: explicit targets of different shapes (unless ``allow_unequal_shapes``).
         """
+        from tuneforge.models.targets import resolve_target_modules
+
+        if cfg.target_modules is None:
+            return largest_same_shape(model, resolve_target_modules(model, "attention"))
+        targets = resolve_target_modules(model, cfg.target_modules)
+        if not cfg.allow_unequal_shapes:
+            check_equal_shapes(model, targets)
+        return targets
+
+    def peft_config(self, cfg: Any, model: Any):
+        """The ``peft.VeraConfig`` for ``cfg`` on ``model``."""
         from peft import VeraConfig
 
         from tuneforge.models.targets import targets_conv1d
 
-        targets = resolve_targets(model, cfg.target_modules)
-        if not getattr(cfg, "allow_unequal_shapes", False):
-            check_equal_shapes(model, targets)
+        targets = self.target_modules(model, cfg)
         return VeraConfig(
             task_type="CAUSAL_LM",
             r=cfg.r,
@@ -54,6 +82,20 @@ class VeraMethod(Method):
         from peft import get_peft_model
 
         return get_peft_model(model, self.peft_config(cfg, model))
+
+
+def largest_same_shape(model: Any, targets: list[str]) -> list[str]:
+    """The targets whose layers share the most common ``(in, out)`` shape (ties: the shape met first)."""
+    by_shape: dict[tuple[int, int], list[str]] = defaultdict(list)
+    layers: dict[tuple[int, int], int] = defaultdict(int)
+    for target in targets:
+        shapes = [in_out_features(m) for m in matching_modules(model, [target]).values()]
+        if len(set(shapes)) == 1:  # a name whose layers differ in shape cannot join any group
+            by_shape[shapes[0]].append(target)
+            layers[shapes[0]] += len(shapes)
+    if not by_shape:
+        raise UserError("method vera: no attention projection of a single shape; set method.target_modules")
+    return by_shape[max(by_shape, key=lambda shape: layers[shape])]
 
 
 def shape_groups(model: Any, targets: list[str]) -> dict[tuple[int, int], list[str]]:
@@ -80,3 +122,6 @@ def check_equal_shapes(model: Any, targets: list[str]) -> None:
         f"Choose modules of one shape (e.g. target_modules: {suggestion}) or set method.allow_unequal_shapes: "
         "true (peft then shares matrices of the largest shape and slices them per module)"
     )
+
+
+register(VeraMethodConfig, VeraMethod)

@@ -9,10 +9,7 @@ import argparse
 import json
 from typing import Any
 
-from tuneforge.errors import UserError, did_you_mean
-
-# Methods whose adapters sit on linear layers chosen by target_modules.
-TARGETED_METHODS = ("lora", "qlora", "dora", "rslora", "pissa", "lora_plus", "adalora", "vera", "ia3", "galore")
+from tuneforge.errors import UserError
 
 
 def add_commands(subparsers: Any) -> None:
@@ -24,27 +21,14 @@ def add_commands(subparsers: Any) -> None:
         "'attention', 'mlp' and 'all-linear' resolve to (or those of --method).",
     )
     parser.add_argument("model", metavar="MODEL", help="model directory, run directory, adapter directory or hub id")
-    parser.add_argument("--method", help="show the targets this method's default config resolves to")
+    from tuneforge.methods import known_methods
+
+    # Checked by get_method (a UserError with a did-you-mean), not by argparse choices.
+    parser.add_argument("--method", help=f"show what this method's defaults adapt: {', '.join(known_methods())}")
     parser.add_argument("--paths", action="store_true", help="also list the full module path of every layer")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (hub models)")
     parser.set_defaults(func=run_inspect)
-
-
-def method_defaults(name: str) -> Any:
-    """The default config of method ``name`` (the schema's defaults).
-
-    Raises:
-        UserError: unknown method name, listing the known ones.
-    """
-    from pydantic import TypeAdapter
-
-    from tuneforge.config.schema import METHOD_NAMES, MethodConfig
-
-    if name not in METHOD_NAMES or name == "auto":
-        known = [m for m in METHOD_NAMES if m != "auto"]
-        raise UserError(f"--method: unknown method {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}")
-    return TypeAdapter(MethodConfig).validate_python({"name": name})
 
 
 def meta_model(base: str, trust_remote_code: bool = False):
@@ -77,7 +61,7 @@ def meta_model(base: str, trust_remote_code: bool = False):
 
 def inspect_model(source: str, method: str | None = None, trust_remote_code: bool = False) -> dict:
     """Everything ``tuneforge inspect`` prints, as a dict (see :func:`run_inspect`)."""
-    from tuneforge.models.inference import resolve_source
+    from tuneforge.models.reference import resolve
     from tuneforge.models.targets import (
         GROUP_SPECS,
         linear_module_paths,
@@ -85,7 +69,7 @@ def inspect_model(source: str, method: str | None = None, trust_remote_code: boo
         resolve_target_modules,
     )
 
-    resolved = resolve_source(source, "MODEL")
+    resolved = resolve(source, "MODEL")
     model = meta_model(resolved.base, trust_remote_code)
     info: dict[str, Any] = {
         "model": source,
@@ -103,19 +87,27 @@ def inspect_model(source: str, method: str | None = None, trust_remote_code: boo
         info["adapter_type"] = adapter_config.get("peft_type")
         info["adapter_targets"] = adapter_config.get("target_modules")
     if method:
-        cfg = method_defaults(method)
-        spec = getattr(cfg, "target_modules", None)
-        entry: dict[str, Any] = {"name": method, "target_modules": spec}
-        if method == "full":
-            entry["note"] = "every parameter trains; no target modules"
-        elif method == "prefix_tuning":
-            entry["note"] = "trains virtual-token prefixes in every layer; no target modules"
-        elif spec is None:
-            entry["note"] = "peft's own per-architecture defaults"
-        else:
-            entry["resolved"] = _try_resolve(model, spec, resolve_target_modules)
-        info["method"] = entry
+        info["method"] = _method_targets(model, method)
     return info
+
+
+def _method_targets(model: Any, name: str) -> dict:
+    """What method ``name`` with its default config adapts on ``model`` (the method's own resolution)."""
+    from tuneforge.methods import get_method, registrations
+
+    method = get_method(name)
+    cfg = registrations()[name].config(name=name)
+    entry: dict[str, Any] = {"name": name, "target_modules": getattr(cfg, "target_modules", None)}
+    try:
+        resolved = method.target_modules(model, cfg)
+    except UserError as exc:
+        resolved = f"(none: {exc})"
+    if resolved is None:
+        what = "every parameter trains" if not method.is_adapter else type(method).__doc__.splitlines()[0]
+        entry["note"] = f"{what}; no target modules"
+    else:
+        entry["resolved"] = resolved
+    return entry
 
 
 def _path(text: str):
