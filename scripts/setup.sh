@@ -7,4 +7,4 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q torch==2.13.0
 # constraints.txt pins every transitive dependency to the versions CI was green with.
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[quant,serve,dev]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[quant,serve,dev,search]"
