@@ -12,6 +12,8 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Same numbers on every CPU: `precision: auto` would pick bf16 on CPUs with AMX (subprocesses inherit this).
+os.environ.setdefault("TUNEFORGE_AUTO_PRECISION", "fp32")
 
 
 def stdlib_texts(limit: int = 400) -> list[str]:

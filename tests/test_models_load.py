@@ -63,6 +63,13 @@ def test_resolve_dtype_cpu(monkeypatch, caplog):
     from tuneforge.models import device as dev
 
     assert dev.resolve_dtype("fp32", "cpu") is torch.float32
+    assert dev.resolve_dtype("auto", "cpu") is torch.float32  # conftest pins auto to fp32 through the environment
+    monkeypatch.setenv(dev.AUTO_PRECISION_ENV, "bf16")
+    assert dev.resolve_dtype("auto", "cpu") is torch.bfloat16
+    monkeypatch.setenv(dev.AUTO_PRECISION_ENV, "fp8")
+    with pytest.raises(UserError, match="TUNEFORGE_AUTO_PRECISION"):
+        dev.resolve_dtype("auto", "cpu")
+    monkeypatch.delenv(dev.AUTO_PRECISION_ENV)
     monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(dev, "cpu_has_amx_bf16", lambda: False)  # the CPU running the tests may have AMX
     assert dev.resolve_dtype("auto", "cpu") is torch.float32

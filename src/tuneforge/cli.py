@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 
+from tuneforge.console import configure_logging
 from tuneforge.errors import UserError
 
 # subcommand group → module with add_commands(subparsers). Order is the order of `tuneforge --help`.
@@ -33,15 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tuneforge", description="Fine-tune large language models correctly, from data to serving."
     )
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="count", default=0,
+                           help="more log output (-vv: libraries' logs too)")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # group not built yet
-                continue
-            raise
-        module.add_commands(sub)
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 
@@ -62,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(-1 if args.quiet else args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

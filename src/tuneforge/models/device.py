@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
 from tuneforge.errors import UserError
@@ -21,6 +22,8 @@ from tuneforge.errors import UserError
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# Pins what `precision: auto` means on this machine (reproducible numbers across CPUs with and without AMX).
+AUTO_PRECISION_ENV = "TUNEFORGE_AUTO_PRECISION"
 
 
 def resolve_device(spec: str | None = "auto") -> str:
@@ -69,7 +72,8 @@ def cpu_has_amx_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 def resolve_dtype(precision: str | None, device: str):
     """The ``torch.dtype`` for a precision name on a device.
 
-    ``auto``: bf16 on CUDA GPUs that support it (Ampere and newer), fp16 on older CUDA GPUs, bf16 on a CPU with
+    ``auto``: what the environment variable ``TUNEFORGE_AUTO_PRECISION`` says when set (e.g. ``fp32``, to get the
+    same numbers on every machine: the test suite sets it), else bf16 on CUDA GPUs that support it (Ampere and newer), fp16 on older CUDA GPUs, bf16 on a CPU with
     AMX (``amx_bf16``), else fp32 (see the module docstring for the measurements behind this). Explicit ``bf16``
     on a CPU without native bf16 (neither ``avx512_bf16`` nor ``amx_bf16``) is allowed but logs a warning
     (emulated, ~4x slower); explicit ``fp16`` on CPU logs a warning too.
@@ -80,6 +84,11 @@ def resolve_dtype(precision: str | None, device: str):
     import torch
 
     precision = precision or "auto"
+    if precision == "auto" and os.environ.get(AUTO_PRECISION_ENV):
+        precision = os.environ[AUTO_PRECISION_ENV]
+        if precision not in PRECISIONS:
+            raise UserError(f"environment variable {AUTO_PRECISION_ENV}={precision!r} is not one of "
+                            f"{', '.join(PRECISIONS)}")
     if precision not in PRECISIONS:
         raise UserError(f"model.precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     on_cuda = str(device).startswith("cuda")

@@ -27,7 +27,7 @@ class MetricsFileCallback(TrainerCallback):
             return
         if any(key.startswith("eval_") for key in logs):
             event = "eval"
-        elif "train_runtime" in logs:
+        elif "train_loss" in logs:  # the Trainer's closing record (every log carries train_runtime)
             event = "train_end"
         else:
             event = "log"
@@ -38,3 +38,79 @@ class MetricsFileCallback(TrainerCallback):
                 value = str(value)
             record[name] = value
         append_jsonl(self.path, record)
+
+
+class ProgressDisplay(TrainerCallback):
+    """One live progress line per training stage: step/total, loss, lr, tokens/s and ETA (rich, on stderr).
+
+    Replaces the Trainer's own tqdm bar and its raw dict printing; evaluations are printed as one line each.
+    Tokens/s counts the input tokens the Trainer saw (``include_num_input_tokens_seen``), padding excluded where
+    the batch has an attention mask.
+    """
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.progress = None
+        self.task = None
+        self.started = 0.0
+        self.tokens_at_start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from tuneforge.console import err
+
+        if not state.is_world_process_zero:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[metrics]}"), TextColumn("ETA"), TimeRemainingColumn(),
+            console=err(), transient=False,
+        )
+        self.task = self.progress.add_task(self.stage, total=state.max_steps, completed=state.global_step,
+                                           metrics="")
+        self.started = time.time()
+        self.tokens_at_start = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        self.progress.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is None or not logs:
+            return
+        if any(key.startswith("eval_") for key in logs):
+            shown = ", ".join(f"{k[5:]} {_short(v)}" for k, v in logs.items()
+                              if k.startswith("eval_") and not k.endswith(("_runtime", "per_second")))
+            self.progress.console.print(f"  eval @ step {state.global_step}: {shown}")
+            return
+        if "loss" not in logs:
+            return
+        elapsed = max(time.time() - self.started, 1e-9)
+        tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0) - self.tokens_at_start
+        parts = [f"loss {_short(logs['loss'])}"]
+        if "learning_rate" in logs:
+            parts.append(f"lr {logs['learning_rate']:.2e}")
+        if tokens > 0:
+            parts.append(f"{tokens / elapsed:,.0f} tok/s")
+        self.progress.update(self.task, metrics=" · ".join(parts))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+            self.progress.stop()
+            self.progress = None
+
+
+def install_progress(trainer, stage: str) -> None:
+    """Replace the Trainer's tqdm bar and dict printer with one :class:`ProgressDisplay`."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(ProgressDisplay(stage))
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -356,17 +356,9 @@ def _trainable_finite(model: Any) -> bool:
 
 
 def _print_warning(warning: StabilityWarning) -> None:
-    try:
-        from rich.console import Console
-        from rich.markup import escape
+    from tuneforge.console import warn
 
-        Console(stderr=True).print(f"[bold yellow]warning[/] step {warning.step} {escape(f'[{warning.kind}]')}: "
-                                   f"{escape(warning.message)}\n  [dim]advice: {escape(warning.advice)}[/]")
-    except ImportError:  # pragma: no cover
-        import sys
-
-        print(f"warning step {warning.step} [{warning.kind}]: {warning.message}\n  advice: {warning.advice}",
-              file=sys.stderr)
+    warn(f"step {warning.step} [{warning.kind}]: {warning.message}", warning.advice)
 
 
 # --------------------------------------------------------------------------- a sampler for the degeneration check
