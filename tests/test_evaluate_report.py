@@ -53,11 +53,15 @@ def test_report_stopped_run_and_cli(tmp_path, capsys):
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"event": "log", "step": 1, "loss": "nan"}) + "\n")
     (run / "summary.json").write_text(json.dumps({"status": "stopped", "reason": "training loss is nan at step 1"}))
+    (run / "config.yaml").write_text("run_name: stopped\n")
     assert main(["report", str(run), "--no-samples"]) == 0
     page = (run / "report.html").read_text()
     assert "Training stopped early: training loss is nan at step 1" in page
     assert "no loss values logged" in page  # a "nan" string is not plotted
     assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    (run / "config.yaml").unlink()  # the one run-directory rule: config.yaml plus something only a run writes
+    assert main(["report", str(run), "--no-samples"]) == 2
     assert "not a run directory" in capsys.readouterr().err
 
 
@@ -69,7 +73,9 @@ def test_report_generates_samples_from_the_final_model(tmp_path, tiny_llama, tin
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "What is a list?"},
                                              {"role": "assistant", "content": "A sequence."}]}) + "\n")
     (run / "config.yaml").write_text(f"run_name: demo\ndata:\n  train: [{data}]\n  eval: {data}\n")
-    page = build_report(run, samples=True, n_samples=2, max_new_tokens=5).read_text()
+    from tuneforge.models.generation import GenerationSettings
+
+    page = build_report(run, samples=True, n_samples=2, settings=GenerationSettings(max_new_tokens=5)).read_text()
     assert "What is a list?" in page and 'class="out"' in page
 
 

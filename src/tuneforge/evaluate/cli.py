@@ -7,6 +7,7 @@ import json
 import sys
 
 from tuneforge.errors import UserError
+from tuneforge.evaluate.metrics import metrics_help
 
 
 def add_commands(subparsers) -> None:
@@ -19,7 +20,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL")
     p.add_argument("--data", required=True, help="eval file (jsonl/json/csv/parquet/txt; text, alpaca or chat)")
     p.add_argument("--format", default="auto", choices=["auto", "text", "alpaca", "chat"])
-    p.add_argument("--metrics", default="ppl", help="comma list: ppl,bleu,rouge1,rouge2,rougeL,rouge,exact,contains")
+    p.add_argument("--metrics", default="ppl", help=metrics_help())
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--json", action="store_true", help="print one JSON object per model instead of a table")
     p.add_argument("--out", default=None, help="also write all results to this JSON file")
@@ -63,23 +64,19 @@ def add_commands(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--no-samples", action="store_true", help="do not load the model to generate samples")
     p.add_argument("--samples", type=int, default=3, help="number of sample generations")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    _add_generation_args(p, max_new_tokens=64)
     p.set_defaults(func=cmd_report)
 
 
-def _add_generation_args(p) -> None:
-    g = p.add_argument_group("generation (same for every model)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--greedy", action="store_true", help="force greedy decoding (temperature 0)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+def _add_generation_args(p, **defaults) -> None:
+    from tuneforge.models.generation import add_generation_args
+
+    add_generation_args(p, **defaults)
+    p.add_argument("--greedy", action="store_true", help="force greedy decoding (temperature 0)")
 
 
-def _generation_options(args):
-    from tuneforge.evaluate.runner import GenerationOptions
+def _generation_settings(args):
+    from tuneforge.models.generation import GenerationSettings
 
     if args.max_new_tokens <= 0:
         raise UserError("--max-new-tokens must be positive")
@@ -89,9 +86,7 @@ def _generation_options(args):
         raise UserError("--top-p must be in (0, 1]")
     if args.top_k < 0 or args.repetition_penalty <= 0:
         raise UserError("--top-k must be >= 0 and --repetition-penalty > 0")
-    return GenerationOptions(max_new_tokens=args.max_new_tokens,
-                             temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
-                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return GenerationSettings.from_args(args, **({"temperature": 0.0} if args.greedy else {}))
 
 
 def _check_limit(limit):
@@ -104,10 +99,11 @@ def _check_limit(limit):
 
 def cmd_eval(args) -> int:
     from tuneforge.evaluate import runner
+    from tuneforge.evaluate.metrics import parse_metrics
     from tuneforge.utils import atomic_write_json
 
-    metrics = runner.parse_metrics(args.metrics)
-    gen = _generation_options(args)
+    metrics = parse_metrics(args.metrics)
+    gen = _generation_settings(args)
     _check_limit(args.limit)
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr))
     rows = runner.run_eval(args.models, args.data, metrics, gen, fmt=args.format, limit=args.limit,
@@ -116,13 +112,14 @@ def cmd_eval(args) -> int:
     if not args.no_save:
         runner.save_to_run_dirs(rows, args.data, metrics, gen)
     if args.out:
-        atomic_write_json(args.out, {"data": args.data, "metrics": metrics, "generation": gen.to_dict(),
+        atomic_write_json(args.out, {"data": args.data, "metrics": [m.name for m in metrics],
+                                     "generation": gen.to_dict(),
                                      "results": rows})
     if args.json:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
         return 0
-    _print_table(rows, runner.table_columns(metrics), args, gen)
+    _print_table(rows, metrics, args, gen)
     return 0
 
 
@@ -134,24 +131,30 @@ def _short(spec: str, limit: int = 40) -> str:
     return "…/" + "/".join(parts[-2:])
 
 
-def _print_table(rows, columns, args, gen) -> None:
+def _print_table(rows, metrics, args, gen) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tuneforge.evaluate.runner import format_value
+    from tuneforge.evaluate.metrics import GENERATION, columns, format_value
 
     table = Table(title=f"{_short(args.data)} — {rows[0]['n'] if rows else 0} records")
     table.add_column("model", overflow="fold")
-    for c in columns:
-        table.add_column(c, justify="right", no_wrap=True)
+    keys = columns(metrics)
+    for key in keys:
+        table.add_column(key, justify="right", no_wrap=True)
+    best = {m.name: (max if m.higher_is_better else min)(values) for m in metrics  # bold only when models differ
+            if len(set(values := [r[m.name] for r in rows if isinstance(r.get(m.name), (int, float))])) > 1}
     for row in rows:
-        table.add_row(_short(row["model"]), *(format_value(c, row.get(c)) for c in columns))
+        cells = [format_value(k, row.get(k)) for k in keys]
+        table.add_row(_short(row["model"]), *(f"[bold]{c}[/bold]" if k in best and row.get(k) == best[k] else c
+                                              for k, c in zip(keys, cells, strict=True)))
     console = Console()
     console.print(table)
-    if any(c not in ("ppl", "tokens") for c in columns):
+    if any(m.needs == GENERATION for m in metrics):
         tok = rows[0].get("bleu_tokenize") if rows else None
         console.print(f"generation: {gen.to_dict()}" + (f"; BLEU tokenizer: {tok}" if tok else ""))
-    console.print("ppl: token-weighted over the set (answers only for chat data); scores 0-100")
+    console.print("; ".join(m.label for m in metrics) + " (best in bold). ppl: token-weighted over the set "
+                  "(answers only for chat data); scores 0-100")
 
 
 # --------------------------------------------------------------------------- abtest
@@ -173,18 +176,20 @@ def cmd_abtest(args) -> int:
 def _abtest_make(args) -> int:
     import secrets
 
-    from tuneforge.evaluate import _backend, abtest
+    from tuneforge.evaluate import abtest
     from tuneforge.evaluate.runner import load_eval_records, prompt_and_reference
+    from tuneforge.models.generation import generate
+    from tuneforge.models.reference import load_for_inference
 
-    gen = _generation_options(args)
+    gen = _generation_settings(args)
     records = load_eval_records(args.prompts, args.format, args.limit)
     prompts = [prompt_and_reference(r)[0] for r in records]
     model_a, model_b = args.args
     answers = []
     for spec in (model_a, model_b):
         print(f"generating {len(prompts)} answers with {spec} ...", file=sys.stderr)
-        loaded = _backend.load_model(spec, device=args.device)
-        answers.append(_backend.generate(loaded, prompts, **gen.to_dict()))
+        loaded = load_for_inference(spec, device=args.device)
+        answers.append(generate(loaded.model, loaded.tokenizer, loaded.template, prompts, gen))
         del loaded
     seed = args.shuffle_seed if args.shuffle_seed is not None else secrets.randbits(32)
     items = abtest.make_items(prompts, answers[0], answers[1], seed)
@@ -234,12 +239,13 @@ def _abtest_score(args) -> int:
 def _abtest_judge(args) -> int:
     from pathlib import Path
 
-    from tuneforge.evaluate import _backend, abtest
+    from tuneforge.evaluate import abtest
+    from tuneforge.models.reference import load_for_inference
 
     if len(args.args) != 2 or not args.judge:
         raise UserError("usage: tuneforge abtest judge KEY_OR_SHEET --judge MODEL [--votes-out judge.votes.jsonl]")
     key, key_path = abtest.load_key(args.args[1])
-    loaded = _backend.load_model(args.judge, device=args.device)
+    loaded = load_for_inference(args.judge, device=args.device)
     rows = abtest.judge_votes(key, abtest.logit_judge(loaded), rater=f"judge:{args.judge}")
     out = Path(args.votes_out) if args.votes_out else key_path.with_name(
         key_path.name.replace(".key.json", "") + ".judge.votes.jsonl")
@@ -279,6 +285,6 @@ def cmd_report(args) -> int:
     from tuneforge.evaluate.report import build_report
 
     path = build_report(args.run_dir, samples=not args.no_samples, n_samples=args.samples,
-                        max_new_tokens=args.max_new_tokens)
+                        settings=_generation_settings(args))
     print(f"report: {path}")
     return 0

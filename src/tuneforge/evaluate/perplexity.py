@@ -46,7 +46,7 @@ def encode_records(records: list[dict], tokenizer: Any, template: Any = None,
         ``(pairs, skipped)``: ``pairs`` is a list of ``(input_ids, labels)``; ``skipped`` counts records that have
         nothing to score (an empty text, a conversation without an assistant answer).
     """
-    from tuneforge.evaluate import _backend
+    from tuneforge.data.tokenize import encode_chat
 
     pairs, skipped = [], 0
     if template is None and any("messages" in r for r in records):
@@ -54,7 +54,7 @@ def encode_records(records: list[dict], tokenizer: Any, template: Any = None,
                         "set one when training (model.chat_template) or evaluate plain text records")
     for record in records:
         if "messages" in record:
-            encoded = _backend.encode_chat(record, tokenizer, template, 10**9, train_on_prompt)
+            encoded = encode_chat(record, tokenizer, template, 10**9, train_on_prompt)
             if encoded is None:
                 skipped += 1
                 continue

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import UserError
+from tuneforge.evaluate.metrics import METRICS, columns, format_value
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -105,18 +106,16 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 def sample_prompts(run_dir: Path, n: int) -> list[Any]:
     """Up to ``n`` prompts from the run's eval data (else its training data), taken from its config."""
-    import yaml
-
-    from tuneforge.evaluate import _backend
+    from tuneforge.data.readers import read_records
     from tuneforge.evaluate.runner import prompt_and_reference
+    from tuneforge.models.reference import read_run_config
 
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-    data = cfg.get("data") or {}
+    data = read_run_config(run_dir).get("data") or {}
     sources = [data.get("eval")] if isinstance(data.get("eval"), str) else list(data.get("eval") or [])
     sources += list(data.get("train") or [])
     for source in sources:
         try:
-            records = _backend.read_records(source, data.get("format", "auto"))
+            records = read_records(source, data.get("format", "auto"))
         except UserError:
             continue
         prompts = []
@@ -129,17 +128,22 @@ def sample_prompts(run_dir: Path, n: int) -> list[Any]:
     return []
 
 
-def generate_samples(run_dir: Path, n: int = 3, max_new_tokens: int = 64) -> tuple[list[dict], str | None]:
-    """``([{"prompt", "output"}], None)`` or ``([], reason)`` when the model or prompts are unavailable."""
-    from tuneforge.evaluate import _backend
+def generate_samples(run_dir: Path, n: int = 3, settings: Any = None) -> tuple[list[dict], str | None]:
+    """``([{"prompt", "output"}], None)`` or ``([], reason)`` when the model or prompts are unavailable.
+
+    ``settings``: a ``GenerationSettings`` (default: greedy, 64 new tokens).
+    """
     from tuneforge.evaluate.abtest import prompt_text
+    from tuneforge.models.generation import GenerationSettings, generate
+    from tuneforge.models.reference import load_for_inference
 
     try:
         prompts = sample_prompts(run_dir, n)
         if not prompts:
             return [], "no prompts found in the run's data files"
-        loaded = _backend.load_model(str(run_dir), device="auto")
-        outputs = _backend.generate(loaded, prompts, max_new_tokens=max_new_tokens, temperature=0.0, seed=0)
+        loaded = load_for_inference(str(run_dir), device="auto")
+        outputs = generate(loaded.model, loaded.tokenizer, loaded.template, prompts,
+                           settings or GenerationSettings(max_new_tokens=64))
     except (UserError, OSError, ValueError) as exc:
         return [], f"samples unavailable: {exc}"
     # Surrounding whitespace is trimmed for display (an untrained model may emit pages of newlines).
@@ -147,30 +151,31 @@ def generate_samples(run_dir: Path, n: int = 3, max_new_tokens: int = 64) -> tup
             for p, o in zip(prompts, outputs, strict=True)], None
 
 
-def build_report(run_dir: str | Path, samples: bool = True, n_samples: int = 3,
-                 max_new_tokens: int = 64) -> Path:
+def build_report(run_dir: str | Path, samples: bool = True, n_samples: int = 3, settings: Any = None) -> Path:
     """Write ``RUN_DIR/report.html`` atomically and return its path.
 
+    ``settings``: the ``GenerationSettings`` of the sample generations (default: greedy, 64 new tokens).
+
     Raises:
-        UserError: ``run_dir`` is not a run directory (no metrics.jsonl, summary.json or config.yaml).
+        UserError: ``run_dir`` is not a run directory (``tuneforge.models.reference.is_run_dir``).
     """
+    from tuneforge.models import reference as ref
     from tuneforge.utils import atomic_write_text
 
     run_dir = Path(run_dir)
-    marker_files = ("metrics.jsonl", "summary.json", "config.yaml")
-    if not run_dir.is_dir() or not any((run_dir / f).is_file() for f in marker_files):
-        raise UserError(f"{run_dir} is not a run directory (expected {', '.join(marker_files)} inside)")
-    events = read_metrics(run_dir / "metrics.jsonl")
-    summary = _load_json(run_dir / "summary.json")
-    evals = _load_json(run_dir / "eval_results.json")
-    config_text = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() \
-        else None
+    if not ref.is_run_dir(run_dir):
+        raise UserError(f"{run_dir} is not a run directory (expected {ref.RUN_CONFIG} and one of {ref.RUN_FINAL}/, "
+                        f"{ref.RUN_CHECKPOINTS}/, {ref.RUN_METRICS}, {ref.RUN_SUMMARY} inside)")
+    events = read_metrics(run_dir / ref.RUN_METRICS)
+    summary = _load_json(run_dir / ref.RUN_SUMMARY)
+    evals = _load_json(run_dir / ref.RUN_EVAL_RESULTS)
+    config_text = (run_dir / ref.RUN_CONFIG).read_text(encoding="utf-8")
     sample_rows, sample_note = ([], "disabled (--no-samples)")
     if samples:
-        sample_rows, sample_note = generate_samples(run_dir, n_samples, max_new_tokens)
+        sample_rows, sample_note = generate_samples(run_dir, n_samples, settings)
     page = render_report(run_dir.name, events, summary, evals if isinstance(evals, list) else None, config_text,
                          sample_rows, sample_note)
-    out = run_dir / "report.html"
+    out = run_dir / ref.RUN_REPORT
     atomic_write_text(out, page)
     return out
 
@@ -200,26 +205,23 @@ def render_report(name: str, events: list[dict], summary: Any, evals: list[dict]
 
     parts.append("<h2>Metrics</h2>")
     if isinstance(summary, dict):
-        rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(_fmt(v))}</td></tr>" for k, v in _flatten(summary)
+        rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(format_value(k, v))}</td></tr>" for k, v in _flatten(summary)
                        if not isinstance(v, list))
         parts.append(f"<h3>summary.json</h3><table>{rows}</table>")
     else:
         parts.append("<p>no summary.json</p>")
     if evals:
-        keys = [k for k in ("ppl", "tokens", "bleu", "rouge1", "rouge2", "rougeL", "exact", "contains")
-                if any(k in e for e in evals)]
-        head = "".join(f"<th>{esc(k)}</th>" for k in ["model", "data", *keys, "time"])
-        body = "".join(
-            "<tr>" + "".join(f"<td>{esc(_fmt(e.get(k)))}</td>" for k in ["model", "data", *keys, "time"]) + "</tr>"
-            for e in evals
-        )
+        keys = ["model", "data", *(k for k in columns(list(METRICS.values())) if any(k in e for e in evals)), "time"]
+        head = "".join(f"<th>{esc(METRICS[k].label if k in METRICS else k)}</th>" for k in keys)
+        body = "".join("<tr>" + "".join(f"<td>{esc(format_value(k, e.get(k)))}</td>" for k in keys) + "</tr>"
+                       for e in evals)
         parts.append(f"<h3>tuneforge eval results</h3><table><tr>{head}</tr>{body}</table>")
 
     parts.append("<h2>Stability warnings</h2>")
     warnings = [e for e in events if e.get("event") == "warning"]
     if warnings:
         rows = "".join(
-            f"<tr><td>{esc(_fmt(w.get('step')))}</td><td>{esc(str(w.get('kind', '')))}</td>"
+            f"<tr><td>{esc(format_value('step', w.get('step')))}</td><td>{esc(str(w.get('kind', '')))}</td>"
             f"<td>{esc(str(w.get('message', '')))}</td><td>{esc(str(w.get('advice', '')))}</td></tr>"
             for w in warnings
         )
@@ -239,14 +241,6 @@ def render_report(name: str, events: list[dict], summary: Any, evals: list[dict]
     parts.append("<h2>Resolved config</h2>")
     parts.append(f"<pre>{esc(config_text)}</pre>" if config_text else "<p>no config.yaml</p>")
     return _PAGE.format(title=esc(name), body="\n".join(parts))
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
 
 
 _PAGE = """<!DOCTYPE html>

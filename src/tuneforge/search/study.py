@@ -597,9 +597,10 @@ def _score(search: Search, result, callback) -> float:
         if not callback.evals:
             raise TrialFailed("the run reported no eval_loss (is the eval split empty?)")
         return callback.evals[-1][1]
-    from tuneforge.evaluate.runner import GenerationOptions, evaluate_model
+    from tuneforge.evaluate.runner import evaluate_model
+    from tuneforge.models.generation import GenerationSettings
 
-    gen = GenerationOptions(max_new_tokens=search.options.max_new_tokens)
+    gen = GenerationSettings(max_new_tokens=search.options.max_new_tokens)
     row = evaluate_model(str(result.run_dir), search.eval_records, [search.objective], gen)
     return float(row[search.objective])
 
