@@ -40,7 +40,7 @@ def pref_data(tmp_path_factory) -> Path:
     return folder
 
 
-def _cfg(out: Path, data: Path, stage: str = "dpo", **sections) -> dict:
+def _cfg(out: Path, data_dir: Path, stage: str = "dpo", **sections) -> dict:
     raw = {
         "run_name": out.name,
         "output_dir": str(out),
@@ -49,12 +49,13 @@ def _cfg(out: Path, data: Path, stage: str = "dpo", **sections) -> dict:
         "model": {"from_config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "vocab_size": 512},
                   "chat_template": "plain"},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "attention"},
-        "data": {"train": [str(data / "train.jsonl")], "eval": str(data / "eval.jsonl"), "max_length": 96},
+        "data": {"train": [str(data_dir / "train.jsonl")], "eval": str(data_dir / "eval.jsonl"), "max_length": 96},
         "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "logging_steps": 1, "eval_steps": 3,
                   "save_steps": 3, "report_to": ["none"], "scheduler": "constant"},
     }
     for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+        merge = isinstance(value, dict) and key != "method"
+        raw[key] = {**raw.get(key, {}), **value} if merge else value
     return raw
 
 
@@ -88,3 +89,63 @@ def test_dpo_lora_run_logs_reward_metrics_and_saves_only_the_adapter(tmp_path, p
     assert not (final / "ref").exists()  # no helper adapter in the saved run
     assert list(result.model.peft_config) == ["default"]
     assert any(json.loads(line).get("event") == "eval" for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_resume_mid_dpo_equals_uninterrupted(tmp_path, pref_data):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    straight = tmp_path / "straight"
+    _train(_cfg(straight, pref_data, data={"eval": None}))
+
+    class Crash(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise KeyboardInterrupt("simulated kill")
+
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        _train(_cfg(interrupted, pref_data, data={"eval": None}), callbacks=[Crash()])
+    assert not (interrupted / "final").exists()
+    _train(_cfg(interrupted, pref_data, data={"eval": None}), resume=True)
+    a = load_file(straight / "final" / "adapter_model.safetensors")
+    b = load_file(interrupted / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() < 1e-6, key
+    assert _logs(interrupted)[-1]["loss"] == pytest.approx(_logs(straight)[-1]["loss"], abs=1e-6)
+
+
+def test_full_fine_tuning_reference_copy_and_precomputed_reference_agree(tmp_path, pref_data):
+    runs = {}
+    for name, precompute in (("copy", False), ("precomputed", True)):
+        out = tmp_path / name
+        _train(_cfg(out, pref_data, method={"name": "full"}, data={"eval": None},
+                    preference={"precompute_ref": precompute}, train={"max_steps": 3, "save_steps": None}))
+        runs[name] = _logs(out)
+    assert runs["copy"][0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    for a, b in zip(runs["copy"], runs["precomputed"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-4)
+    assert runs["copy"][-1]["rewards/margins"] != pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"prompt": "Q", "chosen": "a"}, "bad.jsonl:3: preference record has no 'rejected'"),
+    ({"prompt": "Q", "chosen": "same", "rejected": "same"}, "bad.jsonl:3: 'chosen' and 'rejected' are identical"),
+    ({"prompt": "Q", "completion": "a", "label": True}, "bad.jsonl:3: preference record has no 'chosen'"),
+])
+def test_bad_preference_data_exits_2_naming_file_and_line(tmp_path, pref_data, capsys, row, expected):
+    import yaml
+
+    from tuneforge.cli import main
+
+    good = {"prompt": "Q", "chosen": "a", "rejected": "b"}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [good, good, row])
+    raw = _cfg(tmp_path / "run", pref_data, data={"train": [str(bad)], "eval": None})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "final").exists()
