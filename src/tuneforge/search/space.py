@@ -354,10 +354,13 @@ def set_keys(raw: dict, values: dict[str, Any]) -> dict:
 
 
 def _lookup(name: str, values: dict[str, Any], base: RunConfig) -> Any:
+    """A tie's input: a value of this trial, else the run config's (config fields only, nothing else)."""
     if name in values:
         return values[name]
     node: Any = base
     for part in name.split("."):
+        if not isinstance(node, BaseModel) or part not in type(node).model_fields:
+            raise UserError(f"tie: '{name}' is not a config key with a value in this run config")
         node = getattr(node, part)
     return node
 
@@ -372,6 +375,7 @@ def check_against_schema(space: Space, base_raw: dict) -> None:
 
     base = validate_config(base_raw, source="run config")
     first = {p.key: p.candidates()[0] for p in space.sampled}
+    space.resolve(first, base)  # every tie evaluates (also when nothing is sampled)
     for param in space.sampled:
         for candidate in param.candidates():
             values = space.resolve({**first, param.key: candidate}, base)
@@ -428,6 +432,10 @@ def compile_tie(expr: str, key: str = "tie", source: str = "space") -> ast.Expre
         elif isinstance(node, ast.Attribute):
             if _dotted(node) is None:
                 raise UserError(f"{where}: tie {expr!r}: '.' may only join config key names (e.g. method.r)")
+            if any(part.startswith("_") for part in _dotted(node).split(".")):
+                raise UserError(f"{where}: tie {expr!r}: names starting with '_' are not config keys")
+        elif isinstance(node, ast.Name) and node.id.startswith("_"):
+            raise UserError(f"{where}: tie {expr!r}: names starting with '_' are not config keys")
         elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp, ast.IfExp,
                                    ast.Name, ast.Load, ast.And, ast.Or, *_BINARY, *_UNARY, *_COMPARE)):
             raise UserError(f"{where}: tie {expr!r}: {type(node).__name__} is not allowed "

@@ -31,10 +31,7 @@ from tuneforge.search.space import Space, dump_values, load_space
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "halving", "none")
-LOSS_OBJECTIVES = ("eval_loss",)
-GEN_OBJECTIVES = ("bleu", "rouge1", "rouge2", "rougeL", "exact", "contains")
-OBJECTIVES = (*LOSS_OBJECTIVES, "ppl", *GEN_OBJECTIVES)
-OBJECTIVE_ALIASES = {"loss": "eval_loss", "perplexity": "ppl", "em": "exact"}
+TRAINER_OBJECTIVE = "eval_loss"  # reported by every run with eval data; the others are tuneforge eval's metrics
 GPU_MARGIN = 0.10  # the estimator's default safety margin (tuneforge estimate --margin)
 HEARTBEAT_S = 20
 GRACE_S = 120
@@ -87,7 +84,7 @@ class Search:
     @property
     def prunes(self) -> bool:
         """Intermediate evals are reported (and trials may be pruned): eval_loss objective and a pruner."""
-        return self.objective == "eval_loss" and self.options.pruner != "none"
+        return self.objective == TRAINER_OBJECTIVE and self.options.pruner != "none"
 
 
 # --------------------------------------------------------------------------- door checks
@@ -108,8 +105,8 @@ def prepare(options: SearchOptions) -> Search:
     space = load_space(options.space, base_raw)
     if not space.sampled:
         raise UserError(f"{options.space}: nothing to search (only ties); add a choice, uniform, log_uniform or int")
-    objective = _objective(options.objective)
-    direction = options.direction or ("minimize" if objective in ("eval_loss", "ppl") else "maximize")
+    objective, higher_is_better = _objective(options.objective)
+    direction = options.direction or ("maximize" if higher_is_better else "minimize")
     if direction not in ("minimize", "maximize"):
         raise UserError(f"--direction {direction!r}: expected minimize or maximize")
     if options.sampler not in SAMPLERS:
@@ -125,7 +122,7 @@ def prepare(options: SearchOptions) -> Search:
     if options.pruner_startup < 0:
         raise UserError(f"--pruner-startup {options.pruner_startup}: expected a count >= 0")
     if options.pruner != "none":
-        if objective != "eval_loss":
+        if objective != TRAINER_OBJECTIVE:
             notes.append(f"objective {objective} is measured once per finished trial: no pruning (--pruner ignored)")
         elif not base.train.eval_steps:
             raise UserError(f"{options.config}: pruning compares intermediate evals, and train.eval_steps is not set; "
@@ -155,13 +152,20 @@ def _require_optuna() -> None:
                         "(optuna; psycopg2-binary for PostgreSQL storages)") from None
 
 
-def _objective(name: str) -> str:
-    name = OBJECTIVE_ALIASES.get(name, name)
-    if name not in OBJECTIVES:
-        raise UserError(f"--objective {name!r} is not reported by a run{did_you_mean(name, OBJECTIVES)}; known: "
-                        f"eval_loss (the Trainer's loss on the eval split), ppl, {', '.join(GEN_OBJECTIVES)} "
-                        "(computed by tuneforge eval on data.eval)")
-    return name
+def _objective(name: str) -> tuple[str, bool]:
+    """``(metric name, higher is better)``: ``eval_loss`` or a metric of ``tuneforge eval``'s registry."""
+    if name in (TRAINER_OBJECTIVE, "loss"):
+        return TRAINER_OBJECTIVE, False
+    from tuneforge.evaluate.metrics import METRICS, aliases
+
+    groups = {alias: names for alias, names in aliases().items() if len(names) == 1}
+    metric = METRICS.get(name) or (METRICS[groups[name][0]] if name in groups else None)
+    if metric is None:
+        known = [TRAINER_OBJECTIVE, *METRICS]
+        raise UserError(f"--objective {name!r} is not reported by a run{did_you_mean(name, [*known, *groups])}; "
+                        f"known: {TRAINER_OBJECTIVE} (the Trainer's loss on the eval split), "
+                        f"{', '.join(METRICS)} (tuneforge eval's metrics, computed on data.eval)")
+    return metric.name, metric.higher_is_better
 
 
 def _trial_budget(options: SearchOptions, space: Space, notes: list[str]) -> int | None:
@@ -181,7 +185,7 @@ def _trial_budget(options: SearchOptions, space: Space, notes: list[str]) -> int
 
 def _objective_records(base: RunConfig, objective: str, options: SearchOptions) -> list[dict] | None:
     """The eval records a generation metric (or ppl) is computed on; eval_loss needs none."""
-    if objective == "eval_loss":
+    if objective == TRAINER_OBJECTIVE:
         return None
     if base.data.eval is None:
         raise UserError(f"{options.config}: objective {objective} is computed on the eval file's records, and the "
@@ -189,8 +193,10 @@ def _objective_records(base: RunConfig, objective: str, options: SearchOptions) 
     from tuneforge.evaluate.runner import check_references, load_eval_records
 
     paths = [base.data.eval] if isinstance(base.data.eval, str) else list(base.data.eval)
+    from tuneforge.evaluate.metrics import GENERATION, METRICS
+
     records = [r for path in paths for r in load_eval_records(path, base.data.format)]
-    if objective in GEN_OBJECTIVES:
+    if METRICS[objective].needs == GENERATION:
         check_references(records, [objective], ", ".join(paths))
     return records
 
@@ -200,12 +206,11 @@ def _objective_records(base: RunConfig, objective: str, options: SearchOptions) 
 
 def redact(url: str) -> str:
     """``url`` without its password (for messages)."""
-    if "://" in url and "@" in url.split("://", 1)[1]:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return url
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
 
 
 def open_storage(url: str):
@@ -593,7 +598,7 @@ def trained_tokens(summary: dict) -> int | None:
 
 
 def _score(search: Search, result, callback) -> float:
-    if search.objective == "eval_loss":
+    if search.objective == TRAINER_OBJECTIVE:
         if not callback.evals:
             raise TrialFailed("the run reported no eval_loss (is the eval split empty?)")
         return callback.evals[-1][1]
