@@ -40,6 +40,15 @@ def test_int8_and_int4_exports_reload_and_report_perplexity(tmp_path, tiny_llama
         assert report["bytes_quantized"] < report["bytes_original"]
     # 4 bits lose more than 8: the int4 model's logits drift further from the original's
     assert 0 < reports["int8"]["logit_max_diff"] < reports["int4"]["logit_max_diff"]
+    # one perplexity: the export's "before" figure is what `tuneforge eval` computes for the (unmerged) run
+    from tuneforge.evaluate.perplexity import perplexity
+    from tuneforge.merge.export import read_texts
+    from tuneforge.models.reference import load_for_inference
+
+    loaded = load_for_inference(run, device="cpu", dtype=torch.float32)
+    records = [{"text": text} for text in read_texts(data)]
+    assert perplexity(loaded.model, loaded.tokenizer, records).ppl == pytest.approx(reports["int8"]["ppl_original"],
+                                                                                   rel=1e-4)
 
 
 def math_finite(value: float) -> bool:

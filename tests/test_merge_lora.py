@@ -117,6 +117,11 @@ def test_adapter_dir_merge_and_template_from_adapter(tmp_path, base_dir):
     report = merge_lora(adapter, tmp_path / "out", echo=lambda *_: None)
     assert report.base == str(base_dir.resolve())
     assert (tmp_path / "out" / "chat_template.jinja").is_file()
+    # a run's final/ is the run (models.reference.resolve): its qlora method is known, so the note appears
+    lines = []
+    run = make_run(tmp_path / "runs" / "q", base_dir, method="qlora")
+    merge_lora(run / "final", tmp_path / "out2", echo=lines.append)
+    assert any("dequantise-first" in line for line in lines)
 
 
 def test_merge_above_tolerance_fails_and_writes_nothing(tmp_path, base_dir, capsys):

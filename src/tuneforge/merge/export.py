@@ -3,14 +3,13 @@
 Quantization is bitsandbytes' (LLM.int8() for ``int8``, NF4 with double quantization for ``int4``): it runs on
 CPU here and ``save_pretrained`` writes a directory that stock ``transformers.AutoModelForCausalLM.from_pretrained``
 loads again (bitsandbytes installed). An adapter run is merged into its base first (quantized models cannot take a
-merge afterwards). The exported directory is reloaded before it is kept, and its perplexity on a small text set is
-compared with the unquantized model's.
+merge afterwards). The exported directory is reloaded before it is kept, and its perplexity on a small text set
+(``tuneforge.evaluate.perplexity``, the one ``tuneforge eval`` reports) is compared with the unquantized model's.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import warnings
 from pathlib import Path
@@ -18,13 +17,14 @@ from typing import Any
 
 from tuneforge.errors import UserError
 from tuneforge.merge.lora import (
+    check_mergeable,
     copy_template_files,
     load_base_and_adapter,
+    local_ref,
     logit_difference,
     logits_on,
     probe_batches,
 )
-from tuneforge.merge.sources import check_mergeable, quantization_of, resolve_source
 from tuneforge.utils import atomic_dir, atomic_write_json, prepare_output
 
 QUANTIZE = ("int8", "int4")
@@ -66,29 +66,18 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def perplexity(model: Any, tokenizer: Any, texts: list[str], *, block_size: int = 128, max_blocks: int = 24) -> float:
-    """Perplexity of ``model`` on ``texts`` joined by EOS and cut into blocks of ``block_size`` tokens."""
-    import torch
+def perplexity(model: Any, tokenizer: Any, texts: list[str]) -> float:
+    """Token-weighted perplexity of ``model`` on ``texts`` (``tuneforge.evaluate.perplexity``, each text a record).
 
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    block_size = min(block_size, limit or block_size)
-    blocks = [ids[i: i + block_size] for i in range(0, len(ids) - 1, block_size)][:max_blocks]
-    blocks = [b for b in blocks if len(b) > 1]
-    if not blocks:
-        raise UserError("the perplexity text set is empty after tokenisation; give a longer --data file")
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for block in blocks:
-            input_ids = torch.tensor([block])
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-            total += float(loss) * (len(block) - 1)
-            count += len(block) - 1
-    return math.exp(total / count)
+    Raises:
+        UserError: no text has a token to score.
+    """
+    from tuneforge.evaluate.perplexity import perplexity as evaluate_perplexity
+
+    try:
+        return evaluate_perplexity(model, tokenizer, [{"text": text} for text in texts]).ppl
+    except ValueError:
+        raise UserError("the perplexity text set is empty after tokenisation; give a longer --data file") from None
 
 
 def quantization_config(kind: str):
@@ -121,17 +110,19 @@ def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", d
 
     if quantize not in QUANTIZE:
         raise UserError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE)}")
-    source = resolve_source(path)
+    source = local_ref(path)
     prepare_output(out, [path, source.model_dir, source.run_dir, source.base, data], force=force)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise UserError("export needs bitsandbytes: pip install 'tuneforge[quant]'") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.models.reference import load_for_inference
 
     texts = read_texts(data) if data else default_texts()
-    if source.kind == "model" and quantization_of(source.model_dir):
-        raise UserError(f"{path}: already quantized ({quantization_of(source.model_dir).get('quant_method')}); "
+    if source.kind == "model" and source.quantization():
+        raise UserError(f"{path}: already quantized ({source.quantization().get('quant_method')}); "
                         "export from the unquantized model")
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent if out.parent.exists() else None) as work:
@@ -142,9 +133,8 @@ def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", d
             model.save_pretrained(work)  # the quantizer loads from a directory
             origin = Path(work)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(str(source.model_dir))
-            model = AutoModelForCausalLM.from_pretrained(str(source.model_dir), dtype=torch.float32)
-            origin = source.model_dir
+            loaded = load_for_inference(source, device="cpu", dtype=torch.float32)
+            model, tokenizer, origin = loaded.model, loaded.tokenizer, source.model_dir
         model.eval()
         ppl_original = perplexity(model, tokenizer, texts)
         probes = probe_batches(tokenizer)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import UserError
-from tuneforge.merge.sources import TEMPLATE_FILES, Source, check_mergeable, quantization_of, resolve_source
+from tuneforge.models.reference import TEMPLATE_FILES, ModelRef
 from tuneforge.utils import atomic_dir, atomic_write_json
 
 PROBE_TEXTS = (
@@ -46,8 +46,38 @@ class MergeReport:
                 "notes": self.notes}
 
 
-def load_base_and_adapter(source: Source, *, dtype: Any = None):
-    """Load ``source``'s base unquantized (fp32 by default) with the adapter on top, on CPU.
+def local_ref(path: str | Path, *, base: str | None = None) -> ModelRef:
+    """``tuneforge.models.reference.resolve`` for a local run, adapter or model directory (merge and export never
+    fetch from the hub).
+
+    Raises:
+        UserError: the path does not exist, or holds no model.
+    """
+    from tuneforge.models.reference import resolve
+
+    if not Path(path).expanduser().exists():
+        raise UserError(f"{path}: no such run, adapter or model directory")
+    return resolve(path, base_override=base)
+
+
+def check_mergeable(ref: ModelRef) -> None:
+    """Raise UserError unless ``ref`` is an adapter whose peft type folds into the base weights."""
+    if not ref.is_adapter:
+        what = f"method {ref.method!r} " if ref.method else ""
+        raise UserError(
+            f"{ref.given}: {what}saved a full model, not an adapter: there is nothing to merge "
+            "(use the directory as it is, or `tuneforge merge recipe.yaml` to merge several models)"
+        )
+    if not ref.mergeable():
+        raise UserError(
+            f"{ref.given}: a {ref.method or ref.peft_type} adapter cannot be merged into the base weights (it adds "
+            "virtual tokens or extra computation rather than a weight delta); serve it as an adapter with "
+            "`tuneforge serve` instead"
+        )
+
+
+def load_base_and_adapter(ref: ModelRef):
+    """Load ``ref``'s base unquantized in fp32 with the adapter on top, on CPU (``models.reference``'s loader).
 
     A QLoRA adapter is folded into the *unquantized* original weights (the dequantise-first route): its base path
     is the original checkpoint, quantized only at load time during training. A base stored quantized on disk is
@@ -60,31 +90,23 @@ def load_base_and_adapter(source: Source, *, dtype: Any = None):
         UserError: the base is stored quantized, or cannot be loaded.
     """
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.models.reference import load_for_inference
 
     notes: list[str] = []
-    quant = quantization_of(source.base) if Path(str(source.base)).is_dir() else None
+    quant = ref.quantization()
     if quant:
         method = quant.get("quant_method", "quantized")
         raise UserError(
-            f"base model {source.base} is stored {method}-quantized: folding an adapter into rounded weights and "
+            f"base model {ref.base} is stored {method}-quantized: folding an adapter into rounded weights and "
             "saving them unquantized would bake the rounding error into every weight. Pass the original "
             "unquantized checkpoint with --base DIR"
         )
-    if source.method == "qlora" or (source.adapter_config or {}).get("use_qalora"):
+    if ref.method == "qlora" or (ref.adapter_config or {}).get("use_qalora"):
         notes.append("adapter trained on a 4-bit base: merged into the unquantized original weights from "
-                     f"{source.base} (dequantise-first); the merged model does not include the 4-bit rounding")
-    try:
-        base = AutoModelForCausalLM.from_pretrained(source.base, dtype=dtype or torch.float32)
-    except OSError as exc:
-        raise UserError(f"cannot load base model {source.base!r} of adapter {source.model_dir}: {exc}. "
-                        "Pass the base with --base DIR") from None
-    model = PeftModel.from_pretrained(base, str(source.model_dir))
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(source.model_dir if _has_tokenizer(source.model_dir)
-                                                  else source.base))
-    return model, tokenizer, notes
+                     f"{ref.base} (dequantise-first); the merged model does not include the 4-bit rounding")
+    loaded = load_for_inference(ref, device="cpu", dtype=torch.float32)
+    return loaded.model, loaded.tokenizer, notes
 
 
 def probe_batches(tokenizer: Any, texts=PROBE_TEXTS) -> list:
@@ -134,10 +156,10 @@ def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = N
         raise UserError(f"--dtype {dtype!r}: choose one of fp32, bf16, fp16")
     dtype_name = DTYPES[dtype]
     tolerance = DEFAULT_TOLERANCE[dtype_name] if tolerance is None else float(tolerance)
-    source = resolve_source(path, base_override=base)
+    source = local_ref(path, base=base)
     check_mergeable(source)
     out = Path(out)
-    if out.resolve() in (source.model_dir.resolve(), Path(str(source.base)).resolve()):
+    if out.resolve() in (source.model_dir.resolve(), Path(source.base).resolve()):
         raise UserError(f"--out {out}: would overwrite the model being merged; choose another directory")
 
     model, tokenizer, notes = load_base_and_adapter(source)
@@ -155,7 +177,7 @@ def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = N
             f"{mean_diff:.3g}), above --tolerance {tolerance:g}; nothing was written to {out}. A half-precision "
             "--dtype rounds weights: try --dtype fp32, or raise --tolerance if this loss is acceptable"
         )
-    report = MergeReport(out, str(source.base), max_diff, mean_diff, tolerance, dtype_name, notes)
+    report = MergeReport(out, source.base, max_diff, mean_diff, tolerance, dtype_name, notes)
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -167,15 +189,10 @@ def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = N
     return report
 
 
-def copy_template_files(source: Source, target: Path) -> None:
+def copy_template_files(ref: ModelRef, target: Path) -> None:
     """Copy ``chat_template.jinja``/``template.json`` of a run or adapter beside a saved model."""
-    folder = source.template_dir()
-    if folder is None:
+    if ref.template_dir is None:
         return
     for name in TEMPLATE_FILES:
-        if (folder / name).is_file():
-            shutil.copyfile(folder / name, target / name)
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        if (Path(ref.template_dir) / name).is_file():
+            shutil.copyfile(Path(ref.template_dir) / name, target / name)

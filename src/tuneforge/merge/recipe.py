@@ -33,9 +33,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from tuneforge.errors import UserError, did_you_mean
+from tuneforge.merge.lora import copy_template_files, local_ref
 from tuneforge.merge.methods import MergeMethod, get_merge_method
-from tuneforge.merge.sources import TEMPLATE_FILES, Source, resolve_source
 from tuneforge.merge.tensors import Checkpoint, LoraOnBase, layer_index
+from tuneforge.models.reference import TEMPLATE_FILES, ModelRef
 from tuneforge.utils import atomic_dir, atomic_write_json, atomic_write_text
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -140,7 +141,7 @@ def resolve_param(value: Any, name: str, n_layers: int | None, what: str) -> Any
 class _Input:
     """One recipe model: its source and tensor reader."""
 
-    def __init__(self, given: str, source: Source, reader: Any, params: dict):
+    def __init__(self, given: str, source: ModelRef, reader: Any, params: dict):
         self.given = given
         self.source = source
         self.reader = reader
@@ -148,8 +149,8 @@ class _Input:
 
     @property
     def weights_dir(self) -> Path:
-        """The directory whose config.json describes this model's architecture."""
-        return Path(self.source.base) if self.source.kind == "adapter" else self.source.model_dir
+        """The directory whose config.json describes this model's architecture (the model, or an adapter's base)."""
+        return Path(self.source.base)
 
 
 def merge_recipe(recipe_path: str | Path, out: str | Path, *, max_shard_size: str | int = "2GB",
@@ -256,14 +257,13 @@ def _check_params(method: MergeMethod, item: _Input, recipe_path: Path) -> None:
 def _open_input(given: str, params: dict, recipe_path: Path, base_cache: dict, what: str) -> _Input:
     base_part, adapter_part = given.split("+", 1) if "+" in given and not Path(given).exists() else (given, None)
     if adapter_part is not None:
-        source = resolve_source(_locate(adapter_part, recipe_path, what),
-                                base_override=str(_locate(base_part, recipe_path, what)))
-        if source.kind != "adapter":
+        source = local_ref(_locate(adapter_part, recipe_path, what), base=str(_locate(base_part, recipe_path, what)))
+        if not source.is_adapter:
             raise UserError(f"{recipe_path}: {what}: {adapter_part!r} after '+' must be a LoRA adapter")
     else:
-        source = resolve_source(_locate(given, recipe_path, what))
-    if source.kind == "adapter":
-        base_dir = Path(str(source.base))
+        source = local_ref(_locate(given, recipe_path, what))
+    if source.is_adapter:
+        base_dir = Path(source.base)
         if not base_dir.is_dir():
             raise UserError(f"{recipe_path}: {what}: adapter {given!r} was trained on {source.base!r}, which is not a "
                             "local directory; write the model as BASE_DIR+ADAPTER_DIR")
@@ -316,7 +316,7 @@ def _check_compatible(reference: _Input, others: list[_Input], recipe_path: Path
 def _check_adapter_bases(base: _Input | None, merging: list[_Input], recipe_path: Path) -> None:
     """Adapters must all sit on one base, and on the recipe's base_model when that is a full model."""
     adapters = [m for m in merging if m.source.kind == "adapter"]
-    bases = {str(Path(str(m.source.base)).resolve()): m.given for m in adapters}
+    bases = {str(Path(m.source.base).resolve()): m.given for m in adapters}
     if len(bases) > 1:
         listed = "; ".join(f"{given} → {folder}" for folder, given in bases.items())
         raise UserError(f"{recipe_path}: the LoRA adapters come from different bases ({listed}); adapters are "
@@ -360,13 +360,9 @@ def _copy_tokenizer(recipe: Recipe, reference: _Input, base: _Input | None, inpu
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, target / name)
     if not any((target / n).is_file() for n in TEMPLATE_FILES):
-        for item in [source, *inputs]:
-            template_dir = item.source.template_dir()
-            if template_dir is not None:
-                for name in TEMPLATE_FILES:
-                    if (template_dir / name).is_file():
-                        shutil.copyfile(template_dir / name, target / name)
-                break
+        item = next((i for i in [source, *inputs] if i.source.template_dir is not None), None)
+        if item is not None:
+            copy_template_files(item.source, target)
 
 
 def _parse_size(size: str | int) -> int:
