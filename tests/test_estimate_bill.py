@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tuneforge.estimate.bill import GiB, Setup, estimate_memory, layer_activation_bytes, weight_bytes
-from tuneforge.estimate.measure import peft_targets, saved_activation_bytes
+from tuneforge.estimate.measure import saved_activation_bytes
 from tuneforge.estimate.spec import model_spec
 
 H, INTER, HEADS, VOCAB, BATCH, SEQ = 64, 160, 4, 300, 2, 24
@@ -28,8 +28,10 @@ def _traced(layers: int, setup: Setup, kv_heads: int, attn: str) -> int:
     if setup.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=setup.r, lora_dropout=setup.lora_dropout,
-                                                 target_modules=peft_targets(setup.target_modules)))
+        from tuneforge.models.targets import resolve_target_modules
+
+        targets = resolve_target_modules(model, setup.target_modules)
+        model = get_peft_model(model, LoraConfig(r=setup.r, lora_dropout=setup.lora_dropout, target_modules=targets))
     if setup.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if setup.method == "lora":

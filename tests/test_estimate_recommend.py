@@ -117,7 +117,7 @@ def test_cli_reads_a_run_config(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["estimate", "no-such/model-xyz"], "unknown model 'no-such/model-xyz'"),
     (["estimate", "gpt2", "--recommend"], "--recommend needs a budget"),
-    (["estimate", "gpt2", "--method", "lora", "--target-modules", "q_proj"], "match no linear layer"),
+    (["estimate", "gpt2", "--method", "lora", "--target-modules", "q_proj"], "'q_proj' matches no module"),
     (["estimate", "meta-llama/Llama-3.1-8B", "--recommend", "--gpu-mem", "2"], "nothing fits in 2 GiB"),
     (["estimate", "gpt2", "--batch-size", "0"], "--batch-size must be positive"),
 ])

@@ -92,8 +92,10 @@ def test_lora_trainable_count_equals_peft(config, targets):
     spec = model_spec(config, name="tiny")
     setup = Setup(method="lora", r=4, target_modules=targets)
     ours = sum(a + b for a, b in lora_trainable(spec, setup))
-    peft_targets = ["q_proj", "k_proj", "v_proj", "o_proj"] if targets == "attention" else targets
-    model = get_peft_model(_real_model(config), LoraConfig(r=4, target_modules=peft_targets))
+    from tuneforge.models.targets import resolve_target_modules
+
+    model = _real_model(config)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=resolve_target_modules(model, targets)))
     trainable, _ = model.get_nb_trainable_parameters()
     assert ours == trainable
 
@@ -120,5 +122,5 @@ def test_unreadable_config_names_the_file(tmp_path):
 
 def test_targets_the_model_lacks_are_refused():
     spec = model_spec(TINY_GPT2, name="tiny-gpt2")
-    with pytest.raises(UserError, match="match no linear layer of tiny-gpt2.*c_attn"):
+    with pytest.raises(UserError, match="'q_proj' matches no module.*attention: c_attn"):
         lora_trainable(spec, Setup(method="lora", target_modules=["q_proj"]))

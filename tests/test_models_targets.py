@@ -147,3 +147,25 @@ def test_bad_spec_strings(tiny_llama):
         resolve_target_modules(tiny_llama, "everything")
     with pytest.raises(UserError, match="empty"):
         resolve_target_modules(tiny_llama, [])
+
+
+def test_rules_read_names_only_meta_model_and_name_list_agree(tiny_gpt2):
+    """The estimator resolves on a meta-device model; a bare list of names resolves the same way."""
+    from tuneforge.models.targets import (
+        ModuleNames,
+        linear_module_paths,
+        module_names,
+        resolve_target_modules,
+    )
+
+    meta = _meta(tiny_gpt2.config)
+    for spec in ("attention", "mlp", "all-linear"):
+        assert resolve_target_modules(meta, spec) == resolve_target_modules(tiny_gpt2, spec)
+    layers = [f"model.layers.{i}.{part}" for i in range(2) for part in
+              ("self_attn.q_proj", "self_attn.o_proj", "block_sparse_moe.experts.0.w1", "block_sparse_moe.gate")]
+    names = ModuleNames(modules=("model", "model.layers", *layers, "lm_head"), linears=(*layers, "lm_head"))
+    paths = linear_module_paths(names)
+    assert paths["mlp"] == [p for p in layers if "block_sparse_moe" in p]  # MoE experts and router are MLP
+    assert "lm_head" not in sum(paths.values(), [])
+    assert resolve_target_modules(names, "mlp") == ["w1", "gate"]
+    assert module_names(names) is names

@@ -48,16 +48,6 @@ def saved_activation_bytes(model: Any, input_ids: Any) -> int:
 
 # --------------------------------------------------------------------------- the training-state builder
 
-#: our target-module groups in peft's terms for a Llama
-PEFT_TARGETS = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"],
-                "all-linear": "all-linear"}
-
-
-def peft_targets(targets):
-    """``target_modules`` for peft: our group names translated, explicit lists unchanged."""
-    return PEFT_TARGETS.get(targets, targets) if isinstance(targets, str) else list(targets)
-
-
 def build_training_state(job: dict) -> tuple[Any, Any]:
     """A from-config Llama with ``job``'s method applied, and its optimizer (fp32, CPU unless CUDA is asked).
 
@@ -86,7 +76,9 @@ def build_training_state(job: dict) -> tuple[Any, Any]:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        targets = peft_targets(job.get("targets", "all-linear"))
+        from tuneforge.models.targets import resolve_target_modules
+
+        targets = resolve_target_modules(model, job.get("targets", "all-linear"))  # as training resolves them
         model = get_peft_model(model, LoraConfig(r=job.get("r", 8), lora_alpha=16, lora_dropout=job.get("dropout", 0.0),
                                                  target_modules=targets))
     if job.get("gc"):

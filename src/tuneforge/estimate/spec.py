@@ -16,6 +16,7 @@ from typing import Any
 
 from tuneforge.errors import UserError, did_you_mean
 from tuneforge.estimate.archs import builtin_config, builtin_names
+from tuneforge.models.targets import ModuleNames, classify, matches, module_names, resolve_target_modules
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class LinearShape:
     in_features: int
     out_features: int
     bias: bool
-    kind: str  # "attention" | "mlp" | "head" | "other"
+    kind: str  # "head" (the output embedding), else its group: "attention" | "mlp" | "other"
 
     @property
     def numel(self) -> int:
@@ -39,6 +40,7 @@ class ModelSpec:
 
     ``total_params`` counts every parameter once (a tied input/output embedding is one matrix).
     ``param_numels`` lists the element count of every distinct parameter tensor (for per-tensor optimizer rules).
+    ``modules`` are the module names target resolution reads (:mod:`tuneforge.models.targets`, as in training).
     """
 
     name: str
@@ -57,15 +59,12 @@ class ModelSpec:
     linears: list[LinearShape] = field(default_factory=list)
     param_numels: list[int] = field(default_factory=list)
     embedding_params: int = 0
+    modules: ModuleNames = field(default_factory=lambda: ModuleNames((), ()))
 
     @property
     def head(self) -> LinearShape | None:
         """The output projection (``lm_head``), if the model has one."""
         return next((lin for lin in self.linears if lin.kind == "head"), None)
-
-    def linear_names(self) -> list[str]:
-        """The distinct leaf names of the linear layers (``q_proj``, ``c_attn``...), in model order."""
-        return list(dict.fromkeys(lin.name.rsplit(".", 1)[-1] for lin in self.linears))
 
 
 # --------------------------------------------------------------------------- finding a config.json
@@ -196,13 +195,15 @@ def _describe(model, name: str, origin: str) -> ModelSpec:
 
     cfg = model.config
     params = list(model.parameters())  # parameters() yields a shared (tied) tensor once
+    names = module_names(model)
     linears = []
     for mod_name, module in model.named_modules():
         shape = _linear_shape(module)
         if shape is None:
             continue
         fan_in, fan_out, bias = shape
-        linears.append(LinearShape(mod_name, fan_in, fan_out, bias, _kind(mod_name, model)))
+        kind = "head" if mod_name in names.outputs else classify(mod_name)
+        linears.append(LinearShape(mod_name, fan_in, fan_out, bias, kind))
     embeddings = model.get_input_embeddings()
     family = "gpt2" if cfg.model_type in ("gpt2", "gpt_neo", "gpt_bigcode") else "llama"
     hidden = _first(cfg, "hidden_size", "n_embd")
@@ -219,7 +220,7 @@ def _describe(model, name: str, origin: str) -> ModelSpec:
         hidden_size=hidden, intermediate_size=inter, num_layers=_first(cfg, "num_hidden_layers", "n_layer"),
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=cfg.vocab_size,
         tie_word_embeddings=tied, linears=linears, param_numels=[p.numel() for p in params],
-        embedding_params=embeddings.weight.numel(),
+        embedding_params=embeddings.weight.numel(), modules=names,
     )
 
 
@@ -231,18 +232,6 @@ def _linear_shape(module) -> tuple[int, int, bool] | None:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # GPT-2: weight is (in, out)
         return module.weight.shape[0], module.weight.shape[1], module.bias is not None
     return None
-
-
-def _kind(mod_name: str, model) -> str:
-    out = model.get_output_embeddings()
-    if out is not None and model.get_submodule(mod_name) is out:
-        return "head"
-    parts = mod_name.lower().split(".")
-    if any("attn" in p or "attention" in p for p in parts):
-        return "attention"
-    if any("mlp" in p or "feed_forward" in p or p == "ffn" for p in parts):
-        return "mlp"
-    return "other"
 
 
 def _first(cfg, *names: str, default: Any = ...) -> Any:
@@ -259,25 +248,15 @@ def _first(cfg, *names: str, default: Any = ...) -> Any:
 
 
 def resolve_targets(spec: ModelSpec, targets: Any) -> list[LinearShape]:
-    """The linear layers an adapter (or GaLore) would wrap, with peft's matching rules.
-
-    ``"all-linear"`` is every linear except the output head (as peft does); ``"attention"`` / ``"mlp"`` the layers
-    inside the attention / MLP blocks; a list matches a module whose dotted name equals an entry or ends with
-    ``.<entry>``.
+    """The linear layers an adapter (or GaLore) would wrap: resolved by :mod:`tuneforge.models.targets`, the rules
+    training uses, so the estimate counts exactly the layers training adapts (``None`` = ``all-linear``).
 
     Raises:
-        UserError: when nothing matches, listing the model's linear layer names.
+        UserError: when nothing matches, listing the model's linear layers by group.
     """
-    if targets in (None, "all-linear"):
-        chosen = [lin for lin in spec.linears if lin.kind != "head"]
-    elif targets in ("attention", "mlp"):
-        chosen = [lin for lin in spec.linears if lin.kind == targets]
-    else:
-        keys = [targets] if isinstance(targets, str) else list(targets)
-        chosen = [lin for lin in spec.linears if any(lin.name == k or lin.name.endswith(f".{k}") for k in keys)]
+    names = resolve_target_modules(spec.modules, "all-linear" if targets is None else targets, key="target_modules")
+    chosen = [lin for lin in spec.linears if any(matches(lin.name, name) for name in names)]
     if not chosen:
-        raise UserError(
-            f"target_modules {targets!r} match no linear layer of {spec.name}; its linear layers are: "
-            f"{', '.join(spec.linear_names())} (or use attention | mlp | all-linear)"
-        )
+        raise UserError(f"target_modules {targets!r} match no linear layer of {spec.name}; use attention | mlp | "
+                        "all-linear or names of linear layers (tuneforge inspect MODEL lists them)")
     return chosen

@@ -1,14 +1,20 @@
-"""Find a model's linear layers, group them (attention / mlp / other), and resolve ``target_modules``.
+"""The one target-module vocabulary: a model's linear layers grouped attention / mlp / other, and
+``target_modules`` resolved — for training (methods), ``tuneforge inspect`` and ``tuneforge estimate`` alike.
 
 Target names are *suffixes* of module paths, exactly as peft matches a ``target_modules`` list (a module is
 targeted when its name equals the entry or ends with ``"." + entry``). Each group gets the shortest suffix that
 matches only that group's layers, so GPT-2's attention ``c_proj`` becomes ``attn.c_proj`` and never grabs the MLP
 ``c_proj``. The output embedding (``lm_head``) is never a target of a group.
+
+The rules read module *names* only (:class:`ModuleNames`), so they give the same answer on a real model, a
+meta-device model (the estimator's) or a plain list of names. Every function taking ``model`` also takes a
+:class:`ModuleNames`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from tuneforge.errors import UserError
@@ -43,6 +49,42 @@ OUTPUT_NAMES = ("lm_head", "embed_out", "output_layer")
 # peft's own layers inside an already-wrapped model: not targets themselves.
 _PEFT_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "vera_A",
                "vera_B", "ia3_l", "lora_E"}
+
+
+@dataclass(frozen=True)
+class ModuleNames:
+    """What target resolution reads about a model: names only.
+
+    Attributes:
+        modules: every module path (the root's empty name left out).
+        linears: paths of the linear/Conv1D layers in model order (inside a peft-wrapped model, the wrapped layer).
+        outputs: output-embedding paths; never a group target (names in :data:`OUTPUT_NAMES` are excluded too).
+        model_type: ``config.model_type``, for :data:`ARCHITECTURE_DEFAULTS`.
+    """
+
+    modules: tuple[str, ...]
+    linears: tuple[str, ...]
+    outputs: frozenset[str] = frozenset()
+    model_type: str | None = None
+
+
+def module_names(model: Any) -> ModuleNames:
+    """The :class:`ModuleNames` of a model (any device, meta included); a :class:`ModuleNames` is returned as is."""
+    if isinstance(model, ModuleNames):
+        return model
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    modules, linears, outputs = [], [], set()
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        modules.append(name)
+        if out is not None and module is out:
+            outputs.add(name)
+        parts = name.split(".")
+        if _PEFT_PARTS.intersection(parts) or not is_linear(module):
+            continue
+        linears.append(".".join(parts[:-1]) if parts[-1] == "base_layer" else name)
+    return ModuleNames(tuple(modules), tuple(linears), frozenset(outputs), model_type(model))
 
 
 def is_linear(module: Any) -> bool:
@@ -80,30 +122,17 @@ def classify(name: str) -> str:
     return "other"
 
 
-def _output_embedding_names(model: Any) -> set[str]:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {name for name, module in model.named_modules() if out is not None and module is out}
-    names.update(name for name, _ in model.named_modules() if name.split(".")[-1] in OUTPUT_NAMES)
-    return names
-
-
 def linear_module_paths(model: Any) -> dict[str, list[str]]:
     """Full module paths of every linear/Conv1D layer, grouped ``attention`` / ``mlp`` / ``other``.
 
     The output embedding (``lm_head``) is left out; in a peft-wrapped model the wrapped layer's own path is
     reported (not its ``base_layer`` or ``lora_A``/``lora_B`` children). Order is the model's module order.
     """
-    excluded = _output_embedding_names(model)
+    names = module_names(model)
     groups: dict[str, list[str]] = {group: [] for group in GROUPS}
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        if _PEFT_PARTS.intersection(parts) or not is_linear(module):
-            continue
-        if parts[-1] == "base_layer":
-            name = ".".join(parts[:-1])
-        if name in excluded or not name:
-            continue
-        groups[classify(name)].append(name)
+    for name in names.linears:
+        if name not in names.outputs and name.split(".")[-1] not in OUTPUT_NAMES:
+            groups[classify(name)].append(name)
     return groups
 
 
@@ -135,10 +164,6 @@ def _short_names(paths: dict[str, list[str]], all_module_names: list[str]) -> di
     return result
 
 
-def _module_names(model: Any) -> list[str]:
-    return [name for name, _ in model.named_modules() if name]
-
-
 def linear_modules(model: Any) -> dict[str, list[str]]:
     """Target names of the linear/Conv1D layers, grouped ``{"attention": [...], "mlp": [...], "other": [...]}``.
 
@@ -146,10 +171,11 @@ def linear_modules(model: Any) -> dict[str, list[str]]:
     group: ``q_proj`` for Llama; ``c_attn``, ``attn.c_proj`` / ``c_fc``, ``mlp.c_proj`` for GPT-2. The output
     embedding is excluded. Full paths: :func:`linear_module_paths`.
     """
-    return _short_names(linear_module_paths(model), _module_names(model))
+    return _short_names(linear_module_paths(model), module_names(model).modules)
 
 
 def model_type(model: Any) -> str | None:
+    """``model.config.model_type`` (``None`` without a config)."""
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None)
 
@@ -168,7 +194,7 @@ def resolve_target_modules(model: Any, spec: str | list[str], *, key: str = "met
     """The explicit list of module-name suffixes that ``spec`` targets in ``model``.
 
     Args:
-        model: the (not yet peft-wrapped) model.
+        model: the (not yet peft-wrapped) model, on any device, or its :class:`ModuleNames`.
         spec: ``"attention"``, ``"mlp"``, ``"all-linear"`` (every linear layer but the output embedding), or an
             explicit list of names (each a full path or a suffix, as peft matches them).
         key: the config key named in error messages.
@@ -199,7 +225,7 @@ def resolve_target_modules(model: Any, spec: str | list[str], *, key: str = "met
     spec = list(spec)
     if not spec:
         raise UserError(f"{key} is an empty list; give module names or attention / mlp / all-linear")
-    names = _module_names(model)
+    names = module_names(model).modules
     missing = [target for target in spec if not any(matches(name, target) for name in names)]
     if missing:
         raise UserError(
@@ -210,11 +236,12 @@ def resolve_target_modules(model: Any, spec: str | list[str], *, key: str = "met
 
 
 def _group_targets(model: Any) -> dict[str, list[str]]:
+    model = module_names(model)
     discovered = linear_modules(model)
-    known = ARCHITECTURE_DEFAULTS.get(model_type(model) or "")
+    known = ARCHITECTURE_DEFAULTS.get(model.model_type or "")
     if not known:
         return discovered
-    names = _module_names(model)
+    names = model.modules
     if all(any(matches(n, t) for n in names) for group in known.values() for t in group):
         return {"attention": list(known["attention"]), "mlp": list(known["mlp"]), "other": discovered["other"]}
     return discovered
