@@ -118,8 +118,8 @@ def test_missing_field_names_field_and_record(tmp_path):
 
 
 def test_unknown_format_keys(tmp_path):
-    f = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "completion": "b"}])
-    with pytest.raises(UserError, match="cannot tell the data format.*'completion', 'prompt'"):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"question": "a", "reply": "b"}])
+    with pytest.raises(UserError, match="cannot tell the data format.*'question', 'reply'"):
         read_records(f)
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from tuneforge.data.packing import PaddingCollator
 from tuneforge.data.templates import ChatTemplate, get_template, resolve_template
-from tuneforge.data.tokenize import IGNORE, encode_chat, supervised_spans
+from tuneforge.data.tokenize import IGNORE, encode_chat, encode_chat_samples, supervised_spans
 from tuneforge.errors import UserError
 
 CONVERSATION = [
@@ -119,9 +119,13 @@ def test_resolve_auto_prefers_tokenizer_template_then_chatml(tiny_tokenizer, gpt
         assert own.name == "tokenizer" and own.stop == ["<|im_end|>"]
         assert "assistant:\n" in own.render(CONVERSATION, add_generation_prompt=True, tokenizer=tok)
         tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # never ends a turn
+        marker_less = resolve_template("auto", tok)
+        assert marker_less.turn_end == tok.eos_token  # answers are trained to end with EOS, generation stops on it
+        tok.eos_token = None
         with pytest.raises(UserError, match="never learn to stop"):
             resolve_template("auto", tok)
     finally:
+        tok.eos_token = "<|endoftext|>"
         tok.chat_template = None
 
 
@@ -139,13 +143,19 @@ def test_render_matches_transformers_apply_chat_template(tiny_tokenizer):
             assert template.render(CONVERSATION[:4], gen, tiny_tokenizer) == expected, name
 
 
-def test_non_prefix_template_is_a_clear_error(tiny_tokenizer):
-    # Renders the *last* user message differently: a prefix rendering is not a prefix of the whole.
+def test_non_prefix_template_trains_each_turn_as_rendered_at_inference(tiny_tokenizer):
+    # Marks the *last* message: a history renders differently once more turns follow it.
     jinja = ("{% for m in messages %}{% if loop.last %}[LAST]{% endif %}{{ m['role'] + ': ' + m['content'] + "
              "'<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     template = ChatTemplate("lastmark", jinja, ["<|im_end|>"])
-    with pytest.raises(UserError, match="'lastmark' renders a conversation prefix that is not a prefix"):
-        supervised_spans(CONVERSATION, template, tiny_tokenizer)
+    full, spans = supervised_spans(CONVERSATION, template, tiny_tokenizer)
+    assert [full[s:e] for s, e in spans] == []  # no turn keeps its inference-time history inside the whole
+    samples = encode_chat_samples({"messages": CONVERSATION}, tiny_tokenizer, template, 512)
+    assert [s["rule"] for s in samples] == ["per-turn/rebuilt", "per-turn/rebuilt"]
+    for sample, turn in zip(samples, (2, 4), strict=True):
+        prompt = template.render(CONVERSATION[:turn], add_generation_prompt=True, tokenizer=tiny_tokenizer)
+        assert sample["text"].startswith(prompt)
+        assert supervised_pieces(sample, tiny_tokenizer) == [CONVERSATION[turn]["content"] + "<|im_end|>"]
 
 
 def test_stop_token_ids_and_save_load(tiny_tokenizer, tmp_path):

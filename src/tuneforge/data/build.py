@@ -15,7 +15,7 @@ from tuneforge.data.packing import (
     padding_share,
 )
 from tuneforge.data.readers import read_records, record_text
-from tuneforge.data.tokenize import IGNORE, encode_chat, pretrain_blocks
+from tuneforge.data.tokenize import IGNORE, encode_chat_samples, pretrain_blocks
 from tuneforge.errors import UserError
 
 
@@ -131,7 +131,9 @@ def build_datasets(
     Returns:
         A :class:`DataBundle`. ``stats`` keys: records_per_file, cleaning, train_records, eval_records, samples,
         dropped_no_supervised, truncated, length (min/mean/p50/p95/max tokens per sample), tokens,
-        supervised_tokens, supervised_share, rows, eval_rows, padding_share, packed.
+        supervised_tokens, supervised_share, rows, eval_rows, padding_share, packed; for SFT also mask_rules
+        (assistant turns per masking rule, see ``data.tokenize``), extra_tokens (prompts re-encoded for turns
+        trained as their own sample) and stop_appended (samples whose answer got the template's ``turn_end``).
 
     Raises:
         UserError: text records in SFT, no sample left (with counts and the fix), too little text for one block.
@@ -189,25 +191,37 @@ def _pretrain(records: list[dict], tokenizer: Any, block_size: int, what: str) -
     return blocks, stats
 
 
+def sft_messages(record: dict, data_cfg: Any) -> dict:
+    """The record as training encodes it: ``data.system_prompt`` added when it has no system message."""
+    messages = record["messages"]
+    if data_cfg.system_prompt and messages[0]["role"] != "system":
+        return {**record, "messages": [{"role": "system", "content": data_cfg.system_prompt}, *messages]}
+    return record
+
+
 def _sft_samples(records: list[dict], tokenizer: Any, template: Any, data_cfg: Any, what: str):
     samples = []
     dropped = truncated = 0
+    rules: dict[str, int] = {}
+    extra = stop_appended = 0
     for record in records:
         if "messages" not in record:
             raise UserError(
                 f"{record.get('source', '?')}: a plain-text record, but stage 'sft' needs conversations "
                 "(chat or Alpaca records). For raw text use stage: pt"
             )
-        messages = record["messages"]
-        if data_cfg.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": data_cfg.system_prompt}, *messages]
-        sample = encode_chat({"messages": messages}, tokenizer, template, data_cfg.max_length,
-                             data_cfg.train_on_prompt)
-        if sample is None:
+        encoded = encode_chat_samples(sft_messages(record, data_cfg), tokenizer, template, data_cfg.max_length,
+                                      data_cfg.train_on_prompt, getattr(data_cfg, "system_message", "fold"))
+        kept = [s for s in encoded if s["supervised"]]
+        if not kept:
             dropped += 1
             continue
-        truncated += sample.pop("truncated")
-        samples.append(sample)
+        for sample in kept:
+            rules[sample["rule"]] = rules.get(sample["rule"], 0) + len(sample["turns"])
+            extra += sample["extra_tokens"]
+            stop_appended += sample["stop_appended"]
+            truncated += sample["truncated"]
+            samples.append({"input_ids": sample["input_ids"], "labels": sample["labels"]})
     if not samples:
         raise UserError(
             f"no {what} sample is left: all {len(records)} conversations lost every supervised token "
@@ -225,6 +239,9 @@ def _sft_samples(records: list[dict], tokenizer: Any, template: Any, data_cfg: A
         "tokens": sum(lengths),
         "supervised_tokens": supervised,
         "supervised_share": round(supervised / max(1, sum(lengths)), 4),
+        "mask_rules": dict(sorted(rules.items())),
+        "extra_tokens": extra,
+        "stop_appended": stop_appended,
     }
     return samples, stats
 

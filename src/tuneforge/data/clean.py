@@ -29,7 +29,9 @@ _ATTRS = r"""(?:\s+[\w:.-]+\s*=\s*(?:"[^"]*"|'[^']*'|[^\s"'<>]+))*"""
 _TAG_RE = re.compile(rf"</?({_TAGS}){_ATTRS}\s*/?>", re.IGNORECASE)
 # Block-level tags become a line break so that words on both sides do not run together.
 _BLOCK_TAGS = re.compile(r"p|br|div|li|tr|h[1-6]|ul|ol|table|blockquote|pre|hr|section|article", re.IGNORECASE)
-_DROP_RE = re.compile(r"<(script|style)\b[^<>]*>.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
+# Openers of the blocks dropped whole; each is closed by a plain search (str.find), never a backtracking regex,
+# so cleaning stays linear in the document size even when a block is never closed.
+_DROP_OPEN_RE = re.compile(r"<(script|style)\b[^<>]*>|<!--", re.IGNORECASE)
 _ENTITY_RE = re.compile(r"&(?:[a-zA-Z]{2,8}|#\d{1,6}|#x[0-9a-fA-F]{1,6});")
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -58,11 +60,33 @@ def strip_html(text: str) -> str:
     """Remove HTML tags (script/style blocks and comments whole) and unescape entities; keep the text."""
     if "<" not in text and "&" not in text:
         return text
-    out = _DROP_RE.sub("", text)
+    out = _drop_blocks(text)
     out = _TAG_RE.sub(lambda m: "\n" if _BLOCK_TAGS.fullmatch(m.group(1)) else "", out)
     if out != text or _ENTITY_RE.search(out):
         out = html.unescape(out)
     return out
+
+
+def _drop_blocks(text: str) -> str:
+    """``text`` without script/style blocks and comments; an unclosed one runs to the end (as in a browser)."""
+    lowered = None
+    parts, position = [], 0
+    while True:
+        match = _DROP_OPEN_RE.search(text, position)
+        if match is None:
+            parts.append(text[position:])
+            return "".join(parts)
+        parts.append(text[position:match.start()])
+        if match.group(1):
+            lowered = lowered if lowered is not None else text.lower()
+            close = lowered.find(f"</{match.group(1).lower()}", match.end())
+            end = -1 if close < 0 else lowered.find(">", close)
+        else:
+            close = text.find("-->", match.end())
+            end = -1 if close < 0 else close + 2
+        if end < 0:
+            return "".join(parts)
+        position = end + 1
 
 
 def normalize_text(text: str) -> str:
@@ -145,11 +169,13 @@ def _map_texts(record: dict, fn) -> dict:
 def _too_short(record: dict, min_length: int) -> bool:
     if "text" in record:
         return len(record["text"]) < min_length
-    answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+    # A tool call is an answer too, however short its text (often empty).
+    answers = [m["content"] for m in record["messages"] if m["role"] == "assistant" and not m.get("tool_calls")]
     return any(len(a) < min_length for a in answers)
 
 
 def _dedup_key(record: dict) -> str:
     if "text" in record:
         return "t:" + record["text"]
-    return "m:" + json.dumps([[m["role"], m["content"]] for m in record["messages"]], ensure_ascii=False)
+    turns = [[m["role"], m["content"], m.get("tool_calls")] for m in record["messages"]]
+    return "m:" + json.dumps([turns, record.get("tools")], ensure_ascii=False, sort_keys=True, default=str)

@@ -26,12 +26,13 @@ def run_preview(config_path: str, overrides: list[str] | None = None, n: int = 3
     cfg = load_config(config_path, overrides or [])
     records, _, _ = load_records(cfg.data, cfg.seed)
     tokenizer = _tokenizer_for_config(cfg, lambda: tokenizer_texts(cfg.data))
-    template = resolve_template(cfg.model.chat_template, tokenizer)
+    template = resolve_template(cfg.model.chat_template, tokenizer, cfg.model.chat_template_kwargs)
     bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, cfg.seed, batch_size=cfg.train.batch_size)
     samples = _preview_samples(cfg, records[:n], tokenizer, template, bundle)
     if as_json:
         for sample in samples:
-            out.write(json.dumps({k: sample[k] for k in ("text", "input_ids", "labels")}, ensure_ascii=False) + "\n")
+            keys = ("text", "input_ids", "labels", "rule", "extra_tokens")
+            out.write(json.dumps({k: sample[k] for k in keys if k in sample}, ensure_ascii=False) + "\n")
         return 0
     _print_human(samples, bundle.stats, template, cfg, out)
     return 0
@@ -39,7 +40,8 @@ def run_preview(config_path: str, overrides: list[str] | None = None, n: int = 3
 
 def _preview_samples(cfg: Any, records: list[dict], tokenizer: Any, template: Any, bundle: Any) -> list[dict]:
     """Dicts with text, input_ids, labels, marked spans (char ranges) and a truncated flag."""
-    from tuneforge.data.tokenize import IGNORE, encode_chat_detailed
+    from tuneforge.data.build import sft_messages
+    from tuneforge.data.tokenize import IGNORE, encode_chat_samples
 
     samples = []
     if cfg.stage == "pt":
@@ -49,16 +51,16 @@ def _preview_samples(cfg: Any, records: list[dict], tokenizer: Any, template: An
                             "spans": [(0, len(text))], "truncated": False, "source": "block"})
         return samples
     for record in records:
-        messages = record["messages"]
-        if cfg.data.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": cfg.data.system_prompt}, *messages]
-        enc = encode_chat_detailed({"messages": messages}, tokenizer, template, cfg.data.max_length,
-                                   cfg.data.train_on_prompt)
-        kept = enc["offsets"][-1][1] if enc["offsets"] else 0
-        spans = _merge_spans([off for off, label in zip(enc["offsets"], enc["labels"], strict=True) if label != IGNORE])
-        samples.append({"text": enc["text"][:kept], "input_ids": enc["input_ids"], "labels": enc["labels"],
-                        "spans": spans, "truncated": enc["truncated"], "source": record.get("source", "?"),
-                        "supervised": enc["supervised"]})
+        encoded = encode_chat_samples(sft_messages(record, cfg.data), tokenizer, template, cfg.data.max_length,
+                                      cfg.data.train_on_prompt, cfg.data.system_message)
+        for enc in encoded:
+            kept = enc["offsets"][-1][1] if enc["offsets"] else 0
+            spans = _merge_spans([off for off, label in zip(enc["offsets"], enc["labels"], strict=True)
+                                  if label != IGNORE])
+            samples.append({"text": enc["text"][:kept], "input_ids": enc["input_ids"], "labels": enc["labels"],
+                            "spans": spans, "truncated": enc["truncated"], "source": record.get("source", "?"),
+                            "supervised": enc["supervised"], "rule": enc["rule"], "turns": enc["turns"],
+                            "extra_tokens": enc["extra_tokens"], "stop_appended": enc["stop_appended"]})
     return samples
 
 
@@ -98,6 +100,8 @@ def _print_human(samples: list[dict], stats: dict, template: Any, cfg: Any, out:
         if sample.get("supervised") == 0:
             note += "  (no supervised token: dropped from training)"
         say(f"\n--- sample {i}  {sample['source']}  {len(sample['input_ids'])} tokens{note}")
+        if "rule" in sample:
+            say(f"    {describe_rule(sample, template)}")
         if console:
             from rich.text import Text
 
@@ -110,6 +114,33 @@ def _print_human(samples: list[dict], stats: dict, template: Any, cfg: Any, out:
     say("\n--- statistics")
     for line in format_stats(stats):
         say(line)
+
+
+RULE_HELP = {
+    "prefix": "prefix-diff (the answer follows the history as rendered)",
+    "markers": "the template's {% generation %} markers",
+    "rebuilt": "rebuilt (the template renders this answer differently from what the model continues)",
+    "all": "train_on_prompt (every token)",
+    "none": "no assistant turn",
+}
+
+
+def describe_rule(sample: dict, template: Any) -> str:
+    """One line: which masking rule a sample used, its extra-token cost and any appended stop token."""
+    rule = sample["rule"]
+    alone = rule.startswith("per-turn/")
+    names = rule.removeprefix("per-turn/").split("+")
+    text = "rule: " + ", ".join(RULE_HELP.get(n, n) for n in names)
+    turns = ", ".join(str(t) for t in sample.get("turns", []))
+    if alone:
+        text += (f"; turn {turns} trained alone (the template renders it differently as history), "
+                 f"+{sample['extra_tokens']} tokens of re-encoded prompt")
+    elif turns:
+        text += f"; turns {turns} in one sample, no extra tokens"
+    if sample.get("stop_appended"):
+        text += (f"; the template ends no turn, so {template.turn_end!r} (EOS) is appended to the answer and "
+                 "generation stops on it")
+    return text
 
 
 def format_stats(stats: dict) -> list[str]:
@@ -131,6 +162,13 @@ def format_stats(stats: dict) -> list[str]:
     lines.append("length   " + "  ".join(f"{k} {v}" for k, v in length.items()) + " tokens")
     lines.append(f"tokens   {stats.get('tokens')} ({stats.get('supervised_tokens')} supervised, "
                  f"share {stats.get('supervised_share', 0):.1%})")
+    rules = stats.get("mask_rules")
+    if rules:
+        per_turn = sum(n for r, n in rules.items() if r.startswith("per-turn/"))
+        lines.append("masks    " + ", ".join(f"{r}: {n} turns" for r, n in rules.items())
+                     + f" ({per_turn} trained alone, +{stats.get('extra_tokens', 0)} extra tokens, "
+                     f"{stats.get('extra_tokens', 0) / max(1, stats.get('tokens', 1)):.1%} of all tokens; "
+                     f"stop token appended in {stats.get('stop_appended', 0)} samples)")
     lines.append(f"rows     {stats.get('rows')} ({'packed' if stats.get('packed') else 'not packed'}), "
                  f"padding share {stats.get('padding_share', 0):.1%} at batch size "
                  f"{stats.get('padding_share_batch_size')}")

@@ -8,12 +8,16 @@ Canonical records (see docs/architecture.md)::
 ``source`` is ``file:line`` for JSON lines and ``file#n`` (1-based record number) otherwise; every error names it.
 Supported inputs: ``.txt`` (documents split on a separator), ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet``
 rows in text, Alpaca or chat (``messages`` / ``conversations``, role/content or ShareGPT from/value) shape,
-a directory of such files, and a hub dataset name (through ``datasets``) when no local path matches.
+a directory of such files, and a hub dataset ``owner/name`` (through ``datasets``) when no local path of that
+name can be meant (``hf:owner/name`` forces the hub). Chat turns may carry OpenAI ``tool_calls`` (assistant) and
+the ``tool`` role, ShareGPT ``function_call``/``observation`` turns become the same, a record's ``tools`` list
+travels with it, and a message's ``reasoning_content`` is folded into its content as ``<think>...</think>``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,8 +33,15 @@ ROLE_MAP = {
     "human": "user",
     "assistant": "assistant",
     "gpt": "assistant",
+    "tool": "tool",
+    "observation": "tool",  # ShareGPT: a tool's result
+    "function_call": "assistant",  # ShareGPT: an assistant tool call (value: {"name", "arguments"} JSON)
 }
 ALLOWED_ROLES = tuple(ROLE_MAP)
+# Names datasets use for a message's reasoning; it is folded into the content as <think>...</think>.
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+# A hub dataset id: "name" or "owner/name" (no deeper path, no file suffix).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def read_records(path: str | Path, format: str = "auto", text_separator: str = "\n\n\n") -> list[dict]:
@@ -64,9 +75,21 @@ def read_records(path: str | Path, format: str = "auto", text_separator: str = "
         return records
     if p.is_file():
         return _read_file(p, format, text_separator)
-    if p.suffix.lower() in FILE_SUFFIXES or str(path).startswith((".", "/", "~")) or "\\" in str(path):
+    name = str(path)
+    if name.startswith("hf:"):  # explicitly a hub dataset
+        return _read_hub(name[3:], format)
+    if not _looks_like_hub_id(name):
         raise UserError(f"data file not found: {path}")
-    return _read_hub(str(path), format)
+    return _read_hub(name, format)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """True for ``name`` / ``owner/name`` that cannot be a local path: a missing local directory (its parent
+    exists here, or the name has a file suffix or path syntax) is reported as not found, never read from the hub."""
+    if not _HUB_ID.match(name) or Path(name).suffix.lower() in FILE_SUFFIXES:
+        return False
+    owner = name.split("/")[0]
+    return "/" in name and not Path(owner).exists()
 
 
 # --------------------------------------------------------------------------- files
@@ -122,7 +145,10 @@ def _text_documents(path: Path, text: str, separator: str) -> list[dict]:
 
 def _json_lines(path: Path, text: str) -> Iterable[tuple[str, Any]]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also splits inside JSON strings at U+2028/U+2029 and other
+    # Unicode line separators, which JSON allows unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -286,9 +312,67 @@ def _chat_record(row: dict, source: str) -> dict:
         role = ROLE_MAP.get(str(raw_role).strip().lower())
         if role is None:
             raise UserError(f"{where}: unknown role {raw_role!r}; allowed roles: {', '.join(ALLOWED_ROLES)}")
-        content = turn[content_key]
-        messages.append({"role": role, "content": _string("" if content is None else content, content_key, where)})
-    return {"messages": messages, "source": source}
+        content = _string("" if turn[content_key] is None else turn[content_key], content_key, where)
+        raw = str(raw_role).strip().lower()
+        message = {"role": role, "content": content}
+        if raw == "function_call":
+            message = {"role": "assistant", "content": "", "tool_calls": [_sharegpt_call(content, where)]}
+        elif turn.get("tool_calls"):
+            message["tool_calls"] = _tool_calls(turn["tool_calls"], where)
+        for extra in ("tool_call_id", "name"):
+            if role == "tool" and turn.get(extra) is not None:
+                message[extra] = _string(turn[extra], extra, where)
+        reasoning = next((turn[k] for k in REASONING_KEYS if turn.get(k)), None)
+        if reasoning and role == "assistant" and "</think>" not in content:
+            message["content"] = f"<think>\n{_string(reasoning, 'reasoning', where).strip()}\n</think>\n\n{content}"
+        messages.append(message)
+    record = {"messages": messages, "source": source}
+    tools = _tools(row.get("tools"), source)
+    if tools:
+        record["tools"] = tools
+    return record
+
+
+def _sharegpt_call(value: str, where: str) -> dict:
+    """A ShareGPT ``function_call`` value (``{"name", "arguments"}`` JSON) as an OpenAI-style tool call."""
+    try:
+        call = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: a function_call value must be JSON {{\"name\", \"arguments\"}} ({exc.msg})") from None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        raise UserError(f"{where}: a function_call value must be a JSON object with a 'name'")
+    return {"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments", {})}}
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    """OpenAI ``tool_calls``: a list of ``{"type": "function", "function": {"name", "arguments"}}`` (``id`` kept)."""
+    if hasattr(calls, "tolist"):
+        calls = calls.tolist()
+    if not isinstance(calls, list):
+        raise UserError(f"{where}: 'tool_calls' must be a list of calls")
+    out = []
+    for n, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise UserError(f"{where}: tool_calls[{n}] needs a 'function' with a 'name' (OpenAI format)")
+        out.append({**call, "type": call.get("type", "function")})
+    return out
+
+
+def _tools(tools: Any, source: str) -> list[dict] | None:
+    """A record's ``tools`` (a list of function schemas, or its JSON string as ShareGPT datasets store it)."""
+    if tools is None or (isinstance(tools, str) and not tools.strip()):
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{source}: 'tools' is not valid JSON ({exc.msg})") from None
+    if hasattr(tools, "tolist"):
+        tools = tools.tolist()
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise UserError(f"{source}: 'tools' must be a list of function schemas (objects)")
+    return tools or None
 
 
 _CONVERTERS = {"text": _text_record, "alpaca": _alpaca_record, "chat": _chat_record}
@@ -299,4 +383,4 @@ def record_text(record: dict) -> str:
     """The plain text of a record (chat turns' contents joined by newlines), for pretraining and tokenizers."""
     if "text" in record:
         return record["text"]
-    return "\n".join(m["content"] for m in record["messages"])
+    return "\n".join(m["content"] for m in record["messages"] if m["content"])

@@ -10,6 +10,7 @@ Every built-in ends each assistant turn with an end-of-turn marker or the EOS to
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,36 +61,92 @@ PLAIN = (
 
 # End-of-turn markers looked for in a tokenizer's own template (its stop strings).
 KNOWN_END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eot|>")
+# Stands in for an answer when probing how a template wraps a turn (private-use characters: never real text).
+SENTINEL = "\ue000tuneforge-answer\ue001"
+SYSTEM_SENTINEL = "\ue000tuneforge-system\ue001"
+_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Message keys passed to templates (others, e.g. a reader's bookkeeping, are not).
+MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
 
 
 @dataclass
 class ChatTemplate:
-    """A named Jinja chat template and the end-of-turn strings generation stops at (besides EOS)."""
+    """A named Jinja chat template plus everything rendering and stopping need.
+
+    Attributes:
+        name: a built-in name, ``tokenizer`` (the tokenizer's own) or ``file``.
+        jinja: the template source.
+        stop: end-of-turn strings generation stops at (besides EOS).
+        kwargs: extra template variables (``model.chat_template_kwargs``, e.g. ``enable_thinking``), passed on
+            every render: training, generate, eval and serve see the same prompt.
+        turn_end: for templates that end an assistant turn with no marker at all (GLM-4, Baichuan2): the token
+            appended to every trained answer (the tokenizer's EOS), so the model learns to stop where generation
+            stops. None when the template ends turns itself.
+    """
 
     name: str
     jinja: str
     stop: list[str] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    turn_end: str | None = None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False, tokenizer: Any = None) -> str:
+    @property
+    def has_generation_markers(self) -> bool:
+        """True when the template marks assistant output with ``{% generation %}`` blocks."""
+        return bool(_GENERATION_MARKER.search(self.jinja))
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tokenizer: Any = None,
+               tools: list[dict] | None = None) -> str:
         """Render ``messages`` as ``tokenizer.apply_chat_template(..., tokenize=False)`` would.
 
         ``bos_token``/``eos_token`` (and the tokenizer's other special tokens) come from ``tokenizer``; without a
-        tokenizer they are undefined and render as empty strings.
+        tokenizer they are undefined and render as empty strings. :attr:`kwargs` are passed as template
+        variables; ``tools`` (OpenAI-style function schemas) as the ``tools`` variable.
 
         Raises:
-            UserError: when the template fails on these messages (naming the template).
+            UserError: when the template fails on these messages (naming the template and the failure).
         """
-        variables = dict(getattr(tokenizer, "special_tokens_map", None) or {})
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return self._render(messages, add_generation_prompt, tokenizer, tools, spans=False)[0]
+
+    def render_with_spans(self, messages: list[dict], tokenizer: Any = None,
+                          tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+        """Render (no generation prompt) and return the character spans of the ``{% generation %}`` blocks."""
+        return self._render(messages, False, tokenizer, tools, spans=True)
+
+    def _render(self, messages, add_generation_prompt, tokenizer, tools, spans):
+        variables = {k: v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items()}
+        variables.update(self.kwargs)
+        msgs = [_template_message(m) for m in messages]
         try:
-            return _compile(self.jinja).render(messages=msgs, add_generation_prompt=add_generation_prompt, **variables)
-        except Exception as exc:  # jinja2 TemplateError / UndefinedError raised by the template itself
-            if type(exc).__module__.startswith("jinja2") or type(exc).__name__ == "TemplateError":
-                raise UserError(
-                    f"chat template {self.name!r} failed to render a conversation with roles "
-                    f"{[m['role'] for m in msgs]}: {exc}. Choose another model.chat_template (e.g. chatml)"
-                ) from None
+            compiled = _compile(self.jinja)
+            if spans:
+                return _render_tracked(compiled, msgs, tools, variables)
+            text = compiled.render(messages=msgs, tools=tools, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **variables)
+            return text, []
+        except UserError:
             raise
+        except Exception as exc:  # noqa: BLE001 - raise_exception(), a TypeError in the template, a syntax error
+            raise UserError(
+                f"chat template {self.name!r} failed to render a conversation with roles "
+                f"{[m['role'] for m in msgs]}: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def end_markers(self, tokenizer: Any) -> list[str]:
+        """Strings that end an assistant turn: the stop strings, then the tokenizer's EOS (no duplicates)."""
+        eos = getattr(tokenizer, "eos_token", None)
+        return [m for m in dict.fromkeys([*self.stop, *([eos] if isinstance(eos, str) else [])]) if m]
+
+    def accepts_system(self, tokenizer: Any) -> bool:
+        """Whether the template renders a system message (False when it raises on one or silently drops it)."""
+        key = (self.jinja, tuple(sorted(self.kwargs.items(), key=str)), getattr(tokenizer, "name_or_path", None))
+        if key not in _SYSTEM_CACHE:
+            probe = [{"role": "system", "content": SYSTEM_SENTINEL}, {"role": "user", "content": "Hi"}]
+            try:
+                _SYSTEM_CACHE[key] = SYSTEM_SENTINEL in self.render(probe, True, tokenizer)
+            except UserError:
+                _SYSTEM_CACHE[key] = False
+        return _SYSTEM_CACHE[key]
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         """Ids generation stops at: each stop string that is a single token, plus the EOS id (no duplicates)."""
@@ -105,13 +162,15 @@ class ChatTemplate:
         return list(dict.fromkeys(ids))
 
     def to_dict(self) -> dict:
-        """``{"name", "jinja", "stop"}`` (JSON-serialisable)."""
-        return {"name": self.name, "jinja": self.jinja, "stop": list(self.stop)}
+        """``{"name", "jinja", "stop", "kwargs", "turn_end"}`` (JSON-serialisable)."""
+        return {"name": self.name, "jinja": self.jinja, "stop": list(self.stop), "kwargs": dict(self.kwargs),
+                "turn_end": self.turn_end}
 
     @classmethod
     def from_dict(cls, data: dict) -> ChatTemplate:
-        """Inverse of :meth:`to_dict`."""
-        return cls(name=str(data["name"]), jinja=str(data["jinja"]), stop=list(data.get("stop") or []))
+        """Inverse of :meth:`to_dict` (files written before ``kwargs``/``turn_end`` existed load too)."""
+        return cls(name=str(data["name"]), jinja=str(data["jinja"]), stop=list(data.get("stop") or []),
+                   kwargs=dict(data.get("kwargs") or {}), turn_end=data.get("turn_end"))
 
     def save(self, directory: str | Path) -> None:
         """Write ``template.json`` and ``chat_template.jinja`` into ``directory`` (each atomically)."""
@@ -138,6 +197,8 @@ class ChatTemplate:
         return None
 
 
+_SYSTEM_CACHE: dict[Any, bool] = {}
+
 BUILTIN = {
     "chatml": ChatTemplate("chatml", CHATML, ["<|im_end|>"]),
     "llama3": ChatTemplate("llama3", LLAMA3, ["<|eot_id|>"]),
@@ -147,51 +208,104 @@ BUILTIN = {
 TEMPLATE_NAMES = ("auto", *BUILTIN)
 
 
-def get_template(name: str) -> ChatTemplate:
-    """A fresh copy of a built-in template. Raises UserError listing the known names."""
+def get_template(name: str, kwargs: dict | None = None) -> ChatTemplate:
+    """A fresh copy of a built-in template (with ``kwargs``). Raises UserError listing the known names."""
     if name not in BUILTIN:
         raise UserError(
             f"model.chat_template: unknown template {name!r}{did_you_mean(name, TEMPLATE_NAMES)}; "
             f"known: {', '.join(TEMPLATE_NAMES)}"
         )
-    return ChatTemplate.from_dict(BUILTIN[name].to_dict())
+    template = ChatTemplate.from_dict(BUILTIN[name].to_dict())
+    template.kwargs = dict(kwargs or {})
+    return template
 
 
-def resolve_template(name: str, tokenizer: Any) -> ChatTemplate:
+def resolve_template(name: str, tokenizer: Any, kwargs: dict | None = None) -> ChatTemplate:
     """The template a run uses.
 
     ``auto``: the tokenizer's own ``chat_template`` when it has one; else ``chatml`` when ``<|im_start|>`` and
     ``<|im_end|>`` are single tokens of the tokenizer; else ``plain``. Any other name is a built-in.
+    ``kwargs`` (``model.chat_template_kwargs``) travel with the template.
+
+    A tokenizer template's stop strings are the known end-of-turn markers it contains plus the special token
+    that follows an answer in its rendering (``<|end|>``, ``<end_of_turn>``...). When nothing follows an answer
+    (GLM-4, Baichuan2), answers are trained to end with the tokenizer's EOS (:attr:`ChatTemplate.turn_end`).
 
     Raises:
-        UserError: unknown name (listing the known ones), or a tokenizer template whose assistant turns do not end
-            with an end-of-turn marker or EOS.
+        UserError: unknown name (listing the known ones), a template that fails to render a simple
+            conversation, or a marker-less template on a tokenizer without an EOS token.
     """
     if name != "auto":
-        return get_template(name)
+        return get_template(name, kwargs)
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates: the default one
         own = own.get("default") or next(iter(own.values()), None)
     if isinstance(own, str) and own.strip():
-        template = ChatTemplate("tokenizer", own, _guess_stop(own))
-        check_turn_end(template, tokenizer)
+        template = ChatTemplate("tokenizer", own, _guess_stop(own), dict(kwargs or {}))
+        _complete_turn_end(template, tokenizer)
         return template
     if all(_is_single_token(tokenizer, t) for t in ("<|im_start|>", "<|im_end|>")):
-        return get_template("chatml")
-    return get_template("plain")
+        return get_template("chatml", kwargs)
+    return get_template("plain", kwargs)
+
+
+def turn_suffix(template: ChatTemplate, tokenizer: Any) -> str:
+    """What the template writes right after an assistant answer (a one-turn conversation, leading spaces kept)."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}]
+    text = template.render(messages, tokenizer=tokenizer)
+    index = text.find(SENTINEL)
+    return text[index + len(SENTINEL):] if index >= 0 else ""
+
+
+def _complete_turn_end(template: ChatTemplate, tokenizer: Any) -> None:
+    """Add the special token that closes an answer to ``stop``; set ``turn_end`` when there is none."""
+    suffix = turn_suffix(template, tokenizer).lstrip()
+    markers = template.end_markers(tokenizer)
+    if any(suffix.startswith(m) for m in markers):
+        return
+    special = sorted((t for t in _special_tokens(tokenizer) if t and suffix.startswith(t)), key=len, reverse=True)
+    if special:
+        template.stop.append(special[0])
+        return
+    eos = getattr(tokenizer, "eos_token", None)
+    if not eos:
+        raise UserError(
+            f"chat template {template.name!r} ends an assistant turn with no end-of-turn marker and the tokenizer "
+            "has no eos_token, so a model trained on it would never learn to stop. Give the tokenizer an "
+            "eos_token or set model.chat_template to a built-in (chatml, llama3, alpaca, plain)"
+        )
+    template.turn_end = eos
 
 
 def check_turn_end(template: ChatTemplate, tokenizer: Any) -> None:
-    """Raise UserError unless an assistant turn rendered by ``template`` ends with a stop string or EOS."""
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    full = template.render(messages, tokenizer=tokenizer).rstrip()
-    endings = [*template.stop, *([tokenizer.eos_token] if getattr(tokenizer, "eos_token", None) else [])]
-    if not any(full.endswith(end) for end in endings if end):
+    """Raise UserError unless an assistant turn ends with a stop string or EOS (or ``turn_end`` is set)."""
+    if template.turn_end:
+        return
+    suffix = turn_suffix(template, tokenizer).lstrip()
+    if not any(suffix.startswith(end) for end in template.end_markers(tokenizer)):
         raise UserError(
             f"chat template {template.name!r} does not end an assistant turn with an end-of-turn marker or EOS "
-            f"(rendered: {full[-60:]!r}), so a model trained on it would never learn to stop. "
+            f"(after the answer: {suffix[:60]!r}), so a model trained on it would never learn to stop. "
             "Set model.chat_template to a built-in (chatml, llama3, alpaca, plain)"
         )
+
+
+def _special_tokens(tokenizer: Any) -> list[str]:
+    tokens = list(getattr(tokenizer, "all_special_tokens", None) or [])
+    tokens += [str(t) for t in (getattr(tokenizer, "added_tokens_encoder", None) or {})]
+    return list(dict.fromkeys(tokens))
+
+
+def _template_message(message: dict) -> dict:
+    """The keys a template may read, without None values (many templates render a literal 'None')."""
+    return {k: message[k] for k in MESSAGE_KEYS if k in message and message[k] is not None}
+
+
+def _render_tracked(compiled, messages, tools, variables) -> tuple[str, list[tuple[int, int]]]:
+    from transformers.utils.chat_template_utils import _render_with_assistant_indices
+
+    text, indices = _render_with_assistant_indices(compiled, messages, tools, None, False, **variables)
+    return text, [(int(s), int(e)) for s, e in indices]
 
 
 def _is_single_token(tokenizer: Any, text: str) -> bool:
