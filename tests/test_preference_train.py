@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,33 @@ def test_bad_preference_data_exits_2_naming_file_and_line(tmp_path, pref_data, c
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
     assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize("stage", ["orpo", "simpo"])
+def test_reference_free_stage_trains_and_logs_rewards(tmp_path, pref_data, stage):
+    out = tmp_path / stage
+    result = _train(_cfg(out, pref_data, stage=stage, train={"max_steps": 8, "eval_steps": 4, "save_steps": 4}))
+    logs = _logs(out)
+    assert len(logs) == 8 and all(math.isfinite(line["loss"]) for line in logs)
+    # ORPO on a random base is dominated by its NLL term: its loss falls; SimPO's margin grows.
+    watched = [line["loss"] for line in logs] if stage == "orpo" else [-line["rewards/margins"] for line in logs]
+    assert sum(watched[-3:]) < sum(watched[:3]), watched
+    if stage == "orpo":
+        assert all("nll_loss" in line and "log_odds_ratio" in line for line in logs)
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_rewards/accuracies" in x for x in evals if x.get("event") == "eval")
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "summary.json").read_text())["stage"] == stage
+    assert list(result.model.peft_config) == ["default"]
+
+
+def test_kto_stage_on_pairs_trains_with_kl_and_disabled_adapter_reference(tmp_path, pref_data):
+    out = tmp_path / "kto"
+    _train(_cfg(out, pref_data, stage="kto", data={"eval": None}, train={"max_steps": 6, "save_steps": None}))
+    logs = _logs(out)
+    assert len(logs) == 6
+    assert logs[0]["loss"] == pytest.approx(0.5, abs=1e-3)  # at the reference every reward and z0 are 0
+    assert all("kl" in line for line in logs)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["desirable"] == summary["data"]["undesirable"] == 48
+    assert not (out / "final" / "ref").exists()

@@ -1,0 +1,97 @@
+"""``stage: kto`` — Kahneman-Tversky Optimization (Ethayarajh et al., 2024) on TRL's KTOTrainer.
+
+Unpaired examples ``{prompt, completion, label}`` (a pair counts as one desirable and one undesirable example).
+With r(x, y) = log π(y|x) - log π_ref(y|x) and z₀ the batch's KL estimate from mismatched (prompt, completion)
+pairs::
+
+    L = w_d (1 - σ(β (r - z₀)))   for desirable y,      w_u (1 - σ(β (z₀ - r)))   for undesirable y
+
+``preference.beta``, ``desirable_weight``, ``undesirable_weight``; the reference model follows DPO's rules
+(disabled adapter, frozen copy, or ``precompute_ref``). The KL pairs are built by rotating the completions within
+each batch, so batches are taken in order: the rows are shuffled once with the run's seed.
+"""
+
+from __future__ import annotations
+
+import random
+
+from tuneforge.errors import UserError
+from tuneforge.train.stages.base import Stage
+from tuneforge.train.stages.common import check_no_lm_head_adapter, to_dataset, trl_args
+from tuneforge.train.stages.dpo import adapter_is_identity, finish_peft_reference, frozen_copy
+
+
+def trainer_base():
+    """TRL's KTOTrainer on rows data/preference.py encoded; only the KL completions are added here."""
+    from trl import KTOTrainer
+
+    class TuneforgeKTOTrainer(KTOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if not self.calculate_KL:
+                return dataset
+            size = args.per_device_train_batch_size
+
+            def rotate(batch):  # (x_i, y_i) -> (x_i, y_{i-1}) within each batch, as TRL does
+                batch["KL_completion_ids"] = batch["completion_ids"][-1:] + batch["completion_ids"][:-1]
+                batch["KL_completion_mask"] = batch["completion_mask"][-1:] + batch["completion_mask"][:-1]
+                return batch
+
+            return dataset.map(rotate, batched=True, batch_size=size)
+
+    return TuneforgeKTOTrainer
+
+
+class KTOStage(Stage):
+    """KTO on unpaired examples; see the module docstring."""
+
+    kind = "unpaired"
+
+    def build_data(self, cfg, tokenizer, template):
+        if cfg.train.batch_size < 2:
+            raise UserError("stage kto needs train.batch_size >= 2: its KL term pairs each prompt with another "
+                            "example's completion from the same batch")
+        bundle = super().build_data(cfg, tokenizer, template)
+        random.Random(cfg.seed).shuffle(bundle.train)  # batches are taken in order (see the module docstring)
+        return bundle
+
+    def build_trainer(self, cfg, model, tokenizer, template, bundle, args, callbacks, optimizers, trainer_class):
+        from trl import KTOConfig
+
+        from tuneforge.data.preference import UnpairedCollator, _pad_id
+
+        pref = cfg.preference
+        is_peft = hasattr(model, "peft_config")
+        ref_model = None
+        disable_for_reference = False
+        if is_peft:
+            check_no_lm_head_adapter(model)
+            first = bundle.train[0]
+            disable_for_reference = adapter_is_identity(model, first["prompt_ids"] + first["completion_ids"])
+        elif not pref.precompute_ref:
+            ref_model = frozen_copy(model)
+        kto_args = trl_args(
+            args, KTOConfig,
+            beta=pref.beta_for("kto"),
+            desirable_weight=pref.desirable_weight,
+            undesirable_weight=pref.undesirable_weight,
+            precompute_ref_log_probs=pref.precompute_ref,
+            max_length=None,
+            train_sampling_strategy="sequential",
+        )
+        trainer = trainer_class(trainer_base())(
+            model=model,
+            ref_model=ref_model,
+            args=kto_args,
+            data_collator=UnpairedCollator(_pad_id(tokenizer)),
+            train_dataset=to_dataset(bundle.train),
+            eval_dataset=to_dataset(bundle.eval),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        finish_peft_reference(trainer, disable_for_reference)
+        return trainer
+
+
+def stage(name: str) -> KTOStage:
+    return KTOStage(name)
