@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,7 @@ def open_storage(url: str):
     Raises:
         UserError: the URL is malformed, its driver is missing, or the database cannot be reached.
     """
+    import optuna
     from optuna.storages import RDBStorage
 
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
@@ -228,8 +230,10 @@ def open_storage(url: str):
     elif url.startswith(("postgresql", "postgres")):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          heartbeat_stale_trial_callback=_requeue_stale)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough here
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                              grace_period=GRACE_S, heartbeat_stale_trial_callback=_requeue_stale)
     except ImportError as exc:
         raise UserError(f"--storage {redact(url)}: the database driver is not installed ({exc}); for PostgreSQL: "
                         "pip install 'tuneforge[search]' (psycopg2-binary)") from None
@@ -430,9 +434,9 @@ def run_search(search: Search, echo=print, train_echo=None) -> SearchResult:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what happened, once
-    search.study_dir.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(search.storage_url)
+    storage = open_storage(search.storage_url)  # before anything is written: a bad URL leaves no trace
     study, created = open_study(search, storage)
+    search.study_dir.mkdir(parents=True, exist_ok=True)
     if created and any(search.study_dir.glob("trial-*")):
         raise UserError(f"{search.study_dir} holds trial directories of an earlier search under this name; "
                         f"remove them or choose another --study (or --out)")
