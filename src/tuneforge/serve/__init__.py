@@ -9,7 +9,6 @@ from tuneforge.utils import lazy_exports
 
 _EXPORTS = {
     "Engine": "tuneforge.serve.engine",
-    "Settings": "tuneforge.serve.engine",
     "create_app": "tuneforge.serve.app",
     "chat_loop": "tuneforge.serve.chat",
 }

@@ -9,13 +9,13 @@ from typing import Any, TextIO
 HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits, /help shows this"
 
 
-def chat_loop(model: Any, tokenizer: Any, template: Any, *, system: str | None = None, max_new_tokens: int = 256,
-              temperature: float = 0.7, top_p: float = 1.0, repetition_penalty: float = 1.0,
+def chat_loop(model: Any, tokenizer: Any, template: Any, settings: Any = None, *, system: str | None = None,
               read: Callable[[str], str] | None = None, out: TextIO | None = None, stream=None) -> list[dict]:
     """Run the chat until ``/exit`` or end of input; return the final conversation (without the system prompt).
 
     Args:
         model, tokenizer, template: as returned by ``load_for_inference``.
+        settings: a ``GenerationSettings`` (default: greedy, 128 new tokens).
         system: an optional system message sent first in every prompt.
         read: reads one line of user input given a prompt string (``input`` by default; raises EOFError at end).
         out: where answers are written (stdout by default), flushed piece by piece as they are generated.
@@ -25,6 +25,7 @@ def chat_loop(model: Any, tokenizer: Any, template: Any, *, system: str | None =
 
     if stream is None:
         from tuneforge.models.generation import stream_generate as stream
+    settings = settings or GenerationSettings()
     out = out or sys.stdout
     read = read or input  # looked up at call time, so tests and wrappers can replace builtins.input
     history: list[dict] = []
@@ -55,8 +56,6 @@ def chat_loop(model: Any, tokenizer: Any, template: Any, *, system: str | None =
         out.write("assistant> ")
         out.flush()
         answer = ""
-        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                      repetition_penalty=repetition_penalty)
         for piece in stream(model, tokenizer, template, messages, settings):
             answer += piece
             out.write(piece)

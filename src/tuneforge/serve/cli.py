@@ -3,31 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+KEY_ENV = "TUNEFORGE_API_KEY"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this group's subcommands."""
+    from tuneforge.models.generation import add_generation_args
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API for one or more runs (adapters of one base share it)")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run, adapter or model directory; NAME=PATH to name it")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("TUNEFORGE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $TUNEFORGE_API_KEY; none = open)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", type=Path, default=None,
+                     help=f"file holding the key clients must send as 'Authorization: Bearer KEY' (default: ${KEY_ENV}; "
+                     "neither = open)")
+    key.add_argument("--api-key", default=None,
+                     help=f"the key itself (visible to other local users in the process list: prefer --api-key-file "
+                     f"or ${KEY_ENV})")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted, in tokens")
-    p.add_argument("--default-max-tokens", type=int, default=256)
-    p.add_argument("--default-temperature", type=float, default=0.7)
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt accepted, in tokens (default: the model's context length)")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of requests that give none")
+    p.add_argument("--default-temperature", type=float, default=0.0,
+                   help="temperature of requests that give none (default 0 = greedy)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="most generations run together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most generations waiting; beyond it requests get 429 with Retry-After (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=serve_command)
 
     p = sub.add_parser("chat", help="interactive terminal chat with a run (streamed; /reset, /exit)")
     p.add_argument("run", metavar="RUN", help="run, adapter or model directory")
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    add_generation_args(p, max_new_tokens=256)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=chat_command)
 
@@ -39,14 +56,49 @@ def _positive(value, flag: str) -> None:
         raise UserError(f"{flag} must be positive, got {value}")
 
 
+def read_api_key(args: argparse.Namespace) -> str | None:
+    """The key from ``--api-key-file``, ``--api-key`` or ``$TUNEFORGE_API_KEY`` (in that order); ``None`` = open.
+
+    Raises:
+        UserError: the key file cannot be read or is empty.
+    """
+    from tuneforge.errors import UserError
+
+    if args.api_key_file is not None:
+        try:
+            key = args.api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UserError(f"--api-key-file {args.api_key_file}: cannot read it ({exc.strerror})") from None
+        if not key:
+            raise UserError(f"--api-key-file {args.api_key_file}: the file is empty")
+        return key
+    key = args.api_key if args.api_key is not None else os.environ.get(KEY_ENV)
+    if key is not None and not key.strip():
+        raise UserError(f"the API key is empty (--api-key or ${KEY_ENV}); give a key or leave it unset")
+    return key.strip() if key else None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` only accepts connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def serve_command(args: argparse.Namespace) -> int:
     from tuneforge.errors import UserError
 
-    _positive(args.max_tokens_limit, "--max-tokens-limit")
-    _positive(args.max_prompt_tokens, "--max-prompt-tokens")
-    _positive(args.default_max_tokens, "--default-max-tokens")
+    for flag in ("max_tokens_limit", "max_prompt_tokens", "default_max_tokens", "max_batch_size", "max_queue",
+                 "max_body_bytes"):
+        _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: choose a port between 1 and 65535")
+    if not 0 <= args.default_temperature <= 2:
+        raise UserError(f"--default-temperature must be between 0 and 2, got {args.default_temperature}")
+    api_key = read_api_key(args)
     try:
         import uvicorn
 
@@ -55,26 +107,34 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UserError(f"serve needs the serve extra ({exc.name} is missing): pip install 'tuneforge[serve]'") from None
     from tuneforge.serve.engine import Engine
 
-    engine = Engine(args.runs, device=args.device)
-    app = create_app(engine, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit,
+    local = is_loopback(args.host)
+    if not local and not api_key:
+        log.warning("serving on %s without an API key: anyone who can reach this address can use the models "
+                    "(set --api-key-file or $%s)", args.host, KEY_ENV)
+    engine = Engine(args.runs, device=args.device, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    app = create_app(engine, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
                      max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
-                     default_temperature=args.default_temperature)
+                     default_temperature=args.default_temperature, max_body_bytes=args.max_body_bytes,
+                     local_only=local and not api_key)
     print(f"serving {', '.join(engine.names())} on http://{args.host}:{args.port}/v1"
-          + (" (API key required)" if args.api_key else ""))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+          + (" (API key required)" if api_key else ""))
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.scheduler.close()
     return 0
 
 
 def chat_command(args: argparse.Namespace) -> int:
     from tuneforge.errors import UserError
+    from tuneforge.models.generation import GenerationSettings
     from tuneforge.models.reference import load_for_inference
     from tuneforge.serve.chat import chat_loop
 
     _positive(args.max_new_tokens, "--max-new-tokens")
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    settings = GenerationSettings.from_args(args)
     loaded = load_for_inference(args.run, device=args.device)
-    chat_loop(loaded.model, loaded.tokenizer, loaded.template, system=args.system,
-              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              repetition_penalty=args.repetition_penalty)
+    chat_loop(loaded.model, loaded.tokenizer, loaded.template, settings, system=args.system)
     return 0
