@@ -199,3 +199,97 @@ def test_nothing_left_after_cleaning_names_rules():
     records = [{"text": "a", "source": "f#1"}, {"text": "a", "source": "f#2"}, {"text": "", "source": "f#3"}]
     with pytest.raises(UserError, match="nothing left after cleaning 3 records: min_length .* dropped 3, dedup dropped 0"):
         clean_records(records, {"min_length": 5})
+
+
+# --------------------------------------------------------------------------- issue 10: readers that lose nothing
+
+
+def test_jsonl_line_with_unicode_line_separators_reads(tmp_path):
+    # JSON allows U+2028/U+2029 unescaped inside strings; str.splitlines() would cut the line there.
+    f = tmp_path / "sep.jsonl"
+    rows = [{"text": "first\u2028line"}, {"text": "para\u2029graph \x85 and \x1c"}]
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    records = read_records(f)
+    assert [r["text"] for r in records] == [rows[0]["text"], rows[1]["text"]]
+    assert [r["source"] for r in records] == [f"{f}:1", f"{f}:2"]
+
+
+def test_html_cleaner_is_linear_on_unclosed_blocks():
+    # Many unclosed <script>/<!-- openers made the old regex rescan to the end from each one (quadratic: minutes
+    # for 1 MB). Run in a subprocess with a generous timeout: the fixed cleaner needs milliseconds.
+    import subprocess
+    import sys
+
+    code = (
+        "from tuneforge.data.clean import strip_html\n"
+        "doc = ('<p>kept</p>' + '<script>x ' * 50_000 + '<!-- c' * 50_000).ljust(1_000_000, 'y')\n"
+        "assert len(doc) == 1_000_000\n"
+        "out = strip_html(doc)\n"
+        "assert out.strip() == 'kept', out[:80]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_html_cleaner_drops_blocks_case_insensitively_and_unclosed_to_the_end():
+    assert strip_html("a<SCRIPT type='x'>bad()</script >b<!-- note -->c<style>p{}</STYLE>d") == "abcd"
+    assert strip_html("keep<script>never closed") == "keep"
+    assert strip_html("keep<!-- never closed") == "keep"
+
+
+def test_missing_local_directory_is_never_read_from_the_hub(tmp_path, monkeypatch):
+    import tuneforge.data.readers as readers
+
+    calls = []
+    monkeypatch.setattr(readers, "_read_hub", lambda name, fmt: calls.append(name) or [])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for missing in ("data/train", "data/train/", "./corpus", "data/sub/dir", "data/x.jsonl"):
+        with pytest.raises(UserError, match="data file not found"):
+            read_records(missing)
+    assert calls == []
+    # An owner/name whose owner is not a local directory is a hub id; hf: forces the hub.
+    read_records("someone/dataset")
+    read_records("hf:data/train")
+    assert calls == ["someone/dataset", "data/train"]
+
+
+# --------------------------------------------------------------------------- tools and reasoning
+
+
+def test_openai_tool_calls_tool_role_and_record_tools(tmp_path):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    call = {"id": "call00001", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+    f = write_jsonl(tmp_path / "tools.jsonl", [{"tools": tools, "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call00001", "name": "get_weather", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."}]}])
+    (record,) = clean_records(read_records(f))[0]  # a tool call with no text survives min_length
+    assert record["tools"] == tools
+    assert record["messages"][1] == {"role": "assistant", "content": "", "tool_calls": [call]}
+    assert record["messages"][2] == {"role": "tool", "content": "sunny", "tool_call_id": "call00001",
+                                     "name": "get_weather"}
+
+
+def test_sharegpt_function_call_and_observation(tmp_path):
+    f = write_jsonl(tmp_path / "sg.jsonl", [{"tools": json.dumps([{"name": "get_weather"}]), "conversations": [
+        {"from": "human", "value": "Weather?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": "sunny"},
+        {"from": "gpt", "value": "Sunny."}]}])
+    (record,) = read_records(f)
+    assert record["tools"] == [{"name": "get_weather"}]
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert record["messages"][1]["tool_calls"] == [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "function_call", "value": "get_weather"}]}])
+    with pytest.raises(UserError, match=r"bad.jsonl:1: conversations\[0\]: a function_call value must be JSON"):
+        read_records(bad)
+
+
+def test_reasoning_field_is_folded_into_content_as_think_block(tmp_path):
+    f = write_jsonl(tmp_path / "r.jsonl", [{"messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "add"}]}])
+    (record,) = read_records(f)
+    assert record["messages"][1] == {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}
