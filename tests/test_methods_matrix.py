@@ -20,6 +20,7 @@ Adding a method = one entry in ``ROWS``.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -468,3 +469,70 @@ def test_mergeable_flags_are_truthful():
         if method.mergeable:
             assert method.is_adapter, name
     assert get_method("prefix_tuning").mergeable is False
+
+
+def test_every_registered_method_has_a_row():
+    """Adding a method = its module + one row here; a registered method without a row is untested."""
+    from tuneforge.methods import known_methods
+
+    assert sorted(ROWS) == known_methods()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_default_config_trains(name, arch, tiny_tokenizer, tmp_path):
+    """`method: {name: <name>}` alone works on every architecture of the matrix: it builds, steps and lowers loss."""
+    from tuneforge.methods import get_method, registrations
+
+    method = get_method(name)
+    cfg = registrations()[name].config(name=name)
+    ids = _batch(tiny_tokenizer)
+    model = method.apply(_load_base(name, arch, tiny_tokenizer, tmp_path, method, cfg), cfg)
+    trainable = {n: p.detach().clone() for n, p in _unique_params(model) if p.requires_grad}
+    before = _loss(model, ids)
+    _train(method, model, cfg, ROWS[name], ids)
+    assert _loss(model, ids) < before
+    assert any(not torch.equal(trainable[n], p) for n, p in _unique_params(model) if n in trainable)
+
+
+@pytest.mark.parametrize(("name", "init", "arch"), [
+    ("lora", "pissa", "llama"), ("lora", "pissa", "gpt2"), ("lora", "olora", "llama"), ("rslora", "olora", "llama"),
+    ("lora_plus", "pissa", "gpt2")])
+def test_lora_init_that_changes_the_base_saves_an_adapter_for_the_original_base(name, init, arch, tiny_tokenizer,
+                                                                               tmp_path):
+    """PiSSA/OLoRA initialisation trains against a residual base; the saved adapter still fits the original one."""
+    from peft import PeftModel
+
+    from tuneforge.methods import get_method
+
+    method = get_method(name)
+    cfg = _method_config(name, arch).model_copy(update={"init": init})
+    ids = _batch(tiny_tokenizer)
+    model = method.apply(_fresh_base(arch, tiny_tokenizer), cfg)
+    _train(method, model, cfg, ROWS[name], ids)
+    trained = _logits(model, ids)
+    method.save_adapter(model, tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(_fresh_base(arch, tiny_tokenizer), tmp_path / "adapter")
+    torch.testing.assert_close(_logits(reloaded, ids), trained, atol=PISSA_LOAD_ATOL, rtol=0)
+    # a plain LoRA adapter (rank 2r, ordinary init): any tool that adds B·A to the original weights gets the model
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] is True and saved["r"] == 2 * cfg.r
+    torch.testing.assert_close(_logits(reloaded.merge_and_unload(), ids), trained, atol=PISSA_LOAD_ATOL, rtol=0)
+
+
+def test_olora_on_conv1d_layers_is_refused_with_the_reason(tiny_gpt2):
+    from tuneforge.errors import UserError
+    from tuneforge.methods import get_method
+
+    cfg = _method_config("lora", "gpt2").model_copy(update={"init": "olora"})
+    with pytest.raises(UserError, match="init 'olora'.*Conv1D"):
+        get_method("lora").apply(tiny_gpt2, cfg)
+
+
+def test_dora_with_a_base_changing_init_is_refused_with_the_reason(tiny_llama):
+    from tuneforge.errors import UserError
+    from tuneforge.methods import get_method
+
+    cfg = _method_config("dora", "llama").model_copy(update={"init": "pissa"})
+    with pytest.raises(UserError, match="cannot convert a DoRA adapter back to the original base"):
+        get_method("dora").apply(tiny_llama, cfg)

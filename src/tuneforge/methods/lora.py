@@ -95,7 +95,7 @@ class LoraMethod(Method):
 
         Raises:
             UserError: a base-changing initialisation together with DoRA (peft cannot convert that adapter back
-                to the original base).
+                to the original base); OLoRA on GPT-2's Conv1D layers (peft builds wrongly shaped adapters).
         """
         from peft import get_peft_model
 
@@ -107,6 +107,11 @@ class LoraMethod(Method):
                 f"method.init {init.split('_')[0]!r} with DoRA: the adapter is trained against a changed (residual) "
                 "base and peft cannot convert a DoRA adapter back to the original base, so the result would not "
                 "load onto your model; use init: default with DoRA, or method lora/pissa without DoRA"
+            )
+        if init == "olora" and config.fan_in_fan_out:
+            raise UserError(
+                "method.init 'olora' on GPT-2-style Conv1D layers: peft's OLoRA initialisation assumes nn.Linear "
+                "weights and builds adapters of the wrong shape there; use init: pissa or init: default"
             )
         peft_model = get_peft_model(model, config)
         if mutating:
