@@ -3,7 +3,7 @@
 PPL = exp(sum of per-token negative log-likelihoods / number of predicted tokens), summed over every sequence of
 the set (never a mean of per-batch means, which would over-weight short batches). Which tokens count:
 
-* chat / instruction records: only the assistant answers (labels from ``tuneforge.data.tokenize.encode_chat``,
+* chat / instruction records: only the assistant answers (labels from ``tuneforge.data.tokenize.encode_chat_samples``,
   the same mask training uses), including each answer's end-of-turn token;
 * text records: every token after the first (the first has no context to be predicted from).
 
@@ -46,7 +46,7 @@ def encode_records(records: list[dict], tokenizer: Any, template: Any = None,
         ``(pairs, skipped)``: ``pairs`` is a list of ``(input_ids, labels)``; ``skipped`` counts records that have
         nothing to score (an empty text, a conversation without an assistant answer).
     """
-    from tuneforge.data.tokenize import encode_chat
+    from tuneforge.data.tokenize import encode_chat_samples
 
     pairs, skipped = [], 0
     if template is None and any("messages" in r for r in records):
@@ -54,11 +54,13 @@ def encode_records(records: list[dict], tokenizer: Any, template: Any = None,
                         "set one when training (model.chat_template) or evaluate plain text records")
     for record in records:
         if "messages" in record:
-            encoded = encode_chat(record, tokenizer, template, 10**9, train_on_prompt)
-            if encoded is None:
+            # A record may train as several samples (templates that render earlier turns differently as history).
+            encoded = [s for s in encode_chat_samples(record, tokenizer, template, 10**9, train_on_prompt)
+                       if s["supervised"]]
+            if not encoded:
                 skipped += 1
-                continue
-            ids, labels = list(encoded["input_ids"]), list(encoded["labels"])
+            pairs.extend((list(s["input_ids"]), list(s["labels"])) for s in encoded)
+            continue
         else:
             ids = list(tokenizer(record["text"])["input_ids"])
             labels = list(ids)
