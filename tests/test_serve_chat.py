@@ -41,8 +41,8 @@ def test_chat_loop_streams_keeps_history_and_resets(run):
             yield piece
 
     out = io.StringIO()
-    history = chat_loop(loaded.model, loaded.tokenizer, loaded.template, system="Be brief.", max_new_tokens=10,
-                        temperature=0.0, read=feeder(["hello", "", "/bogus", "and then?", "/reset", "again", "/exit",
+    history = chat_loop(loaded.model, loaded.tokenizer, loaded.template, GenerationSettings(max_new_tokens=10),
+                        system="Be brief.", read=feeder(["hello", "", "/bogus", "and then?", "/reset", "again", "/exit",
                                                       "never read"]), out=out, stream=spy)
     first = generate(loaded.model, loaded.tokenizer, loaded.template,
                      [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]],
