@@ -151,7 +151,7 @@ def _known_keys(parent: list[str], raw: dict) -> list[str]:
             return []
         if part == "method":
             name = raw.get("method", {}).get("name", "lora") if isinstance(raw.get("method"), dict) else "lora"
-            reg = registrations().get(name)
+            reg = registrations().get(name) if isinstance(name, str) else None
             model = reg.config if reg else None
             continue
         annotation = field.annotation
