@@ -163,6 +163,24 @@ def test_overwrite_replaces_the_run_only_once_the_new_one_finished(tmp_path, cha
     assert sorted(p.name for p in out.parent.iterdir()) == [".again.lock", "again"]
 
 
+def test_overwrite_that_fails_before_training_puts_the_old_run_back(tmp_path, chat_data, monkeypatch):
+    from tuneforge.train import run as run_module
+
+    out = tmp_path / "runs" / "back"
+    raw = _cfg(out, chat_data, max_steps=2, save_steps=None)
+    _train(raw)
+    before = _snapshot(out.parent)
+
+    def broken(*args, **kwargs):
+        assert not (out / "final").exists()  # the old run is aside by now
+        raise RuntimeError("trainer could not be built")
+
+    monkeypatch.setattr(run_module, "_build_trainer", broken)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        _train(raw, overwrite=True)
+    assert _snapshot(out.parent) == before
+
+
 def test_a_directory_that_is_not_a_run_is_never_written_or_replaced(tmp_path, chat_data, capsys):
     out = tmp_path / "mine"
     out.mkdir()

@@ -51,7 +51,7 @@ def sigterm_raises() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Hold SIGTERM/SIGINT back for a few renames that must not be cut in half; delivered right after."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -151,7 +151,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         try:
             os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
             yield tmp
-            with _signals_deferred():
+            with signals_deferred():
                 if path.exists() or path.is_symlink():
                     old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.old")
                     os.rename(path, old)

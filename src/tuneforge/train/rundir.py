@@ -37,7 +37,7 @@ from tuneforge.models.reference import (
     read_run_config,
 )
 from tuneforge.train import checkpoints
-from tuneforge.utils import Terminated, atomic_write_json, exclusive_lock
+from tuneforge.utils import Terminated, atomic_write_json, exclusive_lock, signals_deferred
 
 REPLACED_TAG = ".replaced-"  # hidden siblings holding runs that an --overwrite run is replacing
 
@@ -177,11 +177,12 @@ class RunStart:
 
     def undo(self) -> None:
         """Before training started: remove the new directory and put a replaced run back."""
-        if self.aside is not None:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            os.rename(self.aside, self.run_dir)
-        elif not self.existed:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        with signals_deferred():
+            if self.aside is not None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                os.rename(self.aside, self.run_dir)
+            elif not self.existed:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def finish(self, echo) -> None:
         """After the new ``final/`` exists: delete the runs this one replaced, then forget them."""
@@ -198,15 +199,21 @@ def begin(run_dir: Path, cfg_name: str, resume: bool, overwrite: bool) -> RunSta
     existed = run_dir.exists()
     aside = None
     replaces = list(read_manifest(run_dir).get("replaces", [])) if existed else []
-    if overwrite and _non_empty(run_dir):
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = run_dir.with_name(f".{run_dir.name}{REPLACED_TAG}{stamp}-{uuid.uuid4().hex[:6]}")
-        os.rename(run_dir, aside)
-        replaces.append(str(aside.resolve()))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume or not (run_dir / RUN_MANIFEST).is_file() or replaces:
-        write_manifest(run_dir, replaces, run_name=cfg_name)
-    return RunStart(run_dir, existed, aside, replaces)
+    with signals_deferred():  # a signal between the rename and the manifest must not leave the run half moved
+        if overwrite and _non_empty(run_dir):
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = run_dir.with_name(f".{run_dir.name}{REPLACED_TAG}{stamp}-{uuid.uuid4().hex[:6]}")
+            os.rename(run_dir, aside)
+            replaces.append(str(aside.resolve()))
+        start = RunStart(run_dir, existed, aside, replaces)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume or not (run_dir / RUN_MANIFEST).is_file() or replaces:
+                write_manifest(run_dir, replaces, run_name=cfg_name)
+        except BaseException:
+            start.undo()
+            raise
+    return start
 
 
 def read_manifest(run_dir: Path) -> dict:
