@@ -258,6 +258,7 @@ class PreferenceBundle:
     eval: list[dict] | None
     stats: dict[str, Any] = field(default_factory=dict)
     packed: bool = False
+    records: list[dict] | None = None  # the canonical records (GRPO rewards check their fields)
 
     def collator(self, tokenizer: Any):
         """The collator for these rows."""
