@@ -81,7 +81,6 @@ class Registration:
 
 
 _REGISTRY: dict[str, Registration] = {}
-_HELPERS = {"base", "optim"}  # modules of this package that are not methods
 _discovered = False
 
 
@@ -98,16 +97,10 @@ def registrations() -> dict[str, Registration]:
     global _discovered
     if not _discovered:
         package = importlib.import_module("tuneforge.methods")
-        for module in pkgutil.iter_modules(package.__path__):
-            if module.name not in _HELPERS:
-                importlib.import_module(f"tuneforge.methods.{module.name}")
+        for module in pkgutil.iter_modules(package.__path__):  # helper modules (optim) register nothing
+            importlib.import_module(f"tuneforge.methods.{module.name}")
         _discovered = True
     return dict(sorted(_REGISTRY.items()))
-
-
-def method_names() -> list[str]:
-    """Every name ``method.name`` accepts, ``auto`` included."""
-    return list(registrations())
 
 
 def known_methods() -> list[str]:
