@@ -6,11 +6,10 @@ from tuneforge.methods.base import (
     get_method,
     known_methods,
     method_class,
-    method_names,
     priced_methods,
     register,
     registrations,
 )
 
-__all__ = ["Method", "get_method", "known_methods", "method_class", "method_names", "priced_methods", "register",
+__all__ = ["Method", "get_method", "known_methods", "method_class", "priced_methods", "register",
            "registrations"]
