@@ -419,3 +419,20 @@ def test_moved_run_dir_finds_its_saved_base(llama_dir, tiny_tokenizer, tmp_path)
     ids = _ids(tiny_tokenizer)
     with torch.no_grad():
         assert torch.allclose(loaded.model(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
+
+
+def test_generation_settings_from_flags_name_the_bad_flag():
+    import argparse
+
+    from tuneforge.models.generation import GenerationSettings, add_generation_args
+
+    parser = argparse.ArgumentParser()
+    add_generation_args(parser, max_new_tokens=32)
+    assert GenerationSettings.from_args(parser.parse_args([])) == GenerationSettings(max_new_tokens=32)
+    sampled = GenerationSettings.from_args(parser.parse_args(["--temperature", "0.7", "--top-k", "5"]))
+    assert sampled.sampling and sampled.top_k == 5 and sampled.seed == 0
+    for flags, message in ((["--top-p", "0"], "--top-p must be in"), (["--temperature", "-1"], "--temperature"),
+                           (["--max-new-tokens", "0"], "--max-new-tokens"),
+                           (["--repetition-penalty", "0"], "--repetition-penalty")):
+        with pytest.raises(UserError, match=message):
+            GenerationSettings.from_args(parser.parse_args(flags))

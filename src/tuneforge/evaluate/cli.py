@@ -78,14 +78,6 @@ def _add_generation_args(p, **defaults) -> None:
 def _generation_settings(args):
     from tuneforge.models.generation import GenerationSettings
 
-    if args.max_new_tokens <= 0:
-        raise UserError("--max-new-tokens must be positive")
-    if args.temperature < 0:
-        raise UserError("--temperature must be >= 0 (0 = greedy)")
-    if not 0 < args.top_p <= 1:
-        raise UserError("--top-p must be in (0, 1]")
-    if args.top_k < 0 or args.repetition_penalty <= 0:
-        raise UserError("--top-k must be >= 0 and --repetition-penalty > 0")
     return GenerationSettings.from_args(args, **({"temperature": 0.0} if args.greedy else {}))
 
 

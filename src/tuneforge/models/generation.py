@@ -49,10 +49,29 @@ class GenerationSettings:
 
     @classmethod
     def from_args(cls, args: Any, **overrides) -> GenerationSettings:
-        """Settings from the flags :func:`add_generation_args` declared (``overrides`` win)."""
+        """Settings from the flags :func:`add_generation_args` declared (``overrides`` win).
+
+        Raises:
+            UserError: a flag out of range, named as the user typed it.
+        """
         values = {name: getattr(args, name) for name in _FIELDS if getattr(args, name, None) is not None}
         values.update(overrides)
-        return cls(**values)
+        settings = cls(**values)
+        problem = settings.problem()
+        if problem:
+            raise UserError(f"--{problem[0].replace('_', '-')} {problem[1]}")
+        return settings
+
+    def problem(self) -> tuple[str, str] | None:
+        """``(field, what is wrong)`` for the first out-of-range value, or ``None`` when every value is valid."""
+        checks = (
+            ("max_new_tokens", self.max_new_tokens > 0, "must be a positive number of tokens"),
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1.0 = none)"),
+        )
+        return next(((name, why) for name, ok, why in checks if not ok), None)
 
 
 _FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
