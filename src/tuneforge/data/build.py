@@ -211,7 +211,7 @@ def _sft_samples(records: list[dict], tokenizer: Any, template: Any, data_cfg: A
                 "(chat or Alpaca records). For raw text use stage: pt"
             )
         encoded = encode_chat_samples(sft_messages(record, data_cfg), tokenizer, template, data_cfg.max_length,
-                                      data_cfg.train_on_prompt, getattr(data_cfg, "system_message", "fold"))
+                                      data_cfg.train_on_prompt)
         kept = [s for s in encoded if s["supervised"]]
         if not kept:
             dropped += 1

@@ -26,7 +26,8 @@ def run_preview(config_path: str, overrides: list[str] | None = None, n: int = 3
     cfg = load_config(config_path, overrides or [])
     records, _, _ = load_records(cfg.data, cfg.seed)
     tokenizer = _tokenizer_for_config(cfg, lambda: tokenizer_texts(cfg.data))
-    template = resolve_template(cfg.model.chat_template, tokenizer, cfg.model.chat_template_kwargs)
+    template = resolve_template(cfg.model.chat_template, tokenizer, cfg.model.chat_template_kwargs,
+                                cfg.data.system_message)
     bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, cfg.seed, batch_size=cfg.train.batch_size)
     samples = _preview_samples(cfg, records[:n], tokenizer, template, bundle)
     if as_json:
@@ -52,7 +53,7 @@ def _preview_samples(cfg: Any, records: list[dict], tokenizer: Any, template: An
         return samples
     for record in records:
         encoded = encode_chat_samples(sft_messages(record, cfg.data), tokenizer, template, cfg.data.max_length,
-                                      cfg.data.train_on_prompt, cfg.data.system_message)
+                                      cfg.data.train_on_prompt)
         for enc in encoded:
             kept = enc["offsets"][-1][1] if enc["offsets"] else 0
             spans = _merge_spans([off for off, label in zip(enc["offsets"], enc["labels"], strict=True)

@@ -65,6 +65,7 @@ KNOWN_END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|
 SENTINEL = "\ue000tuneforge-answer\ue001"
 SYSTEM_SENTINEL = "\ue000tuneforge-system\ue001"
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+SYSTEM_MESSAGE_POLICIES = ("fold", "drop", "error")
 # Message keys passed to templates (others, e.g. a reader's bookkeeping, are not).
 MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
 
@@ -82,6 +83,9 @@ class ChatTemplate:
         turn_end: for templates that end an assistant turn with no marker at all (GLM-4, Baichuan2): the token
             appended to every trained answer (the tokenizer's EOS), so the model learns to stop where generation
             stops. None when the template ends turns itself.
+        system_message: ``fold`` | ``drop`` | ``error``: what :meth:`render` does with system messages when the
+            template refuses (or silently drops) the system role (``data.system_message``); applied at every
+            rendering, so a served run treats a system prompt exactly as training did.
     """
 
     name: str
@@ -89,6 +93,7 @@ class ChatTemplate:
     stop: list[str] = field(default_factory=list)
     kwargs: dict[str, Any] = field(default_factory=dict)
     turn_end: str | None = None
+    system_message: str = "fold"
 
     @property
     def has_generation_markers(self) -> bool:
@@ -106,12 +111,34 @@ class ChatTemplate:
         Raises:
             UserError: when the template fails on these messages (naming the template and the failure).
         """
+        messages = self.prepare(messages, tokenizer)
         return self._render(messages, add_generation_prompt, tokenizer, tools, spans=False)[0]
 
     def render_with_spans(self, messages: list[dict], tokenizer: Any = None,
                           tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
         """Render (no generation prompt) and return the character spans of the ``{% generation %}`` blocks."""
-        return self._render(messages, False, tokenizer, tools, spans=True)
+        return self._render(self.prepare(messages, tokenizer), False, tokenizer, tools, spans=True)
+
+    def prepare(self, messages: list[dict], tokenizer: Any = None) -> list[dict]:
+        """``messages`` as this template renders them: system messages kept when the template accepts them,
+        else (:attr:`system_message`) folded in front of the first user message (blank line between), dropped,
+        or refused with a UserError."""
+        if not any(m["role"] == "system" for m in messages) or self.accepts_system(tokenizer):
+            return list(messages)
+        if self.system_message == "error":
+            raise UserError(
+                f"chat template {self.name!r} does not accept a system message; set data.system_message: fold "
+                "(prepend it to the first user message) or drop"
+            )
+        rest = [m for m in messages if m["role"] != "system"]
+        if self.system_message == "drop":
+            return rest
+        text = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+        for i, message in enumerate(rest):
+            if message["role"] == "user":
+                folded = f"{text}\n\n{message['content']}" if text else message["content"]
+                return [*rest[:i], {**message, "content": folded}, *rest[i + 1:]]
+        return rest  # no user turn to fold into yet (a history of only the system prompt): nothing to show
 
     def _render(self, messages, add_generation_prompt, tokenizer, tools, spans):
         variables = {k: v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items()}
@@ -143,7 +170,7 @@ class ChatTemplate:
         if key not in _SYSTEM_CACHE:
             probe = [{"role": "system", "content": SYSTEM_SENTINEL}, {"role": "user", "content": "Hi"}]
             try:
-                _SYSTEM_CACHE[key] = SYSTEM_SENTINEL in self.render(probe, True, tokenizer)
+                _SYSTEM_CACHE[key] = SYSTEM_SENTINEL in self._render(probe, True, tokenizer, None, False)[0]
             except UserError:
                 _SYSTEM_CACHE[key] = False
         return _SYSTEM_CACHE[key]
@@ -162,15 +189,16 @@ class ChatTemplate:
         return list(dict.fromkeys(ids))
 
     def to_dict(self) -> dict:
-        """``{"name", "jinja", "stop", "kwargs", "turn_end"}`` (JSON-serialisable)."""
+        """``{"name", "jinja", "stop", "kwargs", "turn_end", "system_message"}`` (JSON-serialisable)."""
         return {"name": self.name, "jinja": self.jinja, "stop": list(self.stop), "kwargs": dict(self.kwargs),
-                "turn_end": self.turn_end}
+                "turn_end": self.turn_end, "system_message": self.system_message}
 
     @classmethod
     def from_dict(cls, data: dict) -> ChatTemplate:
-        """Inverse of :meth:`to_dict` (files written before ``kwargs``/``turn_end`` existed load too)."""
+        """Inverse of :meth:`to_dict` (files written before the newer fields existed load with their defaults)."""
         return cls(name=str(data["name"]), jinja=str(data["jinja"]), stop=list(data.get("stop") or []),
-                   kwargs=dict(data.get("kwargs") or {}), turn_end=data.get("turn_end"))
+                   kwargs=dict(data.get("kwargs") or {}), turn_end=data.get("turn_end"),
+                   system_message=str(data.get("system_message") or "fold"))
 
     def save(self, directory: str | Path) -> None:
         """Write ``template.json`` and ``chat_template.jinja`` into ``directory`` (each atomically)."""
@@ -208,7 +236,7 @@ BUILTIN = {
 TEMPLATE_NAMES = ("auto", *BUILTIN)
 
 
-def get_template(name: str, kwargs: dict | None = None) -> ChatTemplate:
+def get_template(name: str, kwargs: dict | None = None, system_message: str = "fold") -> ChatTemplate:
     """A fresh copy of a built-in template (with ``kwargs``). Raises UserError listing the known names."""
     if name not in BUILTIN:
         raise UserError(
@@ -217,15 +245,24 @@ def get_template(name: str, kwargs: dict | None = None) -> ChatTemplate:
         )
     template = ChatTemplate.from_dict(BUILTIN[name].to_dict())
     template.kwargs = dict(kwargs or {})
+    template.system_message = _policy(system_message)
     return template
 
 
-def resolve_template(name: str, tokenizer: Any, kwargs: dict | None = None) -> ChatTemplate:
+def _policy(system_message: str) -> str:
+    if system_message not in SYSTEM_MESSAGE_POLICIES:
+        raise UserError(f"data.system_message {system_message!r} is not known; expected fold, drop or error")
+    return system_message
+
+
+def resolve_template(name: str, tokenizer: Any, kwargs: dict | None = None,
+                     system_message: str = "fold") -> ChatTemplate:
     """The template a run uses.
 
     ``auto``: the tokenizer's own ``chat_template`` when it has one; else ``chatml`` when ``<|im_start|>`` and
     ``<|im_end|>`` are single tokens of the tokenizer; else ``plain``. Any other name is a built-in.
-    ``kwargs`` (``model.chat_template_kwargs``) travel with the template.
+    ``kwargs`` (``model.chat_template_kwargs``) and ``system_message`` (``data.system_message``) travel with the
+    template: every rendering applies them, in training and at inference.
 
     A tokenizer template's stop strings are the known end-of-turn markers it contains plus the special token
     that follows an answer in its rendering (``<|end|>``, ``<end_of_turn>``...). When nothing follows an answer
@@ -236,17 +273,18 @@ def resolve_template(name: str, tokenizer: Any, kwargs: dict | None = None) -> C
             conversation, or a marker-less template on a tokenizer without an EOS token.
     """
     if name != "auto":
-        return get_template(name, kwargs)
+        return get_template(name, kwargs, system_message)
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates: the default one
         own = own.get("default") or next(iter(own.values()), None)
     if isinstance(own, str) and own.strip():
-        template = ChatTemplate("tokenizer", own, _guess_stop(own), dict(kwargs or {}))
+        template = ChatTemplate("tokenizer", own, _guess_stop(own), dict(kwargs or {}),
+                                system_message=_policy(system_message))
         _complete_turn_end(template, tokenizer)
         return template
     if all(_is_single_token(tokenizer, t) for t in ("<|im_start|>", "<|im_end|>")):
-        return get_template("chatml", kwargs)
-    return get_template("plain", kwargs)
+        return get_template("chatml", kwargs, system_message)
+    return get_template("plain", kwargs, system_message)
 
 
 def turn_suffix(template: ChatTemplate, tokenizer: Any) -> str:

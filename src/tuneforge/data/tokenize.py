@@ -31,7 +31,6 @@ from tuneforge.data.templates import SENTINEL as SENTINEL_TEXT
 from tuneforge.errors import UserError
 
 IGNORE = -100
-SYSTEM_MESSAGE_POLICIES = ("fold", "drop", "error")
 _THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
@@ -54,35 +53,6 @@ class Turn:
     rule: str
     stop_appended: bool = False
     shared: bool = True
-
-
-def prepare_messages(messages: list[dict], template: Any, tokenizer: Any = None,
-                     system_message: str = "fold") -> list[dict]:
-    """``messages`` adapted to a template that refuses (or silently drops) the system role.
-
-    ``fold``: system texts are put in front of the first user message (blank line between); ``drop``: removed;
-    ``error``: UserError. Templates that render system messages get them unchanged.
-    """
-    if system_message not in SYSTEM_MESSAGE_POLICIES:
-        raise UserError(f"data.system_message {system_message!r} is not known; expected fold, drop or error")
-    systems = [m for m in messages if m["role"] == "system"]
-    if not systems or template.accepts_system(tokenizer):
-        return list(messages)
-    if system_message == "error":
-        raise UserError(
-            f"chat template {template.name!r} does not accept a system message; set data.system_message: fold "
-            "(prepend it to the first user message) or drop"
-        )
-    rest = [m for m in messages if m["role"] != "system"]
-    if system_message == "drop":
-        return rest
-    text = "\n\n".join(m["content"] for m in systems if m["content"])
-    for i, message in enumerate(rest):
-        if message["role"] == "user":
-            folded = f"{text}\n\n{message['content']}" if text else message["content"]
-            return [*rest[:i], {**message, "content": folded}, *rest[i + 1:]]
-    raise UserError(f"chat template {template.name!r} does not accept a system message, and there is no user "
-                    "message to fold it into; set data.system_message: drop")
 
 
 def plan_turns(messages: list[dict], template: Any, tokenizer: Any = None,
@@ -199,7 +169,7 @@ def _reasoning(content: str) -> str:
 
 
 def encode_chat_samples(record: dict, tokenizer: Any, template: Any, max_length: int,
-                        train_on_prompt: bool = False, system_message: str = "fold") -> list[dict]:
+                        train_on_prompt: bool = False) -> list[dict]:
     """Training samples for one chat record (see the module docstring for the rules).
 
     Args:
@@ -208,7 +178,6 @@ def encode_chat_samples(record: dict, tokenizer: Any, template: Any, max_length:
         template: a :class:`tuneforge.data.templates.ChatTemplate`.
         max_length: keep at most this many tokens per sample (right truncation).
         train_on_prompt: one sample of the whole conversation with every token supervised.
-        system_message: ``fold`` | ``drop`` | ``error`` for templates that refuse the system role.
 
     Returns:
         Samples (possibly none supervised), each ``{"input_ids", "labels", "offsets", "text", "truncated",
@@ -217,8 +186,8 @@ def encode_chat_samples(record: dict, tokenizer: Any, template: Any, max_length:
         ``per-turn/<rule>`` for a turn trained alone; ``extra_tokens`` counts the re-encoded prompt.
 
     Raises:
-        UserError: naming the record: a template that fails on it, a system message it refuses (policy
-            ``error``), a slow tokenizer.
+        UserError: naming the record: a template that fails on it, a system message it refuses
+            (``template.system_message: error``), a slow tokenizer.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(
@@ -227,8 +196,7 @@ def encode_chat_samples(record: dict, tokenizer: Any, template: Any, max_length:
         )
     source = record.get("source", "?")
     try:
-        messages = prepare_messages(record["messages"], template, tokenizer, system_message)
-        full, turns = plan_turns(messages, template, tokenizer, record.get("tools"))
+        full, turns = plan_turns(record["messages"], template, tokenizer, record.get("tools"))
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
     if train_on_prompt:

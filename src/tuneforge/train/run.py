@@ -228,7 +228,8 @@ def _load_model(cfg: RunConfig, method, texts, run_dir: Path, resume: bool):
 def _template(cfg: RunConfig, tokenizer):
     from tuneforge.data.templates import resolve_template
 
-    return resolve_template(cfg.model.chat_template, tokenizer, cfg.model.chat_template_kwargs)
+    return resolve_template(cfg.model.chat_template, tokenizer, cfg.model.chat_template_kwargs,
+                            cfg.data.system_message)
 
 
 def _save_base(model, tokenizer, template, target: Path) -> None:
