@@ -10,20 +10,12 @@ import os
 
 import pytest
 
+from tests.helpers import stdlib_texts, tiny_from_config
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Same numbers on every CPU: `precision: auto` would pick bf16 on CPUs with AMX (subprocesses inherit this).
 os.environ.setdefault("TUNEFORGE_AUTO_PRECISION", "fp32")
-
-
-def stdlib_texts(limit: int = 400) -> list[str]:
-    """Paragraphs of the Python documentation shipped with every Python (pydoc_data)."""
-    from pydoc_data.topics import topics
-
-    texts = []
-    for key in sorted(topics):
-        texts.extend(p.strip() for p in topics[key].split("\n\n") if len(p.strip()) > 40)
-    return texts[:limit]
 
 
 @pytest.fixture(scope="session")
@@ -34,13 +26,6 @@ def tiny_tokenizer():
     return train_tokenizer(stdlib_texts(), vocab_size=512)
 
 
-def _from_config(arch: str):
-    from tuneforge.config.schema import FromConfig
-
-    return FromConfig(architecture=arch, hidden_size=64, num_layers=2, num_heads=4, vocab_size=512,
-                      max_position_embeddings=256)
-
-
 @pytest.fixture()
 def tiny_llama(tiny_tokenizer):
     """A fresh 2-layer, hidden-64 Llama-style model (seeded, fp32, CPU)."""
@@ -49,7 +34,7 @@ def tiny_llama(tiny_tokenizer):
     from tuneforge.models import build_model
 
     torch.manual_seed(0)
-    return build_model(_from_config("llama"), tiny_tokenizer)
+    return build_model(tiny_from_config("llama"), tiny_tokenizer)
 
 
 @pytest.fixture()
@@ -60,4 +45,4 @@ def tiny_gpt2(tiny_tokenizer):
     from tuneforge.models import build_model
 
     torch.manual_seed(0)
-    return build_model(_from_config("gpt2"), tiny_tokenizer)
+    return build_model(tiny_from_config("gpt2"), tiny_tokenizer)

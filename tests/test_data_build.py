@@ -99,7 +99,7 @@ def test_system_prompt_and_max_samples(tmp_path, tiny_tokenizer):
 
 
 def test_pretraining_blocks_from_text_and_chat(tmp_path, tiny_tokenizer):
-    from tests.conftest import stdlib_texts
+    from tests.helpers import stdlib_texts
 
     f = tmp_path / "docs.txt"
     f.write_text("\n\n\n".join(stdlib_texts(40)), encoding="utf-8")
@@ -198,3 +198,37 @@ def test_cli_preview_local_model_directory_tokenizer(tmp_path, capsys, tiny_toke
     assert main(["data", "preview", str(config), "-n", "1"]) == 0
     out = capsys.readouterr().out
     assert "User: What is 0 plus 0?\nAssistant:[[ The answer is 0.<|endoftext|>]]" in out
+
+
+def test_cli_preview_names_each_samples_masking_rule_and_its_cost(tmp_path, capsys):
+    import yaml
+
+    from tests.fixtures.templates.families import family_tokenizer
+    from tuneforge.cli import main
+
+    for family, kwargs in (("qwen3", {}), ("glm4", {})):
+        tok_dir = tmp_path / family
+        family_tokenizer(family).save_pretrained(tok_dir)
+        (tok_dir / "config.json").write_text(json.dumps({"model_type": "llama"}), encoding="utf-8")
+        rows = [{"messages": [{"role": "user", "content": f"Q{i}"},
+                              {"role": "assistant", "content": f"<think>\nr{i}\n</think>\n\nA{i}"},
+                              {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Done."}]}
+                for i in range(4)]
+        data = tmp_path / f"{family}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        config = write_config(tmp_path, data, max_length=256)
+        raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+        raw["model"]["from_config"]["tokenizer"] = str(tok_dir)
+        raw["model"]["chat_template_kwargs"] = kwargs
+        config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        assert main(["data", "preview", str(config), "-n", "1", "data.packing=false"]) == 0
+        out = capsys.readouterr().out
+        if family == "qwen3":  # Qwen3 strips the first answer's reasoning once a later turn follows
+            assert "rule: prefix-diff (the answer follows the history as rendered); turns 3 in one sample" in out
+            assert "turn 1 trained alone (the template renders it differently as history), +" in out
+            assert "[[<think>\nr0\n</think>\n\nA0<|im_end|>]]" in out
+            assert "masks    per-turn/prefix: 4 turns, prefix: 4 turns (4 trained alone, +" in out
+        else:  # GLM-4 ends no turn: EOS is appended and named
+            assert "'<|endoftext|>' (EOS) is appended to the answer and generation stops on it" in out
+            assert "[[\nDone.<|endoftext|>]]" in out
+            assert "stop token appended in 8 samples" in out

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tests.conftest import stdlib_texts
+from tests.helpers import stdlib_texts
 from tuneforge.data.packing import (
     PackedCollator,
     PaddingCollator,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.test_merge_lora import make_run, save_base
+from tests.helpers import make_run, save_base
 from tuneforge.errors import UserError
 
 pytest.importorskip("bitsandbytes")

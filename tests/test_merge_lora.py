@@ -1,8 +1,4 @@
-"""LoRA merge: adapter folded into its base, saved as a plain HF model, checked against adapter inference.
-
-The helpers at the top build tiny bases, adapters and run directories on disk; the other merge/export/serve test
-files import them.
-"""
+"""LoRA merge: adapter folded into its base, saved as a plain HF model, checked against adapter inference."""
 
 from __future__ import annotations
 
@@ -10,59 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.helpers import make_adapter, make_run, save_base
 from tuneforge.errors import UserError
-
-# ----------------------------------------------------------------------------- helpers (shared by other tests)
-
-
-def save_base(model, tokenizer, folder: Path) -> Path:
-    """Save ``model`` + tokenizer + the chatml template as a plain HF model directory."""
-    from tuneforge.data.templates import get_template
-
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    get_template("chatml").save(folder)
-    return folder
-
-
-def make_adapter(base_dir: Path, folder: Path, *, seed: int = 1, r: int = 4, target_modules=("q_proj", "v_proj"),
-                 scale: float = 1.0, **lora_kwargs) -> Path:
-    """A LoRA adapter on ``base_dir`` with random non-zero A and B (as if trained), saved with tokenizer/template."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tuneforge.data.templates import get_template
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules), init_lora_weights=False,
-                        lora_dropout=0.0, **lora_kwargs)
-    model = get_peft_model(base, config)
-    if scale != 1.0:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.mul_(scale)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(folder)
-    get_template("chatml").save(folder)
-    return folder
-
-
-def make_run(run_dir: Path, base_dir: Path, *, method: str = "lora", seed: int = 1, **adapter_kwargs) -> Path:
-    """A tuneforge-shaped run directory: config.yaml, template.json and final/ holding a LoRA adapter."""
-    from tuneforge.data.templates import get_template
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    make_adapter(base_dir, run_dir / "final", seed=seed, **adapter_kwargs)
-    config = {"run_name": run_dir.name, "model": {"name_or_path": str(base_dir)},
-              "method": {"name": method}, "data": {"train": ["x.jsonl"]}}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    get_template("chatml").save(run_dir)
-    return run_dir
 
 
 def peft_logits(base_dir: Path, adapter_dir: Path, ids):

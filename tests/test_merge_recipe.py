@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_merge_lora import make_adapter, save_base
+from tests.helpers import make_adapter, save_base
 from tuneforge.errors import UserError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import stdlib_texts
+from tests.helpers import stdlib_texts
 from tuneforge.errors import UserError
 
 

@@ -103,7 +103,7 @@ def _train_config(lr: float):
 
 def _fresh_base(arch: str, tokenizer):
     """The same model as the conftest fixtures (same seed, same config)."""
-    from tests.conftest import _from_config
+    from tests.helpers import tiny_from_config as _from_config
     from tuneforge.models import build_model
 
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def _fresh_base(arch: str, tokenizer):
 
 
 def _batch(tokenizer):
-    from tests.conftest import stdlib_texts
+    from tests.helpers import stdlib_texts
 
     ids = tokenizer("\n".join(stdlib_texts(20)))["input_ids"][: 2 * SEQ]
     return torch.tensor(ids).view(2, SEQ)

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from tests.conftest import stdlib_texts
+from tests.helpers import stdlib_texts
 from tuneforge.errors import UserError
 
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.test_merge_lora import make_run, save_base
+from tests.helpers import make_run, save_base
 
 KEY = "secret-key"
 GREEDY = {"temperature": 0, "max_tokens": 12}
@@ -21,7 +21,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def runs(tmp_path_factory, tiny_tokenizer):
     import torch
 
-    from tests.conftest import _from_config
+    from tests.helpers import tiny_from_config as _from_config
     from tuneforge.models import build_model
 
     root = tmp_path_factory.mktemp("serve")

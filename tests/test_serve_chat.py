@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from tests.test_merge_lora import make_run, save_base
+from tests.helpers import make_run, save_base
 
 
 @pytest.fixture()

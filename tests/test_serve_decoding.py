@@ -15,7 +15,8 @@ PROMPTS = ["The for statement", "A list is", "import", "Exceptions are raised wh
 def lm():
     import torch
 
-    from tests.conftest import _from_config, stdlib_texts
+    from tests.helpers import stdlib_texts
+    from tests.helpers import tiny_from_config as _from_config
     from tuneforge.models import build_model, train_tokenizer
 
     tokenizer = train_tokenizer(stdlib_texts(), vocab_size=512)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.test_merge_lora import save_base
+from tests.helpers import save_base
 
 STEP_SECONDS = 0.05
 
@@ -20,7 +20,7 @@ STEP_SECONDS = 0.05
 def model_dir(tmp_path_factory, tiny_tokenizer):
     import torch
 
-    from tests.conftest import _from_config
+    from tests.helpers import tiny_from_config as _from_config
     from tuneforge.models import build_model
 
     torch.manual_seed(0)
