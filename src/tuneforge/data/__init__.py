@@ -17,6 +17,7 @@ _EXPORTS = {
     "get_template": "tuneforge.data.templates",
     "TEMPLATE_NAMES": "tuneforge.data.templates",
     "encode_chat": "tuneforge.data.tokenize",
+    "encode_chat_samples": "tuneforge.data.tokenize",
     "pretrain_blocks": "tuneforge.data.tokenize",
     "pack_rows": "tuneforge.data.packing",
     "PackedCollator": "tuneforge.data.packing",
