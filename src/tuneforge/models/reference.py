@@ -36,7 +36,7 @@ TEMPLATE_JINJA = "chat_template.jinja"
 TEMPLATE_FILES = (RUN_TEMPLATE, TEMPLATE_JINJA)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Files that only a tuneforge run writes beside its config.yaml (one of them is enough).
-_RUN_EVIDENCE = (RUN_FINAL, RUN_CHECKPOINTS, RUN_METRICS, RUN_SUMMARY)
+_RUN_EVIDENCE = (RUN_MANIFEST, RUN_FINAL, RUN_CHECKPOINTS, RUN_METRICS, RUN_SUMMARY)
 
 # peft types whose adapters `merge_and_unload` can fold into the base weights (prompt-learning types cannot).
 MERGEABLE_PEFT_TYPES = frozenset({"LORA", "ADALORA", "IA3", "VERA", "LOHA", "LOKR", "OFT", "BOFT", "FOURIERFT",
@@ -45,7 +45,8 @@ MERGEABLE_PEFT_TYPES = frozenset({"LORA", "ADALORA", "IA3", "VERA", "LOHA", "LOK
 
 def is_run_dir(path: str | Path) -> bool:
     """Whether ``path`` is a tuneforge run directory (finished or not): ``config.yaml`` plus something only a run
-    writes (``final/``, ``checkpoints/``, ``metrics.jsonl`` or ``summary.json``)."""
+    writes (its manifest ``tuneforge_run.json``, ``final/``, ``checkpoints/``, ``metrics.jsonl`` or
+    ``summary.json``; runs made before the manifest existed have the others)."""
     path = Path(path)
     return (path / RUN_CONFIG).is_file() and any((path / name).exists() for name in _RUN_EVIDENCE)
 
