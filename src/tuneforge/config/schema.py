@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tuneforge.config.strict import Strict
 from tuneforge.methods.base import registrations
@@ -103,6 +103,21 @@ class CleanConfig(Strict):
     dedup: bool = True
 
 
+class MixSource(Strict):
+    """One general-data source replayed into SFT data (docs/forgetting.md): a file/directory or a built-in corpus."""
+
+    path: str | None = Field(None, description="a data file or directory (text, chat or alpaca records)")
+    name: str | None = Field(None, description="a built-in corpus (pydoc) or a hub dataset as hf:owner/name")
+    weight: float = Field(1.0, gt=0, description="share of training samples (or, with data.mix_ratio, relative "
+                                                 "weight between mix sources)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MixSource:
+        if (self.path is None) == (self.name is None):
+            raise ValueError("give exactly one of path (a data file) or name (a built-in corpus or hf:owner/name)")
+        return self
+
+
 class DataConfig(Strict):
     """Where the data comes from and how it becomes tokens."""
 
@@ -122,6 +137,12 @@ class DataConfig(Strict):
     )
     clean: CleanConfig = CleanConfig()
     max_samples: int | None = Field(None, gt=0)
+    mix: list[MixSource] = Field(default_factory=list, description="general data replayed into SFT data")
+    mix_ratio: float | None = Field(None, gt=0, lt=1, description="share of training samples drawn from data.mix "
+                                                                   "(the weights then split it between sources)")
+    task_prefix: bool = Field(False, description="prepend '[task] ' to the first user turn of each record")
+    task_weights: dict[str, float] = Field(default_factory=dict,
+                                           description="per-task sampling weights (task name -> weight)")
 
     @field_validator("train", mode="before")
     @classmethod
@@ -134,6 +155,14 @@ class DataConfig(Strict):
             raise ValueError("data.train needs at least one file or dataset name")
         if self.eval is not None and self.eval_split is not None:
             raise ValueError("give data.eval (a file) or data.eval_split (a fraction), not both")
+        if self.mix_ratio is not None and not self.mix:
+            raise ValueError("data.mix_ratio needs data.mix (the general data to mix in)")
+        if self.mix and self.mix_ratio is None and sum(m.weight for m in self.mix) >= 1:
+            raise ValueError("without data.mix_ratio each data.mix weight is that source's share of training "
+                             "samples, so they must sum to less than 1 (e.g. 0.05 for 5%)")
+        bad = {task: w for task, w in self.task_weights.items() if not w > 0}
+        if bad:
+            raise ValueError(f"data.task_weights must be positive, got {bad}")
         return self
 
 
@@ -148,6 +177,55 @@ class MonitorConfig(Strict):
     grad_spike_ratio: float = Field(5.0, gt=1)
     window: int = Field(20, gt=1)
     sample_every: int | None = Field(None, gt=0, description="steps between degeneration-check generations")
+
+
+class RetentionConfig(Strict):
+    """A loss term that keeps the model close to where it started (docs/forgetting.md).
+
+    ``ewc``: ``lambda/2 * sum F_i (theta_i - theta*_i)^2`` with a diagonal Fisher ``F`` from ``reference`` data;
+    ``l2sp``: ``lambda/2 * sum (theta_i - theta*_i)^2``; ``kd``: ``alpha * T^2 * KL(start || model)`` on
+    ``reference`` batches (the start model is the same model with the adapter disabled).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, serialize_by_alias=True,
+                              validate_by_name=True, validate_by_alias=True)
+
+    method: Literal["ewc", "l2sp", "kd"]
+    lambda_: float | None = Field(None, alias="lambda", ge=0, description="ewc/l2sp: penalty strength")
+    alpha: float | None = Field(None, ge=0, description="kd: weight of the distillation term")
+    temperature: float = Field(2.0, gt=0, description="kd: softmax temperature")
+    reference: str | list[str] | None = Field(None, description="ewc/kd: general data (files or a built-in corpus "
+                                                                 "name such as pydoc)")
+    samples: int = Field(64, gt=0, description="ewc: reference samples for the Fisher; kd: reference samples cycled")
+    batch_size: int | None = Field(None, gt=0, description="kd: reference samples per step (default train.batch_size)")
+
+    @model_validator(mode="after")
+    def _method_keys(self) -> RetentionConfig:
+        m = self.method
+        if m in ("ewc", "kd") and not self.reference:
+            raise ValueError(f"method {m!r} needs train.retention.reference (general data: a file or 'pydoc')")
+        if m == "kd" and self.lambda_ is not None:
+            raise ValueError("method 'kd' is weighted by train.retention.alpha, not lambda")
+        if m in ("ewc", "l2sp") and self.alpha is not None:
+            raise ValueError(f"method {m!r} is weighted by train.retention.lambda, not alpha")
+        if m == "l2sp" and self.reference:
+            raise ValueError("method 'l2sp' uses no reference data (drop train.retention.reference)")
+        if m in ("ewc", "l2sp") and self.lambda_ is None:
+            self.lambda_ = _DEFAULT_LAMBDA[m]
+        if m == "kd" and self.alpha is None:
+            self.alpha = 1.0
+        return self
+
+
+_DEFAULT_LAMBDA = {"ewc": 1000.0, "l2sp": 0.1}
+
+
+class DistillConfig(Strict):
+    """Distil a (larger) teacher on the SFT data itself: ``(1-alpha) * CE + alpha * T^2 * KL(teacher || model)``."""
+
+    teacher: str = Field(description="a run directory, model directory or hub id sharing the tokenizer")
+    alpha: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(2.0, gt=0)
 
 
 class TrainConfig(Strict):
@@ -177,6 +255,8 @@ class TrainConfig(Strict):
     memory_budget_gb: float | None = Field(None, gt=0)
     dataloader_workers: int = Field(0, ge=0)
     monitor: MonitorConfig = MonitorConfig()
+    retention: RetentionConfig | None = None
+    distill: DistillConfig | None = None
 
     @model_validator(mode="after")
     def _early_stopping_needs_eval(self) -> TrainConfig:
@@ -267,6 +347,11 @@ class RunConfig(Strict):
             self.preference = PreferenceConfig()
         if (self.grpo is not None) != (self.stage == "grpo"):
             raise ValueError("stage 'grpo' needs a grpo: section (with rewards), and grpo: needs stage 'grpo'")
+        for key, used in (("data.mix", self.data.mix), ("data.task_prefix", self.data.task_prefix),
+                          ("data.task_weights", self.data.task_weights), ("train.retention", self.train.retention),
+                          ("train.distill", self.train.distill)):
+            if used and self.stage != "sft":
+                raise ValueError(f"{key} is for stage 'sft', not stage {self.stage!r}")
         return self
 
     @model_validator(mode="after")

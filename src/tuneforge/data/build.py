@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuneforge.data.clean import clean_records
+from tuneforge.data.mix import mix_in, prepare_task_records, task_counts, weight_tasks
 from tuneforge.data.packing import (
     PackedCollator,
     PaddingCollator,
@@ -146,8 +147,13 @@ def build_datasets(
         packed = False
     elif stage == "sft":
         packed = data_cfg.packing if packing is None else bool(packing)
+        records, eval_records = _task_records(records, eval_records, data_cfg, seed, stats)
         samples, sample_stats = _sft_samples(records, tokenizer, template, data_cfg, "training")
         stats.update(sample_stats)
+        if data_cfg.mix:  # replay: general data interleaved at its share (data/mix.py)
+            samples, stats["mix"] = mix_in(samples, data_cfg, tokenizer, lambda recs: _sft_samples(
+                recs, tokenizer, template, data_cfg, "mix")[0], seed)
+            stats["samples"], stats["tokens"] = len(samples), sum(len(s["input_ids"]) for s in samples)
         eval_samples = None
         if eval_records:
             eval_samples, eval_stats = _sft_samples(eval_records, tokenizer, template, data_cfg, "eval")
@@ -168,6 +174,14 @@ def build_datasets(
     stats["padding_share"] = round(padding_share(train, batch_size, order), 4)
     stats["padding_share_batch_size"] = batch_size
     return DataBundle(train=train, eval=evaluation, stats=stats, packed=packed)
+
+
+def _task_records(records, eval_records, data_cfg, seed, stats):
+    """Multi-task records (data/mix.py): ``[task]`` prefixes, per-task sampling weights, records per task."""
+    records = weight_tasks(prepare_task_records(records, data_cfg), data_cfg.task_weights, seed)
+    if task_counts(records):
+        stats["tasks"] = {"train": task_counts(records), "eval": task_counts(eval_records)}
+    return records, prepare_task_records(eval_records, data_cfg)
 
 
 def _pretrain(records: list[dict], tokenizer: Any, block_size: int, what: str) -> tuple[list[dict], dict]:

@@ -223,7 +223,10 @@ def rows_to_records(rows: Iterable[tuple[str, Any]], fmt: str = "auto") -> list[
         if detected is None:
             detected = detect_format(row, source)
         try:
-            records.append(_CONVERTERS[detected](row, source))
+            record = _CONVERTERS[detected](row, source)
+            if row.get("task") is not None:  # multi-task data (data/mix.py): the task name travels with the record
+                record["task"] = _string(row["task"], "task", source)
+            records.append(record)
         except UserError as exc:
             if fmt == "auto" and records:
                 raise UserError(f"{exc} (format '{detected}' was detected from the first record; "
