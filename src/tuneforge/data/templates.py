@@ -1,10 +1,12 @@
-"""Chat templates: Jinja strings rendered exactly like ``tokenizer.apply_chat_template``, plus stop strings.
+"""Chat templates: Jinja strings rendered exactly like ``tokenizer.apply_chat_template``, plus what rendering needs.
 
-A :class:`ChatTemplate` is what training, generation and serving share: the run directory stores it
+A :class:`ChatTemplate` is what training, generation and serving share: its Jinja, stop strings, template
+variables (``model.chat_template_kwargs``), the token appended to answers of templates without an end-of-turn
+marker (``turn_end``) and the system-role policy (``data.system_message``). The run directory stores it
 (``template.json`` + ``chat_template.jinja``) so that every later command renders prompts as training did.
 Built-ins: ``chatml``, ``llama3``, ``alpaca``, ``plain``. ``auto`` means the tokenizer's own template when it has
 one, else ``chatml`` when the tokenizer has ``<|im_start|>``/``<|im_end|>`` as single tokens, else ``plain``.
-Every built-in ends each assistant turn with an end-of-turn marker or the EOS token, so the model learns to stop.
+Every template ends each trained assistant turn with an end-of-turn marker or EOS, so the model learns to stop.
 """
 
 from __future__ import annotations
@@ -313,19 +315,6 @@ def _complete_turn_end(template: ChatTemplate, tokenizer: Any) -> None:
             "eos_token or set model.chat_template to a built-in (chatml, llama3, alpaca, plain)"
         )
     template.turn_end = eos
-
-
-def check_turn_end(template: ChatTemplate, tokenizer: Any) -> None:
-    """Raise UserError unless an assistant turn ends with a stop string or EOS (or ``turn_end`` is set)."""
-    if template.turn_end:
-        return
-    suffix = turn_suffix(template, tokenizer).lstrip()
-    if not any(suffix.startswith(end) for end in template.end_markers(tokenizer)):
-        raise UserError(
-            f"chat template {template.name!r} does not end an assistant turn with an end-of-turn marker or EOS "
-            f"(after the answer: {suffix[:60]!r}), so a model trained on it would never learn to stop. "
-            "Set model.chat_template to a built-in (chatml, llama3, alpaca, plain)"
-        )
 
 
 def _special_tokens(tokenizer: Any) -> list[str]:
