@@ -10,6 +10,7 @@ import pytest
 
 from tuneforge.config import validate_config
 from tuneforge.data import builtin
+from tuneforge.data.templates import get_template
 
 
 def preference_rows(items: list[dict]) -> list[dict]:
@@ -90,6 +91,33 @@ def test_dpo_lora_run_logs_reward_metrics_and_saves_only_the_adapter(tmp_path, p
     assert not (final / "ref").exists()  # no helper adapter in the saved run
     assert list(result.model.peft_config) == ["default"]
     assert any(json.loads(line).get("event") == "eval" for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_dpo_raises_preference_accuracy_on_held_out_pairs(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tuneforge.data.preference import load_stage_records
+    from tuneforge.evaluate.preference import preference_accuracy
+
+    # A preference a tiny random model can learn: a full sentence over a curt refusal, whatever the question.
+    items = builtin.classification_items(seed=4)
+    rows = [{"prompt": it["messages"][0]["content"], "chosen": f"It is about {it['label']}.", "rejected": "No."}
+            for it in items[:40]]
+    write_jsonl(tmp_path / "train.jsonl", rows[:32])
+    write_jsonl(tmp_path / "eval.jsonl", rows[32:])
+    out = tmp_path / "run"
+    result = _train(_cfg(out, tmp_path, train={"max_steps": 8, "save_steps": None, "eval_steps": None}))
+    cfg = validate_config(_cfg(out, tmp_path))
+    held_out = load_stage_records(cfg.data, "paired", seed=0)[1]
+    tokenizer, template = AutoTokenizer.from_pretrained(out / "final"), get_template("plain")
+    tuned = preference_accuracy(result.model, tokenizer, template, held_out)
+    with result.model.disable_adapter():  # the starting model
+        base = preference_accuracy(result.model, tokenizer, template, held_out)
+    # The model's own likelihood still prefers the short answer, but less so: the gap closed by > 1 nat per pair.
+    assert tuned.pairs == base.pairs == 8 and tuned.margin > base.margin + 1.0, (base, tuned)
+    # DPO's implicit reward (against the disabled adapter) ranks every held-out pair right.
+    implicit = preference_accuracy(result.model, tokenizer, template, held_out, reference=True)
+    assert implicit.accuracy == 100.0 and implicit.margin > 0, implicit
 
 
 def test_resume_mid_dpo_equals_uninterrupted(tmp_path, pref_data):
