@@ -66,7 +66,6 @@ def inspect_model(source: str, method: str | None = None, trust_remote_code: boo
         GROUP_SPECS,
         linear_module_paths,
         linear_modules,
-        resolve_target_modules,
     )
 
     resolved = resolve(source, "MODEL")
@@ -80,10 +79,10 @@ def inspect_model(source: str, method: str | None = None, trust_remote_code: boo
         "parameters": sum(p.numel() for p in model.parameters()),
         "groups": linear_modules(model),
         "paths": linear_module_paths(model),
-        "targets": {spec: _try_resolve(model, spec, resolve_target_modules) for spec in GROUP_SPECS},
+        "targets": {spec: _try_resolve(model, spec) for spec in GROUP_SPECS},
     }
     if resolved.adapter is not None:
-        adapter_config = json.loads((_path(resolved.adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+        adapter_config = resolved.adapter_config or {}
         info["adapter_type"] = adapter_config.get("peft_type")
         info["adapter_targets"] = adapter_config.get("target_modules")
     if method:
@@ -98,27 +97,21 @@ def _method_targets(model: Any, name: str) -> dict:
     method = get_method(name)
     cfg = registrations()[name].config(name=name)
     entry: dict[str, Any] = {"name": name, "target_modules": getattr(cfg, "target_modules", None)}
-    try:
-        resolved = method.target_modules(model, cfg)
-    except UserError as exc:
-        resolved = f"(none: {exc})"
+    resolved = _try_resolve(model, cfg, method.target_modules)
     if resolved is None:
-        what = "every parameter trains" if not method.is_adapter else type(method).__doc__.splitlines()[0]
-        entry["note"] = f"{what}; no target modules"
+        summary = type(method).__doc__.splitlines()[0].split(" (")[0].rstrip(".")  # e.g. "Trained key/value prefixes"
+        entry["note"] = f"{'every parameter trains' if not method.is_adapter else summary}; no target modules"
     else:
         entry["resolved"] = resolved
     return entry
 
 
-def _path(text: str):
-    from pathlib import Path
+def _try_resolve(model: Any, spec: Any, resolve=None) -> list[str] | str:
+    """``resolve(model, spec)`` (default: the group resolution), or why nothing matched."""
+    from tuneforge.models.targets import resolve_target_modules
 
-    return Path(text)
-
-
-def _try_resolve(model, spec, resolve) -> list[str] | str:
     try:
-        return resolve(model, spec)
+        return (resolve or resolve_target_modules)(model, spec)
     except UserError as exc:
         return f"(none: {exc})"
 
