@@ -255,6 +255,7 @@ def test_every_family_builds_training_data_with_its_own_template(name, tmp_path)
     assert stats["extra_tokens"] >= 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "kwargs"), [("qwen3", {"enable_thinking": False}), ("deepseek_r1", {}),
                                               ("glm4", {}), ("gemma2", {}), ("smollm3", {})])
 def test_family_trains_through_run_training_and_generation_matches_and_stops(name, kwargs, tmp_path):
