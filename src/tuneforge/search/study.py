@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import socket
 import time
 import warnings
@@ -229,19 +230,34 @@ def open_storage(url: str):
         engine_kwargs["connect_args"] = {"timeout": 60}  # concurrent local workers wait for the file lock
     elif url.startswith(("postgresql", "postgres")):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough here
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                              grace_period=GRACE_S, heartbeat_stale_trial_callback=_requeue_stale)
-    except ImportError as exc:
-        raise UserError(f"--storage {redact(url)}: the database driver is not installed ({exc}); for PostgreSQL: "
-                        "pip install 'tuneforge[search]' (psycopg2-binary)") from None
-    except Exception as exc:  # sqlalchemy's OperationalError / ArgumentError, optuna's StorageInternalError
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        raise UserError(f"--storage {redact(url)}: cannot open the study storage: {detail[0] if detail else exc}\n"
-                        "check the URL (dialect://user:password@host:port/database), that the server runs and "
-                        "accepts this user") from None
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough
+                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                  grace_period=GRACE_S, heartbeat_stale_trial_callback=_requeue_stale)
+        except ImportError as exc:
+            raise UserError(f"--storage {redact(url)}: the database driver is not installed ({exc}); for "
+                            "PostgreSQL: pip install 'tuneforge[search]' (psycopg)") from None
+        except Exception as exc:  # sqlalchemy's OperationalError / ArgumentError, optuna's StorageInternalError
+            # Workers started together on an empty database race to create Optuna's tables; the loser sees
+            # "already exists" / "duplicate key" and finds the tables there when it tries again.
+            if attempt + 1 < CREATE_ATTEMPTS and _creation_race(exc):
+                time.sleep(0.5 + random.random())
+                continue
+            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            raise UserError(f"--storage {redact(url)}: cannot open the study storage: "
+                            f"{detail[0] if detail else exc}\ncheck the URL (dialect://user:password@host:port/"
+                            "database), that the server runs and accepts this user") from None
+    raise AssertionError("unreachable")
+
+
+CREATE_ATTEMPTS = 5
+
+
+def _creation_race(exc: BaseException) -> bool:
+    text = f"{exc} {getattr(exc, 'orig', '')}".lower()
+    return "already exists" in text or "duplicate key" in text
 
 
 def _fingerprint(search: Search) -> str:
