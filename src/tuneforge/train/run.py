@@ -110,6 +110,9 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
     else:
         bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, seed=cfg.seed, packing=packing,
                                 batch_size=cfg.train.batch_size)
+    from tuneforge.train.retention import build_retention
+
+    retention = build_retention(cfg, tokenizer, template, echo)  # train.retention / train.distill, checked here
 
     # A random from-config base is saved before the method changes the model, beside the run dir until it commits.
     staged_base = None
@@ -136,7 +139,9 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
         template.save(run_dir)
         if staged_base is not None:
             os.rename(staged_base, run_dir / BASE_DIR)
-        trainer, monitor = _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir, stage)
+        trainer_base = retention.trainer_class(model, run_dir, echo) if retention else None
+        trainer, monitor = _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir, stage,
+                                          trainer_base)
         for callback in callbacks or ():
             trainer.add_callback(callback)
         trainer.add_callback(stop.callback())
@@ -174,6 +179,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
     final_dir = run_dir / "final"
     _save_final(trainer.model, tokenizer, template, final_dir, run_dir, method)
     summary = _summary(cfg, trainer, output, bundle, trainable, total, runtime, packing)
+    if retention:
+        summary["retention"] = retention.describe()
     atomic_write_json(run_dir / "summary.json", summary)
     start.finish(echo)  # only now may a replaced run go
     echo(f"done: {run_dir} (final model in {final_dir})")
@@ -323,7 +330,7 @@ def _training_arguments(cfg: RunConfig, method, run_dir: Path, has_eval: bool, p
     return TrainingArguments(**kwargs)
 
 
-def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir, stage=None):
+def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir, stage=None, trainer_base=None):
     from transformers import EarlyStoppingCallback
 
     from tuneforge.train.callbacks import MetricsFileCallback, install_progress
@@ -349,7 +356,7 @@ def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run
         trainer.keep_checkpoints = cfg.train.save_total_limit
         install_progress(trainer, cfg.stage)
         return trainer, monitor
-    trainer = _marked_trainer_class()(
+    trainer = _marked_trainer_class(trainer_base)(  # trainer_base: retention terms (train/retention/)
         model=model,
         args=args,
         train_dataset=bundle.train,  # a list of rows is a map-style dataset
