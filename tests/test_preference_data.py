@@ -120,6 +120,8 @@ def test_readers_detect_preference_kto_and_prompt_rows(tmp_path):
     ({"prompt": "Q", "chosen": "same", "rejected": "same"}, r"bad\.jsonl:2: 'chosen' and 'rejected' are identical"),
     ({"prompt": "Q", "chosen": "  ", "rejected": "b"}, r"bad\.jsonl:2: 'chosen' has an empty assistant answer"),
     ({"prompt": "", "chosen": "a", "rejected": "b"}, r"bad\.jsonl:2: the prompt is empty"),
+    ({"prompt": "Q", "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+      "rejected": "c"}, r"bad\.jsonl:2: 'chosen' must be one assistant answer after the prompt"),
     ({"prompt": "Q", "completion": "a", "label": "maybe"}, r"bad\.jsonl:2: 'label' must be true"),
 ])
 def test_bad_preference_records_name_file_and_line(tmp_path, row, message):

@@ -10,9 +10,8 @@ Accepted rows: ``{prompt, chosen, rejected}`` where the prompt is a string or a 
 string, one message or a message list; the chat form ``{chosen: [conversation], rejected: [conversation]}`` whose
 shared leading turns become the prompt; ``{prompt, completion, label}``; ``{prompt, <any answer fields>}``.
 
-Encoding renders ``prompt + completion`` exactly as SFT renders a conversation (:func:`encode_chat_detailed`: the
-same template, the same offset-mapped mask, the same end-of-turn marker) and keeps only the completion's assistant
-turns supervised. Truncation never cuts a completion: the prompt loses tokens from the left (a leading BOS is kept),
+Encoding renders ``prompt + completion`` exactly as SFT renders a conversation (:func:`encode_chat_samples`: the
+same template, the same mask rule, the same end-of-turn marker) and keeps only the completion's turn supervised. Truncation never cuts a completion: the prompt loses tokens from the left (a leading BOS is kept),
 and a pair whose completion does not fit beside one prompt token is dropped and counted.
 """
 
@@ -22,7 +21,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuneforge.data.tokenize import IGNORE, encode_chat_detailed
+from tuneforge.data.tokenize import IGNORE, encode_chat_samples
 from tuneforge.errors import UserError
 
 PAIRED_STAGES = ("dpo", "orpo", "simpo")
@@ -141,9 +140,10 @@ def _with_system(row: dict, prompt: list[dict], source: str) -> list[dict]:
 def _check_completion(completion: list[dict], key: str, source: str) -> None:
     if not completion:
         raise UserError(f"{source}: {key!r} adds no turn after the shared prompt")
-    if not any(m["role"] == "assistant" for m in completion):
-        raise UserError(f"{source}: {key!r} has no assistant turn, so nothing of it could be trained")
-    if any(m["role"] == "assistant" and not m["content"].strip() for m in completion):
+    if len(completion) != 1 or completion[0]["role"] != "assistant":
+        raise UserError(f"{source}: {key!r} must be one assistant answer after the prompt (got roles "
+                        f"{[m['role'] for m in completion]}); put earlier turns into 'prompt'")
+    if not completion[0]["content"].strip():
         raise UserError(f"{source}: {key!r} has an empty assistant answer; drop the record or write the answer")
 
 
@@ -184,7 +184,15 @@ def encode_completion(prompt: list[dict], completion: list[dict], tokenizer: Any
     Raises:
         UserError: when the template renders the completion to no supervised token.
     """
-    sample = encode_chat_detailed({"messages": [*prompt, *completion]}, tokenizer, template, _NO_LIMIT)
+    # SFT's own encoding of the conversation; the sample that trains the completion's (last) turn is the one
+    # to use: a template that renders history differently trains that turn as its own sample.
+    last = len(prompt) + len(completion) - 1
+    samples = encode_chat_samples({"messages": [*prompt, *completion], "source": source}, tokenizer, template,
+                                  _NO_LIMIT)
+    sample = next((s for s in samples if last in s.get("turns", ())), None)
+    if sample is None:
+        raise UserError(f"{source}: the completion is empty after rendering with chat template {template.name!r} "
+                        "(no answer token to train); check the record and `tuneforge data preview`")
     boundary = len(template.render(prompt, add_generation_prompt=True, tokenizer=tokenizer))
     mask = [int(label != IGNORE and end > boundary) for label, (_, end) in zip(sample["labels"], sample["offsets"],
                                                                                 strict=True)]
