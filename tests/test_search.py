@@ -102,7 +102,7 @@ def test_a_pruned_trial_stops_early(tmp_path, data_dir):
 
 
 def test_combinations_that_cannot_fit_the_gpu_are_pruned_before_they_start(tmp_path, data_dir):
-    run = write_run(tmp_path, data_dir)
+    run = write_run(tmp_path, data_dir, eval_steps=None)  # no intermediate evals: the last step is still scored
     space = write_space(tmp_path, {"model.from_config.hidden_size": {"choice": [32, 8192]}})
     assert main(["search", str(run), "--space", str(space), "--sampler", "grid", "--gpu-mem", "1", "--study", "m",
                  "--pruner", "none"]) == 0
@@ -112,6 +112,7 @@ def test_combinations_that_cannot_fit_the_gpu_are_pruned_before_they_start(tmp_p
     assert big.state.name == "PRUNED" and "not started" in big.user_attrs["prune_reason"]
     assert big.user_attrs["estimated_gib"] > 0.9 and not (study_dir / f"trial-{big.number}").exists()
     assert small.state.name == "COMPLETE" and small.user_attrs["estimated_gib"] < 0.9
+    assert small.value == pytest.approx(small.user_attrs["eval_loss"]) and small.user_attrs["steps"] == 4
 
 
 @pytest.mark.parametrize(("space", "args", "message"), [

@@ -139,7 +139,9 @@ def write_best(search: Search, row: Row) -> Path:
     if raw is None:  # the trial ran on another machine: rebuild it from the study's parameters
         from tuneforge.search.study import trial_config
 
-        raw = trial_config(search, row.number, row.values).model_dump(mode="json")
+        sampled = {p.key: p.decode(row.values[p.key]) for p in search.space.sampled if p.key in row.values}
+        values = search.space.resolve(sampled, search.base)
+        raw = trial_config(search, row.number, values).model_dump(mode="json")
     raw["run_name"] = f"{search.study_name}-best"
     raw["output_dir"] = str(search.study_dir.parent / f"{search.study_name}-best")
     header = (f"# best of study '{search.study_name}': trial {row.number}, {search.objective} {row.value:.6g}\n"
