@@ -390,7 +390,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
         served = pick(req.model)
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
             m.as_dict() for m in req.history] + [{"role": "user", "content": req.message}]
-        sampling = _Sampling(model=req.model, temperature=req.temperature)
+        sampling = _Sampling.model_construct(model=req.model, temperature=req.temperature)  # already validated
         settings = settings_for(sampling, req.max_new_tokens or req.max_length)
         ids = await encode(served, messages)
         check_prompt(served, ids, settings, "message")

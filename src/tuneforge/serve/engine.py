@@ -134,11 +134,13 @@ class Engine:
     Args:
         specs: run directories / adapter dirs / model dirs (optionally ``NAME=PATH``).
         device: passed to ``load_for_inference``.
+        dtype: a ``torch.dtype`` (default: ``load_for_inference``'s choice for the device).
         max_batch_size: most generations run together.
         max_queue: most generations waiting before requests are answered 429.
     """
 
-    def __init__(self, specs: list[str], device: str = "auto", *, max_batch_size: int = 16, max_queue: int = 64):
+    def __init__(self, specs: list[str], device: str = "auto", *, dtype: Any = None, max_batch_size: int = 16,
+                 max_queue: int = 64):
         from tuneforge.models.reference import load_for_inference, load_template, load_tokenizer_of, resolve
 
         if not specs:
@@ -155,7 +157,7 @@ class Engine:
                 self.models[name] = Served(name, path, model, tokenizer, load_template(ref.template_dir, tokenizer),
                                            adapter_key(name), ref.base)
                 continue
-            loaded = load_for_inference(ref, device=device)
+            loaded = load_for_inference(ref, device=device, dtype=dtype)
             adapter_name = None
             if ref.adapter is not None:
                 adapter_name = loaded.model.active_adapter
