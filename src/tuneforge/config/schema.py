@@ -322,6 +322,70 @@ class GrpoConfig(Strict):
     steps_per_generation: int | None = Field(None, gt=0, description="optimizer steps per generation batch")
 
 
+# --------------------------------------------------------------------------- distributed (docs/distributed.md)
+
+
+class FsdpOptions(Strict):
+    """PyTorch FSDP, as accelerate's FSDP plugin takes it (``TrainingArguments.fsdp_config``)."""
+
+    sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard"] = Field(
+        "full_shard", description="full_shard: parameters, gradients and optimizer state sharded (ZeRO-3-like); "
+        "shard_grad_op: gradients and optimizer state (ZeRO-2-like); hybrid_shard (version 1 only): full_shard "
+        "within a node, replicated across nodes")
+    cpu_offload: bool = Field(False, description="keep sharded parameters (and their optimizer state) in CPU memory")
+    auto_wrap: bool = Field(True, description="wrap each decoder layer as its own FSDP unit (the model's "
+                                              "_no_split_modules); false: the whole model is one unit")
+    activation_checkpointing: bool = Field(False, description="FSDP's own activation checkpointing per wrapped "
+                                                              "layer (instead of train.gradient_checkpointing)")
+    version: Literal[1, 2] = Field(2, description="FSDP2 (fully_shard, per-parameter DTensor shards) or FSDP1")
+
+    @model_validator(mode="after")
+    def _hybrid_needs_v1(self) -> FsdpOptions:
+        if self.sharding == "hybrid_shard" and self.version != 1:
+            raise ValueError("distributed.fsdp.sharding hybrid_shard exists only in FSDP1: set "
+                             "distributed.fsdp.version: 1 (FSDP2 takes full_shard or shard_grad_op)")
+        return self
+
+
+class DeepSpeedOptions(Strict):
+    """DeepSpeed ZeRO; written as ``<run>/deepspeed.json`` and passed to the Trainer."""
+
+    zero_stage: Literal[1, 2, 3] = Field(2, description="1: optimizer state sharded; 2: + gradients; "
+                                                        "3: + parameters")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer state and step on the CPU")
+    offload_parameters: bool = Field(False, description="ZeRO-3 only: parameters in CPU memory between uses")
+
+    @model_validator(mode="after")
+    def _offload_params_needs_zero3(self) -> DeepSpeedOptions:
+        if self.offload_parameters and self.zero_stage != 3:
+            raise ValueError("distributed.deepspeed.offload_parameters needs zero_stage: 3 (stages 1 and 2 keep "
+                             "a full copy of the parameters on every GPU)")
+        return self
+
+
+class DistributedConfig(Strict):
+    """How a run trains on several processes (``tuneforge train --nproc N`` or ``torchrun``); ignored on one."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU")
+    timeout_minutes: float = Field(30, gt=0, description="how long a collective (all-reduce, barrier) may wait "
+                                                          "for the other ranks before the run fails")
+    connect_timeout_s: float = Field(120, gt=0, description="how long a node waits for the master address to "
+                                                            "answer before it gives up")
+    shutdown_timeout_s: int = Field(300, gt=0, description="after SIGTERM: seconds torchrun gives the ranks to "
+                                                           "save their checkpoint before it kills them")
+    fsdp: FsdpOptions = FsdpOptions()
+    deepspeed: DeepSpeedOptions = DeepSpeedOptions()
+
+    @model_validator(mode="after")
+    def _options_match_strategy(self) -> DistributedConfig:
+        for section, default in (("fsdp", FsdpOptions()), ("deepspeed", DeepSpeedOptions())):
+            if getattr(self, section) != default and self.strategy != section:
+                raise ValueError(f"distributed.{section} options are for strategy {section!r}, not "
+                                 f"{self.strategy!r}: set distributed.strategy: {section} or remove them")
+        return self
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -338,6 +402,7 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     preference: PreferenceConfig | None = None
     grpo: GrpoConfig | None = None
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _stage_sections(self) -> RunConfig:

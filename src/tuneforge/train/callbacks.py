@@ -23,7 +23,7 @@ class MetricsFileCallback(TrainerCallback):
         self.started = time.time()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs:
+        if not logs or not state.is_world_process_zero:  # every rank logs the same (gathered) values
             return
         if any(key.startswith("eval_") for key in logs):
             event = "eval"

@@ -27,6 +27,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="replace the run in output_dir (deleted only once the new run has finished)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: continue although stage, model, method or data differ from the run's config")
+    launch = p.add_argument_group("several processes (torchrun; docs/distributed.md)")
+    launch.add_argument("--nproc", type=int, help="processes on this node (one per GPU); starts torchrun")
+    launch.add_argument("--nnodes", type=int, help="nodes in the job (default 1, or SLURM's)")
+    launch.add_argument("--node-rank", type=int, help="this node's index, 0..nnodes-1 (default 0, or SLURM's)")
+    launch.add_argument("--master-addr", help="node 0's address, as the other nodes reach it (or SLURM's first host)")
+    launch.add_argument("--master-port", type=int, help="a free TCP port on node 0 (default 29500)")
     # REMAINDER so that flags may also follow the overrides (`train x.yaml train.lr=1e-4 --resume`).
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides, e.g. train.lr=1e-4 method.r=16")
     p.set_defaults(func=train_command)
@@ -49,23 +55,66 @@ def validate_command(args) -> int:
     return 0
 
 
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port")
+
+
 def train_command(args) -> int:
     from tuneforge.config import load_config
     from tuneforge.errors import UserError
-    from tuneforge.train.run import run_training
+    from tuneforge.train import distributed
 
     overrides = []
     flags = ("--resume", "--overwrite", "--allow-config-change")
-    for item in args.overrides:
+    items = iter(args.overrides)
+    for item in items:
+        name, _, value = item.partition("=")
         if item in flags:
             setattr(args, item[2:].replace("-", "_"), True)
+        elif name in LAUNCH_FLAGS:  # a launch flag after the overrides
+            value = value or next(items, None)
+            if value is None:
+                raise UserError(f"train: {name} needs a value")
+            setattr(args, name[2:].replace("-", "_"), value if name == "--master-addr" else _int(name, value))
         elif item.startswith("-"):
-            raise UserError(f"train: unknown option {item!r} (options: {', '.join(flags)})")
+            raise UserError(f"train: unknown option {item!r} (options: {', '.join(flags + LAUNCH_FLAGS)})")
         else:
             overrides.append(item)
     cfg = load_config(args.config, overrides)
-    run_training(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+    launching = any(getattr(args, f[2:].replace("-", "_")) is not None for f in LAUNCH_FLAGS)
+    if launching and distributed.world().distributed:
+        raise UserError("train: --nproc/--nnodes/--node-rank/--master-addr/--master-port start torchrun; this "
+                        "process already is one of torchrun's ranks, so leave them out")
+    if launching:
+        plan = distributed.plan_launch(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+        argv = [args.config, *overrides] + [f for f in flags if getattr(args, f[2:].replace("-", "_"))]
+        return distributed.launch(plan, argv, cfg)
+    return _train(cfg, args)
+
+
+def _train(cfg, args) -> int:
+    from tuneforge.errors import UserError
+    from tuneforge.train import distributed
+    from tuneforge.train.run import run_training
+
+    try:
+        run_training(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+    except UserError as exc:
+        distributed.report_status(exc.exit_code)
+        raise
+    except BaseException:
+        distributed.report_status(1)
+        raise
+    distributed.report_status(0)
     return 0
+
+
+def _int(flag: str, value: str) -> int:
+    from tuneforge.errors import UserError
+
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"train: {flag} expects a whole number, got {value!r}") from None
 
 
 def generate_command(args) -> int:

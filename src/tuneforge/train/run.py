@@ -17,7 +17,7 @@ from typing import Any
 
 from tuneforge.config import RunConfig, dump_config
 from tuneforge.errors import UserError
-from tuneforge.train import checkpoints, rundir
+from tuneforge.train import checkpoints, distributed, rundir
 from tuneforge.utils import atomic_dir, atomic_write_json, atomic_write_text
 
 BASE_DIR = "base"  # a from-config base model saved beside its adapter, so the adapter can be loaded again
@@ -74,12 +74,27 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     """
     run_dir = Path(cfg.output_dir)
     stop = rundir.SigtermStop()
-    with rundir.run_lock(run_dir), stop.installed():
-        return _train_locked(cfg, run_dir, resume, overwrite, echo, callbacks, allow_config_change, stop)
+    me = distributed.world()
+    if not me.is_main:  # ranks > 0 write nothing: rank 0 checks, locks, tokenises and hands its setup over
+        with stop.installed():
+            return _train_rank(cfg, run_dir, callbacks, stop, me)
+    handed_over: list[bool] = []
+    try:
+        with rundir.run_lock(run_dir), stop.installed():
+            return _train_locked(cfg, run_dir, resume, overwrite, echo, callbacks, allow_config_change, stop, me,
+                                 handed_over)
+    except BaseException as exc:
+        if me.distributed and not handed_over:  # the other ranks are waiting for the setup: stop them too
+            distributed.send_failure(str(exc) or type(exc).__name__, getattr(exc, "exit_code", 1))
+        raise
+    finally:
+        if me.distributed:
+            distributed.finish_cache(run_dir)
 
 
 def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, echo, callbacks,
-                  allow_config_change: bool, stop: rundir.SigtermStop) -> TrainResult:
+                  allow_config_change: bool, stop: rundir.SigtermStop, me: distributed.World,
+                  handed_over: list) -> TrainResult:
     from transformers import set_seed
 
     rundir.check_start(run_dir, resume, overwrite)
@@ -87,9 +102,12 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
     cfg = _resolve_auto_method(cfg, echo)
     if resume:
         rundir.check_same_setup(cfg.model_dump(mode="json"), run_dir, allow_config_change, echo)
+        latest = checkpoints.latest_checkpoint(run_dir / "checkpoints")
+        distributed.check_resume_world(latest, me.world_size, cfg.distributed.strategy, echo)
     from tuneforge.methods import get_method
 
     method = get_method(cfg.method.name)
+    distributed.check_strategy(cfg, method, me.world_size)
 
     from tuneforge.data.build import build_datasets, tokenizer_texts
     from tuneforge.data.packing import packing_supported
@@ -121,6 +139,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
     try:
         if staged_base is not None:
             _save_base(model, tokenizer, template, staged_base)
+        set_seed(cfg.seed)  # every rank initialises the adapter from the same state, whatever data building drew
         model = method.apply(model, cfg.method)
         from tuneforge.models.params import count_parameters
 
@@ -139,13 +158,16 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
         template.save(run_dir)
         if staged_base is not None:
             os.rename(staged_base, run_dir / BASE_DIR)
+        resume_from = _resume_point(run_dir, resume, echo)
+        if me.distributed:
+            _hand_over(cfg, run_dir, bundle, packing, resume_from, tokenizer, echo, me)
+            handed_over.append(True)
         trainer_base = retention.trainer_class(model, run_dir, echo) if retention else None
         trainer, monitor = _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir, stage,
                                           trainer_base)
         for callback in callbacks or ():
             trainer.add_callback(callback)
         trainer.add_callback(stop.callback())
-        resume_from = _resume_point(run_dir, resume, echo)
     except BaseException:
         start.undo()  # training never started: the directory is as it was (a replaced run is put back)
         if staged_base is not None:
@@ -177,14 +199,76 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
         )
 
     final_dir = run_dir / "final"
-    _save_final(trainer.model, tokenizer, template, final_dir, run_dir, method)
+    _save_final_of(trainer, tokenizer, template, final_dir, run_dir, method, cfg)
     summary = _summary(cfg, trainer, output, bundle, trainable, total, runtime, packing)
+    if me.distributed:
+        summary["distributed"] = {"world_size": me.world_size, "strategy": cfg.distributed.strategy}
     if retention:
         summary["retention"] = retention.describe()
     atomic_write_json(run_dir / "summary.json", summary)
     start.finish(echo)  # only now may a replaced run go
     echo(f"done: {run_dir} (final model in {final_dir})")
     return TrainResult(run_dir=run_dir, final_dir=final_dir, summary=summary, model=trainer.model)
+
+
+def _hand_over(cfg, run_dir: Path, bundle, packing: bool, resume_from, tokenizer, echo, me) -> None:
+    """Rank 0: the engine's config into the run directory, then the setup to the other ranks."""
+    engine_file = distributed.write_engine_config(cfg, run_dir)
+    if engine_file is not None:
+        echo(f"distributed: DeepSpeed config written to {engine_file}")
+    folder = distributed.start_cache(run_dir)
+    tokenizer_dir = None
+    if cfg.model.from_config and not (run_dir / BASE_DIR / "config.json").is_file():
+        tokenizer_dir = str(folder / "tokenizer")  # the tokenizer rank 0 trained, so every rank has the same ids
+        tokenizer.save_pretrained(tokenizer_dir)
+    handoff = distributed.Handoff(config=cfg.model_dump(mode="json", by_alias=True), bundle=bundle,
+                                  packing=packing, resume_from=str(resume_from) if resume_from else None,
+                                  tokenizer_dir=tokenizer_dir)
+    distributed.send_setup(handoff, run_dir)
+    echo(f"distributed: {me.world_size} ranks, strategy {cfg.distributed.strategy}; data tokenised once on rank 0 "
+         "and handed to the other ranks")
+
+
+def _train_rank(cfg: RunConfig, run_dir: Path, callbacks, stop: rundir.SigtermStop,
+                me: distributed.World) -> TrainResult:
+    """Ranks > 0: rank 0's setup (config, tokenised data, resume point), the same model, the same Trainer.
+
+    Nothing is written into the run directory here; checkpoints and ``final/`` are written by rank 0 (the engines'
+    collective saves gather what this rank holds).
+    """
+    from transformers import set_seed
+
+    from tuneforge.config import validate_config
+    from tuneforge.methods import get_method
+    from tuneforge.train.stages import get_stage
+
+    handoff = distributed.receive_setup(echo=_quiet)
+    cfg = validate_config(handoff.config, source="rank 0's resolved config")
+    set_seed(cfg.seed)
+    method = get_method(cfg.method.name)
+    stage = get_stage(cfg.stage)
+    model, tokenizer = _load_model(cfg, method, None, run_dir, True, tokenizer_dir=handoff.tokenizer_dir)
+    template = _template(cfg, tokenizer)
+    set_seed(cfg.seed)
+    model = method.apply(model, cfg.method)
+    trainer, monitor = _build_trainer(cfg, method, model, tokenizer, template, handoff.bundle, handoff.packing,
+                                      run_dir, stage)
+    for callback in callbacks or ():
+        trainer.add_callback(callback)
+    trainer.add_callback(stop.callback())
+    with stop.training():
+        trainer.train(resume_from_checkpoint=handoff.resume_from)
+    if stop.stopped_at is not None:
+        raise TrainingInterrupted(f"SIGTERM: rank {me.rank} stopped at step {stop.stopped_at}")
+    if monitor is not None and getattr(monitor, "stopped_reason", None):
+        raise TrainingStopped(f"rank {me.rank}: {monitor.stopped_reason}")
+    final_dir = run_dir / "final"
+    _save_final_of(trainer, tokenizer, template, final_dir, run_dir, method, cfg)
+    return TrainResult(run_dir=run_dir, final_dir=final_dir, summary={}, model=trainer.model)
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """``echo`` of ranks > 0: rank 0 says everything once."""
 
 
 # ----------------------------------------------------------------------------- setup
@@ -217,15 +301,20 @@ def _packing_works(model, check) -> bool:
         return False
 
 
-def _load_model(cfg: RunConfig, method, texts, run_dir: Path, resume: bool):
+def _load_model(cfg: RunConfig, method, texts, run_dir: Path, resume: bool, tokenizer_dir: str | None = None):
     from tuneforge.models.device import resolve_device, resolve_dtype
     from tuneforge.models.load import load_model
 
     device = resolve_device(cfg.model.device)
+    if device == "cuda" and distributed.world().distributed:
+        device = f"cuda:{distributed.world().local_rank}"  # one GPU per rank
     dtype = resolve_dtype(cfg.model.precision, device)
     model_cfg = cfg.model
     if _saved_base(run_dir, resume):  # the random base the adapter was trained on, not a new random one
         model_cfg = cfg.model.model_copy(update={"from_config": None, "name_or_path": str(run_dir / BASE_DIR)})
+    elif tokenizer_dir and cfg.model.from_config:  # ranks > 0: rank 0's trained tokenizer
+        model_cfg = cfg.model.model_copy(
+            update={"from_config": cfg.model.from_config.model_copy(update={"tokenizer": tokenizer_dir})})
     extra = method.model_load_kwargs(cfg.method, dtype)
     model, tokenizer = load_model(model_cfg, texts=texts, extra_kwargs=extra, device=device, dtype=dtype)
     model.config.use_cache = False  # packed rows are only kept apart without the KV cache (ENVIRONMENT.md)
@@ -260,14 +349,14 @@ def _fmt(value: Any) -> str:
 # ----------------------------------------------------------------------------- trainer
 
 
-def _steps_per_epoch(rows: int, cfg: RunConfig) -> int:
-    return max(1, math.ceil(math.ceil(rows / cfg.train.batch_size) / cfg.train.grad_accum))
+def _steps_per_epoch(rows: int, cfg: RunConfig, world_size: int = 1) -> int:
+    return max(1, math.ceil(math.ceil(rows / (cfg.train.batch_size * world_size)) / cfg.train.grad_accum))
 
 
-def _total_steps(rows: int, cfg: RunConfig) -> int:
+def _total_steps(rows: int, cfg: RunConfig, world_size: int = 1) -> int:
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    return max(1, math.ceil(_steps_per_epoch(rows, cfg) * cfg.train.epochs))
+    return max(1, math.ceil(_steps_per_epoch(rows, cfg, world_size) * cfg.train.epochs))
 
 
 def _training_arguments(cfg: RunConfig, method, run_dir: Path, has_eval: bool, packing: bool, total_steps: int):
@@ -327,6 +416,10 @@ def _training_arguments(cfg: RunConfig, method, run_dir: Path, has_eval: bool, p
     if t.scheduler == "cosine_with_restarts":
         kwargs["lr_scheduler_kwargs"] = {"num_cycles": t.num_cycles}
     kwargs.update(method.trainer_args(cfg.method))
+    engine = distributed.trainer_arguments(cfg, run_dir, distributed.world(), device)
+    if engine.get("fsdp") and engine["fsdp_config"]["activation_checkpointing"]:
+        kwargs["activation_checkpointing"] = False  # FSDP checkpoints each wrapped layer itself
+    kwargs.update(engine)
     return TrainingArguments(**kwargs)
 
 
@@ -335,14 +428,19 @@ def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run
 
     from tuneforge.train.callbacks import MetricsFileCallback, install_progress
 
-    total_steps = _total_steps(len(bundle.train), cfg)
+    me = distributed.world()
+    total_steps = _total_steps(len(bundle.train), cfg, me.world_size)
     args = _training_arguments(cfg, method, run_dir, bool(bundle.eval), packing, total_steps)
     collator = bundle.collator(tokenizer)
 
     callbacks = [MetricsFileCallback(run_dir)]
-    if "tensorboard" in cfg.train.report_to:
+    if "tensorboard" in cfg.train.report_to and me.is_main:  # one event file, not one per rank
         callbacks.append(_tensorboard(run_dir / "tensorboard"))
     monitor = _monitor(cfg, run_dir, model, tokenizer, template)
+    if monitor is not None and not me.is_main:
+        # Every rank sees the same gathered loss, so every rank stops alike; only rank 0 reports.
+        monitor.run_dir = Path(os.devnull)  # not a directory: the monitor appends nothing
+        monitor.echo = _quiet
     if monitor is not None:
         callbacks.append(monitor)
     if args.load_best_model_at_end:
@@ -354,6 +452,7 @@ def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run
         trainer = stage.build_trainer(cfg, model, tokenizer, template, bundle, args, callbacks, (optimizer, None),
                                       _marked_trainer_class)
         trainer.keep_checkpoints = cfg.train.save_total_limit
+        trainer.strategy = cfg.distributed.strategy
         install_progress(trainer, cfg.stage)
         return trainer, monitor
     trainer = _marked_trainer_class(trainer_base)(  # trainer_base: retention terms (train/retention/)
@@ -367,6 +466,7 @@ def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run
         optimizers=(optimizer, None),
     )
     trainer.keep_checkpoints = cfg.train.save_total_limit
+    trainer.strategy = cfg.distributed.strategy
     install_progress(trainer, cfg.stage)
     return trainer, monitor
 
@@ -400,10 +500,15 @@ def _marked_trainer_class(base=None):
         """A Trainer whose checkpoints get a completion marker before any old one is rotated away."""
 
         keep_checkpoints: int | None = None
+        strategy: str = "ddp"
 
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            self.accelerator.wait_for_everyone()  # every rank's files (its RNG state, its shards) are written
+            if not self.is_world_process_zero():
+                return
+            distributed.write_checkpoint_world(folder, self.args.world_size, self.strategy)
             checkpoints.mark_complete(folder)
             checkpoints.rotate(self.args.output_dir, self.keep_checkpoints, self.state.best_model_checkpoint)
 
@@ -424,19 +529,43 @@ def _resume_point(run_dir: Path, resume: bool, echo) -> Path | None:
 # ----------------------------------------------------------------------------- outputs
 
 
+def _save_final_of(trainer, tokenizer, template, final_dir: Path, run_dir: Path, method, cfg) -> None:
+    """``final/`` from the trained Trainer: rank 0 writes; under FSDP/DeepSpeed every rank joins the gather."""
+    me = distributed.world()
+    if not me.distributed or cfg.distributed.strategy == "ddp":
+        if me.is_main:
+            model = trainer.accelerator.unwrap_model(trainer.model) if me.distributed else trainer.model
+            _save_final(model, tokenizer, template, final_dir, run_dir, method)
+        return
+    # The engine holds shards: the Trainer gathers a full state dict (a collective) and rank 0 saves it.
+    _point_adapter_at_base(trainer.accelerator.unwrap_model(trainer.model), run_dir)
+    if not me.is_main:
+        trainer.save_model(str(final_dir))  # joins the gather; only rank 0 writes
+        return
+    with atomic_dir(final_dir) as tmp:
+        trainer.save_model(str(tmp))
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        tokenizer.save_pretrained(tmp)
+        template.save(tmp)
+
+
+def _point_adapter_at_base(model, run_dir: Path) -> None:
+    """The adapter's ``base_model_name_or_path``: the saved random base, or the absolute local base directory."""
+    base = run_dir / BASE_DIR
+    for peft_cfg in getattr(model, "peft_config", {}).values():
+        source = peft_cfg.base_model_name_or_path
+        if base.is_dir():
+            peft_cfg.base_model_name_or_path = str(base.resolve())
+        elif source and Path(source).is_dir():
+            peft_cfg.base_model_name_or_path = str(Path(source).resolve())
+
+
 def _save_final(model, tokenizer, template, final_dir: Path, run_dir: Path, method) -> None:
     """Adapter (PEFT format) or full model + tokenizer + template, written atomically.
 
     A method may convert its adapter for the original base on the way out (PiSSA trains against a residual base).
     """
-    base = run_dir / BASE_DIR
-    if hasattr(model, "peft_config"):
-        for peft_cfg in model.peft_config.values():
-            source = peft_cfg.base_model_name_or_path
-            if base.is_dir():
-                peft_cfg.base_model_name_or_path = str(base.resolve())
-            elif source and Path(source).is_dir():
-                peft_cfg.base_model_name_or_path = str(Path(source).resolve())
+    _point_adapter_at_base(model, run_dir)
     save_adapter = getattr(method, "save_adapter", None)
     with atomic_dir(final_dir) as tmp:
         if save_adapter is not None:

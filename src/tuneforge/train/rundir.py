@@ -286,6 +286,11 @@ class SigtermStop:
 
         class SaveAndStopOnSigterm(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
+                if stop.stopped_at is None and args.world_size > 1:
+                    # Ranks may get the signal a step apart: all must save the same step, or they deadlock.
+                    from tuneforge.train.distributed import any_rank
+
+                    stop.requested = any_rank(stop.requested)
                 if stop.requested and stop.stopped_at is None:
                     stop.stopped_at = state.global_step
                     control.should_save = True
