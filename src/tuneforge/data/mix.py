@@ -46,9 +46,7 @@ def read_general(spec: str, key: str, data_cfg: Any) -> list[dict]:
     from tuneforge.data.readers import read_records
 
     if spec in BUILTIN_CORPORA:
-        from tuneforge.data.builtin import pretrain_documents
-
-        records = [{"text": doc, "source": f"pydoc#{i + 1}"} for i, doc in enumerate(pretrain_documents())]
+        records = builtin_records(spec)
     elif spec.startswith("hf:") or Path(spec).exists():
         records = read_records(spec, "auto", data_cfg.text_separator)
     else:
@@ -56,6 +54,15 @@ def read_general(spec: str, key: str, data_cfg: Any) -> list[dict]:
                         f"({', '.join(BUILTIN_CORPORA)}) or a hub dataset as hf:owner/name")
     records, _ = clean_records(records, data_cfg.clean)
     return records
+
+
+def builtin_records(name: str) -> list[dict]:
+    """The text records of a built-in general corpus (``pydoc``: the Python documentation, one record per topic)."""
+    from tuneforge.data.builtin import pretrain_documents
+
+    if name != "pydoc":
+        raise UserError(f"{name!r} is not a built-in corpus; known: {', '.join(BUILTIN_CORPORA)}")
+    return [{"text": doc, "source": f"pydoc#{i + 1}"} for i, doc in enumerate(pretrain_documents())]
 
 
 def mix_shares(data_cfg: Any) -> list[float]:

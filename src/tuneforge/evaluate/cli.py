@@ -30,6 +30,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass for perplexity")
     p.add_argument("--max-length", type=int, default=None, help="perplexity window (default: model context)")
     p.add_argument("--stride", type=int, default=None, help="sliding-window step (default: max-length / 2)")
+    p.add_argument("--retention", metavar="GENERAL_DATA", default=None,
+                   help="also score forgetting: perplexity of the start model and of each model on this general "
+                        "data (docs/forgetting.md)")
     _add_generation_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -98,9 +101,19 @@ def cmd_eval(args) -> int:
     gen = _generation_settings(args)
     _check_limit(args.limit)
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr))
+    general = None
+    if args.retention:  # read (and checked) before any model is loaded
+        from tuneforge.evaluate.retention import load_general
+
+        general = load_general(args.retention, args.limit)
     rows = runner.run_eval(args.models, args.data, metrics, gen, fmt=args.format, limit=args.limit,
                            device=args.device, batch_size=args.batch_size, max_length=args.max_length,
                            stride=args.stride, keep_predictions=args.predictions, progress=progress)
+    if general is not None:
+        from tuneforge.evaluate.retention import add_retention
+
+        add_retention(rows, args.retention, general, device=args.device, batch_size=args.batch_size,
+                      max_length=args.max_length, stride=args.stride, progress=progress)
     if not args.no_save:
         runner.save_to_run_dirs(rows, args.data, metrics, gen)
     if args.out:
@@ -128,16 +141,19 @@ def _print_table(rows, metrics, args, gen) -> None:
     from rich.table import Table
 
     from tuneforge.evaluate.metrics import GENERATION, columns, format_value
+    from tuneforge.evaluate.retention import RETENTION_KEYS, retention_format
 
     table = Table(title=f"{_short(args.data)} — {rows[0]['n'] if rows else 0} records")
     table.add_column("model", overflow="fold")
     keys = columns(metrics)
+    keys += [k for k in RETENTION_KEYS if rows and k in rows[0]]  # --retention: forgetting beside the task metric
     for key in keys:
-        table.add_column(key, justify="right", no_wrap=True)
+        table.add_column(RETENTION_KEYS.get(key, key), justify="right", no_wrap=True)
+    cell = retention_format(format_value)
     best = {m.name: (max if m.higher_is_better else min)(values) for m in metrics  # bold only when models differ
             if len(set(values := [r[m.name] for r in rows if isinstance(r.get(m.name), (int, float))])) > 1}
     for row in rows:
-        cells = [format_value(k, row.get(k)) for k in keys]
+        cells = [cell(k, row.get(k)) for k in keys]
         table.add_row(_short(row["model"]), *(f"[bold]{c}[/bold]" if k in best and row.get(k) == best[k] else c
                                               for k, c in zip(keys, cells, strict=True)))
     console = Console()
@@ -147,6 +163,9 @@ def _print_table(rows, metrics, args, gen) -> None:
         console.print(f"generation: {gen.to_dict()}" + (f"; BLEU tokenizer: {tok}" if tok else ""))
     console.print("; ".join(m.label for m in metrics) + " (best in bold). ppl: token-weighted over the set "
                   "(answers only for chat data); scores 0-100")
+    if rows and "retention_ppl" in rows[0]:
+        console.print(f"general ppl on {args.retention}: start model (adapter disabled, or the run's starting "
+                      "model) vs the model; increase = forgetting")
 
 
 # --------------------------------------------------------------------------- abtest

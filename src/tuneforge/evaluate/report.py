@@ -17,6 +17,7 @@ from typing import Any
 
 from tuneforge.errors import UserError
 from tuneforge.evaluate.metrics import METRICS, columns, format_value
+from tuneforge.evaluate.retention import RETENTION_KEYS, retention_format
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -211,9 +212,11 @@ def render_report(name: str, events: list[dict], summary: Any, evals: list[dict]
     else:
         parts.append("<p>no summary.json</p>")
     if evals:
-        keys = ["model", "data", *(k for k in columns(list(METRICS.values())) if any(k in e for e in evals)), "time"]
-        head = "".join(f"<th>{esc(METRICS[k].label if k in METRICS else k)}</th>" for k in keys)
-        body = "".join("<tr>" + "".join(f"<td>{esc(format_value(k, e.get(k)))}</td>" for k in keys) + "</tr>"
+        keys = ["model", "data", *(k for k in columns(list(METRICS.values())) if any(k in e for e in evals)),
+                *(k for k in RETENTION_KEYS if any(k in e for e in evals)), "time"]  # forgetting (--retention)
+        head = "".join(f"<th>{esc(METRICS[k].label if k in METRICS else RETENTION_KEYS.get(k, k))}</th>" for k in keys)
+        cell = retention_format(format_value)
+        body = "".join("<tr>" + "".join(f"<td>{esc(cell(k, e.get(k)))}</td>" for k in keys) + "</tr>"
                        for e in evals)
         parts.append(f"<h3>tuneforge eval results</h3><table><tr>{head}</tr>{body}</table>")
 

@@ -1,0 +1,120 @@
+"""Forgetting, measured: perplexity on general data of the start model and of the tuned model, side by side.
+
+``tuneforge eval RUN --data task.jsonl --metrics exact --retention general.jsonl`` adds to each model's row:
+
+* ``retention_start_ppl``: the start model's perplexity on the general data — for an adapter, the same loaded
+  model with its adapter disabled (the base it was trained on); for a full fine-tuning run, the model its config
+  started from (``model.name_or_path``); for a model that is not a run, the model itself;
+* ``retention_ppl``: the tuned model's perplexity on the same records, same tokenizer and template;
+* ``retention_ppl_increase``: ``100 · (retention_ppl / retention_start_ppl − 1)`` in percent — how much the
+  fine-tuning cost on general data (negative: it improved).
+
+Perplexity is :func:`tuneforge.evaluate.perplexity.perplexity` (token-weighted; all tokens of text records,
+answers of chat records).
+"""
+
+from __future__ import annotations
+
+import gc
+from contextlib import nullcontext
+from typing import Any
+
+from tuneforge.errors import UserError
+
+#: the row keys this module adds (in display order) and their labels
+RETENTION_KEYS = {"retention_start_ppl": "general ppl (start)", "retention_ppl": "general ppl (tuned)",
+                  "retention_ppl_increase": "general ppl increase"}
+
+
+def start_model_of(ref: Any) -> str | None:
+    """Where a full fine-tuning run started from (its config's ``model.name_or_path``); ``None`` for adapters
+    (the adapter is disabled instead) and for models that are not runs (they are their own start).
+
+    Raises:
+        UserError: a full fine-tuning run built from ``model.from_config`` (its random start was not saved).
+    """
+    from tuneforge.models.reference import read_run_config
+
+    if ref.is_adapter or ref.run_dir is None:
+        return None
+    model = read_run_config(ref.run_dir).get("model") or {}
+    if model.get("name_or_path"):
+        return str(model["name_or_path"])
+    raise UserError(f"{ref.given}: a full fine-tuning run from model.from_config keeps no start model, so "
+                    "--retention has nothing to compare with")
+
+
+def retention_row(spec: str, records: list[dict], *, device: str = "auto", batch_size: int = 4,
+                  max_length: int | None = None, stride: int | None = None) -> dict:
+    """``retention_start_ppl``, ``retention_ppl``, ``retention_ppl_increase`` and ``retention_tokens`` of one model.
+
+    Raises:
+        UserError: no start model to compare with, or no token to score in ``records``.
+    """
+    from tuneforge.models.reference import load_for_inference, resolve
+
+    ref = resolve(spec)
+    start_spec = start_model_of(ref)
+    loaded = load_for_inference(ref, device=device)
+    try:
+        kwargs = dict(max_length=max_length, stride=stride, batch_size=batch_size)
+        tuned = _ppl(loaded.model, loaded, records, **kwargs)
+        if start_spec is None:
+            context = loaded.model.disable_adapter() if ref.is_adapter else nullcontext()
+            with context:
+                start = _ppl(loaded.model, loaded, records, **kwargs)
+        else:
+            start_model = load_for_inference(start_spec, device=device).model
+            start = _ppl(start_model, loaded, records, **kwargs)
+            del start_model
+    finally:
+        del loaded
+        gc.collect()
+    return {"retention_start_ppl": start.ppl, "retention_ppl": tuned.ppl,
+            "retention_ppl_increase": 100.0 * (tuned.ppl / start.ppl - 1.0), "retention_tokens": tuned.tokens,
+            "retention_start": start_spec or ("adapter disabled" if ref.is_adapter else "itself")}
+
+
+def _ppl(model: Any, loaded: Any, records: list[dict], **kwargs):
+    from tuneforge.evaluate.perplexity import perplexity
+
+    try:
+        return perplexity(model, loaded.tokenizer, records, template=loaded.template, **kwargs)
+    except ValueError as exc:
+        raise UserError(f"--retention: {exc}") from None
+
+
+def load_general(spec: str, limit: int | None = None) -> list[dict]:
+    """Records of ``--retention``: a data file (text, chat or alpaca), or a built-in corpus name (``pydoc``)."""
+    from tuneforge.data.mix import BUILTIN_CORPORA, builtin_records
+    from tuneforge.evaluate.runner import load_eval_records
+
+    if spec in BUILTIN_CORPORA:
+        records = builtin_records(spec)
+        return records[:limit] if limit else records
+    return load_eval_records(spec, "auto", limit)
+
+
+def add_retention(rows: list[dict], data: str, records: list[dict], *, device: str = "auto", batch_size: int = 4,
+                  max_length: int | None = None, stride: int | None = None, progress=None) -> list[dict]:
+    """Add the retention columns to every row of ``tuneforge eval`` (``row["model"]`` names the model);
+    ``records`` are the general data's records (read from ``data``)."""
+    for row in rows:
+        if progress:
+            progress(f"retention: {row['model']} vs its start model on {len(records)} general records ...")
+        row.update(retention_row(row["model"], records, device=device, batch_size=batch_size,
+                                 max_length=max_length, stride=stride))
+        row["retention_data"] = str(data)
+    return rows
+
+
+def retention_format(format_value):
+    """``format_value`` of the metric registry, extended to the retention keys (ppl with 3 decimals, the increase
+    as a signed percentage)."""
+
+    def fmt(key: str, value: Any) -> str:
+        if key in RETENTION_KEYS and isinstance(value, (int, float)):
+            return f"{value:+.1f}%" if key == "retention_ppl_increase" else f"{value:.3f}"
+        return format_value(key, value)
+
+    return fmt

@@ -1,0 +1,92 @@
+"""`tuneforge eval --retention`: the start model's and the tuned model's perplexity on general data; the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import make_run, save_base, stdlib_texts
+from tuneforge.cli import main
+
+
+@pytest.fixture()
+def setup(tmp_path, tiny_llama, tiny_tokenizer):
+    base = save_base(tiny_llama, tiny_tokenizer, tmp_path / "base")
+    run = make_run(tmp_path / "run", base, scale=20.0)  # a LoRA far from zero: it changes general ppl
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"text": t}) + "\n" for t in stdlib_texts(30)[10:30]))
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}"},
+                                                     {"role": "assistant", "content": f"{i}"}]}) + "\n"
+                            for i in range(5)))
+    return base, run, general, task
+
+
+def _ppl(model_dir: str, general: Path) -> float:
+    from tuneforge.evaluate.perplexity import perplexity
+    from tuneforge.models.reference import load_for_inference
+
+    loaded = load_for_inference(model_dir, device="cpu")
+    records = [json.loads(line) for line in general.read_text().splitlines()]
+    return perplexity(loaded.model, loaded.tokenizer, records, template=loaded.template).ppl
+
+
+def test_adapter_run_compared_with_its_base(setup, capsys):
+    base, run, general, task = setup
+    assert main(["eval", str(run), "--data", str(task), "--metrics", "ppl", "--retention", str(general),
+                 "--json", "--device", "cpu"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    start, tuned = _ppl(str(base), general), _ppl(str(run), general)
+    assert row["retention_start_ppl"] == pytest.approx(start, rel=1e-5)
+    assert row["retention_ppl"] == pytest.approx(tuned, rel=1e-5)
+    assert abs(tuned - start) > 1e-3  # the adapter does change it, so the two columns are really two models
+    assert row["retention_ppl_increase"] == pytest.approx(100 * (tuned / start - 1), rel=1e-5)
+    assert row["retention_start"] == "adapter disabled" and "ppl" in row  # beside the task metric
+    saved = json.loads((run / "eval_results.json").read_text())[-1]
+    assert saved["retention_ppl"] == row["retention_ppl"] and saved["retention_data"] == str(general)
+
+    from tuneforge.evaluate.report import build_report
+
+    page = build_report(run, samples=False).read_text()
+    assert "general ppl (start)" in page and "general ppl (tuned)" in page
+    assert f"{row['retention_start_ppl']:.3f}" in page and f"{row['retention_ppl_increase']:+.1f}%" in page
+
+
+def test_table_shows_both_perplexities(setup, capsys):
+    base, run, general, task = setup
+    assert main(["eval", str(run), "--data", str(task), "--metrics", "ppl", "--retention", str(general),
+                 "--no-save", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "general ppl" in out and "increase" in out and "%" in out
+
+
+def test_full_run_starts_from_its_config_model(setup, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, _, general, task = setup
+    run = tmp_path / "full"
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    save_base(model, AutoTokenizer.from_pretrained(base), run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(base)},
+                                                     "method": {"name": "full"}, "data": {"train": ["x"]}}))
+    assert main(["eval", str(run), "--data", str(task), "--metrics", "ppl", "--retention", str(general),
+                 "--json", "--no-save", "--device", "cpu"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["retention_start"] == str(base)
+    assert row["retention_start_ppl"] == pytest.approx(_ppl(str(base), general), rel=1e-5)
+    assert row["retention_ppl"] == pytest.approx(_ppl(str(run), general), rel=1e-5)
+
+
+def test_missing_general_data_exits_2_before_loading_and_writes_nothing(setup, capsys):
+    _, run, _, task = setup
+    assert main(["eval", str(run), "--data", str(task), "--metrics", "ppl", "--retention",
+                 str(run.parent / "nope.jsonl"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.jsonl" in err and "evaluating" not in err
+    assert not (run / "eval_results.json").exists()
