@@ -185,6 +185,9 @@ def history_png(table: list[Row], objective: str, direction: str) -> str | None:
             ys.append(best)
         if xs:
             ax.step(xs, ys, where="post", color="black", label="best so far")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("trial")
         ax.set_ylabel(objective)
         ax.set_title("optimisation history")
