@@ -373,11 +373,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
         job = _Job(engine.scheduler, served, [ids], req.n, settings, top, score=False, stream=req.stream)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return _sse(request, job, _ChatChunks(ident, created, served, req, tools is not None))
+            return _sse(request, job, _ChatChunks(ident, created, served, req, tools))
         choices = await job.results(request)
         out = []
         for index, result in enumerate(choices):
-            message, finish = _assistant_message(result.text, tools is not None), result.finish_reason
+            message, finish = _assistant_message(result.text, tools), result.finish_reason
             if message.get("tool_calls"):
                 finish = "tool_calls"
             out.append({"index": index, "message": message, "finish_reason": finish,
@@ -612,7 +612,7 @@ class _CompletionChunks:
 
 
 class _ChatChunks:
-    def __init__(self, ident, created, served: Served, req: ChatCompletionRequest, tools: bool):
+    def __init__(self, ident, created, served: Served, req: ChatCompletionRequest, tools: list[dict] | None):
         self.ident, self.created, self.served, self.req, self.tools = ident, created, served, req, tools
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         self.texts: dict[int, str] = {}
@@ -639,8 +639,8 @@ class _ChatChunks:
     def finish(self, index: int, result):
         finish = result.finish_reason
         if self.tools:
-            message = _assistant_message(result.text, True)
-            delta = {k: v for k, v in message.items() if k != "role"}
+            message = _assistant_message(result.text, self.tools)
+            delta = {"content": message["content"]}
             if message.get("tool_calls"):
                 finish = "tool_calls"
                 delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
@@ -702,14 +702,33 @@ def _chat_logprobs(served: Served, tokens) -> dict:
 
 
 def _tools_for(served: Served, req: ChatCompletionRequest) -> list[dict] | None:
-    """The request's tools as the chat template takes them (``None``: no tools, or ``tool_choice: none``)."""
+    """The request's tools as the chat template takes them (``None``: no tools, or ``tool_choice: none``).
+
+    Raises:
+        APIError: the model's chat template does not present tools (they would be dropped silently).
+    """
     if not req.tools or req.tool_choice == "none":
         return None
-    raise APIError(400, "tools: tool calling is not supported by this server yet", param="tools")
+    template = served.template
+    if template is None or "tools" not in template.jinja:
+        name = getattr(template, "name", "none")
+        raise APIError(400, f"tools: the chat template of {served.name!r} ({name}) does not present tools to the "
+                       "model; serve a run whose template renders `tools` (e.g. Qwen2.5's, Llama 3.1's)",
+                       param="tools")
+    return [tool.model_dump(exclude_none=True) for tool in req.tools]
 
 
-def _assistant_message(text: str, tools: bool) -> dict:
-    return {"role": "assistant", "content": text}
+def _assistant_message(text: str, tools: list[dict] | None) -> dict:
+    """The assistant message of a choice: tool calls read from the text when tools were offered."""
+    if not tools:
+        return {"role": "assistant", "content": text}
+    from tuneforge.serve.tools import parse_tool_calls
+
+    content, calls = parse_tool_calls(text, {tool["function"]["name"] for tool in tools})
+    message = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return message
 
 
 def _validation_error(errors: list[dict]) -> APIError:
