@@ -14,13 +14,10 @@ from tuneforge.data.templates import get_template
 
 
 def preference_rows(items: list[dict]) -> list[dict]:
-    """Pairs from the built-in classification task: the right label is chosen, the next label rejected."""
-    rows = []
-    for item in items:
-        label = item["label"]
-        wrong = builtin.LABELS[(builtin.LABELS.index(label) + 1) % len(builtin.LABELS)]
-        rows.append({"prompt": item["messages"][0]["content"], "chosen": label, "rejected": wrong})
-    return rows
+    """Pairs on the built-in task's prompts that a tiny random model can learn in a few steps: an answer naming
+    the right label is chosen over a curt refusal."""
+    return [{"prompt": item["messages"][0]["content"], "chosen": f"It is about {item['label']}.", "rejected": "No."}
+            for item in items]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -99,10 +96,7 @@ def test_dpo_raises_preference_accuracy_on_held_out_pairs(tmp_path):
     from tuneforge.data.preference import load_stage_records
     from tuneforge.evaluate.preference import preference_accuracy
 
-    # A preference a tiny random model can learn: a full sentence over a curt refusal, whatever the question.
-    items = builtin.classification_items(seed=4)
-    rows = [{"prompt": it["messages"][0]["content"], "chosen": f"It is about {it['label']}.", "rejected": "No."}
-            for it in items[:40]]
+    rows = preference_rows(builtin.classification_items(seed=4)[:40])
     write_jsonl(tmp_path / "train.jsonl", rows[:32])
     write_jsonl(tmp_path / "eval.jsonl", rows[32:])
     out = tmp_path / "run"
