@@ -118,6 +118,9 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
     texts = texts_of(cfg.data) if cfg.model.from_config and not _saved_base(run_dir, resume) else None
     model, tokenizer = _load_model(cfg, method, texts, run_dir, resume)
     template = _template(cfg, tokenizer)
+    from tuneforge.train.loss import check_speed_options
+
+    check_speed_options(cfg, model)  # train.loss_chunk / kernels against this model and device, before any write
 
     packing = bool(cfg.data.packing and cfg.stage == "sft")
     if packing and not _packing_works(model, packing_supported):
@@ -162,7 +165,11 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
         if me.distributed:
             _hand_over(cfg, run_dir, bundle, packing, resume_from, tokenizer, echo, me)
             handed_over.append(True)
-        trainer_base = retention.trainer_class(model, run_dir, echo) if retention else None
+        from tuneforge.train.loss import loss_trainer_class
+
+        trainer_base = loss_trainer_class(cfg.train)  # train.loss_chunk: compute_loss from hidden states in chunks
+        if retention:  # its compute_loss adds the terms to super()'s loss, chunked or not
+            trainer_base = retention.trainer_class(model, run_dir, echo, base=trainer_base)
         trainer, monitor = _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir, stage,
                                           trainer_base)
         for callback in callbacks or ():
@@ -415,6 +422,9 @@ def _training_arguments(cfg: RunConfig, method, run_dir: Path, has_eval: bool, p
     )
     if t.scheduler == "cosine_with_restarts":
         kwargs["lr_scheduler_kwargs"] = {"num_cycles": t.num_cycles}
+    from tuneforge.train.loss import speed_trainer_args
+
+    kwargs.update(speed_trainer_args(t, device))  # train.compile
     kwargs.update(method.trainer_args(cfg.method))
     engine = distributed.trainer_arguments(cfg, run_dir, distributed.world(), device)
     if engine.get("fsdp") and engine["fsdp_config"]["activation_checkpointing"]:

@@ -1,0 +1,228 @@
+"""train.loss_chunk (chunked cross-entropy), train.compile and train.kernels (train/loss.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneforge.config import validate_config
+from tuneforge.data import builtin
+from tuneforge.errors import UserError
+
+
+def _batch(vocab: int, seed: int = 0):
+    """Two rows of 24 with a prompt mask, a padded tail and an unsupervised row start (labels -100)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (2, 24), generator=gen)
+    labels = input_ids.clone()
+    labels[0, :7] = -100  # prompt
+    labels[1, :3] = -100
+    labels[1, 20:] = -100  # padding
+    return input_ids, labels
+
+
+def _grads(model) -> dict:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _chunked_step(model, input_ids, labels, chunk, num_items=None):
+    from tuneforge.train.loss import captured_head_input, chunked_causal_lm_loss, output_head
+
+    inner, head = output_head(model)
+    with captured_head_input(head) as store:
+        out = model(input_ids=input_ids)
+    assert out.logits.shape[-1] == 0  # the full logits were never computed
+    loss = chunked_causal_lm_loss(store["hidden"], head, labels, chunk, num_items)
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
+def test_chunked_loss_and_grads_equal_the_models_own(tiny_llama, chunk):
+    import torch
+
+    model = tiny_llama.float()
+    input_ids, labels = _batch(model.config.vocab_size)
+    reference = model(input_ids=input_ids, labels=labels).loss  # transformers' shift and -100 mask
+    reference.backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    loss = _chunked_step(model, input_ids, labels, chunk)
+    assert torch.allclose(loss, reference, rtol=1e-6, atol=1e-6)
+    got = _grads(model)
+    assert set(got) == set(expected)
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_chunked_loss_divides_by_num_items_in_batch_like_the_model(tiny_llama):
+    import torch
+
+    model = tiny_llama.float()
+    input_ids, labels = _batch(model.config.vocab_size, seed=3)
+    items = torch.tensor(50)  # the whole accumulated batch's supervised tokens
+    reference = model(input_ids=input_ids, labels=labels, num_items_in_batch=items).loss
+    with torch.no_grad():
+        from tuneforge.train.loss import captured_head_input, chunked_causal_lm_loss, output_head
+
+        _, head = output_head(model)
+        with captured_head_input(head) as store:
+            model(input_ids=input_ids)
+        loss = chunked_causal_lm_loss(store["hidden"], head, labels, 7, items)
+    assert torch.allclose(loss, reference, rtol=1e-6)
+
+
+def test_chunked_loss_trains_lora_on_the_lm_head(tiny_llama):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama.float(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                                                          init_lora_weights=False))
+    input_ids, labels = _batch(model.config.vocab_size, seed=1)
+    reference = model(input_ids=input_ids, labels=labels).loss
+    reference.backward()
+    expected = _grads(model)
+    assert any("lm_head" in name for name in expected)
+    model.zero_grad(set_to_none=True)
+
+    loss = _chunked_step(model, input_ids, labels, 6)
+    assert torch.allclose(loss, reference, rtol=1e-6, atol=1e-6)
+    got = _grads(model)
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_head_forward_is_restored_after_capture(tiny_llama):
+    import torch
+
+    from tuneforge.train.loss import captured_head_input, output_head
+
+    _, head = output_head(tiny_llama)
+    with captured_head_input(head):
+        pass
+    assert "forward" not in head.__dict__
+    assert tiny_llama(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == tiny_llama.config.vocab_size
+
+
+def test_models_that_rescale_logits_are_refused(tiny_llama):
+    from tuneforge.train.loss import output_head
+
+    tiny_llama.config.logit_scale = 0.5
+    with pytest.raises(UserError, match="train.loss_chunk.*logit_scale"):
+        output_head(tiny_llama)
+
+
+# ----------------------------------------------------------------------------- through run_training
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    items = builtin.classification_items(seed=2)
+    with open(folder / "train.jsonl", "w") as handle:
+        for item in items[:48]:
+            handle.write(json.dumps({"messages": item["messages"]}) + "\n")
+    return folder
+
+
+def _raw(out: Path, data: Path, **train) -> dict:
+    return {
+        "run_name": out.name,
+        "output_dir": str(out),
+        "seed": 3,
+        "stage": "sft",
+        "model": {"from_config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "vocab_size": 512}},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": [str(data / "train.jsonl")], "max_length": 128},
+        "train": {"max_steps": 4, "batch_size": 4, "grad_accum": 2, "lr": 3e-3, "logging_steps": 1,
+                  "report_to": ["none"], "monitor": {"enabled": False}, **train},
+    }
+
+
+def _losses(run_dir: Path) -> list[float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if line.get("event") == "log" and "loss" in line]
+
+
+def _train(raw: dict):
+    from tuneforge.train.run import run_training
+
+    return run_training(validate_config(raw), echo=lambda *_: None)
+
+
+@pytest.fixture()
+def chunk_calls(monkeypatch) -> list:
+    """Counts the chunked loss's calls (proof that a run used it)."""
+    from tuneforge.train import loss
+
+    calls = []
+    original = loss.chunked_causal_lm_loss
+
+    def counted(*args, **kwargs):
+        calls.append(args[3])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loss, "chunked_causal_lm_loss", counted)
+    return calls
+
+
+def test_run_with_loss_chunk_logs_the_same_losses(tmp_path, chat_data, chunk_calls):
+    plain = _train(_raw(tmp_path / "plain", chat_data))
+    assert chunk_calls == []
+    chunked = _train(_raw(tmp_path / "chunked", chat_data, loss_chunk=16))
+    assert chunk_calls and set(chunk_calls) == {16}
+    a, b = _losses(plain.run_dir), _losses(chunked.run_dir)
+    assert len(a) == len(b) == 4
+    # The same steps on the same weights: only float summation order differs, over 4 optimizer steps.
+    assert b == pytest.approx(a, rel=1e-4)
+    assert (chunked.final_dir / "adapter_model.safetensors").is_file()
+
+
+def test_loss_chunk_composes_with_a_retention_term(tmp_path, chat_data, chunk_calls):
+    result = _train(_raw(tmp_path / "l2sp", chat_data, loss_chunk=16, retention={"method": "l2sp", "lambda": 1.0}))
+    assert chunk_calls  # the task loss was the chunked one, and the term was added to it
+    lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [line for line in lines if line.get("event") == "log" and "loss" in line]
+    assert logged and all("l2sp_penalty" in line for line in logged)
+
+
+def test_loss_chunk_refusals_name_the_keys(tmp_path, chat_data):
+    with pytest.raises(UserError, match="train.loss_chunk with train.distill"):
+        validate_config(_raw(tmp_path / "a", chat_data, loss_chunk=8, distill={"teacher": str(tmp_path)}))
+    with pytest.raises(UserError, match="train.loss_chunk with train.compile"):
+        validate_config(_raw(tmp_path / "b", chat_data, loss_chunk=8, compile=True))
+
+
+def test_kernels_are_refused_on_cpu_before_anything_is_written(tmp_path, chat_data):
+    out = tmp_path / "kernels"
+    with pytest.raises(UserError, match=r"train.kernels \['liger'\].*device is 'cpu'"):
+        _train(_raw(out, chat_data, kernels=["liger"]))
+    assert not out.exists()
+
+
+def test_compile_auto_is_off_and_true_reaches_the_trainer():
+    from tuneforge.config.schema import TrainConfig
+    from tuneforge.train.loss import speed_trainer_args
+
+    assert speed_trainer_args(TrainConfig(), "cpu") == {"torch_compile": False}
+    assert speed_trainer_args(TrainConfig(compile=True), "cpu") == {"torch_compile": True}
+    assert speed_trainer_args(TrainConfig(compile=False), "cuda") == {"torch_compile": False}
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_runs_log_the_same_losses(tmp_path, chat_data):
+    eager = _train(_raw(tmp_path / "eager", chat_data, compile=False))
+    compiled = _train(_raw(tmp_path / "compiled", chat_data, compile=True))
+    # Inductor fuses and reorders float ops: equal within 1e-3 relative over 4 steps (fp32).
+    assert _losses(compiled.run_dir) == pytest.approx(_losses(eager.run_dir), rel=1e-3)
+    # Saved as the uncompiled module: the adapter's keys carry no "_orig_mod." prefix.
+    from safetensors.torch import load_file
+
+    keys = load_file(str(compiled.final_dir / "adapter_model.safetensors")).keys()
+    assert keys == load_file(str(eager.final_dir / "adapter_model.safetensors")).keys()
