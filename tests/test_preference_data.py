@@ -177,3 +177,19 @@ def test_a_stage_refuses_records_of_another_kind(tmp_path):
     pairs.write_text(json.dumps({"prompt": "Q", "chosen": "a", "rejected": "b"}) + "\n")
     records, _, _ = load_stage_records(DataConfig(train=[str(pairs)]), "unpaired", seed=0)
     assert [r["label"] for r in records] == [True, False]  # a pair gives one desirable and one undesirable example
+
+
+@pytest.mark.parametrize("stage, preference, message", [
+    ("simpo", {"loss": "ipo"}, "preference.loss has no effect in stage 'simpo'"),
+    ("orpo", {"precompute_ref": True}, "preference.precompute_ref has no effect in stage 'orpo'"),
+    ("sft", {"beta": 0.1}, "preference: is for stages dpo, orpo, kto, simpo"),
+    ("dpo", {"loss": "sigmod"}, "preference.loss: 'sigmod' is not allowed"),
+])
+def test_preference_config_keys_belong_to_their_stage(stage, preference, message):
+    from tuneforge.config import validate_config
+
+    raw = {"stage": stage, "model": {"from_config": {}}, "data": {"train": ["x.jsonl"]}, "preference": preference}
+    with pytest.raises(UserError, match=message):
+        validate_config(raw)
+    ok = validate_config({**raw, "stage": "simpo", "preference": {"gamma": 1.0}})
+    assert ok.preference.beta_for("simpo") == 2.0 and ok.preference.beta_for("dpo") == 0.1

@@ -288,6 +288,9 @@ PREFERENCE_STAGES = ("dpo", "orpo", "kto", "simpo")
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 _DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
+PREFERENCE_KEYS = {"dpo": ("loss", "beta", "label_smoothing", "precompute_ref"),
+                   "kto": ("beta", "precompute_ref", "desirable_weight", "undesirable_weight"),
+                   "orpo": ("beta",), "simpo": ("beta", "gamma", "label_smoothing")}
 
 
 class PreferenceConfig(Strict):
@@ -427,6 +430,11 @@ class RunConfig(Strict):
             raise ValueError(f"preference: is for stages {', '.join(PREFERENCE_STAGES)}, not stage {self.stage!r}")
         if self.stage in PREFERENCE_STAGES and self.preference is None:
             self.preference = PreferenceConfig()
+        if self.preference is not None:
+            unused = sorted(self.preference.model_fields_set - set(PREFERENCE_KEYS[self.stage]))
+            if unused:
+                raise ValueError(f"preference.{unused[0]} has no effect in stage {self.stage!r}; its keys: "
+                                 f"{', '.join(PREFERENCE_KEYS[self.stage])}")
         if (self.grpo is not None) != (self.stage == "grpo"):
             raise ValueError("stage 'grpo' needs a grpo: section (with rewards), and grpo: needs stage 'grpo'")
         for key, used in (("data.mix", self.data.mix), ("data.task_prefix", self.data.task_prefix),
