@@ -193,3 +193,19 @@ def test_preference_config_keys_belong_to_their_stage(stage, preference, message
         validate_config(raw)
     ok = validate_config({**raw, "stage": "simpo", "preference": {"gamma": 1.0}})
     assert ok.preference.beta_for("simpo") == 2.0 and ok.preference.beta_for("dpo") == 0.1
+
+
+def test_preview_marks_exactly_the_scored_tokens(tiny_tokenizer):
+    from tuneforge.data.preference import preview_rows
+
+    template = get_template("plain")
+    pair, _ = encode_pair(preference_record({"prompt": "Q?", "chosen": "yes", "rejected": "no"}, "p:1"),
+                          tiny_tokenizer, template, 64)
+    (shown,) = preview_rows([pair], tiny_tokenizer)
+    eos = tiny_tokenizer.eos_token
+    assert shown["chosen"] == f"User: Q?\nAssistant:[[ yes{eos}]]"
+    assert shown["rejected"] == f"User: Q?\nAssistant:[[ no{eos}]]"
+    row, _ = encode_unpaired(kto_record({"prompt": "Q?", "completion": "yes", "label": False}, "k:1"),
+                             tiny_tokenizer, template, 64)
+    assert preview_rows([row], tiny_tokenizer) == [{"completion": f"User: Q?\nAssistant:[[ yes{eos}]]",
+                                                    "label": False}]

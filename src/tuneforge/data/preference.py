@@ -255,6 +255,36 @@ def encode_unpaired(record: dict, tokenizer: Any, template: Any, max_length: int
             "label": bool(record["label"])}, truncated
 
 
+def marked_text(ids: list[int], mask: list[int], tokenizer: Any, open_mark: str = "[[", close_mark: str = "]]") -> str:
+    """The decoded sequence with each run of scored (completion) tokens wrapped in ``open_mark``/``close_mark``
+    (the markers ``tuneforge data preview`` uses for supervised spans)."""
+    parts, run, inside = [], [], None
+    for token, scored in [*zip(ids, mask, strict=True), (None, None)]:
+        if scored != inside and run:
+            text = tokenizer.decode(run)
+            parts.append(f"{open_mark}{text}{close_mark}" if inside else text)
+            run = []
+        inside = scored
+        if token is not None:
+            run.append(token)
+    return "".join(parts)
+
+
+def preview_rows(rows: list[dict], tokenizer: Any) -> list[dict]:
+    """For ``data preview``: each encoded row as ``{"chosen": text, "rejected": text}`` (or ``{"completion",
+    "label"}`` for unpaired rows) with the scored tokens marked."""
+    out = []
+    for row in rows:
+        if "chosen_ids" in row:
+            out.append({side: marked_text(row[f"{side}_ids"], row[f"{side}_mask"], tokenizer)
+                        for side in ("chosen", "rejected")})
+        else:
+            ids = row["prompt_ids"] + row["completion_ids"]
+            mask = [0] * len(row["prompt_ids"]) + row["completion_mask"]
+            out.append({"completion": marked_text(ids, mask, tokenizer), "label": row["label"]})
+    return out
+
+
 # --------------------------------------------------------------------------- datasets
 
 
