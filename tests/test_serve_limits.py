@@ -175,3 +175,24 @@ def test_serving_a_public_address_without_key_warns(model_dir, monkeypatch, caps
     assert main(["serve", str(model_dir), "--host", "0.0.0.0", "--device", "cpu"]) == 0
     assert started.is_set()
     assert "without an API key" in " ".join(capsys.readouterr().err.split())
+
+
+def test_batches_never_outgrow_the_context():
+    """A long prompt with a short answer and a short prompt with a long answer fit the context alone, not together
+    (the padded width plus the longest budget would exceed it): they run in separate batches."""
+    from types import SimpleNamespace
+
+    from tuneforge.models.decoding import DecodeRow
+    from tuneforge.models.generation import GenerationSettings
+    from tuneforge.serve.scheduler import Work, _fitting
+
+    served = SimpleNamespace(model=object(), adapter_name=None, context_length=100)
+
+    def work(prompt_len, budget):
+        return Work(served, done=lambda result: None,
+                    row=DecodeRow([1] * prompt_len, GenerationSettings(max_new_tokens=budget)))
+
+    long_prompt, long_answer, small, other = work(90, 5), work(5, 90), work(10, 10), work(20, 20)
+    assert _fitting([long_prompt, long_answer, small, other], 16) == [long_prompt, small]
+    assert _fitting([long_answer, other], 16) == [long_answer]
+    assert _fitting([small, other, work(3, 3)], 2) == [small, other]  # max_batch_size

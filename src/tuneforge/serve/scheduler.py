@@ -124,8 +124,7 @@ class Scheduler:
                 if self._waiting:
                     break
                 self._cond.wait()
-            key = self._waiting[0].key
-            batch = [item for item in self._waiting if item.key == key][:self.max_batch_size]
+            batch = _fitting(self._waiting, self.max_batch_size)
             chosen = set(map(id, batch))
             self._waiting = deque(item for item in self._waiting if id(item) not in chosen)
             self.running = len(batch)
@@ -148,6 +147,26 @@ class Scheduler:
                     item.done(result)
                 except Exception:  # a broken callback must not stop the worker
                     log.exception("result callback failed")
+
+
+def _fitting(waiting: Sequence[Work], max_batch_size: int) -> list[Work]:
+    """The oldest item and the waiting items that can share its batch: same kind, model and adapter, and — for
+    generation — the left-padded width plus the longest budget still inside the model's context (a long prompt and
+    a long answer of two different requests must not add up beyond it)."""
+    first = waiting[0]
+    context = first.served.context_length if first.row is not None else None
+    batch, width, budget = [], 0, 0
+    for item in waiting:
+        if item.key != first.key or len(batch) == max_batch_size:
+            continue
+        if item.row is not None:
+            item_width = max(width, len(item.row.prompt_ids))
+            item_budget = max(budget, item.row.settings.max_new_tokens)
+            if context and batch and item_width + item_budget > context:
+                continue
+            width, budget = item_width, item_budget
+        batch.append(item)
+    return batch
 
 
 def _run(batch: list[Work]) -> list[Any]:
