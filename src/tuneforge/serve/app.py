@@ -412,8 +412,9 @@ class ClientGone(Exception):
 class _Job:
     """The rows of one request (prompts × n), queued together, cancelled together.
 
-    Non-streaming: ``await results(request)``. Streaming: iterate ``events()`` (``("event", index, TokenEvent)``
-    and ``("done", index, RowResult | Exception)`` tuples). Scoring rows (echo + logprobs) fill ``scores``.
+    Non-streaming: ``await results(request)``. Streaming: read ``queue`` (``("event", index, TokenEvent)`` and
+    ``("done", index, RowResult | Exception)`` tuples, in order). Scoring rows (echo + logprobs) fill ``scores``
+    (``await wait_scores()``). Raises APIError 429 when the scheduler's queue is full.
     """
 
     def __init__(self, scheduler, served: Served, prompts: list[list[int]], n: int, settings,
