@@ -202,3 +202,16 @@ def test_kto_stage_on_pairs_trains_with_kl_and_disabled_adapter_reference(tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"]["desirable"] == summary["data"]["undesirable"] == 48
     assert not (out / "final" / "ref").exists()
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "pissa", "r": 4, "target_modules": "attention"},  # changes the model at init: TRL's adapter copy
+    {"name": "adalora", "init_r": 4, "target_r": 2, "tinit": 0, "tfinal": 1},  # one trainable adapter only
+])
+def test_dpo_reference_for_adapters_that_are_not_plain_lora(tmp_path, pref_data, method):
+    out = tmp_path / method["name"]
+    result = _train(_cfg(out, pref_data, method=method, data={"eval": None},
+                         train={"max_steps": 2, "save_steps": None, "eval_steps": None}))
+    assert _logs(out)[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the reference is the starting model
+    assert list(result.model.peft_config) == ["default"]
+    assert (out / "final" / "adapter_model.safetensors").is_file() and not (out / "final" / "ref").exists()

@@ -18,6 +18,8 @@ Reference model:
 
 from __future__ import annotations
 
+import dataclasses
+from contextlib import contextmanager
 from typing import Any
 
 from tuneforge.train.stages.base import Stage
@@ -53,6 +55,28 @@ def frozen_copy(model: Any) -> Any:
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
     return reference
+
+
+@contextmanager
+def frozen_reference_adapters(model: Any):
+    """While TRL builds its trainer, adapters it adds (its ``ref`` copy) are added in inference mode.
+
+    TRL adds ``ref`` with the trained adapter's own config, so tuners that allow one trainable adapter only
+    (AdaLoRA) refuse it; a frozen reference is what it is meant to be anyway.
+    """
+    if not hasattr(model, "peft_config"):
+        yield
+        return
+    original = model.add_adapter
+
+    def add_frozen(adapter_name, peft_config, *args, **kwargs):
+        return original(adapter_name, dataclasses.replace(peft_config, inference_mode=True), *args, **kwargs)
+
+    model.add_adapter = add_frozen
+    try:
+        yield
+    finally:
+        del model.add_adapter  # the class's own method again
 
 
 def trainer_base():
@@ -91,17 +115,18 @@ class DPOStage(Stage):
             precompute_ref_log_probs=pref.precompute_ref,
             max_length=None,  # data/preference.py truncated the prompts; a completion is never cut
         )
-        trainer = trainer_class(trainer_base())(
-            model=model,
-            ref_model=ref_model,
-            args=dpo_args,
-            data_collator=PairCollator(_pad_id(tokenizer)),
-            train_dataset=to_dataset(bundle.train),
-            eval_dataset=to_dataset(bundle.eval),
-            processing_class=tokenizer,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
+        with frozen_reference_adapters(model):
+            trainer = trainer_class(trainer_base())(
+                model=model,
+                ref_model=ref_model,
+                args=dpo_args,
+                data_collator=PairCollator(_pad_id(tokenizer)),
+                train_dataset=to_dataset(bundle.train),
+                eval_dataset=to_dataset(bundle.eval),
+                processing_class=tokenizer,
+                callbacks=callbacks,
+                optimizers=optimizers,
+            )
         finish_peft_reference(trainer, disable_for_reference)
         return trainer
 

@@ -22,7 +22,12 @@ from typing import Any
 from tuneforge.errors import UserError
 from tuneforge.train.stages.base import Stage
 from tuneforge.train.stages.common import check_no_lm_head_adapter, to_dataset, trl_args
-from tuneforge.train.stages.dpo import adapter_is_identity, finish_peft_reference, frozen_copy
+from tuneforge.train.stages.dpo import (
+    adapter_is_identity,
+    finish_peft_reference,
+    frozen_copy,
+    frozen_reference_adapters,
+)
 from tuneforge.train.stages.rewards import RESERVED_FIELDS, build_rewards
 
 
@@ -113,16 +118,17 @@ class GRPOStage(Stage):
             include_num_input_tokens_seen="no",  # batches hold prompts, not input_ids
             log_completions=False,
         )
-        trainer = trainer_class(trainer_base())(
-            model=model,
-            reward_funcs=rewards,
-            args=grpo_args,
-            train_dataset=to_dataset(bundle.train),
-            eval_dataset=to_dataset(bundle.eval),
-            processing_class=tokenizer,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
+        with frozen_reference_adapters(model):
+            trainer = trainer_class(trainer_base())(
+                model=model,
+                reward_funcs=rewards,
+                args=grpo_args,
+                train_dataset=to_dataset(bundle.train),
+                eval_dataset=to_dataset(bundle.eval),
+                processing_class=tokenizer,
+                callbacks=callbacks,
+                optimizers=optimizers,
+            )
         if reference is not None:
             _attach_reference(trainer, reference, g.beta)
         finish_peft_reference(trainer, disable_for_reference)
