@@ -4,10 +4,13 @@ Both arms serve the same model directory with the real command (``tuneforge serv
 127.0.0.1 only) and face the same closed-loop load: each of ``--clients`` clients sends ``/v1/completions``
 requests back to back (a prompt drawn from the Python docs, ``max_tokens`` new tokens, greedy) for ``--seconds``
 seconds. The arms differ only in ``--max-batch-size``: 16 (dynamic batching of the waiting requests) vs 1 (serial,
-what the server did before). Reported per arm: requests/s, generated tokens/s (from ``usage``), p50/p99 latency
-and failed requests; then batched/serial throughput.
+what the server did before). Other processes share the machine, so the arms run interleaved over ``--rounds``
+(the order alternates) and the table shows each arm's median round. Reported per arm: requests/s, generated
+tokens/s (from ``usage``), p50/p99 latency and failed requests (summed over rounds); then batched/serial
+throughput per round.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py [--clients 16] [--seconds 20] [--max-tokens 32]
+        [--rounds 2]
 """
 
 from __future__ import annotations
@@ -125,33 +128,38 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0, help="load duration per arm (bounded: ≤ 120)")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per arm (bounded: ≤ 5)")
     args = parser.parse_args()
     seconds = min(args.seconds, 120.0)
-    results = {}
+    rounds: dict[str, list[dict]] = {name: [] for name, _ in ARMS}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "tiny"
         prompts = build_model(model_dir)
-        for name, batch in ARMS:
-            process, url = start_server(model_dir, batch)
-            try:
-                asyncio.run(load(url, prompts, min(args.clients, 4), 3.0, args.max_tokens))  # warm-up
-                results[name] = asyncio.run(load(url, prompts, args.clients, seconds, args.max_tokens))
-            finally:
-                process.terminate()
-                process.wait(timeout=30)
-            print(f"{name}: done", file=sys.stderr)
-    print(f"\n{args.clients} clients × {seconds:.0f} s, /v1/completions, max_tokens {args.max_tokens}, greedy; "
-          f"model {MODEL['hidden_size']}×{MODEL['num_layers']} Llama, vocab {MODEL['vocab_size']}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}\n")
+        for round_index in range(max(1, min(args.rounds, 5))):
+            order = ARMS if round_index % 2 == 0 else ARMS[::-1]
+            for name, batch in order:
+                process, url = start_server(model_dir, batch)
+                try:
+                    asyncio.run(load(url, prompts, min(args.clients, 4), 3.0, args.max_tokens))  # warm-up
+                    rounds[name].append(asyncio.run(load(url, prompts, args.clients, seconds, args.max_tokens)))
+                finally:
+                    process.terminate()
+                    process.wait(timeout=30)
+                print(f"round {round_index + 1} {name}: {rounds[name][-1]['tps']:.1f} tokens/s", file=sys.stderr)
+    results = {name: sorted(runs, key=lambda r: r["tps"])[(len(runs) - 1) // 2] for name, runs in rounds.items()}
+    for name in results:
+        results[name] = {**results[name], "failures": sum(r["failures"] for r in rounds[name])}
+    per_round = [b["tps"] / max(s["tps"], 1e-9) for b, s in zip(rounds["batched"], rounds["serial"], strict=True)]
+    print(f"\n{args.clients} clients × {seconds:.0f} s × {len(per_round)} rounds, /v1/completions, max_tokens "
+          f"{args.max_tokens}, greedy; model {MODEL['hidden_size']}×{MODEL['num_layers']} Llama, vocab "
+          f"{MODEL['vocab_size']}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}; median round per arm\n")
     print("| arm | --max-batch-size | requests | req/s | tokens/s | p50 latency s | p99 latency s | failed |")
     print("|---|---|---|---|---|---|---|---|")
     for name, batch in ARMS:
         r = results[name]
         print(f"| {name} | {batch} | {r['requests']} | {r['rps']:.2f} | {r['tps']:.1f} | {r['p50']:.2f} | "
               f"{r['p99']:.2f} | {r['failures']} |")
-    ratio = results["batched"]["tps"] / max(results["serial"]["tps"], 1e-9)
-    print(f"\nbatched / serial throughput (tokens/s): {ratio:.2f}×  "
-          f"(requests/s: {results['batched']['rps'] / max(results['serial']['rps'], 1e-9):.2f}×)")
+    print(f"\nbatched / serial throughput (tokens/s) per round: {', '.join(f'{r:.2f}×' for r in per_round)}")
     print(f"mean generated tokens per request: batched {results['batched']['mean_tokens']:.1f}, "
           f"serial {results['serial']['mean_tokens']:.1f}")
     return 0
