@@ -104,6 +104,8 @@ def test_grpo_mean_reward_rises_on_a_toy_task(tmp_path, prompts):
     assert last > first + 0.25, rewards
     assert logs[0]["kl"] == pytest.approx(0.0, abs=1e-6) and logs[-1]["kl"] > 0.0
     assert (out / "final" / "model.safetensors").is_file()
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e.get("kind") == "loss_spike"]  # a surrogate loss near 0: no spike alarms
 
 
 def test_grpo_lora_uses_the_disabled_adapter_as_reference(tmp_path, prompts):

@@ -17,6 +17,7 @@ unwrap context), because the trainer needs the sampled token ids including the s
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from tuneforge.errors import UserError
@@ -88,6 +89,7 @@ class GRPOStage(Stage):
         from tuneforge.models.generation import cut_at_stop, stop_strings, stop_token_ids
 
         g = cfg.grpo
+        _quiet_loss_spikes(callbacks)
         per_generation = cfg.train.batch_size * (g.steps_per_generation or cfg.train.grad_accum)
         if per_generation % g.group_size:
             raise UserError(f"train.batch_size x steps per generation ({per_generation}) must be a multiple of "
@@ -133,6 +135,16 @@ class GRPOStage(Stage):
             _attach_reference(trainer, reference, g.beta)
         finish_peft_reference(trainer, disable_for_reference)
         return trainer
+
+
+def _quiet_loss_spikes(callbacks: list) -> None:
+    """GRPO's loss is a surrogate near 0 by construction (advantages are zero-mean per group), so "x times its moving
+    average" means nothing: the monitor's loss-spike check is off; its NaN, grad-norm and memory checks stay."""
+    from tuneforge.train.monitor import StabilityMonitor
+
+    for callback in callbacks:
+        if isinstance(callback, StabilityMonitor):
+            callback.cfg = callback.cfg.model_copy(update={"loss_spike_ratio": math.inf})
 
 
 def _attach_reference(trainer: Any, reference: Any, beta: float) -> None:
