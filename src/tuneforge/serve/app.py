@@ -341,19 +341,22 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
         job = _Job(engine.scheduler, served, ids, req.n, settings, top, score=req.echo and top is not None,
                    stream=req.stream)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        echoes = [served.decode(row) if req.echo else "" for row in ids]
+        echoes = await asyncio.to_thread(lambda: [served.decode(row) if req.echo else "" for row in ids])
         if req.stream:
             return _sse(request, job, _CompletionChunks(ident, created, served, req, echoes))
         choices = await job.results(request)
-        out = []
-        for index, result in enumerate(choices):
+
+        def choice(index: int, result) -> dict:
             prompt_index = index // req.n
-            text = echoes[prompt_index] + result.text
             logprobs = None
             if top is not None:
                 tokens = (job.scores[prompt_index] if req.echo else []) + list(result.logprobs or ())
-                logprobs = _completion_logprobs(served, tokens, start=0)
-            out.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason})
+                logprobs = _completion_logprobs(served, tokens)
+            return {"index": index, "text": echoes[prompt_index] + result.text, "logprobs": logprobs,
+                    "finish_reason": result.finish_reason}
+
+        # detokenising every scored token (lm-eval's echo requests) is real work: off the event loop
+        out = await asyncio.to_thread(lambda: [choice(i, result) for i, result in enumerate(choices)])
         return {"id": ident, "object": "text_completion", "created": created, "model": served.name,
                 "choices": out, "usage": job.usage(choices)}
 
@@ -670,10 +673,11 @@ def _prompt_list(prompt) -> list:
     return list(prompt)
 
 
-def _completion_logprobs(served: Served, tokens: list, start: int = 0) -> dict:
-    """OpenAI's legacy completion log-probs: tokens, token_logprobs, top_logprobs, text_offset."""
+def _completion_logprobs(served: Served, tokens: list) -> dict:
+    """OpenAI's legacy completion log-probs: tokens, token_logprobs, top_logprobs, text_offset (offsets into the
+    returned text)."""
     texts = served.token_texts([t.token_id for t in tokens])
-    offsets, position = [], start
+    offsets, position = [], 0
     for text in texts:
         offsets.append(position)
         position += len(text)
