@@ -359,3 +359,79 @@ def test_python_dash_m_tuneforge_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "tuneforge", "train", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "--nproc" in out.stdout and "--master-addr" in out.stdout
+
+
+# ----------------------------------------------------------------------------- estimate per strategy
+
+
+@pytest.fixture(scope="module")
+def qwen_spec():
+    from tuneforge.estimate import model_spec
+
+    return model_spec("Qwen/Qwen2.5-0.5B")  # the built-in table: no download
+
+
+def _bill(spec, **kwargs):
+    from tuneforge.estimate import Setup, estimate_memory
+
+    base = {"method": "full", "batch_size": 1, "seq_len": 512, "precision": "bf16", "gradient_checkpointing": True}
+    return estimate_memory(spec, Setup(**{**base, **kwargs}))
+
+
+def test_estimate_shards_the_state_as_each_engine_does(qwen_spec):
+    one = _bill(qwen_spec).components
+    state = ("weights", "master_weights", "gradients", "optimizer")
+    n = 8
+    ddp = _bill(qwen_spec, gpus=n, strategy="ddp").components
+    assert all(ddp[k] == one[k] for k in state) and ddp["distributed"] == one["gradients"]  # DDP's buckets
+    zero1 = _bill(qwen_spec, gpus=n, strategy="zero1").components
+    assert zero1["optimizer"] == one["optimizer"] // n and zero1["master_weights"] == one["master_weights"] // n
+    assert zero1["gradients"] == one["gradients"] and zero1["weights"] == one["weights"]
+    zero2 = _bill(qwen_spec, gpus=n, strategy="zero2").components
+    assert zero2["gradients"] == one["gradients"] // n and zero2["weights"] == one["weights"]
+    for name in ("zero3", "fsdp"):
+        sharded = _bill(qwen_spec, gpus=n, strategy=name).components
+        assert all(sharded[k] == one[k] // n for k in state), name
+        assert sharded["distributed"] > 0  # the gathered weights of the block computed and the one prefetched
+    # ZeRO's 16 bytes/parameter (2 weights + 2 gradients + 12 optimizer) become 2 + 14/N at stage 2 and 16/N at
+    # stage 3 (Rajbhandari et al. 2020, fig. 1).
+    params = _bill(qwen_spec).total_params
+    assert sum(zero2[k] for k in state) == pytest.approx(2 * params + 14 * params / n, rel=1e-3)
+    assert sum(_bill(qwen_spec, gpus=n, strategy="zero3").components[k] for k in state) == \
+        pytest.approx(16 * params / n, rel=1e-3)
+    totals = [_bill(qwen_spec, gpus=n, strategy=s).total_bytes for s in ("ddp", "zero1", "zero2", "zero3")]
+    assert totals == sorted(totals, reverse=True)
+
+
+def test_estimate_on_one_gpu_is_unchanged_by_strategy(qwen_spec):
+    plain = _bill(qwen_spec)
+    assert _bill(qwen_spec, gpus=1, strategy="zero3").total_bytes == plain.total_bytes
+    assert plain.components["distributed"] == 0
+
+
+def test_estimate_adapters_shard_the_frozen_base_only_under_full_shard(qwen_spec):
+    one = _bill(qwen_spec, method="lora")
+    zero2 = _bill(qwen_spec, method="lora", gpus=4, strategy="zero2")
+    fsdp = _bill(qwen_spec, method="lora", gpus=4, strategy="fsdp")
+    assert zero2.components["weights"] == one.components["weights"]
+    assert fsdp.components["weights"] == one.components["weights"] // 4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "galore", "strategy": "zero2"}, "GaLore"),
+    ({"method": "qlora", "strategy": "zero3"}, "QLoRA"),
+    ({"strategy": "tp"}, "--strategy 'tp'"),
+    ({"gpus": 0}, "--gpus 0"),
+])
+def test_estimate_refuses_what_training_refuses(qwen_spec, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        _bill(qwen_spec, gpus=kwargs.pop("gpus", 2), **kwargs)
+
+
+def test_estimate_cli_reads_the_run_configs_strategy(tmp_path, capsys):
+    config = _config_file(tmp_path, distributed={"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}})
+    assert main(["estimate", str(config), "--gpus", "4", "--json"]) == 0
+    bill = json.loads(capsys.readouterr().out)
+    assert bill["setup"]["strategy"] == "zero3" and bill["setup"]["gpus"] == 4
+    assert main(["estimate", str(config), "--gpus", "4", "--strategy", "ddp", "--json"]) == 0  # the flag wins
+    assert json.loads(capsys.readouterr().out)["setup"]["strategy"] == "ddp"

@@ -44,6 +44,18 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # Names the run config / HF Trainer use for the same optimizers.
 OPTIM_ALIASES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw"}
 
+#: data-parallel strategies: what each process keeps a 1/N share of (docs/estimate.md, "Several GPUs")
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+_SHARDS = {  # strategy → (weights, gradients, optimizer state + master weights) sharded?
+    "ddp": (False, False, False),
+    "zero1": (False, False, True),
+    "zero2": (False, True, True),
+    "zero3": (True, True, True),
+    "fsdp": (True, True, True),  # FULL_SHARD (distributed.fsdp.sharding: full_shard)
+}
+#: DeepSpeed's default reduce/allgather bucket (reduce_bucket_size = allgather_bucket_size = 5e8 elements)
+DS_BUCKET_ELEMENTS = 500_000_000
+
 
 @dataclass
 class Setup:
@@ -65,6 +77,8 @@ class Setup:
     galore_rank: int = 128
     galore_layerwise: bool = False
     attn_implementation: str = "sdpa"  # "sdpa" (flash / memory-efficient kernels) or "eager" (s x s scores)
+    gpus: int = 1  # data-parallel processes; the bill is per GPU
+    strategy: str = "ddp"  # how the training state is spread over them: STRATEGIES
 
     def __post_init__(self) -> None:
         self.optim = OPTIM_ALIASES.get(self.optim, self.optim)
@@ -77,6 +91,22 @@ class Setup:
         for key in ("r", "batch_size", "seq_len", "grad_accum", "galore_rank"):
             if getattr(self, key) <= 0:
                 raise UserError(f"{key} must be positive (got {getattr(self, key)})")
+        self._check_strategy()
+
+    def _check_strategy(self) -> None:
+        if self.gpus < 1:
+            raise UserError(f"--gpus {self.gpus}: expected at least 1")
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"--strategy {self.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+        if self.strategy == "ddp":
+            return
+        # The same refusals as training (tuneforge.train.distributed.check_strategy).
+        if self.priced_as == "galore":
+            raise UserError(f"--strategy {self.strategy} with GaLore: its optimizer needs whole, unsharded gradients; "
+                            "use --strategy ddp")
+        if self.priced_as == "qlora" and self.strategy in ("zero3", "fsdp"):
+            raise UserError(f"--strategy {self.strategy} with QLoRA: the 4-bit weights cannot be sharded as tuneforge "
+                            "loads them; use --strategy zero2 or ddp")
 
     @property
     def priced_as(self) -> str:
@@ -334,7 +364,14 @@ def estimate_memory(spec: ModelSpec, setup: Setup) -> Bill:
     grad_per_layer = grads_layers / max(layers, 1)
     held_grads = grads if setup.grad_accum > 1 else 0  # accumulation keeps gradients across micro-batches
 
-    static = weights + master + optim
+    weights, master, grads, optim, head_grad, dist_bytes, dist_how = _share_per_gpu(
+        spec, setup, weights, master, grads, optim, head_grad, grad_elem)
+    if setup.gpus > 1 and setup.strategy != "ddp":
+        grads_layers = grads - head_grad if not (setup.priced_as == "galore" and setup.galore_layerwise) else 0
+        grad_per_layer = grads_layers / max(layers, 1)
+        held_grads = grads if setup.grad_accum > 1 else 0
+        step_tmp = step_tmp / setup.gpus  # each rank steps its own partition of the optimizer
+    static = weights + master + optim + dist_bytes
     phases = {
         "backward start": static + held_grads + act_layers + act_final + max(logits, logits_unit + head_grad),
         "first block backward": static + max(held_grads, head_grad + grad_per_layer) + act_layers + act_final
@@ -356,6 +393,7 @@ def estimate_memory(spec: ModelSpec, setup: Setup) -> Bill:
         "logits": int(logits),
         "temporaries": int(max(block_tmp, step_tmp)),
         "framework": int(overhead),
+        "distributed": int(dist_bytes),
     }
     components["overlap"] = int(total - sum(components.values()))
     notes = [
@@ -364,11 +402,53 @@ def estimate_memory(spec: ModelSpec, setup: Setup) -> Bill:
         f"activations: {per_layer / 1024:.1f} KiB/token/block saved"
         + (f", {ckpt_per_layer / 1024:.1f} KiB kept per checkpointed block" if setup.gradient_checkpointing else ""),
         f"peak at: {peak_phase}",
+        *([f"per GPU of {setup.gpus}, {setup.strategy}: {dist_how}"] if setup.gpus > 1 else []),
     ]
     return Bill(
         model=spec.name, total_params=spec.total_params, trainable_params=trainable, components=components,
         total_bytes=int(total), phases=phases, peak_phase=peak_phase, setup=asdict(setup), notes=notes,
     )
+
+
+def _share_per_gpu(spec: ModelSpec, setup: Setup, weights: float, master: float, grads: float, optim: float,
+                   head_grad: float, grad_elem: int) -> tuple:
+    """One GPU's share of the training state under ``setup.strategy`` on ``setup.gpus`` processes.
+
+    Returns ``(weights, master, grads, optim, head_grad, buffers, how)``. ZeRO-1 shards the optimizer state and the
+    fp32 master weights, ZeRO-2 also the gradients, ZeRO-3 and FSDP (full shard) also the weights (Rajbhandari et
+    al. 2020). ``buffers`` are what the engine adds: DDP's gradient buckets (a second copy of the gradients),
+    DeepSpeed's reduce/all-gather buckets, and under ZeRO-3/FSDP the full weights of the block being computed and
+    of the one prefetched.
+    """
+    n = setup.gpus
+    if n <= 1:
+        return weights, master, grads, optim, head_grad, 0, ""
+    shard_weights, shard_grads, shard_optim = _SHARDS[setup.strategy]
+    trainable_grads = grads
+    if shard_optim:
+        master, optim = master / n, optim / n
+    if shard_grads:
+        grads, head_grad = grads / n, head_grad / n
+    block = 0
+    if shard_weights:
+        weights = weights / n
+        body = spec.total_params - spec.embedding_params - (spec.head.numel if spec.head is not None
+                                                              and not spec.tie_word_embeddings else 0)
+        block = 2 * setup.act_bytes * body / max(spec.num_layers, 1)  # the block computed + the one prefetched
+    if setup.strategy == "ddp":
+        buffers = trainable_grads  # gradient buckets: DDP all-reduces a flat copy of every gradient
+        how = "weights, gradients and optimizer state replicated; + gradient buckets (a copy of the gradients)"
+    elif setup.strategy == "fsdp":
+        buffers = block
+        how = "weights, gradients, optimizer state / N; + 2 blocks' gathered weights"
+    else:
+        # ZeRO's gradient bucket: at most reduce_bucket_size (5e8) elements, in the gradients' dtype.
+        bucket = min(trainable_grads, DS_BUCKET_ELEMENTS * grad_elem)
+        buffers = bucket + block
+        what = {"zero1": "optimizer state", "zero2": "optimizer state and gradients",
+                "zero3": "weights, gradients and optimizer state"}[setup.strategy]
+        how = f"{what} / N; + DeepSpeed buckets" + (" + 2 blocks' gathered weights" if block else "")
+    return weights, master, grads, optim, head_grad, int(buffers), how
 
 
 def _step_temporaries(spec: ModelSpec, setup: Setup, tensors: list[int]) -> int:

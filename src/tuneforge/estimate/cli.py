@@ -37,6 +37,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--optim", choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"])
     p.add_argument("--galore-rank", type=int, help="GaLore projection rank (default 128)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="cuda bills the CUDA context (default cuda)")
+    p.add_argument("--gpus", type=int, help="data-parallel GPUs: the bill is per GPU (default 1)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp", "zero1", "zero2", "zero3"],
+                   help="how the state is spread over --gpus (default ddp, or the run config's distributed:)")
     p.add_argument("--gpu-mem", type=float, help="memory budget in GiB: says whether the setup fits")
     p.add_argument("--recommend", action="store_true", help="choose method, rank, batch, accumulation, checkpointing")
     p.add_argument("--target-batch", type=int, help="effective batch for --recommend (default 16, the guide's)")
@@ -67,10 +70,12 @@ def _settings(args) -> tuple[object, dict, dict]:
         else:
             source, setup = setup_from_run(cfg)
             values.update(asdict(setup))
+            values["strategy"] = strategy_of(cfg.distributed)
     flags = {"method": args.method, "r": args.r, "batch_size": args.batch_size, "seq_len": args.seq_len,
              "grad_accum": args.grad_accum, "gradient_checkpointing": args.grad_checkpointing,
              "precision": args.precision, "optim": args.optim, "galore_rank": args.galore_rank,
              "device": args.device}
+    flags.update(gpus=args.gpus, strategy=args.strategy)
     if args.target_modules:
         names = [n.strip() for n in args.target_modules.split(",") if n.strip()]
         flags["target_modules"] = names[0] if len(names) == 1 and names[0] in ("attention", "mlp", "all-linear") \
@@ -81,6 +86,15 @@ def _settings(args) -> tuple[object, dict, dict]:
     # CPUs without native bf16 train in fp32 (ENVIRONMENT.md); GPUs in bf16.
     values.setdefault("precision", "fp32" if values["device"] == "cpu" else "bf16")
     return source, values, extras
+
+
+def strategy_of(section) -> str:
+    """The estimator's strategy name for a run config's ``distributed:`` section."""
+    if section.strategy == "deepspeed":
+        return f"zero{section.deepspeed.zero_stage}"
+    if section.strategy == "fsdp":
+        return "fsdp" if section.fsdp.sharding != "shard_grad_op" else "zero2"  # SHARD_GRAD_OP shards as ZeRO-2
+    return "ddp"
 
 
 def run_estimate(args) -> int:
@@ -131,7 +145,7 @@ LABELS = {
     "weights": "weights", "master_weights": "fp32 master weights", "gradients": "gradients",
     "optimizer": "optimizer states", "activations": "activations", "logits": "logits (fp32, loss)",
     "temporaries": "temporaries", "framework": "framework (CUDA context)",
-    "overlap": "overlap (not resident at the peak)",
+    "overlap": "overlap (not resident at the peak)", "distributed": "distributed buffers (buckets, gathered)",
 }
 
 
@@ -147,7 +161,8 @@ def _print_bill(bill, budget_gb: float | None, margin: float) -> None:
              + (f" r={s['r']}" if method_class(s["method"]).is_adapter else "")
              + f", batch {s['batch_size']} x seq {s['seq_len']}, {s['precision']}, {s['optim']}"
              + (", grad checkpointing" if s["gradient_checkpointing"] else "")
-             + (f", accum {s['grad_accum']}" if s["grad_accum"] > 1 else ""))
+             + (f", accum {s['grad_accum']}" if s["grad_accum"] > 1 else "")
+             + (f", per GPU of {s['gpus']} ({s['strategy']})" if s.get("gpus", 1) > 1 else ""))
     table = Table(title=title)
     table.add_column("component")
     table.add_column("GiB", justify="right")
