@@ -91,6 +91,7 @@ def _run(out: Path, raw: dict) -> tuple[list[dict], object]:
     return [x for x in lines if x.get("event") == "log" and "reward" in x], result
 
 
+@pytest.mark.slow
 def test_grpo_mean_reward_rises_on_a_toy_task(tmp_path, prompts):
     # Full fine-tuning with a KL term: the reference is our frozen copy of the starting model.
     out = tmp_path / "grpo"
@@ -108,6 +109,7 @@ def test_grpo_mean_reward_rises_on_a_toy_task(tmp_path, prompts):
     assert not [e for e in events if e.get("kind") == "loss_spike"]  # a surrogate loss near 0: no spike alarms
 
 
+@pytest.mark.slow
 def test_grpo_lora_uses_the_disabled_adapter_as_reference(tmp_path, prompts):
     out = tmp_path / "lora"
     raw = _cfg(out, prompts, beta=0.04)

@@ -90,6 +90,7 @@ def test_dpo_lora_run_logs_reward_metrics_and_saves_only_the_adapter(tmp_path, p
     assert any(json.loads(line).get("event") == "eval" for line in (out / "metrics.jsonl").read_text().splitlines())
 
 
+@pytest.mark.slow
 def test_dpo_raises_preference_accuracy_on_held_out_pairs(tmp_path):
     from transformers import AutoTokenizer
 
@@ -114,6 +115,7 @@ def test_dpo_raises_preference_accuracy_on_held_out_pairs(tmp_path):
     assert implicit.accuracy == 100.0 and implicit.margin > 0, implicit
 
 
+@pytest.mark.slow
 def test_resume_mid_dpo_equals_uninterrupted(tmp_path, pref_data):
     from safetensors.torch import load_file
     from transformers import TrainerCallback
@@ -139,6 +141,7 @@ def test_resume_mid_dpo_equals_uninterrupted(tmp_path, pref_data):
     assert _logs(interrupted)[-1]["loss"] == pytest.approx(_logs(straight)[-1]["loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_reference_copy_and_precomputed_reference_agree(tmp_path, pref_data):
     runs = {}
     for name, precompute in (("copy", False), ("precomputed", True)):
@@ -174,6 +177,7 @@ def test_bad_preference_data_exits_2_naming_file_and_line(tmp_path, pref_data, c
     assert not (tmp_path / "run" / "final").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["orpo", "simpo"])
 def test_reference_free_stage_trains_and_logs_rewards(tmp_path, pref_data, stage):
     out = tmp_path / stage
@@ -192,6 +196,7 @@ def test_reference_free_stage_trains_and_logs_rewards(tmp_path, pref_data, stage
     assert list(result.model.peft_config) == ["default"]
 
 
+@pytest.mark.slow
 def test_kto_stage_on_pairs_trains_with_kl_and_disabled_adapter_reference(tmp_path, pref_data):
     out = tmp_path / "kto"
     _train(_cfg(out, pref_data, stage="kto", data={"eval": None}, train={"max_steps": 6, "save_steps": None}))
@@ -204,6 +209,7 @@ def test_kto_stage_on_pairs_trains_with_kl_and_disabled_adapter_reference(tmp_pa
     assert not (out / "final" / "ref").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [
     {"name": "pissa", "r": 4, "target_modules": "attention"},  # changes the model at init: TRL's adapter copy
     {"name": "adalora", "init_r": 4, "target_r": 2, "tinit": 0, "tfinal": 1},  # one trainable adapter only
