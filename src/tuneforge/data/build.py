@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuneforge.data.clean import clean_records
-from tuneforge.data.mix import mix_in, prepare_task_records, task_counts, weight_tasks
+from tuneforge.data.mix import eval_rows_by_task, mix_in, prepare_task_records, task_counts, weight_tasks
 from tuneforge.data.packing import (
     PackedCollator,
     PaddingCollator,
@@ -29,12 +29,14 @@ class DataBundle:
         eval: rows in the same shape, or None.
         stats: counts and distributions for the report (see :func:`build_datasets`).
         packed: True when rows are packed (use :class:`PackedCollator` and run the model with use_cache=False).
+        eval_by_task: multi-task data: the eval rows of each task (records with a ``task`` field), else None.
     """
 
     train: list[dict]
     eval: list[dict] | None
     stats: dict[str, Any] = field(default_factory=dict)
     packed: bool = False
+    eval_by_task: dict[str, list[dict]] | None = None
 
     def collator(self, tokenizer: Any):
         """The collator for these rows (packed or dynamic padding), padding with the tokenizer's pad id."""
@@ -140,6 +142,7 @@ def build_datasets(
         UserError: text records in SFT, no sample left (with counts and the fix), too little text for one block.
     """
     records, eval_records, stats = load_records(data_cfg, seed)
+    by_task = None
     if stage == "pt":
         train, sample_stats = _pretrain(records, tokenizer, data_cfg.max_length, "training")
         stats.update(sample_stats)
@@ -163,6 +166,9 @@ def build_datasets(
             evaluation = pack_rows(eval_samples, data_cfg.max_length) if eval_samples else None
         else:
             train, evaluation = samples, eval_samples
+        by_task = eval_rows_by_task(eval_records, lambda recs: _sft_samples(recs, tokenizer, template, data_cfg,
+                                                                             "eval")[0],
+                                    (lambda rows: pack_rows(rows, data_cfg.max_length)) if packed else None)
     else:
         raise UserError(f"stage {stage!r} is not known; expected 'pt' or 'sft'")
     stats["packed"] = packed
@@ -173,7 +179,8 @@ def build_datasets(
         order = length_grouped_order([len(r["input_ids"]) for r in train], batch_size, seed)
     stats["padding_share"] = round(padding_share(train, batch_size, order), 4)
     stats["padding_share_batch_size"] = batch_size
-    return DataBundle(train=train, eval=evaluation, stats=stats, packed=packed)
+    return DataBundle(train=train, eval=evaluation, stats=stats, packed=packed,
+                      eval_by_task=by_task)
 
 
 def _task_records(records, eval_records, data_cfg, seed, stats):

@@ -246,3 +246,18 @@ def task_counts(records: list[dict] | None) -> dict[str, int]:
         if task is not None:
             counts[task] = counts.get(task, 0) + 1
     return counts
+
+
+def eval_rows_by_task(records: list[dict] | None, encode, pack=None) -> dict[str, list[dict]] | None:
+    """Eval rows of each task (``encode``: records → samples; ``pack``: samples → rows, or None to keep samples);
+    None when no eval record carries a task."""
+    if not task_counts(records):
+        return None
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(task_of(record) or "(no task)", []).append(record)
+    rows = {}
+    for task, group in groups.items():
+        samples = encode(group)
+        rows[task] = pack(samples) if pack else samples
+    return rows

@@ -212,6 +212,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
         summary["distributed"] = {"world_size": me.world_size, "strategy": cfg.distributed.strategy}
     if retention:
         summary["retention"] = retention.describe()
+    if getattr(bundle, "eval_by_task", None):  # multi-task data: the eval loss of each task (data/mix.py)
+        summary["tasks"] = _per_task_eval(trainer, bundle.eval_by_task)
     atomic_write_json(run_dir / "summary.json", summary)
     start.finish(echo)  # only now may a replaced run go
     echo(f"done: {run_dir} (final model in {final_dir})")
@@ -584,6 +586,17 @@ def _save_final(model, tokenizer, template, final_dir: Path, run_dir: Path, meth
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         template.save(tmp)
+
+
+def _per_task_eval(trainer, rows_by_task: dict) -> dict:
+    """``{task: {"eval_loss", "eval_ppl", "eval_rows"}}`` from the Trainer's evaluation of each task's eval rows."""
+    out = {}
+    for task, rows in rows_by_task.items():
+        metrics = trainer.evaluate(eval_dataset=rows, metric_key_prefix=f"eval_task_{task}")  # logged as such
+        loss = metrics.get(f"eval_task_{task}_loss")
+        out[task] = {"eval_loss": loss, "eval_ppl": math.exp(loss) if loss is not None and loss < 50 else None,
+                     "eval_rows": len(rows)}
+    return out
 
 
 def _summary(cfg, trainer, output, bundle, trainable, total, runtime, packing) -> dict:
