@@ -262,7 +262,10 @@ def launch(plan: LaunchPlan, train_argv: list[str], cfg: Any, echo=print) -> int
     def forward(signum, frame):
         proc.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SLURM signals every process of the job step itself (torchrun and the ranks); passing it on as well would
+    # give torchrun a second signal in the middle of its graceful shutdown.
+    signals = (signal.SIGINT,) if "SLURM_JOB_ID" in os.environ else (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
         forwarded[sig] = signal.signal(sig, forward)
     try:
         code = proc.wait()
@@ -631,6 +634,7 @@ def barrier() -> None:
 
 def _torchrun_main(argv: list[str]) -> int:
     """``torch.distributed.run`` with one line instead of its traceback when a rank fails (ranks print their own)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -640,6 +644,9 @@ def _torchrun_main(argv: list[str]) -> int:
         failed = ", ".join(f"rank {f.rank} exit {f.exitcode}" for f in exc.failures.values())
         print(f"torchrun: {failed}", file=sys.stderr)
         return 1
+    except SignalException as exc:  # the ranks got the signal too and have stopped (after a checkpoint)
+        print(f"torchrun: stopped by signal {int(exc.sigval)}", file=sys.stderr)
+        return 128 + int(exc.sigval)
     return 0
 
 

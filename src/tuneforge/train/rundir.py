@@ -250,9 +250,12 @@ class SigtermStop:
         self.requested = False
         self.stopped_at: int | None = None  # the step whose checkpoint the stop saved
         self._training = False
+        # Under torchrun a rank gets SIGTERM from SLURM and again from torchrun (which SIGKILLs after its shutdown
+        # timeout): a repeat means the same stop, not "stop now".
+        self._repeats_are_one = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
     def _handle(self, signum, frame) -> None:
-        if self._training and not self.requested:
+        if self._training and (not self.requested or self._repeats_are_one):
             self.requested = True
             return
         raise Terminated()
