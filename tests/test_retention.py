@@ -269,3 +269,12 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path, data):
     cfg = validate_config(_cfg(tmp_path / "s", data, distill={"teacher": str(teacher.run_dir)}))
     with pytest.raises(UserError, match="train.distill.teacher: .*another tokenizer"):
         build_retention(cfg, other, None, echo=lambda *_: None)
+
+
+def test_every_retention_method_is_a_registered_term():
+    from typing import get_args
+
+    from tuneforge.config.schema import RetentionConfig
+    from tuneforge.train.retention import known_terms
+
+    assert set(get_args(RetentionConfig.model_fields["method"].annotation)) | {"distill"} == set(known_terms())

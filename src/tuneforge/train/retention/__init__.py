@@ -40,7 +40,12 @@ def known_terms() -> tuple[str, ...]:
 
 
 def _load_modules() -> None:
-    from tuneforge.train.retention import ewc, kd, l2sp  # noqa: F401  (registration side effects)
+    """Import every module of this package (each registers its terms), so a new term is one new file."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
 class RetentionTerm:
