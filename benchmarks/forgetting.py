@@ -1,11 +1,13 @@
 """Forgetting, measured: the same LoRA SFT with no mitigation, replay mixing, EWC, L2-SP and KD, side by side.
 
 One process, one machine, one base: a small Llama-style model is pretrained (as in the quickstart) on 90% of the
-Python documentation topics; the other 10% are held out as "general" text the model should keep predicting. Then
-the quickstart's classification SFT (LoRA on all linear layers and the output layer) is run once per arm with the
-same seed, data and steps, and each arm is scored on
+Python documentation topics plus the docstrings of the task's training objects; the other 10% of the topics are
+held out as "general" text the model should keep predicting. Then the quickstart's task ("which standard-library
+module defines X?", 8 modules, ``builtin.module_task``) is LoRA-fine-tuned (all linear layers and the output layer)
+once per arm with the same seed, data and steps, and each arm is scored on
 
-* task: greedy exact match on held-out items (``tuneforge.train.quickstart.score_classification``);
+* task: greedy exact match and answer perplexity on the held-out objects (``evaluate.runner.evaluate_model``, what
+  ``tuneforge eval --metrics exact,ppl`` computes);
 * forgetting: perplexity on the held-out general text, start model (adapter disabled) vs tuned
   (``tuneforge.evaluate.retention.retention_row``, what ``tuneforge eval --retention`` reports), and the increase.
 
@@ -13,8 +15,8 @@ Arms: ``none``; ``mix`` (``data.mix``: 5% of samples from the pretraining text, 
 (Fisher from the pretraining text); ``l2sp``; ``kd`` (KL to the start model on the pretraining text). The
 mitigations only see the pretraining text, never the held-out general text.
 
-Usage: ``.venv/bin/python benchmarks/forgetting.py [--out runs/bench-forgetting] [--sft-steps 150]
-[--arms none,mix,ewc,l2sp,kd] [--json-out FILE]``; prints a table and one JSON object.
+Usage: ``.venv/bin/python benchmarks/forgetting.py [--out runs/bench-forgetting] [--sft-steps 100]
+[--arms none,mix,mix=0.01,ewc,l2sp,kd] [--json-out FILE]``; prints a table and one JSON object.
 """
 
 from __future__ import annotations
@@ -28,28 +30,38 @@ from pathlib import Path
 
 from tuneforge.data import builtin
 
-HELDOUT, EVAL = 150, 60
+PER_MODULE = dict(heldout_per_module=20, eval_per_module=5, train_per_module=150)  # as the quickstart
 
 
 def write_data(out: Path) -> tuple[list[dict], Path, Path]:
-    """pretrain.jsonl (90% of topics), general_heldout.jsonl (the other 10%), SFT train/eval; returns test items."""
+    """pretrain.jsonl (90% of the pydoc topics + the training objects' docstrings), general_heldout.jsonl (the
+    other 10% of the topics), SFT train/eval; returns the held-out task items."""
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    docs = builtin.pretrain_documents()
-    held = [d for i, d in enumerate(docs) if i % 10 == 5]
-    seen = [d for i, d in enumerate(docs) if i % 10 != 5]
+    task = builtin.module_task(seed=0, **PER_MODULE)
+    topics = [text.strip() for _, text in sorted(builtin.pydoc_topics().items()) if text.strip()]
+    held = [d for i, d in enumerate(topics) if i % 10 == 5]
+    seen = [d for i, d in enumerate(topics) if i % 10 != 5] + task.pretrain_docstrings
     (data / "pretrain.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in seen))
     (data / "general_heldout.jsonl").write_text("".join(json.dumps({"text": d[:2000]}) + "\n" for d in held))
-    train, evaluation, test = builtin.split_items(builtin.classification_items(seed=0), HELDOUT, EVAL)
-    for name, items in (("sft_train", train), ("sft_eval", evaluation)):
+    for name, items in (("sft_train", task.train), ("sft_eval", task.eval)):
         (data / f"{name}.jsonl").write_text("".join(json.dumps({"messages": i["messages"]}) + "\n" for i in items))
-    return test, data / "pretrain.jsonl", data / "general_heldout.jsonl"
+    return task.test, data / "pretrain.jsonl", data / "general_heldout.jsonl"
 
 
-def pretrain_config(out: Path, steps: int) -> dict:
+def score_task(model: str, test: list[dict]) -> dict:
+    """Greedy exact match (%) and answer perplexity on the held-out items, as `tuneforge eval` computes them."""
+    from tuneforge.evaluate.runner import evaluate_model
+    from tuneforge.models.generation import GenerationSettings
+
+    row = evaluate_model(model, test, ["exact", "ppl"], GenerationSettings(max_new_tokens=8), device="cpu")
+    return {"exact": row["exact"], "ppl": row["ppl"]}
+
+
+def pretrain_config(out: Path, steps: int, hidden: int = 128, layers: int = 4) -> dict:
     return {
         "run_name": "forgetting-pretrain", "output_dir": str(out / "pretrain"), "seed": 42, "stage": "pt",
-        "model": {"from_config": {"architecture": "llama", "hidden_size": 128, "num_layers": 4, "num_heads": 4,
+        "model": {"from_config": {"architecture": "llama", "hidden_size": hidden, "num_layers": layers, "num_heads": 4,
                                   "vocab_size": 2048, "max_position_embeddings": 512, "tie_word_embeddings": False},
                   "chat_template": "plain"},
         "method": {"name": "full"},
@@ -62,8 +74,8 @@ def pretrain_config(out: Path, steps: int) -> dict:
 ARMS = {
     "none": {},
     "mix": {"data": {"mix": [{"path": "{pretrain}", "weight": 0.05}]}},
-    "ewc": {"train": {"retention": {"method": "ewc", "lambda": 1000.0, "reference": "{pretrain}", "samples": 64}}},
-    "l2sp": {"train": {"retention": {"method": "l2sp", "lambda": 0.1}}},
+    "ewc": {"train": {"retention": {"method": "ewc", "lambda": 1e6, "reference": "{pretrain}", "samples": 64}}},
+    "l2sp": {"train": {"retention": {"method": "l2sp", "lambda": 1.0}}},
     "kd": {"train": {"retention": {"method": "kd", "alpha": 1.0, "temperature": 2.0, "reference": "{pretrain}",
                                    "samples": 64, "batch_size": 4}}},
 }
@@ -104,10 +116,12 @@ def sft_config(out: Path, arm: str, steps: int, pretrain: Path, overrides: dict)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench-forgetting")
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--sft-steps", type=int, default=150)
-    parser.add_argument("--arms", default=",".join(ARMS), help="arms, each NAME or NAME=STRENGTH (mix weight, "
+    parser.add_argument("--pretrain-steps", type=int, default=200)
+    parser.add_argument("--sft-steps", type=int, default=100)
+    parser.add_argument("--arms", default="none,mix,mix=0.01,ewc,l2sp,kd", help="arms, each NAME or NAME=STRENGTH (mix weight, "
                                                                    "ewc/l2sp lambda, kd alpha); 'none' first")
+    parser.add_argument("--hidden", type=int, default=128, help="base model width")
+    parser.add_argument("--layers", type=int, default=4, help="base model depth")
     parser.add_argument("--reuse-base", action="store_true", help="keep an existing <out>/pretrain run")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
@@ -115,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     from tuneforge.config import validate_config
     from tuneforge.evaluate.retention import retention_row
     from tuneforge.evaluate.runner import load_eval_records
-    from tuneforge.train.quickstart import score_classification
     from tuneforge.train.run import run_training
 
     out = Path(args.out)
@@ -125,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pretraining the base ({args.pretrain_steps} steps) ...", file=sys.stderr)
     t0 = time.time()
     if not (args.reuse_base and (out / "pretrain" / "final" / "config.json").is_file()):
-        run_training(validate_config(pretrain_config(out, args.pretrain_steps)), overwrite=True, echo=quiet)
+        run_training(validate_config(pretrain_config(out, args.pretrain_steps, args.hidden, args.layers)), overwrite=True, echo=quiet)
     pretrain_s = time.time() - t0
     general_records = load_eval_records(str(general))
-    base_exact = score_classification(str(out / "pretrain"), test)["exact"]
+    base_exact = score_task(str(out / "pretrain"), test)["exact"]
 
     results = []
     for arm in args.arms.split(","):
@@ -137,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         run_training(validate_config(raw), overwrite=True, echo=quiet)
         train_s = time.time() - t0
-        task = score_classification(raw["output_dir"], test)
+        task = score_task(raw["output_dir"], test)
         forgetting = retention_row(raw["output_dir"], general_records, device="cpu", max_length=256)
         results.append({"arm": arm, "exact": task["exact"], "answer_ppl": task["ppl"],
                         "general_ppl_start": forgetting["retention_start_ppl"],
@@ -150,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         if none is not None:
             # share of the unmitigated forgetting (nats per general token) that the mitigation removed
             r["forgetting_removed_pct"] = 100 * (1 - r["general_nll_increase"] / none["general_nll_increase"])
-            r["exact_vs_none_pts"] = 100 * (r["exact"] - none["exact"])
+            r["exact_vs_none_pts"] = r["exact"] - none["exact"]
             r["answer_ppl_vs_none"] = r["answer_ppl"] / none["answer_ppl"]
             r["time_ratio_vs_none"] = r["train_seconds"] / none["train_seconds"]
-    majority = max(sum(1 for t in test if t["messages"][-1]["content"] == label) for label in builtin.LABELS)
-    summary = {"base_exact": base_exact, "majority_exact": majority / len(test), "heldout_items": len(test),
+    labels = [t["messages"][-1]["content"] for t in test]
+    majority = max(labels.count(label) for label in set(labels))
+    summary = {"base_exact": base_exact, "majority_exact": 100 * majority / len(test), "heldout_items": len(test),
                "general_tokens": forgetting["retention_tokens"], "pretrain_seconds": round(pretrain_s, 1),
                "sft_steps": args.sft_steps, "total_seconds": round(time.time() - started, 1), "arms": results}
     _print_table(summary)
@@ -170,17 +184,17 @@ def _print_table(summary: dict) -> None:
 
     table = Table(title=f"forgetting: same LoRA SFT ({summary['sft_steps']} steps), "
                         f"{summary['heldout_items']} held-out items, {summary['general_tokens']} general tokens")
-    for col in ("arm", "exact match", "answer ppl (×none)", "general ppl start → tuned", "Δ nats/token",
+    for col in ("arm", "exact match (Δ pts)", "answer ppl (×none)", "general ppl start → tuned", "Δ nats/token",
                 "forgetting removed", "train s (×none)"):
         table.add_column(col, justify="left" if col == "arm" else "right")
     for r in summary["arms"]:
-        table.add_row(r["arm"], f"{r['exact']:.1%}", f"{r['answer_ppl']:.3f} (×{r.get('answer_ppl_vs_none', 1):.3f})",
+        table.add_row(r["arm"], f"{r['exact']:.1f}% ({r.get('exact_vs_none_pts', 0):+.1f})", f"{r['answer_ppl']:.3f} (×{r.get('answer_ppl_vs_none', 1):.3f})",
                       f"{r['general_ppl_start']:.1f} → {r['general_ppl']:,.1f}", f"{r['general_nll_increase']:+.3f}",
                       f"{r.get('forgetting_removed_pct', 0):.1f}%",
                       f"{r['train_seconds']:.0f} (×{r.get('time_ratio_vs_none', 1):.2f})")
     console = Console(stderr=True)
     console.print(table)
-    console.print(f"base exact {summary['base_exact']:.1%}, majority class {summary['majority_exact']:.1%}; "
+    console.print(f"base exact {summary['base_exact']:.1f}%, majority class {summary['majority_exact']:.1f}%; "
                   f"total {summary['total_seconds']:.0f} s")
 
 

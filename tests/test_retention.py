@@ -8,19 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from tuneforge.data import builtin
+from tests.helpers import stdlib_texts
 from tuneforge.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("data")
-    items = builtin.classification_items(seed=1)
+    words = ["list", "tuple", "dict", "set", "str", "int"]
     with open(folder / "train.jsonl", "w") as handle:
-        for item in items[:96]:
-            handle.write(json.dumps({"messages": item["messages"]}) + "\n")
+        for i in range(96):
+            word = words[i % len(words)]
+            handle.write(json.dumps({"messages": [{"role": "user", "content": f"Name the type number {i}: {word}?"},
+                                                  {"role": "assistant", "content": word}]}) + "\n")
     with open(folder / "general.jsonl", "w") as handle:
-        for doc in builtin.pretrain_documents()[:20]:
+        for doc in stdlib_texts(60)[:20]:
             handle.write(json.dumps({"text": doc[:600]}) + "\n")
     return folder
 
@@ -246,6 +248,9 @@ def _cli_train(tmp_path, raw) -> int:
 
 @pytest.mark.parametrize("section, message", [
     ({"retention": {"method": "ewc", "lambda": 1.0}}, "needs train.retention.reference"),
+    ({"retention": {"method": "l2sp"}}, "needs train.retention.lambda"),
+    ({"retention": {"method": "kd", "lambda": 1.0, "reference": "pydoc"}}, "weighted by train.retention.alpha"),
+    ({"retention": {"method": "l2sp", "lambda": 1.0, "reference": "pydoc"}}, "uses no reference data"),
     ({"retention": {"method": "kd", "reference": "no/such/general.jsonl"}}, "train.retention.reference: "),
     ({"distill": {"teacher": "no/such/teacher-run"}}, "train.distill.teacher: "),
 ])

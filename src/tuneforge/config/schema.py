@@ -211,13 +211,12 @@ class RetentionConfig(Strict):
         if m == "l2sp" and self.reference:
             raise ValueError("method 'l2sp' uses no reference data (drop train.retention.reference)")
         if m in ("ewc", "l2sp") and self.lambda_ is None:
-            self.lambda_ = _DEFAULT_LAMBDA[m]
+            # No default: the right strength depends on the Fisher's (ewc) or the parameter count's (l2sp) scale.
+            raise ValueError(f"method {m!r} needs train.retention.lambda (its strength; docs/forgetting.md has "
+                             "measured values)")
         if m == "kd" and self.alpha is None:
             self.alpha = 1.0
         return self
-
-
-_DEFAULT_LAMBDA = {"ewc": 1000.0, "l2sp": 0.1}
 
 
 class DistillConfig(Strict):

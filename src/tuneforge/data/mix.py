@@ -58,11 +58,12 @@ def read_general(spec: str, key: str, data_cfg: Any) -> list[dict]:
 
 def builtin_records(name: str) -> list[dict]:
     """The text records of a built-in general corpus (``pydoc``: the Python documentation, one record per topic)."""
-    from tuneforge.data.builtin import pretrain_documents
+    from tuneforge.data.builtin import pydoc_topics
 
     if name != "pydoc":
         raise UserError(f"{name!r} is not a built-in corpus; known: {', '.join(BUILTIN_CORPORA)}")
-    return [{"text": doc, "source": f"pydoc#{i + 1}"} for i, doc in enumerate(pretrain_documents())]
+    docs = [text.strip() for _, text in sorted(pydoc_topics().items()) if text.strip()]
+    return [{"text": doc, "source": f"pydoc#{i + 1}"} for i, doc in enumerate(docs)]
 
 
 def mix_shares(data_cfg: Any) -> list[float]:
