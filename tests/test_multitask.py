@@ -118,3 +118,21 @@ def test_task_prefix_without_task_exits_2_and_writes_nothing(tmp_path):
     config.write_text(yaml.safe_dump(raw))
     assert main(["train", str(config)]) == 2
     assert not out.exists()
+
+
+def test_data_preview_shows_the_task_prefix(tmp_path):
+    import io
+
+    import yaml
+
+    from tuneforge.data.preview import run_preview
+
+    raw = {"model": {"from_config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "vocab_size": 512}},
+           "data": {"train": [str(task_file(tmp_path / "t.jsonl"))], "max_length": 64, "task_prefix": True,
+                    "mix": [{"name": "pydoc", "weight": 0.05}]}}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = io.StringIO()
+    assert run_preview(str(config), n=2, as_json=True, out=out) == 0
+    texts = [json.loads(line)["text"] for line in out.getvalue().splitlines()]
+    assert len(texts) == 2 and "[echo] Repeat the word w0" in texts[0] and "[add] What is 1" in texts[1]

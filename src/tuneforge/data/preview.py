@@ -29,7 +29,10 @@ def run_preview(config_path: str, overrides: list[str] | None = None, n: int = 3
     template = resolve_template(cfg.model.chat_template, tokenizer, cfg.model.chat_template_kwargs,
                                 cfg.data.system_message)
     bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, cfg.seed, batch_size=cfg.train.batch_size)
-    samples = _preview_samples(cfg, records[:n], tokenizer, template, bundle)
+    from tuneforge.data.mix import prepare_task_records
+
+    # the samples as training renders them ([task] prefixes included); mixed-in general data is counted in the stats
+    samples = _preview_samples(cfg, prepare_task_records(records[:n], cfg.data), tokenizer, template, bundle)
     if as_json:
         for sample in samples:
             keys = ("text", "input_ids", "labels", "rule", "extra_tokens")
