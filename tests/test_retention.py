@@ -283,3 +283,19 @@ def test_every_retention_method_is_a_registered_term():
     from tuneforge.train.retention import known_terms
 
     assert set(get_args(RetentionConfig.model_fields["method"].annotation)) | {"distill"} == set(known_terms())
+
+
+def test_a_term_counts_once_per_optimizer_step_under_gradient_accumulation(tmp_path, data):
+    import torch
+
+    def run(name, batch, accum):
+        raw = _cfg(tmp_path / name, data, max_steps=3, batch_size=batch, grad_accum=accum,
+                   retention={"method": "l2sp", "lambda": 50.0})
+        raw["method"]["dropout"] = 0.0
+        raw["data"]["packing"] = False  # the same samples per optimizer step either way
+        raw["train"]["lr"] = 1e-2
+        return _adapter_state(_train(raw)[0].run_dir)
+
+    whole, split = run("b4", 4, 1), run("b2x2", 2, 2)
+    for key in whole:
+        torch.testing.assert_close(whole[key], split[key], rtol=1e-4, atol=1e-5)
