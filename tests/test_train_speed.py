@@ -226,3 +226,18 @@ def test_compiled_and_eager_runs_log_the_same_losses(tmp_path, chat_data):
 
     keys = load_file(str(compiled.final_dir / "adapter_model.safetensors")).keys()
     assert keys == load_file(str(eager.final_dir / "adapter_model.safetensors")).keys()
+
+
+def test_estimate_bills_one_chunk_of_logits(tmp_path, chat_data):
+    from tuneforge.estimate import estimate_memory, model_spec
+    from tuneforge.estimate.bill import Setup
+    from tuneforge.estimate.choose import setup_from_run
+
+    spec = model_spec("meta-llama/Llama-3.1-8B")  # offline table: vocab 128,256
+    plain = estimate_memory(spec, Setup(batch_size=2, seq_len=2048))
+    chunked = estimate_memory(spec, Setup(batch_size=2, seq_len=2048, loss_chunk=512))
+    assert plain.components["logits"] == 3 * 4096 * spec.vocab_size * 4
+    assert chunked.components["logits"] == 3 * 512 * spec.vocab_size * 4
+    assert chunked.total_bytes < plain.total_bytes
+    _, setup = setup_from_run(validate_config(_raw(tmp_path / "e", chat_data, loss_chunk=64)), device="cpu")
+    assert setup.loss_chunk == 64

@@ -11,7 +11,8 @@ Every formula is derived in ``docs/estimate.md``; the short version:
 * activations: the tensors autograd saves in a Llama block (Korthikanti et al. 2022, "Reducing Activation
   Recomputation in Large Transformer Models", §4.1, adapted to RMSNorm, SwiGLU, SDPA and LoRA dropout),
   verified against a count of saved tensors (``tuneforge.estimate.measure.saved_activation_bytes``).
-* logits: vocab × seq × batch, fp32 for the loss; three such tensors live at the start of backward.
+* logits: vocab × seq × batch, fp32 for the loss; three such tensors live at the start of backward (vocab ×
+  ``loss_chunk`` with the chunked loss).
 * temporaries: the gradients of one block during its backward, the optimizer step's temporaries.
 
 The peak is the largest of four moments of a training step (end of forward / start of backward, the first and the
@@ -79,6 +80,7 @@ class Setup:
     attn_implementation: str = "sdpa"  # "sdpa" (flash / memory-efficient kernels) or "eager" (s x s scores)
     gpus: int = 1  # data-parallel processes; the bill is per GPU
     strategy: str = "ddp"  # how the training state is spread over them: STRATEGIES
+    loss_chunk: int | None = None  # train.loss_chunk: logits exist for this many positions at a time
 
     def __post_init__(self) -> None:
         self.optim = OPTIM_ALIASES.get(self.optim, self.optim)
@@ -346,7 +348,9 @@ def estimate_memory(spec: ModelSpec, setup: Setup) -> Bill:
 
     # Logits: the loss upcasts to fp32; at the start of backward the saved log-softmax, its incoming gradient
     # and its outgoing gradient (all b·s·V fp32) are alive together.
-    logits_unit = tokens * spec.vocab_size * 4
+    # train.loss_chunk (train/loss.py): only one chunk's logits exist at a time, forward or (recomputed) backward.
+    logit_rows = min(tokens, setup.loss_chunk) if setup.loss_chunk else tokens
+    logits_unit = logit_rows * spec.vocab_size * 4
     logits = 3 * logits_unit
     head = spec.head
     head_grad = head.numel * grad_elem if (full and head is not None) else 0

@@ -214,7 +214,7 @@ def setup_from_run(cfg: Any, device: str | None = None) -> tuple[Any, Setup]:
     fields: dict[str, Any] = {
         "batch_size": cfg.train.batch_size, "seq_len": cfg.data.max_length, "grad_accum": cfg.train.grad_accum,
         "gradient_checkpointing": cfg.train.gradient_checkpointing, "precision": precision,
-        "optim": cfg.train.optim, "device": device,
+        "optim": cfg.train.optim, "device": device, "loss_chunk": cfg.train.loss_chunk,
     }
     name = method.name
     if name not in METHODS:

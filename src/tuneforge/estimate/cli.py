@@ -36,6 +36,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default bf16 (fp32 with --device cpu)")
     p.add_argument("--optim", choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"])
     p.add_argument("--galore-rank", type=int, help="GaLore projection rank (default 128)")
+    p.add_argument("--loss-chunk", type=int, help="chunked cross-entropy: positions per chunk (train.loss_chunk)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="cuda bills the CUDA context (default cuda)")
     p.add_argument("--gpus", type=int, help="data-parallel GPUs: the bill is per GPU (default 1)")
     p.add_argument("--strategy", choices=["ddp", "fsdp", "zero1", "zero2", "zero3"],
@@ -74,7 +75,7 @@ def _settings(args) -> tuple[object, dict, dict]:
     flags = {"method": args.method, "r": args.r, "batch_size": args.batch_size, "seq_len": args.seq_len,
              "grad_accum": args.grad_accum, "gradient_checkpointing": args.grad_checkpointing,
              "precision": args.precision, "optim": args.optim, "galore_rank": args.galore_rank,
-             "device": args.device}
+             "device": args.device, "loss_chunk": args.loss_chunk}
     flags.update(gpus=args.gpus, strategy=args.strategy)
     if args.target_modules:
         names = [n.strip() for n in args.target_modules.split(",") if n.strip()]
@@ -105,7 +106,7 @@ def run_estimate(args) -> int:
     source, values, extras = _settings(args)
     if args.margin < 0 or args.margin >= 1:
         raise UserError(f"--margin {args.margin}: expected a fraction in [0, 1)")
-    for key in ("r", "batch_size", "seq_len", "grad_accum", "target_batch"):
+    for key in ("r", "batch_size", "seq_len", "grad_accum", "target_batch", "loss_chunk"):
         value = values.get(key) if key != "target_batch" else args.target_batch
         if value is not None and value <= 0:
             raise UserError(f"--{key.replace('_', '-')} must be positive (got {value})")
