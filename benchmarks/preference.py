@@ -96,6 +96,10 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="the quickstart's small variant (a smoke run)")
     parser.add_argument("--dpo-steps", type=int, default=120)
     parser.add_argument("--grpo-steps", type=int, default=60)
+    parser.add_argument("--dpo-lr", type=float, default=5e-4)
+    parser.add_argument("--grpo-lr", type=float, default=5e-4)
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    parser.add_argument("--tag", default="", help="suffix of the dpo/grpo run names and results file")
     args = parser.parse_args()
 
     from tuneforge.data.readers import read_records
@@ -114,49 +118,51 @@ def main() -> None:
     result["before"] = {"preference": accuracy(str(merged), heldout_pairs), "exact": exact(str(merged), heldout)}
 
     dpo = {
-        "run_name": "dpo", "output_dir": str(out / "dpo"), "seed": 42, "stage": "dpo",
+        "run_name": "dpo" + args.tag, "output_dir": str(out / ("dpo" + args.tag)), "seed": 42, "stage": "dpo",
         "model": {"name_or_path": str(merged), "chat_template": "auto"},
         "method": LORA,
         "data": {"train": [str(out / "data" / "dpo_train.jsonl")], "max_length": 256},
-        "train": {"max_steps": args.dpo_steps, "batch_size": 8, "lr": 5e-4, "warmup_steps": 5,
+        "train": {"max_steps": args.dpo_steps, "batch_size": 8, "lr": args.dpo_lr, "warmup_steps": 5,
                   "scheduler": "cosine", "logging_steps": 5, "report_to": ["none"]},
-        "preference": {"loss": "sigmoid", "beta": 0.1},
+        "preference": {"loss": "sigmoid", "beta": args.beta},
     }
-    logs, seconds = run_stage(out, "dpo", dpo)
+    dpo_dir = out / ("dpo" + args.tag)
+    logs, seconds = run_stage(out, dpo_dir.name, dpo)
     result["dpo"] = {
-        "steps": args.dpo_steps, "seconds": seconds,
+        "steps": args.dpo_steps, "lr": args.dpo_lr, "beta": args.beta, "seconds": seconds,
         "train_rewards_accuracies_first_last": [logs[0].get("rewards/accuracies"), logs[-1].get("rewards/accuracies")],
         "train_margin_first_last": [logs[0].get("rewards/margins"), logs[-1].get("rewards/margins")],
-        "after": {"preference": accuracy(str(out / "dpo"), heldout_pairs),
-                  "implicit_reward": accuracy(str(out / "dpo"), heldout_pairs, reference=True),
-                  "exact": exact(str(out / "dpo"), heldout)},
+        "after": {"preference": accuracy(str(dpo_dir), heldout_pairs),
+                  "implicit_reward": accuracy(str(dpo_dir), heldout_pairs, reference=True),
+                  "exact": exact(str(dpo_dir), heldout)},
     }
 
     prompts = [{"prompt": it["messages"][0]["content"], "answer": it["label"]} for it in train_items]
     write_jsonl(out / "data" / "grpo_prompts.jsonl", prompts)
     grpo = {
-        "run_name": "grpo", "output_dir": str(out / "grpo"), "seed": 42, "stage": "grpo",
+        "run_name": "grpo" + args.tag, "output_dir": str(out / ("grpo" + args.tag)), "seed": 42, "stage": "grpo",
         "model": {"name_or_path": str(merged), "chat_template": "auto"},
         "method": LORA,
         "data": {"train": [str(out / "data" / "grpo_prompts.jsonl")], "max_length": 256},
-        "train": {"max_steps": args.grpo_steps, "batch_size": 16, "lr": 5e-4, "scheduler": "constant",
+        "train": {"max_steps": args.grpo_steps, "batch_size": 16, "lr": args.grpo_lr, "scheduler": "constant",
                   "logging_steps": 1, "report_to": ["none"]},
         "grpo": {"rewards": [{"type": "exact", "field": "answer"}], "group_size": 8, "max_new_tokens": 4,
                  "temperature": 1.0, "beta": 0.0},
     }
-    logs, seconds = run_stage(out, "grpo", grpo)
+    grpo_dir = out / ("grpo" + args.tag)
+    logs, seconds = run_stage(out, grpo_dir.name, grpo)
     rewards = [x["reward"] for x in logs if "reward" in x]
     tenth = max(1, len(rewards) // 10)
     result["grpo"] = {
-        "steps": args.grpo_steps, "seconds": seconds,
+        "steps": args.grpo_steps, "lr": args.grpo_lr, "seconds": seconds,
         "mean_reward_per_step": [round(r, 3) for r in rewards],
         "mean_reward_first_tenth": round(sum(rewards[:tenth]) / tenth, 3),
         "mean_reward_last_tenth": round(sum(rewards[-tenth:]) / tenth, 3),
-        "after_exact": exact(str(out / "grpo"), heldout),
+        "after_exact": exact(str(grpo_dir), heldout),
     }
     majority = max(sum(1 for it in heldout if it["label"] == label) for label in {it["label"] for it in heldout})
     result["majority_class_exact"] = round(100 * majority / len(heldout), 2)
-    (out / "preference_results.json").write_text(json.dumps(result, indent=2))
+    (out / f"preference_results{args.tag}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 
