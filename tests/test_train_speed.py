@@ -173,14 +173,22 @@ def chunk_calls(monkeypatch) -> list:
 
 
 def test_run_with_loss_chunk_logs_the_same_losses(tmp_path, chat_data, chunk_calls):
-    plain = _train(_raw(tmp_path / "plain", chat_data))
+    def with_eval(raw: dict) -> dict:
+        raw["data"]["eval_split"] = 0.2
+        raw["train"]["eval_steps"] = 2
+        return raw
+
+    plain = _train(with_eval(_raw(tmp_path / "plain", chat_data)))
     assert chunk_calls == []
-    chunked = _train(_raw(tmp_path / "chunked", chat_data, loss_chunk=16))
+    chunked = _train(with_eval(_raw(tmp_path / "chunked", chat_data, loss_chunk=16)))
     assert chunk_calls and set(chunk_calls) == {16}
     a, b = _losses(plain.run_dir), _losses(chunked.run_dir)
     assert len(a) == len(b) == 4
     # The same steps on the same weights: only float summation order differs, over 4 optimizer steps.
     assert b == pytest.approx(a, rel=1e-4)
+    # Evaluation goes through the chunked loss too (no logits needed for eval_loss).
+    assert plain.summary["eval_loss"] is not None
+    assert chunked.summary["eval_loss"] == pytest.approx(plain.summary["eval_loss"], rel=1e-4)
     assert (chunked.final_dir / "adapter_model.safetensors").is_file()
 
 
