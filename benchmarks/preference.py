@@ -75,9 +75,17 @@ def accuracy(model_path: str, records: list[dict], reference: bool = False) -> d
 
 
 def exact(model_path: str, items: list[dict]) -> float:
-    from tuneforge.train.quickstart import score_classification
+    """Greedy held-out exact match (%), answers compared case- and whitespace-insensitively."""
+    from tuneforge.models.generation import GenerationSettings, generate
+    from tuneforge.models.reference import load_for_inference
 
-    return round(100 * score_classification(model_path, items)["exact"], 2)
+    loaded = load_for_inference(model_path, device="cpu")
+    prompts = [item["messages"][:-1] for item in items]
+    answers = generate(loaded.model, loaded.tokenizer, loaded.template, prompts, GenerationSettings(max_new_tokens=4),
+                       batch_size=16)
+    gold = [item["messages"][-1]["content"] for item in items]
+    return round(100 * sum(a.strip().lower() == g.strip().lower() for a, g in zip(answers, gold, strict=True))
+                 / len(items), 2)
 
 
 def run_stage(out: Path, name: str, raw: dict) -> tuple[list[dict], float]:
