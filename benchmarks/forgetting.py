@@ -15,7 +15,7 @@ Arms: ``none``; ``mix`` (``data.mix``: 5% of samples from the pretraining text, 
 (Fisher from the pretraining text); ``l2sp``; ``kd`` (KL to the start model on the pretraining text). The
 mitigations only see the pretraining text, never the held-out general text.
 
-Usage: ``.venv/bin/python benchmarks/forgetting.py [--out runs/bench-forgetting] [--sft-steps 100]
+Usage: ``.venv/bin/python benchmarks/forgetting.py [--out runs/bench-forgetting] [--sft-steps 150]
 [--arms none,mix,mix=0.01,ewc,l2sp,kd] [--json-out FILE]``; prints a table and one JSON object.
 """
 
@@ -58,7 +58,7 @@ def score_task(model: str, test: list[dict]) -> dict:
     return {"exact": row["exact"], "ppl": row["ppl"]}
 
 
-def pretrain_config(out: Path, steps: int, hidden: int = 128, layers: int = 4) -> dict:
+def pretrain_config(out: Path, steps: int, hidden: int = 256, layers: int = 4) -> dict:
     return {
         "run_name": "forgetting-pretrain", "output_dir": str(out / "pretrain"), "seed": 42, "stage": "pt",
         "model": {"from_config": {"architecture": "llama", "hidden_size": hidden, "num_layers": layers, "num_heads": 4,
@@ -116,11 +116,11 @@ def sft_config(out: Path, arm: str, steps: int, pretrain: Path, overrides: dict)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench-forgetting")
-    parser.add_argument("--pretrain-steps", type=int, default=200)
-    parser.add_argument("--sft-steps", type=int, default=100)
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--sft-steps", type=int, default=150)
     parser.add_argument("--arms", default="none,mix,mix=0.01,ewc,l2sp,kd", help="arms, each NAME or NAME=STRENGTH (mix weight, "
                                                                    "ewc/l2sp lambda, kd alpha); 'none' first")
-    parser.add_argument("--hidden", type=int, default=128, help="base model width")
+    parser.add_argument("--hidden", type=int, default=256, help="base model width")
     parser.add_argument("--layers", type=int, default=4, help="base model depth")
     parser.add_argument("--reuse-base", action="store_true", help="keep an existing <out>/pretrain run")
     parser.add_argument("--json-out", default=None)
