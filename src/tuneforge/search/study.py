@@ -104,6 +104,9 @@ def prepare(options: SearchOptions) -> Search:
     if base.data.eval is None and base.data.eval_split is None:
         raise UserError(f"{options.config}: a search scores every trial on held-out data, and this config has none; "
                         "set data.eval (a file) or data.eval_split (e.g. 0.1) — never the training data")
+    # Trials start from the resolved config (every section and default written out): a space key such as
+    # method.r then lands in a complete method section even when the file leaves the method to its default.
+    base_raw = base.model_dump(mode="json")
     space = load_space(options.space, base_raw)
     if not space.sampled:
         raise UserError(f"{options.space}: nothing to search (only ties); add a choice, uniform, log_uniform or int")
@@ -321,7 +324,10 @@ def make_sampler(search: Search, created: bool):
         return optuna.samplers.GridSampler(search.space.grid(), seed=search.base.seed)
     if search.options.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    # Optuna's TPE samples its first 10 trials at random; with a budget of a dozen trials that would leave it
+    # almost nothing to model, so small budgets start modelling after a third of their trials (at least 3).
+    startup = 10 if search.trials is None else max(3, min(10, search.trials // 3))
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=startup)
 
 
 def make_pruner(search: Search):
