@@ -1,8 +1,41 @@
-"""The quickstart end to end, in its small variant (the full one is the README's main command)."""
+"""The quickstart: its built-in task (fast, no model) and the pipeline end to end in its small variant (the full one
+is the README's main command)."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+
+
+def _answer(record: dict) -> str:
+    return record["messages"][-1]["content"]
+
+
+def _user(record: dict) -> str:
+    return record["messages"][0]["content"]
+
+
+def test_module_task_is_balanced_deterministic_and_keeps_heldout_objects_unseen():
+    from tuneforge.data import builtin
+
+    task = builtin.module_task(heldout_per_module=20, eval_per_module=5, train_per_module=150, seed=0)
+    again = builtin.module_task(heldout_per_module=20, eval_per_module=5, train_per_module=150, seed=0)
+    assert (task.train, task.eval, task.test, task.pretrain_docstrings) == (
+        again.train, again.eval, again.test, again.pretrain_docstrings)
+    # Balanced held-out set: the majority class is exactly one module in eight.
+    assert Counter(_answer(r) for r in task.test) == dict.fromkeys(builtin.MODULES, 20)
+    assert {_answer(r) for r in task.train} == set(builtin.MODULES)
+    assert max(Counter(_answer(r) for r in task.train).values()) <= 150
+    # A held-out object (named in its question) is never trained on, in SFT or in pretraining.
+    def names(records):
+        return {_user(r).rsplit(" defines ", 1)[1] for r in records}
+
+    heldout = names(task.test)
+    assert len(heldout) == len(task.test)
+    assert not heldout & names(task.train) and not heldout & names(task.eval)
+    heldout_sentences = {_user(r).split("\n\n")[0] for r in task.test}
+    corpus = "\n".join(builtin.pretrain_documents(task))
+    assert not any(sentence in " ".join(corpus.split()) for sentence in heldout_sentences)
 
 
 def test_small_quickstart_runs_the_whole_pipeline(tmp_path, capsys):
@@ -12,11 +45,23 @@ def test_small_quickstart_runs_the_whole_pipeline(tmp_path, capsys):
     out = tmp_path / "qs"
     result = run_quickstart(out, pretrain_steps=20, sft_steps=20, small=True)
     saved = json.loads((out / "results.json").read_text())
-    assert saved["heldout_items"] == 150 and saved["base"]["tokens"] == saved["tuned"]["tokens"] > 150
+    heldout = [json.loads(line) for line in (out / "data" / "heldout.jsonl").read_text().splitlines()]
+    assert saved["heldout_items"] == len(heldout) == 160 and saved["majority_class_exact"] == 12.5
+    assert saved["base"]["tokens"] == saved["tuned"]["tokens"] > 160
+    assert len(saved["tuned"]["predictions"]) == 160 and saved["steps"] == {"pretrain": 20, "sft": 20}
     # Answer-only SFT must make the held-out answers far more likely than the pretrained base finds them.
     assert result["tuned"]["ppl"] < result["base"]["ppl"] / 2, result
     for stage in ("pretrain", "sft"):
         assert (out / stage / "final").is_dir() and (out / "configs" / f"{stage}.yaml").is_file()
-    assert "exact match" in capsys.readouterr().out
+        # saved where `tuneforge report` looks, by the evaluation code itself
+        assert json.loads((out / stage / "eval_results.json").read_text())[-1]["exact"] == saved[
+            "base" if stage == "pretrain" else "tuned"]["exact"]
+    printed = capsys.readouterr().out
+    assert "exact match" in printed and "majority-class baseline: 12.5%" in printed
+    # the samples table: expected answers beside base and tuned answers, and how many the tuned model got right
+    assert "base vs tuned answers" in printed and "expected" in printed
+    shown = result["tuned"]["predictions"][:8]
+    right = sum(p.strip() == _answer(r) for p, r in zip(shown, heldout[:8], strict=True))
+    assert f"tuned right on {right} of these 8" in printed
     assert main(["validate", str(out / "configs" / "pretrain.yaml"), str(out / "configs" / "sft.yaml")]) == 0
-    assert main(["generate", str(out / "sft"), "--prompt", "Is this a statement?", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", str(out / "sft"), "--prompt", "Which module defines Decimal?", "--max-new-tokens", "3"]) == 0

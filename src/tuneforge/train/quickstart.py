@@ -1,17 +1,20 @@
 """``tuneforge quickstart``: the whole pipeline, offline, in a few minutes on two CPU cores.
 
-1. Write the built-in data (stdlib documentation) and two run configs into ``<out>/``.
+1. Write the built-in data (Python's own documentation and docstrings) and two run configs into ``<out>/``.
 2. Pretrain a small Llama-style model from scratch (its tokenizer trained on the same text): stage ``pt``.
-3. LoRA-fine-tune it on a built-in instruction set with checkable answers: stage ``sft``, answer-only loss.
-4. Evaluate base vs tuned on held-out items: answer-only perplexity and exact match; print the table.
+3. LoRA-fine-tune it to answer "which standard-library module defines X?": stage ``sft``, answer-only loss.
+4. Evaluate base vs tuned on held-out objects with ``tuneforge eval``'s code (exact match, answer perplexity),
+   print the scores, the majority-class baseline and base vs tuned sample answers.
 
-The runs are ordinary run directories: ``tuneforge generate <out>/sft --prompt ...`` works on the result.
+The runs are ordinary run directories: ``tuneforge generate <out>/sft --prompt ...`` works on the result, and
+``tuneforge report <out>/sft`` shows the evaluation saved there.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -19,8 +22,13 @@ import yaml
 from tuneforge.data import builtin
 from tuneforge.utils import atomic_write_json, atomic_write_text
 
-HELDOUT = 150
-EVAL = 60
+HELDOUT_PER_MODULE = 20  # 8 modules → 160 held-out items, majority class 12.5%
+EVAL_PER_MODULE = 5
+TRAIN_PER_MODULE = 150
+PRETRAIN_STEPS = 300
+SFT_STEPS = 150
+SAMPLES_SHOWN = 8
+METRICS = ("exact", "ppl")
 
 
 def quickstart_configs(out: Path, pretrain_steps: int, sft_steps: int, small: bool) -> tuple[dict, dict]:
@@ -52,11 +60,13 @@ def quickstart_configs(out: Path, pretrain_steps: int, sft_steps: int, small: bo
         "seed": 42,
         "stage": "sft",
         "model": {"name_or_path": str(out / "pretrain" / "final"), "chat_template": "auto"},
-        # all-linear plus the output layer: at this size the frozen (tied) output layer is the bottleneck — LoRA
-        # without it could not even memorise one batch (loss stalls at 0.8; with it 0.004, 60 steps).
+        # All linear layers, the output layer and the input embeddings. Measured on this task (8 modules, 150
+        # steps, same base): without the embeddings the adapter learns little more than the label prior (held-out
+        # exact 8.8%, majority 12.5%) — the cue words' embeddings must move; with them 73%. The output layer is
+        # untied from the embeddings, so the adapter merges.
         "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0,
                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                                      "lm_head"]},
+                                      "lm_head", "embed_tokens"]},
         "data": {"train": [str(data / "sft_train.jsonl")], "eval": str(data / "sft_eval.jsonl"),
                  "max_length": 256, "packing": True},
         "train": {"max_steps": sft_steps, "batch_size": 8, "lr": 2.0e-3, "warmup_steps": 5,
@@ -69,25 +79,29 @@ def quickstart_configs(out: Path, pretrain_steps: int, sft_steps: int, small: bo
 def write_data(out: Path) -> list[dict]:
     """Write the built-in corpora; return the held-out test items."""
     data = out / "data"
-    docs = builtin.pretrain_documents()
+    task = builtin.module_task(HELDOUT_PER_MODULE, EVAL_PER_MODULE, TRAIN_PER_MODULE, seed=0)
+    docs = builtin.pretrain_documents(task)
     atomic_write_text(data / "pretrain.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs))
-    train, evaluation, test = builtin.split_items(builtin.classification_items(seed=0), HELDOUT, EVAL)
-    for name, items in (("sft_train", train), ("sft_eval", evaluation), ("heldout", test)):
+    for name, items in (("sft_train", task.train), ("sft_eval", task.eval), ("heldout", task.test)):
         lines = "".join(json.dumps({"messages": i["messages"]}, ensure_ascii=False) + "\n" for i in items)
         atomic_write_text(data / f"{name}.jsonl", lines)
-    return test
+    return task.test
 
 
 def run_quickstart(out: str | Path = "runs/quickstart", pretrain_steps: int | None = None,
                    sft_steps: int | None = None, small: bool = False) -> dict:
-    """Run the whole offline demo; return ``{"base": scores, "tuned": scores, ...}`` (also saved as results.json)."""
+    """Run the whole offline demo; return ``{"base": scores, "tuned": scores, ...}`` (also saved as results.json).
+
+    Scores are ``tuneforge eval`` rows (``exact`` in percent, ``ppl``, ``tokens``, ``predictions``);
+    ``majority_class_exact`` is the percentage of held-out items whose answer is the most frequent one.
+    """
     from tuneforge.config import validate_config
     from tuneforge.train.run import run_training
 
     out = Path(out)
     started = time.time()
-    pretrain_steps = pretrain_steps or (40 if small else 360)
-    sft_steps = sft_steps or (30 if small else 200)
+    pretrain_steps = pretrain_steps or (40 if small else PRETRAIN_STEPS)
+    sft_steps = sft_steps or (30 if small else SFT_STEPS)
     test = write_data(out)
     raw_pt, raw_sft = quickstart_configs(out, pretrain_steps, sft_steps, small)
     for name, raw in (("pretrain", raw_pt), ("sft", raw_sft)):
@@ -95,59 +109,82 @@ def run_quickstart(out: str | Path = "runs/quickstart", pretrain_steps: int | No
 
     _stage("1/3 pretraining a small Llama-style model on the Python documentation (stage pt, full)")
     run_training(validate_config(raw_pt, "quickstart pretrain"), overwrite=True)
-    _stage("2/3 LoRA fine-tuning on the built-in instruction set (stage sft, answer-only loss)")
+    _stage("2/3 LoRA fine-tuning: which standard-library module defines this? (stage sft, answer-only loss)")
     run_training(validate_config(raw_sft, "quickstart sft"), overwrite=True)
-    _stage(f"3/3 evaluating base vs tuned on {len(test)} held-out items")
-    base = score_classification(str(out / "pretrain"), test)
-    tuned = score_classification(str(out / "sft"), test)
-    majority = max(sum(1 for t in test if t["messages"][-1]["content"] == label) for label in builtin.LABELS)
+    _stage(f"3/3 evaluating base vs tuned on {len(test)} held-out objects (tuneforge eval: exact, ppl)")
+    base, tuned = evaluate_runs([out / "pretrain", out / "sft"], out / "data" / "heldout.jsonl", test)
+    gold = [item["messages"][-1]["content"] for item in test]
     result = {
         "base": base,
         "tuned": tuned,
-        "majority_class_exact": majority / len(test),
+        "majority_class_exact": 100.0 * Counter(gold).most_common(1)[0][1] / len(gold),
         "heldout_items": len(test),
+        "steps": {"pretrain": pretrain_steps, "sft": sft_steps},
         "seconds": round(time.time() - started, 1),
     }
     atomic_write_json(out / "results.json", result)
-    _print_table(result, out)
+    _print_results(result, test, out)
     return result
 
 
-def score_classification(model_path: str, items: list[dict]) -> dict:
-    """Exact match of greedy answers and answer-only perplexity on ``items``."""
-    from tuneforge.evaluate.perplexity import perplexity
-    from tuneforge.models.generation import GenerationSettings, generate
-    from tuneforge.models.reference import load_for_inference
+def evaluate_runs(runs: list[Path], data: Path, records: list[dict]) -> list[dict]:
+    """``tuneforge eval``'s rows for ``runs`` on ``records`` (greedy, predictions kept), saved in each run dir."""
+    from tuneforge.evaluate.runner import as_metrics, evaluate_model, save_to_run_dirs
+    from tuneforge.models.generation import GenerationSettings
 
-    loaded = load_for_inference(model_path, device="cpu")
-    prompts = [item["messages"][:-1] for item in items]
-    answers = []
-    for start in range(0, len(prompts), 16):
-        answers += generate(loaded.model, loaded.tokenizer, loaded.template, prompts[start : start + 16],
-                            GenerationSettings(max_new_tokens=4))
-    gold = [item["messages"][-1]["content"] for item in items]
-    exact = sum(a.strip().lower() == g for a, g in zip(answers, gold, strict=True)) / len(items)
-    ppl = perplexity(loaded.model, loaded.tokenizer, items, template=loaded.template)
-    return {"exact": exact, "ppl": ppl.ppl, "tokens": ppl.tokens, "examples": answers[:5]}
+    metrics = as_metrics(list(METRICS))
+    settings = GenerationSettings(max_new_tokens=4)  # every answer is one module name
+    rows = [evaluate_model(str(run), records, metrics, settings, device="cpu", keep_predictions=True)
+            for run in runs]
+    save_to_run_dirs(rows, str(data), metrics, settings)
+    return rows
 
 
 def _stage(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def _print_table(result: dict, out: Path) -> None:
+def _print_results(result: dict, test: list[dict], out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"quickstart: held-out items ({result['heldout_items']}), answer-only metrics")
+    console = Console()
+    table = Table(title=f"quickstart: {result['heldout_items']} held-out objects, answer-only metrics")
     for column in ("model", "exact match", "perplexity", "answer tokens"):
         table.add_column(column)
     for name in ("base", "tuned"):
         scores = result[name]
-        table.add_row(name, f"{scores['exact']:.1%}", f"{scores['ppl']:.2f}", str(scores["tokens"]))
-    console = Console()
+        table.add_row(name, f"{scores['exact']:.1f}%", f"{scores['ppl']:.2f}", f"{scores['tokens']:,}")
     console.print(table)
-    delta = result["tuned"]["exact"] - result["base"]["exact"]
-    console.print(f"majority-class baseline: {result['majority_class_exact']:.1%}; tuned − base: {delta:+.1%} "
-                  f"in {result['seconds']:.0f} s")
-    console.print(f"try: tuneforge generate {out / 'sft'} --prompt \"{builtin.QUESTION} The for statement is used to iterate.\"")
+    console.print(_samples_table(result, test))
+    majority = result["majority_class_exact"]
+    tuned = result["tuned"]["exact"]
+    console.print(f"majority-class baseline: {majority:.1f}%; tuned − majority: {tuned - majority:+.1f} points; "
+                  f"tuned − base: {tuned - result['base']['exact']:+.1f} points; "
+                  f"{result['steps']['pretrain']} + {result['steps']['sft']} steps in {result['seconds']:.0f} s")
+    example = builtin.QUESTION.format(name="Condition.notify_all")
+    console.print(f"try: tuneforge generate {out / 'sft'} --prompt \"Wake up all waiting threads.\\n\\n{example}\"")
+
+
+def _samples_table(result: dict, test: list[dict]):
+    """Base vs tuned answers on the first ``SAMPLES_SHOWN`` held-out items (shuffled, so a fair sample)."""
+    from rich.table import Table
+
+    rows = []
+    for index, item in enumerate(test[:SAMPLES_SHOWN]):
+        sentence = item["messages"][0]["content"].split("\n\n")[0]
+        base, tuned = (" ".join(result[name]["predictions"][index].split()) for name in ("base", "tuned"))
+        rows.append((f"{item['name']}: {sentence}", item["label"], base, tuned))
+    right = sum(tuned == expected for _, expected, _, tuned in rows)
+    table = Table(title="held-out samples: base vs tuned answers",
+                  caption=f"tuned right on {right} of these {len(rows)}")
+    for column in ("prompt (object: docstring sentence)", "expected", "base", "tuned"):
+        table.add_column(column, overflow="fold")
+    for prompt, expected, base, tuned in rows:
+        mark = "green" if tuned == expected else "red"
+        table.add_row(_clip(prompt, 72), expected, _clip(base, 12) or "(empty)", f"[{mark}]{tuned or '(empty)'}[/]")
+    return table
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
