@@ -10,7 +10,9 @@ from tuneforge.cli import main
 from tuneforge.config import apply_overrides, load_config, validate_config
 from tuneforge.errors import UserError
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+# Run configs; the search spaces (configs/search-*.yaml) are validated by tests/test_search_space.py.
+CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")
+                 if not p.name.startswith("search-"))
 
 BASE = {
     "model": {"from_config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4}},
