@@ -55,7 +55,9 @@ def build_training_state(job: dict) -> tuple[Any, Any]:
     dropout, targets, gc (bool), optim (adamw|adamw_8bit), device.
     """
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
+
+    from tuneforge.models.build import build_from_hf_config
 
     config = LlamaConfig(
         vocab_size=job["vocab"], hidden_size=job["hidden"], intermediate_size=job["intermediate"],
@@ -68,7 +70,7 @@ def build_training_state(job: dict) -> tuple[Any, Any]:
     if job["method"] == "qlora":
         model = _quantized_model(config, job, device)
     else:
-        model = AutoModelForCausalLM.from_config(config).to(device)
+        model = build_from_hf_config(config).to(device)
     if job["method"] in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
@@ -100,14 +102,16 @@ def _quantized_model(config, job: dict, device: str):
     import tempfile
 
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
+
+    from tuneforge.models.build import build_from_hf_config
+    from tuneforge.models.load import load_pretrained
 
     with tempfile.TemporaryDirectory() as tmp:
-        AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+        build_from_hf_config(config).save_pretrained(tmp)
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, device_map=device,
-                                                     dtype=torch.float32)
+        model = load_pretrained(tmp, quantization_config=quant, device_map=device, dtype=torch.float32)
     # Unquantized tensors loaded on CPU are zero-copy views of the memory-mapped safetensors file: the whole file
     # would stay mapped (and its read pages resident) for as long as one of them lives. Copy them out so that RSS
     # holds what a GPU would: the quantized weights and the unquantized ones, nothing of the file.

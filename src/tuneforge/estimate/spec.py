@@ -172,7 +172,9 @@ def model_spec(source: Any, name: str | None = None) -> ModelSpec:
 
 def _meta_model(config_dict: dict, name: str):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from tuneforge.models.build import build_from_hf_config
 
     data = {k: v for k, v in config_dict.items() if k not in ("architectures", "auto_map", "quantization_config")}
     model_type = data.pop("model_type", None)
@@ -182,7 +184,7 @@ def _meta_model(config_dict: dict, name: str):
         raise UserError(f"{name}: model_type {model_type!r} is not known to transformers ({exc})") from None
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = build_from_hf_config(config)
     except ValueError as exc:
         raise UserError(f"{name}: model_type {model_type!r} has no causal-LM class to train ({exc})") from None
     # Meta-device builds may leave the output embedding a separate matrix until tied (then counts double).

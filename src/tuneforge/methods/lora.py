@@ -123,7 +123,7 @@ class LoraMethod(Method):
     def save_adapter(self, model: Any, out_dir: str | Path) -> None:
         """Save ``model``'s adapter for the original (unmodified) base model.
 
-        ``PeftModel.from_pretrained(original_base, out_dir)`` reproduces the trained model's logits; a PiSSA/OLoRA
+        Stock peft loading of ``out_dir`` onto the original base reproduces the trained model's logits; a PiSSA/OLoRA
         adapter is converted on the way (see the module docstring).
         """
         init_dir = getattr(model, INIT_ATTR, None)

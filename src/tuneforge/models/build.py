@@ -52,3 +52,11 @@ def build_model(fc: Any, tokenizer: Any, dtype: Any = None):
 def _llama_intermediate(hidden: int) -> int:
     """Llama's SwiGLU width: 8/3 of hidden, rounded up to a multiple of 32."""
     return ((int(hidden * 8 / 3) + 31) // 32) * 32
+
+
+def build_from_hf_config(config: Any, **kwargs):
+    """A fresh, randomly initialised causal LM from a ``transformers`` config object (e.g. ``LlamaConfig``); inside
+    ``torch.device("meta")`` it holds shapes only (estimate, inspect)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config, **kwargs)

@@ -166,7 +166,7 @@ def load_model(model_cfg: Any, *, texts: Iterable[str] | None = None, extra_kwar
         tokenizer = load_tokenizer(model_cfg.tokenizer or name, revision=model_cfg.revision,
                                    trust_remote_code=model_cfg.trust_remote_code,
                                    what="model.tokenizer" if model_cfg.tokenizer else "model.name_or_path")
-        model = _from_pretrained(name, dtype=dtype, revision=model_cfg.revision,
+        model = load_pretrained(name, dtype=dtype, revision=model_cfg.revision,
                                  trust_remote_code=model_cfg.trust_remote_code,
                                  attn_implementation=model_cfg.attn_implementation, **extra)
 
@@ -185,8 +185,9 @@ def load_model(model_cfg: Any, *, texts: Iterable[str] | None = None, extra_kwar
     return model, tokenizer
 
 
-def _from_pretrained(name: str, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` with hub failures turned into a :class:`UserError`."""
+def load_pretrained(name: str, **kwargs):
+    """THE weights loader: ``AutoModelForCausalLM.from_pretrained(name, **kwargs)`` (``None`` values dropped; the
+    local cache only when the hub is unreachable), with failures turned into a :class:`UserError`."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -226,4 +227,4 @@ def _build_from_config(model_cfg: Any, tokenizer: Any, dtype: Any, extra: dict):
     with tempfile.TemporaryDirectory(prefix="tuneforge-build-") as tmp:
         model.save_pretrained(tmp)
         del model
-        return _from_pretrained(tmp, dtype=dtype, **extra)
+        return load_pretrained(tmp, dtype=dtype, **extra)

@@ -287,9 +287,9 @@ def load_base_model(ref: ModelRef, *, dtype: Any = None, **kwargs):
     """The base model of ``ref`` (no adapter), on the CPU, in ``dtype`` (default float32)."""
     import torch
 
-    from tuneforge.models.load import _from_pretrained, check_model_source
+    from tuneforge.models.load import check_model_source, load_pretrained
 
-    return _from_pretrained(check_model_source(ref.base, ref.given), dtype=dtype or torch.float32, **kwargs)
+    return load_pretrained(check_model_source(ref.base, ref.given), dtype=dtype or torch.float32, **kwargs)
 
 
 def load_for_inference(ref: ModelRef | str, device: str = "auto", dtype: Any = None) -> Loaded:
