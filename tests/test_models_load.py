@@ -339,11 +339,11 @@ def test_stream_equals_generate(llama_model, tiny_tokenizer):
 
 
 def test_cut_at_stop():
-    from tuneforge.models.generation import _held_back, cut_at_stop
+    from tuneforge.models.generation import cut_at_stop, held_back
 
     assert cut_at_stop("answer<|im_end|>junk", ["<|im_end|>", "</s>"]) == "answer"
     assert cut_at_stop("no stop", ["<|im_end|>"]) == "no stop"
-    assert _held_back("text <|im_", ["<|im_end|>"]) == 5
+    assert held_back("text <|im_", ["<|im_end|>"]) == 5
 
 
 # --------------------------------------------------------------------------- inspect CLI

@@ -31,6 +31,7 @@ from tuneforge.models.generation import (
     MIN_SAMPLING_TEMPERATURE,
     GenerationSettings,
     cut_at_stop,
+    held_back,
     stop_strings,
     stop_token_ids,
 )
@@ -207,7 +208,7 @@ class _RowState:
             self.text = decoded
             if len(self.ids) >= self.settings.max_new_tokens:
                 self.finish = "length"
-        end = len(self.text) if self.finish else len(self.text) - _held_back(self.text, self.stops)
+        end = len(self.text) if self.finish else len(self.text) - held_back(self.text, self.stops)
         self._emit(logprob, self.text[self.shown:max(end, self.shown)])
 
     def _emit(self, logprob: TokenLogprob | None, text: str) -> None:
@@ -282,15 +283,3 @@ def _sample(scores, settings: GenerationSettings, generator) -> int:
         scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Trailing characters of ``text`` not shown yet: the start of a possible stop string, or an incomplete
-    character (the replacement character a partial UTF-8 sequence decodes to)."""
-    longest = len(text) - len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:size]):
-                longest = max(longest, size)
-                break
-    return longest

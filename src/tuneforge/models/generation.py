@@ -345,7 +345,7 @@ def stream_generate(model: Any, tokenizer: Any, template: Any, prompt: Prompt,
                 if len(cut) > len(emitted):
                     yield cut[len(emitted):]
                 return
-            safe = len(text) - _held_back(text, stops)
+            safe = len(text) - held_back(text, stops)
             if safe > len(emitted):
                 yield text[len(emitted):safe]
                 emitted = text[:safe]
@@ -362,9 +362,10 @@ def stream_generate(model: Any, tokenizer: Any, template: Any, prompt: Prompt,
         raise failure[0]
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of ``text`` could be the start of a stop string."""
-    longest = 0
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """Trailing characters of ``text`` not to show yet: the start of a possible stop string, or an incomplete
+    character (the replacement character a partial UTF-8 sequence decodes to)."""
+    longest = len(text) - len(text.rstrip("\ufffd"))
     for stop in stops:
         for size in range(min(len(stop) - 1, len(text)), 0, -1):
             if text.endswith(stop[:size]):

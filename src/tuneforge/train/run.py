@@ -17,10 +17,9 @@ from typing import Any
 
 from tuneforge.config import RunConfig, dump_config
 from tuneforge.errors import UserError
+from tuneforge.models.reference import RUN_BASE  # a from-config base saved beside its adapter
 from tuneforge.train import checkpoints, distributed, rundir
 from tuneforge.utils import atomic_dir, atomic_write_json, atomic_write_text
-
-BASE_DIR = "base"  # a from-config base model saved beside its adapter, so the adapter can be loaded again
 
 
 class TrainingStopped(UserError):
@@ -138,7 +137,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
     # A random from-config base is saved before the method changes the model, beside the run dir until it commits.
     staged_base = None
     if cfg.model.from_config and method.is_adapter and not _saved_base(run_dir, resume):
-        staged_base = rundir.stage_dir(run_dir, BASE_DIR)
+        staged_base = rundir.stage_dir(run_dir, RUN_BASE)
     try:
         if staged_base is not None:
             _save_base(model, tokenizer, template, staged_base)
@@ -160,7 +159,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         template.save(run_dir)
         if staged_base is not None:
-            os.rename(staged_base, run_dir / BASE_DIR)
+            os.rename(staged_base, run_dir / RUN_BASE)
         resume_from = _resume_point(run_dir, resume, echo)
         if me.distributed:
             _hand_over(cfg, run_dir, bundle, packing, resume_from, tokenizer, echo, me)
@@ -227,7 +226,7 @@ def _hand_over(cfg, run_dir: Path, bundle, packing: bool, resume_from, tokenizer
         echo(f"distributed: DeepSpeed config written to {engine_file}")
     folder = distributed.start_cache(run_dir)
     tokenizer_dir = None
-    if cfg.model.from_config and not (run_dir / BASE_DIR / "config.json").is_file():
+    if cfg.model.from_config and not (run_dir / RUN_BASE / "config.json").is_file():
         tokenizer_dir = str(folder / "tokenizer")  # the tokenizer rank 0 trained, so every rank has the same ids
         tokenizer.save_pretrained(tokenizer_dir)
     handoff = distributed.Handoff(config=cfg.model_dump(mode="json", by_alias=True), bundle=bundle,
@@ -300,7 +299,7 @@ def _resolve_auto_method(cfg: RunConfig, echo) -> RunConfig:
 
 
 def _saved_base(run_dir: Path, resume: bool) -> bool:
-    return resume and (run_dir / BASE_DIR / "config.json").is_file()
+    return resume and (run_dir / RUN_BASE / "config.json").is_file()
 
 
 def _packing_works(model, check) -> bool:
@@ -320,7 +319,7 @@ def _load_model(cfg: RunConfig, method, texts, run_dir: Path, resume: bool, toke
     dtype = resolve_dtype(cfg.model.precision, device)
     model_cfg = cfg.model
     if _saved_base(run_dir, resume):  # the random base the adapter was trained on, not a new random one
-        model_cfg = cfg.model.model_copy(update={"from_config": None, "name_or_path": str(run_dir / BASE_DIR)})
+        model_cfg = cfg.model.model_copy(update={"from_config": None, "name_or_path": str(run_dir / RUN_BASE)})
     elif tokenizer_dir and cfg.model.from_config:  # ranks > 0: rank 0's trained tokenizer
         model_cfg = cfg.model.model_copy(
             update={"from_config": cfg.model.from_config.model_copy(update={"tokenizer": tokenizer_dir})})
@@ -563,7 +562,7 @@ def _save_final_of(trainer, tokenizer, template, final_dir: Path, run_dir: Path,
 
 def _point_adapter_at_base(model, run_dir: Path) -> None:
     """The adapter's ``base_model_name_or_path``: the saved random base, or the absolute local base directory."""
-    base = run_dir / BASE_DIR
+    base = run_dir / RUN_BASE
     for peft_cfg in getattr(model, "peft_config", {}).values():
         source = peft_cfg.base_model_name_or_path
         if base.is_dir():
