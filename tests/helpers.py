@@ -74,3 +74,31 @@ def make_run(run_dir: Path, base_dir: Path, *, method: str = "lora", seed: int =
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     get_template("chatml").save(run_dir)
     return run_dir
+
+
+def write_chat_items(folder: Path, count: int, seed: int, name: str = "train.jsonl") -> Path:
+    """``count`` records of the built-in classification set (chat form) written to ``folder/name``."""
+    import json
+
+    from tuneforge.data import builtin
+
+    with open(folder / name, "w") as handle:
+        for item in builtin.classification_items(seed=seed)[:count]:
+            handle.write(json.dumps({"messages": item["messages"]}) + "\n")
+    return folder
+
+
+def tiny_run_config(out: Path, train_file: Path, *, seed: int = 7, dropout: float = 0.1, max_length: int = 128,
+                    train: dict | None = None) -> dict:
+    """A raw run config: LoRA r=4 SFT of a 2-layer, hidden-64 from-config Llama on ``train_file``, TensorBoard
+    off; ``train`` keys are the run's whole ``train`` section."""
+    return {
+        "run_name": out.name,
+        "output_dir": str(out),
+        "seed": seed,
+        "stage": "sft",
+        "model": {"from_config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "vocab_size": 512}},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": dropout},
+        "data": {"train": [str(train_file)], "max_length": max_length},
+        "train": {"report_to": ["none"], **(train or {})},
+    }

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import stdlib_texts
+from tests.helpers import stdlib_texts, tiny_run_config
 from tuneforge.errors import UserError
 
 
@@ -28,14 +28,9 @@ def data(tmp_path_factory) -> Path:
 
 
 def _cfg(out: Path, data: Path, **train) -> dict:
-    return {
-        "run_name": out.name, "output_dir": str(out), "seed": 3, "stage": "sft",
-        "model": {"from_config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "vocab_size": 512}},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
-        "data": {"train": [str(data / "train.jsonl")], "max_length": 96},
-        "train": {"max_steps": 6, "batch_size": 4, "lr": 3e-3, "logging_steps": 2, "report_to": ["none"],
-                  "monitor": {"enabled": False}, **train},
-    }
+    return tiny_run_config(out, data / "train.jsonl", seed=3, max_length=96,
+                           train={"max_steps": 6, "batch_size": 4, "lr": 3e-3, "logging_steps": 2,
+                                  "monitor": {"enabled": False}, **train})
 
 
 def _train(raw: dict, **kwargs):

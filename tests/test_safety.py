@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import tiny_run_config, write_chat_items
 from tuneforge.cli import main
-from tuneforge.data import builtin
 from tuneforge.errors import UserError
 
 TUNEFORGE = str(Path(sys.executable).parent / "tuneforge")
@@ -28,26 +28,12 @@ TUNEFORGE = str(Path(sys.executable).parent / "tuneforge")
 
 @pytest.fixture(scope="module")
 def chat_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    items = builtin.classification_items(seed=1)
-    with open(folder / "train.jsonl", "w") as handle:
-        for item in items[:120]:
-            handle.write(json.dumps({"messages": item["messages"]}) + "\n")
-    return folder
+    return write_chat_items(tmp_path_factory.mktemp("data"), 120, seed=1)
 
 
 def _cfg(out: Path, data: Path, **train) -> dict:
-    return {
-        "run_name": out.name,
-        "output_dir": str(out),
-        "seed": 7,
-        "stage": "sft",
-        "model": {"from_config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "vocab_size": 512}},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
-        "data": {"train": [str(data / "train.jsonl")], "max_length": 128},
-        "train": {"max_steps": 4, "batch_size": 4, "lr": 3e-3, "logging_steps": 1, "save_steps": 2,
-                  "report_to": ["none"], **train},
-    }
+    return tiny_run_config(out, data / "train.jsonl", train={"max_steps": 4, "batch_size": 4, "lr": 3e-3,
+                                                             "logging_steps": 1, "save_steps": 2, **train})
 
 
 def _write_config(path: Path, raw: dict) -> Path:

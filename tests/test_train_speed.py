@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import tiny_run_config, write_chat_items
 from tuneforge.config import validate_config
-from tuneforge.data import builtin
 from tuneforge.errors import UserError
 
 
@@ -123,26 +123,13 @@ def test_models_that_rescale_logits_are_refused(tiny_llama):
 
 @pytest.fixture(scope="module")
 def chat_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    items = builtin.classification_items(seed=2)
-    with open(folder / "train.jsonl", "w") as handle:
-        for item in items[:48]:
-            handle.write(json.dumps({"messages": item["messages"]}) + "\n")
-    return folder
+    return write_chat_items(tmp_path_factory.mktemp("data"), 48, seed=2)
 
 
 def _raw(out: Path, data: Path, **train) -> dict:
-    return {
-        "run_name": out.name,
-        "output_dir": str(out),
-        "seed": 3,
-        "stage": "sft",
-        "model": {"from_config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "vocab_size": 512}},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": [str(data / "train.jsonl")], "max_length": 128},
-        "train": {"max_steps": 4, "batch_size": 4, "grad_accum": 2, "lr": 3e-3, "logging_steps": 1,
-                  "report_to": ["none"], "monitor": {"enabled": False}, **train},
-    }
+    return tiny_run_config(out, data / "train.jsonl", seed=3, dropout=0.0,
+                           train={"max_steps": 4, "batch_size": 4, "grad_accum": 2, "lr": 3e-3, "logging_steps": 1,
+                                  "monitor": {"enabled": False}, **train})
 
 
 def _losses(run_dir: Path) -> list[float]:
