@@ -115,20 +115,21 @@ class DPOStage(Stage):
             precompute_ref_log_probs=pref.precompute_ref,
             max_length=None,  # data/preference.py truncated the prompts; a completion is never cut
         )
-        with frozen_reference_adapters(model):
-            trainer = trainer_class(trainer_base())(
-                model=model,
-                ref_model=ref_model,
-                args=dpo_args,
-                data_collator=PairCollator(_pad_id(tokenizer)),
-                train_dataset=to_dataset(bundle.train),
-                eval_dataset=to_dataset(bundle.eval),
-                processing_class=tokenizer,
-                callbacks=callbacks,
-                optimizers=optimizers,
-            )
-        finish_peft_reference(trainer, disable_for_reference)
-        return trainer
+        return build_reference_trainer(trainer_class(trainer_base()), model, ref_model, dpo_args,
+                                       PairCollator(_pad_id(tokenizer)), bundle, tokenizer, callbacks, optimizers,
+                                       disable_for_reference)
+
+
+def build_reference_trainer(cls: Any, model: Any, ref_model: Any, args: Any, collator: Any, bundle: Any,
+                            tokenizer: Any, callbacks: list, optimizers: tuple, disable_for_reference: bool) -> Any:
+    """A TRL trainer with a reference model (DPO, KTO): built with the adapters frozen for TRL's reference copy,
+    then :func:`finish_peft_reference`."""
+    with frozen_reference_adapters(model):
+        trainer = cls(model=model, ref_model=ref_model, args=args, data_collator=collator,
+                      train_dataset=to_dataset(bundle.train), eval_dataset=to_dataset(bundle.eval),
+                      processing_class=tokenizer, callbacks=callbacks, optimizers=optimizers)
+    finish_peft_reference(trainer, disable_for_reference)
+    return trainer
 
 
 def finish_peft_reference(trainer: Any, disable_for_reference: bool) -> None:

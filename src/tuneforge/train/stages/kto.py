@@ -17,13 +17,8 @@ import random
 
 from tuneforge.errors import UserError
 from tuneforge.train.stages.base import Stage
-from tuneforge.train.stages.common import check_no_lm_head_adapter, to_dataset, trl_args
-from tuneforge.train.stages.dpo import (
-    adapter_is_identity,
-    finish_peft_reference,
-    frozen_copy,
-    frozen_reference_adapters,
-)
+from tuneforge.train.stages.common import check_no_lm_head_adapter, trl_args
+from tuneforge.train.stages.dpo import adapter_is_identity, build_reference_trainer, frozen_copy
 
 
 def trainer_base():
@@ -83,20 +78,9 @@ class KTOStage(Stage):
             max_length=None,
             train_sampling_strategy="sequential",
         )
-        with frozen_reference_adapters(model):
-            trainer = trainer_class(trainer_base())(
-                model=model,
-                ref_model=ref_model,
-                args=kto_args,
-                data_collator=UnpairedCollator(_pad_id(tokenizer)),
-                train_dataset=to_dataset(bundle.train),
-                eval_dataset=to_dataset(bundle.eval),
-                processing_class=tokenizer,
-                callbacks=callbacks,
-                optimizers=optimizers,
-            )
-        finish_peft_reference(trainer, disable_for_reference)
-        return trainer
+        return build_reference_trainer(trainer_class(trainer_base()), model, ref_model, kto_args,
+                                       UnpairedCollator(_pad_id(tokenizer)), bundle, tokenizer, callbacks, optimizers,
+                                       disable_for_reference)
 
 
 def stage(name: str) -> KTOStage:
