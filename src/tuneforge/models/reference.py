@@ -32,6 +32,8 @@ RUN_EVAL_RESULTS = "eval_results.json"
 RUN_REPORT = "report.html"
 RUN_TEMPLATE = "template.json"      # the chat template (name, jinja, stop strings)
 RUN_MANIFEST = "tuneforge_run.json"  # written first into every run directory: tuneforge made it (train/rundir.py)
+RUN_TASKS = "tasks"                 # per-task runs (method.per_task): tasks/<task>/ is each task's own run
+RUN_STACK = "stack"                 # progressive LoRA (method.continue_from): stack/NN/ earlier adapters, in order
 TEMPLATE_JINJA = "chat_template.jinja"
 TEMPLATE_FILES = (RUN_TEMPLATE, TEMPLATE_JINJA)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -49,6 +51,18 @@ def is_run_dir(path: str | Path) -> bool:
     ``summary.json``; runs made before the manifest existed have the others)."""
     path = Path(path)
     return (path / RUN_CONFIG).is_file() and any((path / name).exists() for name in _RUN_EVIDENCE)
+
+
+def per_task_runs(path: str | Path) -> dict[str, Path]:
+    """The task runs of a per-task run (``method.per_task: true``): ``{task: runs/<name>/tasks/<task>}``.
+
+    Only task runs that are run directories are listed, sorted by task name; ``{}`` when ``path`` is not a
+    per-task run.
+    """
+    tasks = Path(path) / RUN_TASKS
+    if not tasks.is_dir():
+        return {}
+    return {d.name: d for d in sorted(tasks.iterdir()) if d.is_dir() and is_run_dir(d)}
 
 
 def is_adapter_dir(path: str | Path) -> bool:
