@@ -127,3 +127,53 @@ def test_generated_logprobs_match_scoring_the_whole_sequence(lm):
         assert len(generated.top) == 3 and generated.top[0][1] >= generated.top[1][1] >= generated.top[2][1]
     total = sum(math.exp(lp) for _, lp in scored[0][1].top)
     assert 0 < total <= 1.0 + 1e-5
+
+
+def test_complete_and_stream_are_a_row_of_a_batched_decode_including_stop_strings(lm):
+    """complete/stream_generate run decode_rows: one prompt gives exactly the row a mixed batch gives it."""
+    from tuneforge.models.decoding import DecodeRow, decode_rows
+    from tuneforge.models.generation import complete, stream_generate
+
+    model, tok = lm
+    free = complete(model, tok, None, [PROMPTS[3]], GenerationSettings(max_new_tokens=14, repetition_penalty=1.3))[0]
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 2]
+    assert stop.strip()
+    for settings in (GenerationSettings(max_new_tokens=14, repetition_penalty=1.3),
+                     GenerationSettings(max_new_tokens=14, repetition_penalty=1.3, stop=(stop,))):
+        rows = [DecodeRow(ids_of(tok, PROMPTS[0]), GenerationSettings(max_new_tokens=3)),
+                DecodeRow(ids_of(tok, PROMPTS[3]), settings),
+                DecodeRow(ids_of(tok, PROMPTS[1]), GenerationSettings(max_new_tokens=20))]
+        batched = decode_rows(model, tok, None, rows)[1]
+        alone = complete(model, tok, None, [PROMPTS[3]], settings)[0]
+        assert (alone.text, alone.token_ids, alone.finish_reason) == (batched.text, batched.token_ids,
+                                                                       batched.finish_reason)
+        assert "".join(stream_generate(model, tok, None, PROMPTS[3], settings)) == alone.text
+    assert alone.text == free.text[:free.text.index(stop)] and alone.finish_reason == "stop"
+    assert len(alone.token_ids) < len(free.token_ids)  # decoding ended at the stop string
+
+
+def test_sampled_complete_is_seeded_per_prompt_and_ignores_batch_size(lm):
+    from tuneforge.models.decoding import DecodeRow, decode_rows
+    from tuneforge.models.generation import complete, stream_generate
+
+    model, tok = lm
+    sampled = GenerationSettings(max_new_tokens=8, temperature=1.5, seed=3)
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[2]]
+    by_one = complete(model, tok, None, prompts, sampled, batch_size=1)
+    together = complete(model, tok, None, prompts, sampled, batch_size=8)
+    assert [c.token_ids for c in by_one] == [c.token_ids for c in together]
+    assert by_one[0].token_ids != by_one[1].token_ids  # a repeated prompt draws with seed + its index
+    row = decode_rows(model, tok, None, [DecodeRow(ids_of(tok, PROMPTS[0]), sampled)])[0]
+    assert by_one[0].token_ids == row.token_ids
+    assert "".join(stream_generate(model, tok, None, PROMPTS[0], sampled)) == by_one[0].text
+
+
+def test_stream_generate_closed_early_cancels_its_decoding_thread(lm):
+    from tuneforge.models.generation import stream_generate
+
+    model, tok = lm
+    before = threading.active_count()
+    stream = stream_generate(model, tok, None, PROMPTS[0], GenerationSettings(max_new_tokens=500))
+    first = next(stream)
+    stream.close()  # joins the thread, which the cancelled row lets end at its next token
+    assert first and threading.active_count() == before

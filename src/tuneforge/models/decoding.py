@@ -1,12 +1,14 @@
-"""Batched generation where every row has its own settings, stops, seed, log-probs and cancellation.
+"""The one decoding loop: batched generation where every row has its own settings, stops, seed, log-probs and
+cancellation. ``models.generation.complete`` / ``generate`` / ``stream_generate`` run it over their prompts; serve
+runs it over its dynamic batches.
 
-:func:`decode_rows` runs one ``model.generate`` over left-padded prompt token ids (so the KV cache, position ids and
-peft adapters behave exactly as in :func:`tuneforge.models.generation.complete`) and does the per-row work itself:
+:func:`decode_rows` runs one ``model.generate`` over left-padded prompt token ids (the KV cache, position ids and
+peft adapters are transformers' own) and does the per-row work itself:
 
-- **token choice** per row (a logits processor): greedy rows take the arg-max of the raw logits, exactly as
-  ``complete`` does; sampling rows apply their own repetition penalty, temperature, top-k and top-p and draw from
-  their own ``torch.Generator`` (seeded from ``settings.seed``, or from the OS when it is ``None``), so a seeded row
-  gives the same tokens whatever else shares its batch;
+- **token choice** per row (a logits processor): greedy rows take the arg-max of the raw logits after the row's
+  repetition penalty (over its own prompt and generated ids: padding is never penalised); sampling rows also apply
+  their temperature, top-k and top-p and draw from their own ``torch.Generator`` (seeded from ``settings.seed``, or
+  from the OS when it is ``None``), so a seeded row gives the same tokens whatever else shares its batch;
 - **stopping** per row (a stopping criterion): a stop token (EOS, the template's end-of-turn), a stop string in the
   decoded text, the row's own ``max_new_tokens`` or its ``cancelled`` event end that row alone; the batch ends when
   every row has ended (a cancelled row therefore stops within one token);
@@ -15,8 +17,8 @@ peft adapters behave exactly as in :func:`tuneforge.models.generation.complete`)
 - **log-probs**: with ``top_logprobs`` set, the chosen token's log-probability under the model's distribution
   (before sampling settings are applied) and the ``top_logprobs`` most likely alternatives.
 
-The text of a finished row equals what ``complete`` returns for the same prompt and greedy settings; ``token_ids``
-are the tokens actually generated (without the stop token), never more than ``max_new_tokens``.
+A row's greedy text does not depend on what shares its batch; ``token_ids`` are the tokens actually generated
+(without the stop token; up to the token that completed a stop string), never more than ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuneforge.models.generation import (
-    MIN_SAMPLING_TEMPERATURE,
     GenerationSettings,
     cut_at_stop,
     held_back,
@@ -158,7 +159,7 @@ class _RowState:
 
         self.row, self.tokenizer, self.stops, self.stop_ids = row, tokenizer, stops, set(stop_ids)
         self.settings = row.settings
-        self.sampling = self.settings.temperature >= MIN_SAMPLING_TEMPERATURE
+        self.sampling = self.settings.sampling
         self.generator = None
         if self.sampling:
             seed = self.settings.seed if self.settings.seed is not None else secrets.randbits(63)

@@ -1,6 +1,8 @@
-"""Text generation with a chat template: batched (left-padded) and streaming.
+"""Text generation with a chat template: settings, prompt rendering, stop rules, and the calls every command uses.
 
-Generation stops at the tokenizer's EOS and at the template's stop tokens; the returned text is only the newly
+:func:`complete`, :func:`generate` and :func:`stream_generate` render and tokenise prompts, then run the one decoding
+loop, :func:`tuneforge.models.decoding.decode_rows` (which serve calls directly for its per-row batches). Generation
+stops at the tokenizer's EOS and at the template's stop tokens; the returned text is only the newly
 generated part, cut before the first stop string. ``template`` is a ``tuneforge.data.templates.ChatTemplate``
 (anything with ``render(messages, add_generation_prompt)``, ``stop`` and ``stop_token_ids(tokenizer)``), or
 ``None`` to use the tokenizer's own chat template for message lists.
@@ -8,14 +10,18 @@ generated part, cut before the first stop string. ``template`` is a ``tuneforge.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from tuneforge.errors import UserError
 
 Prompt = str | Sequence[dict]
+
+# Below this temperature, logits / T overflows float32 and sampling raises: such a request is greedy in effect.
+MIN_SAMPLING_TEMPERATURE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,8 @@ class GenerationSettings:
         top_p: nucleus sampling mass (1.0 = off).
         top_k: keep the k most likely tokens (0 = off).
         repetition_penalty: 1.0 = none.
-        seed: seeds torch's RNG before sampling (``None``: do not reseed). Irrelevant when greedy.
+        seed: seeds the sampler: a generator of its own per answer, so a seeded answer does not depend on what
+            shares its batch (``None``: a fresh random seed). Irrelevant when greedy.
         stop: extra stop strings (besides the template's end-of-turn and EOS).
     """
 
@@ -42,7 +49,8 @@ class GenerationSettings:
 
     @property
     def sampling(self) -> bool:
-        return self.temperature > 0
+        """Whether tokens are drawn (a temperature below ``MIN_SAMPLING_TEMPERATURE`` is greedy in effect)."""
+        return self.temperature >= MIN_SAMPLING_TEMPERATURE
 
     def to_dict(self) -> dict:
         return {**asdict(self), "stop": list(self.stop)}
@@ -148,32 +156,6 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-# Below this temperature, logits / T overflows float32 and sampling raises: such a request is greedy in effect.
-MIN_SAMPLING_TEMPERATURE = 1e-4
-
-
-def _generation_config(stop_ids, pad_id, settings: GenerationSettings):
-    from transformers import GenerationConfig
-
-    sampling = settings.temperature >= MIN_SAMPLING_TEMPERATURE
-    kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=sampling, eos_token_id=stop_ids or None,
-                  pad_token_id=pad_id, repetition_penalty=settings.repetition_penalty, use_cache=True)
-    if sampling:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or 0)
-    else:
-        # Explicit neutral values: the model's own generation_config may carry sampling defaults.
-        kwargs.update(temperature=1.0, top_p=1.0, top_k=None)
-    return GenerationConfig(**kwargs)
-
-
-def _setup(model, tokenizer, template, settings: GenerationSettings):
-    """Stop strings, stop ids, pad id and the generation config shared by :func:`generate` and streaming."""
-    stops = stop_strings(tokenizer, template, settings.stop)
-    stop_ids = stop_token_ids(tokenizer, template, model)
-    pad_id = _pad_id(tokenizer, stop_ids)
-    return stops, stop_ids, pad_id, _generation_config(stop_ids, pad_id, settings)
-
-
 def _encode(tokenizer, template, prompts: Sequence[Prompt]) -> list[list[int]]:
     encoded = []
     for prompt in prompts:
@@ -185,26 +167,12 @@ def _encode(tokenizer, template, prompts: Sequence[Prompt]) -> list[list[int]]:
     return encoded
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device):
-    import torch
-
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention[i, width - len(row):] = 1
-    return input_ids.to(device), attention.to(device)
-
-
-def _pad_id(tokenizer, stop_ids: list[int]) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return stop_ids[0] if stop_ids else 0
-
-
-def _device(model):
-    return next(model.parameters()).device
+def _row_settings(settings: GenerationSettings, index: int) -> GenerationSettings:
+    """Prompt ``index``'s settings: a seeded sampling call gives each prompt its own seed (``seed + index``), so
+    repeated prompts differ from each other yet every answer is reproducible (serve does the same for ``n``)."""
+    if index == 0 or settings.seed is None or not settings.sampling:
+        return settings
+    return replace(settings, seed=settings.seed + index)
 
 
 class _EvalMode:
@@ -228,8 +196,8 @@ class Completion:
 
     Attributes:
         text: the new text only, cut before the first stop string.
-        token_ids: the generated token ids up to (not including) the stop token; never more than
-            ``max_new_tokens``.
+        token_ids: the generated token ids up to (not including) the stop token, or up to the token that
+            completed a stop string; never more than ``max_new_tokens``.
         finish_reason: ``"stop"`` (a stop token or stop string ended it) or ``"length"`` (the budget ran out).
     """
 
@@ -246,6 +214,11 @@ def complete(model: Any, tokenizer: Any, template: Any, messages_or_prompts: Seq
              settings: GenerationSettings | None = None, *, batch_size: int = 8) -> list[Completion]:
     """Generate a :class:`Completion` for each prompt, ``batch_size`` prompts per left-padded batch.
 
+    The decoding itself is :func:`tuneforge.models.decoding.decode_rows` (the one decoding loop, also serve's):
+    greedy answers are the arg-max of the raw (repetition-penalised) logits and do not depend on ``batch_size``;
+    sampled answers draw from a generator per prompt seeded with ``settings.seed + index`` (OS entropy when
+    ``seed`` is ``None``), so the same call gives the same answers whatever ``batch_size`` is.
+
     Args:
         model: a causal LM (or peft model); its train/eval mode is restored afterwards.
         tokenizer: its tokenizer.
@@ -254,24 +227,18 @@ def complete(model: Any, tokenizer: Any, template: Any, messages_or_prompts: Seq
         settings: how to generate (default: greedy, 128 new tokens).
         batch_size: prompts per batch.
     """
-    import torch
+    from tuneforge.models.decoding import DecodeRow, decode_rows
 
     if isinstance(messages_or_prompts, str):
         raise TypeError("messages_or_prompts must be a list of prompts or of message lists, not one string")
     settings = settings or GenerationSettings()
-    stops, stop_ids, pad_id, config = _setup(model, tokenizer, template, settings)
-    if settings.seed is not None and settings.sampling:
-        torch.manual_seed(settings.seed)
-    encoded = _encode(tokenizer, template, list(messages_or_prompts))
-    device = _device(model)
+    rows = [DecodeRow(ids, _row_settings(settings, i))
+            for i, ids in enumerate(_encode(tokenizer, template, list(messages_or_prompts)))]
     results: list[Completion] = []
-    with _EvalMode(model), torch.no_grad():
-        for start in range(0, len(encoded), batch_size):
-            rows = encoded[start:start + batch_size]
-            input_ids, attention = _left_pad(rows, pad_id, device)
-            output = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
-            for row in output[:, input_ids.shape[1]:].tolist():
-                results.append(_completion(tokenizer, row, stop_ids, stops, settings.max_new_tokens))
+    with _EvalMode(model):
+        for start in range(0, len(rows), batch_size):
+            for row in decode_rows(model, tokenizer, template, rows[start:start + batch_size]):
+                results.append(Completion(row.text, row.token_ids, row.finish_reason))
     return results
 
 
@@ -283,19 +250,7 @@ def generate(model: Any, tokenizer: Any, template: Any, messages_or_prompts: Seq
                                      batch_size=batch_size)]
 
 
-def _completion(tokenizer, ids: list[int], stop_ids: list[int], stops: list[str], budget: int) -> Completion:
-    stopped = False
-    for index, token in enumerate(ids):
-        if token in stop_ids:
-            ids, stopped = ids[:index], True
-            break
-    else:
-        ids = ids[:budget]
-    decoded = tokenizer.decode(ids, skip_special_tokens=True)
-    text = cut_at_stop(decoded, stops)
-    # token_ids stay the tokens actually generated (a stop string's own tokens included): usage counts them.
-    stopped = stopped or len(text) < len(decoded)
-    return Completion(text, tuple(ids), "stop" if stopped or len(ids) < budget else "length")
+_END = object()  # the decoding thread's last queue item
 
 
 def stream_generate(model: Any, tokenizer: Any, template: Any, prompt: Prompt,
@@ -303,60 +258,35 @@ def stream_generate(model: Any, tokenizer: Any, template: Any, prompt: Prompt,
     """Yield the completion of one prompt piece by piece as it is generated (for serve and chat).
 
     Same arguments and stopping rules as :func:`generate`; the concatenated pieces equal what :func:`generate`
-    returns for the same prompt and settings. Text that might be the start of a stop string is held back until
-    it is known not to be one. Breaking out of the loop (or closing the generator) stops the generation thread at
-    its next token.
+    returns for the same prompt and settings (sampled ones included: same seed). Text that might be the start of
+    a stop string is held back until it is known not to be one. Breaking out of the loop (or closing the
+    generator) stops the generation thread at its next token.
     """
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from tuneforge.models.decoding import DecodeRow, decode_rows
 
     settings = settings or GenerationSettings()
-    stops, stop_ids, pad_id, config = _setup(model, tokenizer, template, settings)
-    input_ids, attention = _left_pad(_encode(tokenizer, template, [prompt]), pad_id, _device(model))
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    cancelled = threading.Event()
+    pieces: queue.SimpleQueue = queue.SimpleQueue()
+    row = DecodeRow(_encode(tokenizer, template, [prompt])[0], settings,
+                    on_event=lambda event: pieces.put(event.text))
     failure: list[BaseException] = []
-
-    class _Cancel(StoppingCriteria):
-        def __call__(self, ids, scores, **kwargs):
-            return torch.full((ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=ids.device)
 
     def run():
         try:
-            if settings.seed is not None and settings.sampling:
-                torch.manual_seed(settings.seed)
-            with _EvalMode(model), torch.no_grad():
-                model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
-                               streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancel()]))
+            with _EvalMode(model):
+                decode_rows(model, tokenizer, template, [row])
         except BaseException as exc:  # re-raised in the consumer
             failure.append(exc)
-            streamer.end()
+        finally:
+            pieces.put(_END)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    emitted = ""
-    text = ""
-    finished = False
     try:
-        for piece in streamer:
-            text += piece
-            cut = cut_at_stop(text, stops)
-            if len(cut) < len(text):  # a stop string appeared: emit up to it and stop
-                if len(cut) > len(emitted):
-                    yield cut[len(emitted):]
-                return
-            safe = len(text) - held_back(text, stops)
-            if safe > len(emitted):
-                yield text[len(emitted):safe]
-                emitted = text[:safe]
-        finished = True
-        if len(text) > len(emitted):
-            yield text[len(emitted):]
+        while (piece := pieces.get()) is not _END:
+            if piece:
+                yield piece
     finally:
-        cancelled.set()
-        if not finished:  # drain until the thread's end signal (a finished streamer would block forever)
-            for _ in streamer:
-                pass
+        row.cancelled.set()  # a consumer that stopped early ends the row at its next token
         thread.join()
     if failure:
         raise failure[0]
