@@ -27,20 +27,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuneforge.errors import UserError, did_you_mean
+from tuneforge.text import HAN as _HAN
+from tuneforge.text import OTHER_UNSEGMENTED as _OTHER_UNSEGMENTED
+from tuneforge.text import UnicodeTokenizer
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
-# Han (CJK unified ideographs + extension A + compatibility), and scripts written without spaces.
-_HAN = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_OTHER_UNSEGMENTED = (
-    r"\u3040-\u309f\u30a0-\u30ff\u31f0-\u31ff"  # hiragana, katakana
-    r"\u0e00-\u0e7f\u0e80-\u0eff\u1000-\u109f\u1780-\u17ff"  # thai, lao, myanmar, khmer
-)
+# The script classes and the ROUGE tokenizer live in tuneforge.text (shared with data.augment's filter).
 _HAN_RE = re.compile(f"[{_HAN}]")
 _OTHER_RE = re.compile(f"[{_OTHER_UNSEGMENTED}]")
 _UNSEGMENTED_RE = re.compile(f"[{_HAN}{_OTHER_UNSEGMENTED}]")
-# One unsegmented character, or a run of letters/digits of any other script.
-_TOKEN_RE = re.compile(f"[{_HAN}{_OTHER_UNSEGMENTED}]|[^\\W_{_HAN}{_OTHER_UNSEGMENTED}]+")
 
 
 def has_unsegmented(texts: list[str] | str) -> bool:
@@ -70,17 +66,6 @@ def bleu(predictions: list[str], references: list[str]) -> dict:
     tokenize = bleu_tokenizer(list(predictions) + list(references))
     score = BLEU(tokenize=tokenize).corpus_score(list(predictions), [list(references)])
     return {"bleu": float(score.score), "bleu_tokenize": tokenize}
-
-
-class UnicodeTokenizer:
-    """A rouge-score tokenizer that keeps every script.
-
-    Lower-cases, then yields each unsegmented character (Han, kana, Thai...) as a token and every other run of
-    letters/digits as a token. On ASCII text it yields exactly rouge-score's default tokens (no stemming).
-    """
-
-    def tokenize(self, text: str) -> list[str]:
-        return _TOKEN_RE.findall(unicodedata.normalize("NFKC", text).lower())
 
 
 def rouge(predictions: list[str], references: list[str], types: tuple[str, ...] = ROUGE_TYPES) -> dict:
