@@ -38,7 +38,15 @@ INIT_ATTR = "_tuneforge_init_adapter_dir"
 
 
 class LoraMethodConfig(Strict):
-    """LoRA (Hu et al., 2021) and the options of its LoRA-family variants."""
+    """LoRA (Hu et al., 2021) and the options of its LoRA-family variants (dora, rslora, pissa, lora_plus and qlora
+    inherit this class).
+
+    ``per_task`` and ``continue_from`` shape the run rather than the adapter and are handled by ``tuneforge.train``
+    (docs/multitask.md): one adapter per task of the data (``runs/<name>/tasks/<task>/``, ``train/per_task.py``),
+    and progressive LoRA (the earlier run's adapter stack merged, frozen, into the base; a new adapter trained on
+    top; the earlier adapters kept in ``runs/<name>/stack/NN/``). qlora refuses ``continue_from`` at training time
+    (a quantized base cannot hold an exact merge).
+    """
 
     name: Literal["lora"]
     r: int = Field(8, gt=0)
@@ -50,6 +58,9 @@ class LoraMethodConfig(Strict):
     use_rslora: bool = False
     use_dora: bool = False
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    per_task: bool = Field(False, description="train one adapter per task (the records' `task` field) on one base")
+    continue_from: str | None = Field(
+        None, description="progressive LoRA: an earlier run whose adapter stack is frozen under the new adapter")
 
 
 class LoraMethod(Method):

@@ -106,6 +106,8 @@ class ModelRef:
         run_dir: the tuneforge run directory when the reference is a run, else ``None``.
         method: the run's ``method.name`` when known.
         adapter_config: the parsed ``adapter_config.json`` for adapters.
+        stack: progressive LoRA (``method.continue_from``): the earlier adapters of the run (``<run>/stack/NN``),
+            in the order they are merged into ``base`` before ``adapter`` goes on top; ``()`` otherwise.
     """
 
     given: str
@@ -117,10 +119,19 @@ class ModelRef:
     run_dir: str | None = None
     method: str | None = None
     adapter_config: dict | None = field(default=None, compare=False)
+    stack: tuple[str, ...] = ()
 
     @property
     def is_adapter(self) -> bool:
         return self.adapter is not None
+
+    @property
+    def base_key(self) -> str:
+        """What identifies the weights under ``adapter``: ``base``, plus the merged ``stack`` when there is one.
+
+        Two references may share one loaded base (serve) only when their ``base_key`` is equal.
+        """
+        return "|".join((self.base, *self.stack))
 
     @property
     def model_dir(self) -> Path:
@@ -137,7 +148,8 @@ class ModelRef:
 
     def mergeable(self) -> bool:
         """Whether the adapter can be folded into its base weights (by its peft type: prompt-learning adapters
-        such as prefix tuning cannot; every weight-delta adapter can)."""
+        such as prefix tuning cannot; every weight-delta adapter can). A stack's adapters were checked mergeable
+        when the run was trained."""
         return self.is_adapter and self.peft_type in MERGEABLE_PEFT_TYPES
 
 
@@ -181,8 +193,34 @@ def resolve(path_or_id: str | Path, what: str | None = None, *, base_override: s
         raise UserError(_no_model_message(given, final, run_dir))
     template_dir = next((str(d) for d in (final, run_dir) if d is not None
                          and any((d / f).is_file() for f in TEMPLATE_FILES)), None)
+    stack = tuple(str(d) for d in run_stack(run_dir)) if run_dir is not None and adapter is not None else ()
     return ModelRef(given, kind, base, adapter, tokenizer, template_dir, str(run_dir) if run_dir else None,
-                    method if isinstance(method, str) else None, config)
+                    method if isinstance(method, str) else None, config, stack)
+
+
+def run_stack(run_dir: str | Path) -> list[Path]:
+    """The earlier adapters of a progressive run (``<run>/stack/00``, ``01``, ...), in merge order; ``[]`` when
+    the run continued from nothing."""
+    folder = Path(run_dir) / RUN_STACK
+    if not folder.is_dir():
+        return []
+    return [d for d in sorted(folder.iterdir(), key=lambda d: d.name) if d.is_dir() and is_adapter_dir(d)]
+
+
+def merge_stack(model: Any, stack: list[str] | tuple[str, ...]) -> Any:
+    """``model`` with each adapter of ``stack`` loaded and folded into its weights, in order (peft
+    ``merge_and_unload``); the model itself when ``stack`` is empty.
+
+    Training (``method.continue_from``) and every loader of a progressive run call this, so both see the same
+    weights: the merge runs in the model's dtype (exact up to float rounding in fp32).
+    """
+    if not stack:
+        return model
+    from peft import PeftModel
+
+    for adapter in stack:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
+    return model
 
 
 def _run_and_final(path: Path) -> tuple[Path | None, Path]:
@@ -298,12 +336,14 @@ def load_tokenizer_of(ref: ModelRef):
 
 
 def load_base_model(ref: ModelRef, *, dtype: Any = None, **kwargs):
-    """The base model of ``ref`` (no adapter), on the CPU, in ``dtype`` (default float32)."""
+    """The base model of ``ref`` (no adapter), on the CPU, in ``dtype`` (default float32); for a progressive run,
+    with its ``stack`` merged in (:func:`merge_stack`): the weights its ``final/`` adapter was trained on."""
     import torch
 
     from tuneforge.models.load import check_model_source, load_pretrained
 
-    return load_pretrained(check_model_source(ref.base, ref.given), dtype=dtype or torch.float32, **kwargs)
+    model = load_pretrained(check_model_source(ref.base, ref.given), dtype=dtype or torch.float32, **kwargs)
+    return merge_stack(model, ref.stack)
 
 
 def load_for_inference(ref: ModelRef | str, device: str = "auto", dtype: Any = None) -> Loaded:
@@ -316,7 +356,8 @@ def load_for_inference(ref: ModelRef | str, device: str = "auto", dtype: Any = N
 
     Returns:
         :class:`Loaded` with the model in eval mode on ``device``. An adapter is loaded with stock
-        ``peft.PeftModel.from_pretrained`` onto its base (not merged), so the logits are those of training.
+        ``peft.PeftModel.from_pretrained`` onto its base (not merged), so the logits are those of training; a
+        progressive run's earlier adapters (``ref.stack``) are merged into the base first, as in training.
 
     Raises:
         UserError: missing paths, an unfinished run, a base model that cannot be found.

@@ -17,8 +17,8 @@ from typing import Any
 
 from tuneforge.config import RunConfig, dump_config
 from tuneforge.errors import UserError
-from tuneforge.models.reference import RUN_BASE  # a from-config base saved beside its adapter
-from tuneforge.train import checkpoints, distributed, rundir
+from tuneforge.models.reference import RUN_BASE, RUN_STACK  # parts saved beside the adapter
+from tuneforge.train import checkpoints, distributed, progressive, rundir
 from tuneforge.utils import atomic_dir, atomic_write_json, atomic_write_text
 
 
@@ -71,6 +71,11 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         TrainingStopped: when the stability monitor stopped training.
         TrainingInterrupted: SIGTERM during training (a complete checkpoint was saved first).
     """
+    if getattr(cfg.method, "per_task", False):  # one adapter per task: a parent run of task runs (per_task.py)
+        from tuneforge.train.per_task import run_per_task
+
+        return run_per_task(cfg, resume=resume, overwrite=overwrite, echo=echo, callbacks=callbacks,
+                            allow_config_change=allow_config_change)
     run_dir = Path(cfg.output_dir)
     stop = rundir.SigtermStop()
     me = distributed.world()
@@ -115,7 +120,9 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
     stage = get_stage(cfg.stage)  # dpo/orpo/kto/simpo/grpo: train/stages/ build their data and trainer
     texts_of = stage.tokenizer_texts if stage else tokenizer_texts
     texts = texts_of(cfg.data) if cfg.model.from_config and not _saved_base(run_dir, resume) else None
+    stack = progressive.resolve_stack(cfg, method, run_dir, resume)  # method.continue_from: checked before loading
     model, tokenizer = _load_model(cfg, method, texts, run_dir, resume)
+    model = progressive.merge(model, stack)  # the earlier adapters, frozen into the base weights
     template = _template(cfg, tokenizer)
     from tuneforge.train.loss import check_speed_options
 
@@ -135,12 +142,16 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
     retention = build_retention(cfg, tokenizer, template, echo)  # train.retention / train.distill, checked here
 
     # A random from-config base is saved before the method changes the model, beside the run dir until it commits.
-    staged_base = None
+    staged_base = staged_stack = None
     if cfg.model.from_config and method.is_adapter and not _saved_base(run_dir, resume):
         staged_base = rundir.stage_dir(run_dir, RUN_BASE)
+    if stack is not None and not stack.own:  # the earlier adapters, copied into this run
+        staged_stack = rundir.stage_dir(run_dir, RUN_STACK)
     try:
         if staged_base is not None:
             _save_base(model, tokenizer, template, staged_base)
+        if staged_stack is not None:
+            progressive.stage_copy(stack, staged_stack)
         set_seed(cfg.seed)  # every rank initialises the adapter from the same state, whatever data building drew
         model = method.apply(model, cfg.method)
         from tuneforge.models.params import count_parameters
@@ -149,9 +160,10 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
         # Everything that can fail on user input has been checked: from here on, write the run directory.
         start = rundir.begin(run_dir, cfg.run_name, resume, overwrite)
     except BaseException:
-        if staged_base is not None:
-            shutil.rmtree(staged_base, ignore_errors=True)
+        _remove_staged(staged_base, staged_stack)
         raise
+    if stack is not None:
+        echo(f"continue_from {stack.origin}: {len(stack.adapters)} earlier adapter(s) merged into the base, frozen")
     echo(f"method {cfg.method.name}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
     _describe_data(bundle.stats, echo)
 
@@ -160,6 +172,10 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
         template.save(run_dir)
         if staged_base is not None:
             os.rename(staged_base, run_dir / RUN_BASE)
+        if staged_stack is not None:
+            os.rename(staged_stack, run_dir / RUN_STACK)
+        if stack is not None:
+            rundir.update_manifest(run_dir, stack.describe())
         resume_from = _resume_point(run_dir, resume, echo)
         if me.distributed:
             _hand_over(cfg, run_dir, bundle, packing, resume_from, tokenizer, echo, me)
@@ -176,8 +192,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
         trainer.add_callback(stop.callback())
     except BaseException:
         start.undo()  # training never started: the directory is as it was (a replaced run is put back)
-        if staged_base is not None:
-            shutil.rmtree(staged_base, ignore_errors=True)
+        _remove_staged(staged_base, staged_stack)
         raise
     if start.aside is not None:
         echo(f"overwrite: the previous run is kept at {start.aside} until this one has finished")
@@ -211,6 +226,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
         summary["distributed"] = {"world_size": me.world_size, "strategy": cfg.distributed.strategy}
     if retention:
         summary["retention"] = retention.describe()
+    if stack is not None:
+        summary.update(stack.describe())
     if getattr(bundle, "eval_by_task", None):  # multi-task data: the eval loss of each task (data/mix.py)
         summary["tasks"] = _per_task_eval(trainer, bundle.eval_by_task)
     atomic_write_json(run_dir / "summary.json", summary)
@@ -256,6 +273,7 @@ def _train_rank(cfg: RunConfig, run_dir: Path, callbacks, stop: rundir.SigtermSt
     method = get_method(cfg.method.name)
     stage = get_stage(cfg.stage)
     model, tokenizer = _load_model(cfg, method, None, run_dir, True, tokenizer_dir=handoff.tokenizer_dir)
+    model = progressive.merge(model, progressive.resolve_stack(cfg, method, run_dir, True))  # rank 0's stack/ copy
     template = _template(cfg, tokenizer)
     set_seed(cfg.seed)
     model = method.apply(model, cfg.method)
@@ -273,6 +291,12 @@ def _train_rank(cfg: RunConfig, run_dir: Path, callbacks, stop: rundir.SigtermSt
     final_dir = run_dir / "final"
     _save_final_of(trainer, tokenizer, template, final_dir, run_dir, method, cfg)
     return TrainResult(run_dir=run_dir, final_dir=final_dir, summary={}, model=trainer.model)
+
+
+def _remove_staged(*staged: Path | None) -> None:
+    for folder in staged:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _quiet(*_args, **_kwargs) -> None:

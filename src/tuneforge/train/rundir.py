@@ -226,6 +226,13 @@ def read_manifest(run_dir: Path) -> dict:
     return {}
 
 
+def update_manifest(run_dir: Path, fields: dict) -> None:
+    """Add ``fields`` to the run's manifest (e.g. a progressive run's ``continued_from`` and ``stack``)."""
+    manifest = read_manifest(run_dir)
+    manifest.update(fields)
+    atomic_write_json(Path(run_dir) / RUN_MANIFEST, manifest)
+
+
 def write_manifest(run_dir: Path, replaces: list[str], run_name: str | None = None) -> None:
     """``tuneforge_run.json``: marks the directory as a tuneforge run; ``replaces`` lists runs to delete at the end."""
     from tuneforge import __version__
