@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from tuneforge.data.preference import PairCollator, encode_pair, preference_record
 from tuneforge.data.templates import ChatTemplate
-from tuneforge.train.stages.common import sequence_logps, to_dataset
+from tuneforge.models.scoring import sequence_logps
+from tuneforge.train.stages.common import to_dataset
 
 # No text after the end marker, so stock TRL's "completion = tokens after the prompt" equals our masked span.
 JINJA = (

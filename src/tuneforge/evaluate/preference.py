@@ -36,17 +36,6 @@ class PreferenceAccuracy:
     dropped: int
 
 
-def completion_logps(model: Any, batch: dict):
-    """Summed log-probs of the completion tokens of each row (``input_ids``, ``attention_mask``,
-    ``completion_mask``); token ``t`` is scored by the logits at ``t - 1``."""
-    import torch
-
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logits = logits[:, -batch["input_ids"].size(1):]  # prompt-learning adapters prepend virtual tokens
-    per_token = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, batch["input_ids"][:, 1:, None])
-    return (per_token.squeeze(-1) * batch["completion_mask"][:, 1:]).sum(-1)
-
-
 def preference_accuracy(model: Any, tokenizer: Any, template: Any, records: list[dict], *,
                         max_length: int = 2048, batch_size: int = 8, reference: bool = False) -> PreferenceAccuracy:
     """Score canonical pair records (``{"prompt", "chosen", "rejected"}``, see data/preference.py).
@@ -61,6 +50,7 @@ def preference_accuracy(model: Any, tokenizer: Any, template: Any, records: list
     import torch
 
     from tuneforge.data.preference import PairCollator, _pad_id, encode_pair
+    from tuneforge.models.scoring import sequence_logps
 
     rows, dropped = [], 0
     for record in records:
@@ -85,10 +75,10 @@ def preference_accuracy(model: Any, tokenizer: Any, template: Any, records: list
         with torch.no_grad():
             for start in range(0, len(rows), batch_size):
                 batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
-                logps = completion_logps(model, batch)
+                logps = sequence_logps(model, batch)[0]
                 if reference:
                     with model.disable_adapter():
-                        logps = logps - completion_logps(model, batch)
+                        logps = logps - sequence_logps(model, batch)[0]
                 n = logps.size(0) // 2
                 diff = (logps[:n] - logps[n:]).tolist()
                 margins.extend(diff)

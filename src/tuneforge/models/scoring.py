@@ -1,7 +1,10 @@
-"""Log-probabilities of given token sequences (what an OpenAI ``echo`` + ``logprobs`` request returns).
+"""Log-probabilities of given token sequences: the model-side scoring every package shares.
 
-Used by the server for ``/v1/completions`` with ``echo`` (lm-evaluation-harness scores loglikelihood and rolling
-perplexity tasks that way) and reusable by evaluation code that needs per-token scores.
+- :func:`score_tokens`: every token's log-prob with top alternatives (what an OpenAI ``echo`` + ``logprobs`` request
+  returns; the server's ``/v1/completions`` with ``echo``, which lm-evaluation-harness uses for loglikelihood and
+  rolling perplexity tasks).
+- :func:`sequence_logps`: summed completion log-probs of a batch with a completion mask (the reference-free
+  preference losses in ``train/stages/pairwise.py`` and ``tuneforge eval --metrics reward_acc``).
 """
 
 from __future__ import annotations
@@ -50,3 +53,26 @@ def score_tokens(model: Any, rows: Sequence[Sequence[int]], top_logprobs: int = 
                                                top_alternatives(dist, top_logprobs)))
                 results.append(scored)
     return results
+
+
+def sequence_logps(model: Any, batch: dict) -> tuple[Any, Any, Any]:
+    """Summed completion log-probs per row, completion token counts, and per-token log-probs (all float32).
+
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``completion_mask`` (1 on completion tokens), as
+    ``data.preference.PairCollator`` builds them. Token ``t`` is scored by the logits at ``t - 1`` (labels are shifted
+    once, here); per-token values are 0 outside the completion. Gradients flow (training calls it); wrap the call in
+    ``torch.no_grad()`` to score.
+
+    Returns:
+        ``(summed, counts, per_token)`` of shapes ``(rows,)``, ``(rows,)`` and ``(rows, length - 1)``.
+    """
+    import torch
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = logits[:, -batch["input_ids"].size(1):]  # prompt-learning adapters prepend virtual tokens
+    targets = batch["input_ids"][:, 1:]
+    # float32 mask: counts stay exact beyond 256 tokens even when the model computes in bf16
+    mask = batch["completion_mask"][:, 1:].to(torch.float32)
+    per_token = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    per_token = per_token * mask
+    return per_token.sum(-1), mask.sum(-1), per_token

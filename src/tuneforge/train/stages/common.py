@@ -1,4 +1,7 @@
-"""Pieces the stages share: TRL config from run.py's TrainingArguments, datasets, sequence log-probs, metrics."""
+"""Pieces the stages share: TRL config from run.py's TrainingArguments, datasets, metrics.
+
+Sequence log-probs are model-side scoring: ``tuneforge.models.scoring.sequence_logps``.
+"""
 
 from __future__ import annotations
 
@@ -42,23 +45,6 @@ def check_no_lm_head_adapter(model: Any) -> None:
             "losses never train (they read lm_head.weight directly); list the modules without lm_head "
             "(e.g. target_modules: all-linear)"
         )
-
-
-def sequence_logps(model: Any, batch: dict) -> tuple[Any, Any, Any]:
-    """Summed completion log-probs per row, completion token counts, and per-token log-probs.
-
-    ``batch`` holds ``input_ids``, ``attention_mask`` and ``completion_mask`` (1 on completion tokens). Token ``t``
-    is scored by the logits at ``t - 1`` (labels are shifted once, here).
-    """
-    import torch
-
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logits = logits[:, -batch["input_ids"].size(1):]  # prompt-learning adapters prepend virtual tokens
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["completion_mask"][:, 1:].to(logits.dtype)
-    per_token = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    per_token = per_token * mask
-    return per_token.sum(-1), mask.sum(-1), per_token
 
 
 class StepMetrics:

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from tuneforge.models.scoring import sequence_logps
 from tuneforge.train.stages.base import Stage
-from tuneforge.train.stages.common import StepMetrics, sequence_logps, trl_args
+from tuneforge.train.stages.common import StepMetrics, trl_args
 
 
 def log1mexp(x):
