@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_commands(subparsers) -> None:
-    """Add ``data preview`` to the top-level subparsers."""
-    data = subparsers.add_parser("data", help="inspect a run's data: rendered samples, masks, statistics")
+    """Add ``data preview`` and ``data augment`` to the top-level subparsers."""
+    data = subparsers.add_parser(
+        "data",
+        help="inspect a run's data (rendered samples, masks, statistics); "
+        "augment instruction data with a teacher model",
+    )
     data.set_defaults(func=lambda args: (data.print_help(), 1)[1])
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     preview = sub.add_parser(
@@ -20,13 +25,73 @@ def add_commands(subparsers) -> None:
     preview.add_argument("config", help="run config (YAML)")
     # REMAINDER, re-parsed below: argparse alone cannot take options after a '*' positional
     # (`preview x.yaml -n 1 data.max_length=64`), since the positional is consumed once.
-    preview.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides, e.g. data.max_length=512")
+    preview.add_argument(
+        "overrides", nargs=argparse.REMAINDER, help="dotted overrides, e.g. data.max_length=512"
+    )
     preview.set_defaults(func=_preview)
+    _add_augment(sub)
+
+
+def _add_augment(sub) -> None:
+    # models.generation is light (no torch at import): the sampling flags are generate's and eval's own.
+    from tuneforge.models.generation import add_generation_args
+
+    augment = sub.add_parser(
+        "augment",
+        help="new instruction records from a teacher model (rewrite, backtranslate, cot), near-duplicates dropped",
+        description="For each single-turn instruction record of IN, ask the teacher for N new records: 'rewrite' "
+        "(the instruction in other words, answered by the teacher), 'backtranslate' (the instruction the record's "
+        "answer answers, paired with that answer), 'cot' (the answer worked out step by step). A new record is "
+        "kept when its ROUGE-L to every existing record is below --max-rouge (the user turn is compared; the "
+        "answer for cot). OUT gets only the new records, each with its provenance under 'augment'; a rerun with "
+        "the same arguments continues where the last one stopped. See docs/data.md, 'Augmentation'.",
+    )
+    augment.add_argument(
+        "input", metavar="IN", help="instruction data: Alpaca, chat or ShareGPT (.jsonl/.json/...)"
+    )
+    augment.add_argument("--out", required=True, type=Path, help="output JSON-lines file (new records only)")
+    augment.add_argument(
+        "--teacher",
+        required=True,
+        help="OpenAI-compatible API base (e.g. http://127.0.0.1:8000/v1, as `tuneforge serve` "
+        "gives) or a run / model directory",
+    )
+    augment.add_argument("--mode", required=True, help="rewrite | backtranslate | cot")
+    augment.add_argument(
+        "--n", default="1", metavar="K", help="new records asked per input record (default 1)"
+    )
+    augment.add_argument(
+        "--max-rouge",
+        default="0.7",
+        help="keep a new record only if its ROUGE-L F1 to every existing one is below this (default 0.7)",
+    )
+    augment.add_argument("--format", default="auto", help="IN's format: auto (default), alpaca, chat")
+    augment.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing OUT (and its state) instead of continuing it",
+    )
+    server = augment.add_argument_group("teacher server")
+    server.add_argument("--teacher-model", default=None, help="the request's 'model' (default: left out)")
+    server.add_argument("--api-key-file", type=Path, default=None, help="file holding the server's API key")
+    server.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    server.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="retries of a request that got no answer or 429/5xx, with backoff (default 3)",
+    )
+    augment.add_argument("--device", default="auto", help="device of a local teacher (default auto)")
+    augment.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_generation_args(augment, max_new_tokens=512)
+    augment.set_defaults(func=_augment)
 
 
 def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", type=int, default=3, help="number of samples to show (default 3)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per sample: text, input_ids, labels")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per sample: text, input_ids, labels"
+    )
 
 
 def _preview(args: argparse.Namespace) -> int:
@@ -45,3 +110,78 @@ def _preview(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"data preview: unknown option {unknown[0]!r} (options: -n N, --json)")
     return run_preview(args.config, more.overrides, n=more.n, as_json=more.json)
+
+
+def _augment(args: argparse.Namespace) -> int:
+    from tuneforge.console import out, warn
+    from tuneforge.data import augment, teacher
+    from tuneforge.errors import UserError
+    from tuneforge.models.generation import GenerationSettings
+
+    mode, n, max_rouge = augment.check_options(args.mode, args.n, args.max_rouge)
+    settings = GenerationSettings.from_args(args)
+    if args.timeout <= 0 or args.retries < 0:
+        raise UserError("--timeout must be > 0 seconds and --retries >= 0")
+    generation = {k: v for k, v in settings.to_dict().items() if k != "seed"}
+    options = augment.AugmentOptions(
+        input=Path(args.input),
+        out=args.out,
+        mode=mode,
+        n=n,
+        max_rouge=max_rouge,
+        format=args.format,
+        overwrite=args.overwrite,
+        generation=generation,
+        seed=settings.seed,
+    )
+    url = teacher.is_url(args.teacher)
+    if not url and (args.teacher_model or args.api_key_file):
+        raise UserError("--teacher-model and --api-key-file are for a teacher server (--teacher http://...)")
+    plan = augment.prepare(options, teacher.teacher_name(args.teacher, args.teacher_model))
+    if n > 1 and not settings.sampling:
+        warn(
+            f"--n {n} with greedy decoding: the teacher gives the same reply each time and the filter keeps one",
+            "sample: --temperature 0.8",
+        )
+    if url:
+        source = teacher.HttpTeacher(
+            args.teacher,
+            model=args.teacher_model,
+            api_key=teacher.read_key(args.api_key_file),
+            sampling=settings.to_dict(),
+            timeout=args.timeout,
+            retries=args.retries,
+        )
+    else:
+        source = teacher.load_run_teacher(args.teacher, settings, device=args.device)
+    source.probe()
+    if plan.done:
+        out().print(f"continuing {args.out}: {plan.done} of {len(plan.seeds)} inputs already done")
+    result = augment.run_augment(plan, source, progress=not args.no_progress)
+    _print_summary(result, out())
+    if plan.skipped_inputs:
+        shown = ", ".join(plan.skipped_inputs[:3]) + (" ..." if len(plan.skipped_inputs) > 3 else "")
+        warn(
+            f"{len(plan.skipped_inputs)} input records are not single-turn instructions and were not augmented "
+            f"({shown})"
+        )
+    return 0
+
+
+def _print_summary(result, console) -> None:
+    from rich.table import Table
+
+    counts = result.counts
+    table = Table(title=f"augment → {result.out}", show_header=False)
+    rows = [
+        ("inputs done", f"{counts['inputs']} of {result.total_inputs}"),
+        ("requests", counts["requests"]),
+        ("kept", counts["kept"]),
+        ("near-duplicates dropped", counts["near_duplicate"]),
+        ("unreadable replies", counts["bad_reply"]),
+        ("replies cut at --max-new-tokens", counts["truncated"]),
+        ("failed requests", counts["teacher_error"]),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    console.print(table)

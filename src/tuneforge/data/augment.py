@@ -1,0 +1,683 @@
+"""Instruction-data augmentation with a teacher model (``tuneforge data augment``).
+
+For each single-turn instruction record of the input (Alpaca, chat or ShareGPT, read by
+:func:`tuneforge.data.readers.read_records`), the teacher is asked ``n`` times for a new record:
+
+* ``rewrite``: the instruction said in other words, and the teacher's answer to it;
+* ``backtranslate``: the instruction the record's answer would answer (instruction back-translation), paired with
+  the original answer, so the answer stays human-written;
+* ``cot``: the same instruction with a chain-of-thought answer (steps that work out the original answer, then the
+  final answer).
+
+A new record is kept only if its ROUGE-L F1 to every existing record — the input's records and the ones kept so far
+— is below ``max_rouge`` (0.7, Self-Instruct's filter, which the guide follows). The text compared is the user
+instruction for ``rewrite`` and ``backtranslate``, and the answer for ``cot`` (whose instruction is the input's by
+design). ROUGE-L is the ``rouge-score`` library's, on :class:`tuneforge.text.UnicodeTokenizer` tokens (those of
+``tuneforge eval``'s ``rougeL``).
+
+Replies the prompts' format cannot be read from, or that hit the token budget, are counted and skipped. The output
+is appended record by record; a state file beside it (``OUT.augment-state``) records how many inputs are done and
+how many bytes of OUT they account for, so a rerun with the same arguments continues where the last one stopped
+and a different one is refused. The teacher is anything with ``name``, ``probe()`` and ``ask()``
+(:class:`Teacher`): ``tuneforge.data.teacher`` has the HTTP and the local-model teachers. This module loads no
+model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tuneforge.errors import UserError, did_you_mean
+
+MODES = ("backtranslate", "rewrite", "cot")
+DEFAULT_MAX_ROUGE = 0.7
+STATE_SUFFIX = ".augment-state"
+# Bumped when the prompts or the output change: a resume across versions would mix two kinds of records.
+FORMAT_VERSION = 1
+
+PROMPTS = {
+    "rewrite": (
+        "Rewrite the instruction below so that it asks for the same thing in different words: change the wording "
+        "and the sentence structure, keep the task, its details and its language. Then answer the rewritten "
+        "instruction.\n\n"
+        "Instruction:\n{instruction}\n\n"
+        "Reply in exactly this format and nothing else:\n"
+        "INSTRUCTION: <the rewritten instruction>\n"
+        "ANSWER: <your answer to it>"
+    ),
+    "backtranslate": (
+        "Below is a response written by an AI assistant. Write the instruction a user would have typed to get "
+        "exactly this response: a natural request, in the language of the response, that the response answers "
+        "completely. Do not mention the response itself.\n\n"
+        "Response:\n{answer}\n\n"
+        "Reply in exactly this format and nothing else:\n"
+        "INSTRUCTION: <the instruction>"
+    ),
+    "cot": (
+        "Here is a question and its correct answer. Explain step by step how to work out the answer, then state "
+        "the final answer. Write in the language of the question.\n\n"
+        "Question:\n{instruction}\n\n"
+        "Correct answer:\n{answer}\n\n"
+        "Reply in exactly this format and nothing else:\n"
+        "REASONING: <the steps, one per line>\n"
+        "ANSWER: <the final answer>"
+    ),
+}
+# The label that opens a section of a reply: "ANSWER:", "**Answer:**", "## Instruction：", "- answer:" ...
+_LABEL_RE = re.compile(
+    r"^[ \t>#*_-]*(instruction|reasoning|answer)[ \t*_]*[:：][ \t*_]*", re.IGNORECASE | re.MULTILINE
+)
+_THINK_RE = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
+
+
+# --------------------------------------------------------------------------- teacher interface
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer of the teacher.
+
+    Attributes:
+        text: the reply's text; ``None`` when the request failed (``error`` says why).
+        truncated: the reply stopped at the token budget (it is not used: an answer cut short is not data).
+        error: why the request failed (a rejected request; the run goes on without it).
+    """
+
+    text: str | None
+    truncated: bool = False
+    error: str | None = None
+
+
+class TeacherUnavailable(Exception):
+    """The teacher stopped answering (unreachable, refusing the key...): the run stops and can be resumed."""
+
+
+class Teacher(Protocol):
+    """What augmentation needs of a teacher.
+
+    ``name`` identifies it in provenance and in the resume check. ``probe()`` makes one small request and raises
+    ``UserError`` saying what is wrong when the teacher cannot answer. ``ask(messages, count, seed)`` returns
+    ``count`` replies to one chat prompt (sampled with seeds ``seed, seed + 1, ...`` when ``seed`` is not
+    ``None``); it raises :class:`TeacherUnavailable` when the teacher stops answering.
+    """
+
+    name: str
+
+    def probe(self) -> None: ...
+
+    def ask(self, messages: list[dict], count: int, seed: int | None) -> list[Reply]: ...
+
+
+# --------------------------------------------------------------------------- records, prompts, replies
+
+
+@dataclass(frozen=True)
+class Seed:
+    """A single-turn instruction record of the input: what the teacher is asked about."""
+
+    source: str
+    instruction: str
+    answer: str
+    system: str | None = None
+    task: str | None = None
+
+
+def seed_of(record: dict) -> Seed | None:
+    """The record as a :class:`Seed`, or ``None`` when it is not one user turn + one plain assistant answer
+    (after an optional system message): multi-turn, tool-calling and text records are not augmented."""
+    messages = record.get("messages")
+    if not messages or record.get("tools"):
+        return None
+    system = None
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    if [m["role"] for m in messages] != ["user", "assistant"] or messages[1].get("tool_calls"):
+        return None
+    instruction, answer = messages[0]["content"].strip(), messages[1]["content"].strip()
+    if not instruction or not answer:
+        return None
+    return Seed(record["source"], instruction, answer, system or None, record.get("task"))
+
+
+def build_prompt(mode: str, seed: Seed) -> list[dict]:
+    """The chat prompt (one user message) asking the teacher for one new record of ``mode`` from ``seed``."""
+    return [
+        {"role": "user", "content": PROMPTS[mode].format(instruction=seed.instruction, answer=seed.answer)}
+    ]
+
+
+def parse_reply(mode: str, text: str) -> dict | None:
+    """The new instruction and answer in a teacher's reply, or ``None`` when the reply is not usable.
+
+    A leading ``<think>...</think>`` block is dropped. Sections start at a line beginning with ``INSTRUCTION:``,
+    ``REASONING:`` or ``ANSWER:`` (any case; markdown emphasis, a heading mark or a full-width colon allowed);
+    the first of each label counts. ``backtranslate`` also accepts a bare reply without labels.
+
+    Returns:
+        ``{"instruction": ...}`` (backtranslate), ``{"instruction", "answer"}`` (rewrite) or
+        ``{"reasoning", "answer"}`` (cot), every value non-empty.
+    """
+    text = _THINK_RE.sub("", text or "")
+    if "<think>" in text:  # an unfinished reasoning block: the reply never got to the answer
+        return None
+    sections: dict[str, str] = {}
+    labels = list(_LABEL_RE.finditer(text))
+    for i, label in enumerate(labels):
+        end = labels[i + 1].start() if i + 1 < len(labels) else len(text)
+        sections.setdefault(label.group(1).lower(), _clean(text[label.end() : end]))
+    if mode == "backtranslate" and not labels:
+        sections["instruction"] = _clean(text)
+    wanted = {
+        "rewrite": ("instruction", "answer"),
+        "backtranslate": ("instruction",),
+        "cot": ("reasoning", "answer"),
+    }[mode]
+    if not all(sections.get(key) for key in wanted):
+        return None
+    return {key: sections[key] for key in wanted}
+
+
+def _clean(text: str) -> str:
+    text = text.strip().strip("*").strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'“”":
+        text = text[1:-1].strip()
+    elif len(text) >= 2 and text[0] == "“" and text[-1] == "”":
+        text = text[1:-1].strip()
+    return text
+
+
+def new_messages(mode: str, seed: Seed, parsed: dict) -> list[dict]:
+    """The new record's messages: the seed's system message (if any), the user turn and the answer."""
+    if mode == "rewrite":
+        user, answer = parsed["instruction"], parsed["answer"]
+    elif mode == "backtranslate":
+        user, answer = parsed["instruction"], seed.answer
+    else:
+        user, answer = seed.instruction, f"{parsed['reasoning']}\n\n{parsed['answer']}"
+    system = [{"role": "system", "content": seed.system}] if seed.system else []
+    return [*system, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+def compared_text(mode: str, messages: Sequence[dict]) -> str:
+    """The text the ROUGE-L filter compares: the last answer for ``cot``, else the last user turn."""
+    role = "assistant" if mode == "cot" else "user"
+    return next((m["content"] for m in reversed(messages) if m["role"] == role and m.get("content")), "")
+
+
+# --------------------------------------------------------------------------- the ROUGE-L filter
+
+
+class _CachedTokens:
+    """``UnicodeTokenizer`` with memory: pool texts are compared again and again."""
+
+    def __init__(self) -> None:
+        from tuneforge.text import UnicodeTokenizer
+
+        self.tokenizer, self.cache = UnicodeTokenizer(), {}
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = self.cache.get(text)
+        if tokens is None:
+            tokens = self.cache[text] = self.tokenizer.tokenize(text)
+        return tokens
+
+
+class RougePool:
+    """The texts a new record is compared with, and its highest ROUGE-L F1 to them (0-1).
+
+    Exact: ``rouge-score``'s ROUGE-L is computed for every pooled text whose cheap upper bound — F1 =
+    2·LCS/(len a + len b) with LCS at most the shared-token count — exceeds the best score found so far.
+    """
+
+    def __init__(self, texts: Sequence[str] = ()) -> None:
+        from rouge_score import rouge_scorer
+
+        self.tokens = _CachedTokens()
+        self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=self.tokens)
+        self.entries: list[tuple[str, int, Counter]] = []
+        for text in texts:
+            self.add(text)
+
+    def add(self, text: str) -> None:
+        tokens = self.tokens.tokenize(text)
+        self.entries.append((text, len(tokens), Counter(tokens)))
+
+    def max_rouge_l(self, text: str, stop_at: float = 1.0) -> float:
+        """The highest ROUGE-L F1 of ``text`` to a pooled text; the search stops once it reaches ``stop_at``."""
+        tokens = self.tokens.tokenize(text)
+        size, counts, best = len(tokens), Counter(tokens), 0.0
+        for other, other_size, other_counts in self.entries:
+            if not size or not other_size or 2 * min(size, other_size) / (size + other_size) <= best:
+                continue
+            shared = sum((counts & other_counts).values())
+            if 2 * shared / (size + other_size) <= best:
+                continue
+            best = max(best, self.scorer.score(other, text)["rougeL"].fmeasure)
+            if best >= stop_at:
+                break
+        return best
+
+
+# --------------------------------------------------------------------------- the plan (every check, nothing written)
+
+
+@dataclass
+class AugmentOptions:
+    """What ``tuneforge data augment`` was asked to do.
+
+    Attributes:
+        input: the input data (a file or directory :func:`read_records` reads).
+        out: the output JSON-lines file (appended; resumable).
+        mode: ``rewrite``, ``backtranslate`` or ``cot``.
+        n: new records asked of the teacher per input record.
+        max_rouge: keep a new record only when its ROUGE-L F1 to every existing one is below this (0-1].
+        format: the input's format (``auto``, ``alpaca``, ``chat``).
+        overwrite: replace an existing ``out`` (and its state) instead of resuming.
+        generation: the sampling settings as a dict (part of what a resume must match).
+        seed: the first request's sampling seed (request *i* uses ``seed + i``); ``None`` = unseeded.
+    """
+
+    input: Path
+    out: Path
+    mode: str
+    n: int = 1
+    max_rouge: float = DEFAULT_MAX_ROUGE
+    format: str = "auto"
+    overwrite: bool = False
+    generation: dict = field(default_factory=dict)
+    seed: int | None = 0
+
+
+@dataclass
+class Plan:
+    """Everything a run needs, checked: the seeds, the pool, where to resume. Built by :func:`prepare`."""
+
+    options: AugmentOptions
+    identity: dict
+    seeds: list[Seed]
+    pool_texts: list[str]
+    skipped_inputs: list[str]
+    done: int = 0
+    out_bytes: int = 0
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def state_path(self) -> Path:
+        return state_path(self.options.out)
+
+    @property
+    def resuming(self) -> bool:
+        return self.done > 0 or self.out_bytes > 0
+
+
+COUNT_KEYS = ("inputs", "requests", "kept", "near_duplicate", "bad_reply", "truncated", "teacher_error")
+
+
+def state_path(out: Path) -> Path:
+    """Where the state of an augmentation into ``out`` is kept: ``<out>.augment-state`` (not a data suffix, so
+    a directory of data files holding ``out`` is still read as before)."""
+    return out.with_name(out.name + STATE_SUFFIX)
+
+
+def check_options(mode: str, n: Any, max_rouge: Any) -> tuple[str, int, float]:
+    """``mode``, ``n`` and ``max_rouge`` validated (``n`` and ``max_rouge`` may be strings from the command line).
+
+    Raises:
+        UserError: an unknown mode (with the known ones), ``n`` not a positive integer, ``max_rouge`` outside (0, 1].
+    """
+    if mode not in MODES:
+        hint = did_you_mean(str(mode), MODES)
+        raise UserError(f"--mode {mode!r} is not known{hint}; expected one of {', '.join(MODES)}")
+    try:
+        count = int(n)
+    except (TypeError, ValueError):
+        raise UserError(f"--n {n!r} must be a positive whole number (new records per input record)") from None
+    if count < 1:
+        raise UserError(f"--n {n} must be at least 1 (new records per input record)")
+    try:
+        limit = float(max_rouge)
+    except (TypeError, ValueError):
+        raise UserError(f"--max-rouge {max_rouge!r} must be a number in (0, 1], e.g. 0.7") from None
+    if not 0 < limit <= 1:
+        raise UserError(f"--max-rouge {max_rouge} must be in (0, 1] (ROUGE-L F1; the guide's filter is 0.7)")
+    return mode, count, limit
+
+
+def prepare(options: AugmentOptions, teacher_name: str) -> Plan:
+    """Read the input, check the output and its state: every check of a run, nothing written.
+
+    Raises:
+        UserError: options out of range, an unreadable input (file:line named by the readers), an input with no
+            single-turn instruction record, ``out`` equal to or inside the input, an existing ``out`` that is not
+            this augmentation's (without ``overwrite``), a state whose arguments differ (each key listed).
+    """
+    from tuneforge.data.readers import read_records
+
+    check_options(options.mode, options.n, options.max_rouge)
+    _check_paths(options.input, options.out)
+    records = read_records(options.input, options.format)
+    seeds, skipped = [], []
+    for record in records:
+        seed = seed_of(record)
+        (seeds.append(seed) if seed else skipped.append(record.get("source", "?")))
+    if not seeds:
+        raise UserError(
+            f"{options.input}: no record to augment: augmentation needs instruction records (Alpaca "
+            "instruction/output, or chat/ShareGPT with one user turn and one assistant answer); "
+            f"the first record is {records[0].get('source')}"
+        )
+    pool = [compared_text(options.mode, r["messages"]) for r in records if r.get("messages")]
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "input": str(Path(os.path.realpath(options.input))),
+        "input_sha256": _fingerprint(Path(options.input)),
+        "format": options.format,
+        "mode": options.mode,
+        "n": options.n,
+        "max_rouge": options.max_rouge,
+        "teacher": teacher_name,
+        "generation": options.generation,
+        "seed": options.seed,
+    }
+    plan = Plan(
+        options, identity, seeds, [t for t in pool if t], skipped, counts=dict.fromkeys(COUNT_KEYS, 0)
+    )
+    _resume_point(plan)
+    return plan
+
+
+def _check_paths(input_path: Path, out: Path) -> None:
+    if not os.path.lexists(input_path):
+        return  # the readers report a missing input (or read a hub dataset of that name)
+    source, target = Path(os.path.realpath(input_path)), Path(os.path.realpath(out))
+    if target == source or source in target.parents:
+        where = "is the input" if target == source else f"lies inside the input directory {input_path}"
+        raise UserError(f"--out {out} {where}; choose another output file (nothing was written)")
+    if target.is_dir():
+        raise UserError(
+            f"--out {out} is a directory; give the output file's name, e.g. {out}/augmented.jsonl"
+        )
+
+
+def _fingerprint(path: Path) -> str:
+    """sha256 of the input's bytes (a directory: of its files' names and bytes); a hub name stands for itself."""
+    digest = hashlib.sha256()
+    files = (
+        sorted(p for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else [path]
+        if path.is_file()
+        else []
+    )
+    if not files:
+        digest.update(str(path).encode())
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _resume_point(plan: Plan) -> None:
+    """Fill ``plan.done / out_bytes / counts`` from an earlier run into the same ``out``, or refuse."""
+    out, state_file = plan.options.out, plan.state_path
+    if plan.options.overwrite or not (out.exists() or state_file.exists()):
+        return
+    if not state_file.exists():
+        raise UserError(
+            f"--out {out} exists and is not an augmentation in progress (no {state_file.name} beside "
+            "it); pass --overwrite to replace it, or choose another output file (nothing was written)"
+        )
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        done, out_bytes, counts, before = (
+            int(state["done"]),
+            int(state["out_bytes"]),
+            state["counts"],
+            state["identity"],
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(
+            f"{state_file}: unreadable augmentation state ({exc}); pass --overwrite to start over"
+        ) from None
+    changed = [
+        key for key in sorted(set(before) | set(plan.identity)) if before.get(key) != plan.identity.get(key)
+    ]
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} → {plan.identity.get(k)!r}" for k in changed)
+        raise UserError(
+            f"--out {out} holds an augmentation made with other arguments ({shown}); rerun with the "
+            "same arguments to continue it, pass --overwrite to replace it, or choose another output "
+            "file (nothing was written)"
+        )
+    data = out.read_bytes() if out.exists() else b""
+    if len(data) < out_bytes:
+        raise UserError(
+            f"--out {out} is shorter than the {out_bytes} bytes its state records (was it edited?); "
+            "pass --overwrite to start over (nothing was written)"
+        )
+    kept = _own_lines(data[:out_bytes], out, complete=True)
+    _own_lines(data[out_bytes:], out, complete=False)  # what a killed run left after its last finished input
+    plan.done, plan.out_bytes, plan.counts = done, out_bytes, {**plan.counts, **counts}
+    plan.pool_texts.extend(compared_text(plan.options.mode, r["messages"]) for r in kept)
+
+
+def _own_lines(data: bytes, out: Path, *, complete: bool) -> list[dict]:
+    """The records in ``data``, each checked to be one this command wrote (a partial last line is allowed
+    when ``complete`` is false: a run killed while writing)."""
+    lines = data.split(b"\n")
+    tail = lines.pop()  # after the last newline: b"" when the data ends with one
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and "augment" in record and isinstance(record.get("messages"), list)
+        except ValueError:
+            ok = False
+        if not ok:
+            where = f"line {number}" if complete else f"line {number} after the last finished input"
+            raise UserError(
+                f"{out}: {where} was not written by this augmentation (edited?); pass --overwrite to "
+                "start over, or choose another output file (nothing was written)"
+            )
+        records.append(record)
+    if tail and complete:
+        raise UserError(f"{out}: ends inside a record its state says is complete (edited?); pass --overwrite")
+    return records
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class AugmentResult:
+    """What a run did: the counts (cumulative over resumed runs) and where the records are."""
+
+    out: Path
+    counts: dict
+    skipped_inputs: list[str]
+    total_inputs: int
+
+
+def run_augment(plan: Plan, teacher: Teacher, *, progress: bool = True) -> AugmentResult:
+    """Ask the teacher for new records, filter them and append the kept ones to ``out`` (resumable).
+
+    Call after :func:`prepare` and ``teacher.probe()``. Each input's records are appended in one write (flushed
+    and fsynced), then the state is replaced atomically; a run killed in between leaves bytes the next run
+    trims. An existing ``out`` is truncated only now (``overwrite``), after every check passed.
+
+    Raises:
+        UserError: another process is augmenting into ``out``; the teacher stopped answering (what was done is
+            kept: rerun the same command to continue).
+    """
+    options = plan.options
+    pool = RougePool(plan.pool_texts)
+    counts = dict(plan.counts)
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(options.out, "ab") as handle:
+        _lock(handle, options.out)
+        _check_unchanged(plan)
+        if not plan.resuming and plan.state_path.exists():
+            plan.state_path.unlink()  # --overwrite: the old run's state goes with its records
+        handle.truncate(plan.out_bytes)  # a fresh start, or the bytes of an input the last run did not finish
+        size = plan.out_bytes
+        _save_state(plan, plan.done, size, counts)
+        with _Progress(progress, len(plan.seeds), plan.done, options.mode) as bar:
+            for position in range(plan.done, len(plan.seeds)):
+                seed = plan.seeds[position]
+                lines = _augment_one(plan, teacher, pool, seed, position, counts)
+                data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines).encode("utf-8")
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+                size += len(data)
+                counts["inputs"] += 1
+                _save_state(plan, position + 1, size, counts)
+                bar.advance(counts)
+    return AugmentResult(options.out, counts, plan.skipped_inputs, len(plan.seeds))
+
+
+def _augment_one(
+    plan: Plan, teacher: Teacher, pool: RougePool, seed: Seed, position: int, counts: dict
+) -> list:
+    options = plan.options
+    first_seed = None if options.seed is None else options.seed + position * options.n
+    try:
+        replies = teacher.ask(build_prompt(options.mode, seed), options.n, first_seed)
+    except TeacherUnavailable as exc:
+        raise UserError(
+            f"the teacher stopped answering at {seed.source} ({exc}); {position} of {len(plan.seeds)} "
+            f"inputs are done and saved in {options.out}: rerun the same command to continue"
+        ) from None
+    kept = []
+    counts["requests"] += options.n
+    counts["teacher_error"] += max(
+        options.n - len(replies), 0
+    )  # a reply the teacher did not give is a failure
+    for variant, reply in enumerate(replies[: options.n], start=1):
+        if reply.text is None:
+            counts["teacher_error"] += 1
+            continue
+        if reply.truncated:
+            counts["truncated"] += 1
+            continue
+        parsed = parse_reply(options.mode, reply.text)
+        messages = new_messages(options.mode, seed, parsed) if parsed else None
+        text = compared_text(options.mode, messages) if messages else ""
+        if not text or not pool.tokens.tokenize(text):
+            counts["bad_reply"] += 1
+            continue
+        score = pool.max_rouge_l(text, stop_at=options.max_rouge)
+        if score >= options.max_rouge:
+            counts["near_duplicate"] += 1
+            continue
+        pool.add(text)
+        counts["kept"] += 1
+        record: dict = {"messages": messages}
+        if seed.task is not None:
+            record["task"] = seed.task
+        record["augment"] = {
+            "mode": options.mode,
+            "teacher": teacher.name,
+            "source": seed.source,
+            "n": options.n,
+            "variant": variant,
+            "rouge_l_max": round(score, 4),
+        }
+        kept.append(record)
+    return kept
+
+
+def _lock(handle, out: Path) -> None:
+    """One augmentation per output file: an exclusive ``flock`` on the open file (released when the process
+    ends, however it ends)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(
+            f"--out {out} is being written by another tuneforge data augment; wait for it to "
+            "finish or stop it"
+        ) from None
+
+
+def _check_unchanged(plan: Plan) -> None:
+    """Under the lock: the state is still the one :func:`prepare` read (no other run moved it on meanwhile)."""
+    if plan.options.overwrite or not plan.state_path.exists():
+        return
+    try:
+        state = json.loads(plan.state_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        state = {}
+    if (state.get("done"), state.get("out_bytes")) != (plan.done, plan.out_bytes):
+        raise UserError(
+            f"--out {plan.options.out} changed while this run was starting (another augment run?); "
+            "run the command again"
+        )
+
+
+def _save_state(plan: Plan, done: int, out_bytes: int, counts: dict) -> None:
+    from tuneforge.utils import atomic_write_json
+
+    atomic_write_json(
+        plan.state_path,
+        {
+            "identity": plan.identity,
+            "done": done,
+            "total": len(plan.seeds),
+            "out_bytes": out_bytes,
+            "counts": counts,
+        },
+    )
+
+
+class _Progress:
+    """A rich progress bar on stderr (inputs done of all, ETA, kept / dropped so far); silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int, done: int, mode: str) -> None:
+        self.enabled, self.total, self.done, self.mode = enabled, total, done, mode
+        self.bar = self.task = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            from tuneforge.console import err
+
+            self.bar = Progress(
+                TextColumn("[bold]augment {task.fields[mode]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[shown]}"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=err(),
+            )
+            self.task = self.bar.add_task(
+                "augment", total=self.total, completed=self.done, mode=self.mode, shown=""
+            )
+            self.bar.start()
+        return self
+
+    def advance(self, counts: dict) -> None:
+        if self.bar is not None:
+            dropped = (
+                counts["near_duplicate"] + counts["bad_reply"] + counts["truncated"] + counts["teacher_error"]
+            )
+            self.bar.update(self.task, advance=1, shown=f"kept {counts['kept']}, dropped {dropped}")
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
