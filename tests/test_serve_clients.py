@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import save_base
+from tests.helpers_serve import running_server, tiny_base
 
 TASKS = Path(__file__).parent / "serve_tasks"
 TASK_NAMES = ("tf_choice", "tf_perplexity", "tf_generate")
@@ -18,29 +18,16 @@ TASK_NAMES = ("tf_choice", "tf_perplexity", "tf_generate")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer):
-    import torch
-
-    from tests.helpers import tiny_from_config as _from_config
-    from tuneforge.models import build_model
-
-    torch.manual_seed(0)
-    return save_base(build_model(_from_config("llama"), tiny_tokenizer), tiny_tokenizer,
-                     tmp_path_factory.mktemp("clients") / "tiny")
+    return tiny_base(tmp_path_factory.mktemp("clients") / "tiny", tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
 def server(model_dir):
     import torch
 
-    from tuneforge.serve.app import create_app
-    from tuneforge.serve.background import serve_in_thread
-    from tuneforge.serve.engine import Engine
-
-    engine = Engine([f"tiny={model_dir}"], device="cpu", dtype=torch.float32)
-    app = create_app(engine, max_tokens_limit=16, local_only=True)
-    with serve_in_thread(app) as url:
+    with running_server([f"tiny={model_dir}"], engine_options={"dtype": torch.float32}, max_tokens_limit=16,
+                        local_only=True) as (url, _):
         yield url
-    engine.scheduler.close()
 
 
 def task_configs() -> list[dict]:

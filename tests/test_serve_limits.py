@@ -11,29 +11,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.helpers import save_base
+from tests.helpers_serve import running_server, tiny_base
 
 STEP_SECONDS = 0.05
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer):
-    import torch
-
-    from tests.helpers import tiny_from_config as _from_config
-    from tuneforge.models import build_model
-
-    torch.manual_seed(0)
-    return save_base(build_model(_from_config("llama"), tiny_tokenizer), tiny_tokenizer,
-                     tmp_path_factory.mktemp("limits") / "m")
+    return tiny_base(tmp_path_factory.mktemp("limits") / "m", tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
 def slow(model_dir):
     """A server (no key, loopback-only checks on) whose every forward pass takes STEP_SECONDS; ``calls`` counts
     forward passes."""
-    from tuneforge.serve.app import create_app
-    from tuneforge.serve.background import serve_in_thread
     from tuneforge.serve.engine import Engine
 
     engine = Engine([f"m={model_dir}"], device="cpu", max_batch_size=1, max_queue=2)
@@ -44,11 +35,12 @@ def slow(model_dir):
         time.sleep(STEP_SECONDS)
 
     hook = engine.get("m").model.register_forward_pre_hook(slow_forward)
-    app = create_app(engine, max_tokens_limit=200, local_only=True)
-    with serve_in_thread(app) as url:
-        yield {"url": url, "engine": engine, "calls": calls}
-    hook.remove()
-    engine.scheduler.close()
+    try:
+        with running_server([], engine=engine, max_tokens_limit=200, local_only=True) as (url, _):
+            yield {"url": url, "engine": engine, "calls": calls}
+    finally:
+        hook.remove()
+        engine.scheduler.close()
 
 
 def wait_idle(engine, timeout=10.0):

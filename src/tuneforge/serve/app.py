@@ -8,6 +8,10 @@ Generation runs in the scheduler's worker thread (dynamic batching, see ``schedu
 tokenise, queue and wait, so the event loop stays free. A client that goes away (streaming or not) cancels its rows.
 Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}`` (``errors.md`` in ``docs/serve.md``
 lists the statuses); a failure in the middle of a stream is an SSE ``error`` event followed by ``data: [DONE]``.
+
+Routing: a request's ``model`` names the served adapter; with ``route="prefix"`` the name of a per-task run routes
+by the ``[task]`` prefix of the first user message (``/v1/completions``: of the prompt), see ``PerTaskRun.route``.
+The response's ``model`` is the adapter that answered (``<run>/<task>``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from urllib.parse import urlsplit
 from fastapi import Request  # module level: FastAPI resolves endpoint annotations from this module's globals
 
 from tuneforge.errors import UserError
-from tuneforge.serve.engine import Engine, Served
+from tuneforge.serve.engine import Engine, PerTaskRun, Served, UnknownTask
 from tuneforge.serve.scheduler import QueueFull, Work
 from tuneforge.serve.schemas import (
     ChatCompletionRequest,
@@ -39,6 +43,7 @@ from tuneforge.serve.schemas import (
 log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+ROUTES = ("name", "prefix")  # how a request finds its adapter (create_app's ``route``, serve's --route)
 
 
 class APIError(Exception):
@@ -185,7 +190,8 @@ def _internal_error() -> APIError:
 # --------------------------------------------------------------------------- OpenAPI responses
 
 _ERRORS = {
-    400: "invalid request (the message names the field); unsupported field; limit exceeded",
+    400: "invalid request (the message names the field); unsupported field; limit exceeded; unknown or missing "
+         "[task] prefix (--route prefix)",
     401: "missing or wrong API key",
     403: "Host/Origin refused (loopback bind without an API key)",
     404: "unknown model",
@@ -218,7 +224,8 @@ _GENERATE_ERRORS = (400, 401, 403, 404, 413, 415, 429, 500)
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: int = 1024,
                max_prompt_tokens: int | None = None, default_max_tokens: int = 256,
-               default_temperature: float = 0.0, max_body_bytes: int = 1 << 20, local_only: bool = False):
+               default_temperature: float = 0.0, max_body_bytes: int = 1 << 20, local_only: bool = False,
+               route: str = "name"):
     """Build the FastAPI application serving ``engine``'s models.
 
     Args:
@@ -230,6 +237,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
         default_temperature: used when a request gives no ``temperature`` (0 = greedy).
         max_body_bytes: larger request bodies are refused (413).
         local_only: accept only loopback ``Host``/``Origin`` names (for a loopback bind without a key).
+        route: ``name`` (a request's ``model`` names the adapter) or ``prefix``: a request whose ``model`` is a
+            per-task run's name (or that names no model when that run is all the server holds) goes to the task
+            its first user message (``/v1/completions``: its prompt) names with a ``[task]`` prefix.
+
+    Raises:
+        UserError: an unknown ``route``, or ``prefix`` without a per-task run to route to.
     """
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
@@ -237,6 +250,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
 
     from tuneforge.models.generation import GenerationSettings
 
+    if route not in ROUTES:
+        raise UserError(f"route {route!r} is not one of {', '.join(ROUTES)}")
+    if route == "prefix" and not engine.per_task:
+        raise UserError("--route prefix chooses among the tasks of a per-task run (method.per_task: true, "
+                        "runs/<name>/tasks/<task>/), and none of the served runs is one; serve such a run or drop "
+                        "--route prefix")
     app = FastAPI(title="tuneforge", description="OpenAI-compatible API for tuneforge runs", version="1")
     app.state.engine = engine
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, local_only=local_only)
@@ -268,16 +287,63 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
     async def _crash(request: Request, exc: Exception):
         return _internal_error().response()
 
-    def pick(name: str | None) -> Served:
-        names = engine.names()
+    def listed() -> list[str]:
+        """The model names requests may use (``/v1/models``): per-task runs' own names too when routing by prefix."""
+        return engine.names() + (list(engine.per_task) if route == "prefix" else [])
+
+    def pick(name: str | None) -> Served | PerTaskRun:
+        names = listed()
         if name is None:
+            if route == "prefix" and len(engine.per_task) == 1:
+                run = next(iter(engine.per_task.values()))
+                if all(any(s is t for t in run.tasks.values()) for s in engine.models.values()):
+                    return run
             if len(names) == 1:
                 return engine.get(names[0])
             raise APIError(400, f"'model' is required: this server has {', '.join(names)}", param="model")
+        if name in engine.per_task:
+            if route == "prefix":
+                return engine.per_task[name]
+            run = engine.per_task[name]
+            raise APIError(404, f"model {name!r} is a per-task run: ask for one of its tasks "
+                           f"({run.served_names_hint()}), or start the server with --route prefix to choose the task "
+                           "from the '[task]' prefix of the first user message", param="model",
+                           code="model_not_found")
         if name not in names:
             raise APIError(404, f"model {name!r} does not exist; available: {', '.join(names)}", param="model",
                            code="model_not_found")
         return engine.get(name)
+
+    def routed_messages(target: Served | PerTaskRun, messages: list[dict], param: str) -> tuple[Served, list[dict]]:
+        """The adapter for chat ``messages`` and the messages it gets: a per-task run picks the task named by the
+        first user message's ``[task]`` prefix (where training put it) and keeps or drops the prefix as trained."""
+        if isinstance(target, Served):
+            return target, messages
+        first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+        try:
+            served, text = target.route(messages[first]["content"] if first is not None else "")
+        except UnknownTask as exc:
+            raise APIError(400, str(exc), param=param, code=exc.code) from None
+        messages = list(messages)
+        messages[first] = {**messages[first], "content": text}
+        return served, messages
+
+    def routed_prompts(target: Served | PerTaskRun, prompts: list) -> tuple[Served, list]:
+        """The adapter for raw ``prompts`` (one for all of them) and the prompts it gets."""
+        if isinstance(target, Served):
+            return target, prompts
+        if any(not isinstance(p, str) for p in prompts):
+            raise APIError(400, f"token-id prompts carry no '[task]' prefix to route by: ask for a model "
+                           f"{target.served_names_hint()}", param="prompt", code="missing_task_prefix")
+        try:
+            routes = [target.route(p) for p in prompts]
+        except UnknownTask as exc:
+            raise APIError(400, str(exc), param="prompt", code=exc.code) from None
+        chosen = {served.name for served, _ in routes}
+        if len(chosen) > 1:
+            raise APIError(400, f"the prompts of one request name different tasks ({', '.join(sorted(chosen))}); "
+                           "send one request per task", param="prompt")
+        return routes[0][0], [text for _, text in routes]
 
     def settings_for(req: _Sampling, max_tokens: int | None) -> GenerationSettings:
         if max_tokens is None:
@@ -315,12 +381,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
 
     @app.get("/health", responses=_responses())
     async def health():
-        return {"status": "ok", "models": engine.names(), "waiting": engine.scheduler.waiting(),
+        return {"status": "ok", "models": listed(), "waiting": engine.scheduler.waiting(),
                 "running": engine.scheduler.running}
 
     @app.get("/v1/models", responses=_responses(401, 403, 500))
     async def list_models():
-        return {"object": "list", "data": [_model_card(name) for name in engine.names()]}
+        return {"object": "list", "data": [_model_card(name) for name in listed()]}
 
     @app.get("/v1/models/{name:path}", responses=_responses(401, 403, 404, 500))
     async def get_model(name: str):
@@ -329,11 +395,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
 
     @app.post("/v1/completions", responses=_responses(*_GENERATE_ERRORS, stream=True))
     async def completions(req: CompletionRequest, request: Request):
-        served = pick(req.model)
+        target = pick(req.model)
         settings = settings_for(req, req.max_tokens)
         if settings.max_new_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens: 0 is only meaningful with echo (scoring the prompt)", param="max_tokens")
-        prompts = _prompt_list(req.prompt)
+        served, prompts = routed_prompts(target, _prompt_list(req.prompt))
         ids = [p if isinstance(p, list) else await encode(served, p) for p in prompts]
         for row in ids:
             check_prompt(served, row, settings, "prompt")
@@ -362,7 +428,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
 
     @app.post("/v1/chat/completions", responses=_responses(*_GENERATE_ERRORS, stream=True))
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        served = pick(req.model)
+        served, messages = routed_messages(pick(req.model), [m.as_dict() for m in req.messages], "messages")
         settings = settings_for(req, req.max_completion_tokens if req.max_completion_tokens is not None
                                 else req.max_tokens)
         if settings.max_new_tokens == 0:
@@ -370,7 +436,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         tools = _tools_for(served, req)
-        ids = await encode(served, [m.as_dict() for m in req.messages], tools)
+        ids = await encode(served, messages, tools)
         check_prompt(served, ids, settings, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         job = _Job(engine.scheduler, served, [ids], req.n, settings, top, score=False, stream=req.stream)
@@ -390,9 +456,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
 
     @app.post("/chat", responses=_responses(*_GENERATE_ERRORS))
     async def simple_chat(req: SimpleChatRequest, request: Request):
-        served = pick(req.model)
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
             m.as_dict() for m in req.history] + [{"role": "user", "content": req.message}]
+        served, messages = routed_messages(pick(req.model), messages, "message")
         sampling = _Sampling.model_construct(model=req.model, temperature=req.temperature)  # already validated
         settings = settings_for(sampling, req.max_new_tokens or req.max_length)
         ids = await encode(served, messages)

@@ -18,7 +18,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from tuneforge.models.generation import add_generation_args
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API for one or more runs (adapters of one base share it)")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run, adapter or model directory; NAME=PATH to name it")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run, adapter or model directory; NAME=PATH to name it; a per-task run (method.per_task) "
+                   "serves each task as NAME/TASK (and TASK when it is the only per-task run)")
+    p.add_argument("--route", choices=("name", "prefix"), default="name",
+                   help="name: the request's model names the adapter (default); prefix: a request for a per-task "
+                   "run's NAME goes to the task named by the '[task]' prefix of its first user message")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     key = p.add_mutually_exclusive_group()
@@ -115,8 +120,9 @@ def serve_command(args: argparse.Namespace) -> int:
     app = create_app(engine, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
                      max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
                      default_temperature=args.default_temperature, max_body_bytes=args.max_body_bytes,
-                     local_only=local and not api_key)
-    print(f"serving {', '.join(engine.names())} on http://{args.host}:{args.port}/v1"
+                     local_only=local and not api_key, route=args.route)
+    names = engine.names() + (list(engine.per_task) if args.route == "prefix" else [])
+    print(f"serving {', '.join(names)} on http://{args.host}:{args.port}/v1"
           + (" (API key required)" if api_key else ""))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -5,12 +5,18 @@ Several runs that are adapters of the same base share one copy of the base: the 
 ``set_adapter`` (the scheduler only batches work of one model and adapter together). Runs on different bases (or
 full models) get a model each. Names are checked at start: two names that peft would store under the same adapter
 key (``x-1`` and ``x_1``) are refused.
+
+A per-task run (``method.per_task``: ``runs/<name>/tasks/<task>/`` each a run of its own) is served as one name per
+task, ``<name>/<task>``, plus the bare ``<task>`` when it is the only per-task run served; its tasks share one base
+like any adapters of one base. :class:`PerTaskRun` picks a task from the ``[task]`` prefix of a prompt (the prefix
+``data.task_prefix`` puts on the first user turn in training) for ``--route prefix``.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,20 +125,140 @@ def served_names(specs: list[str]) -> list[tuple[str, str]]:
                 name, number = f"{base}-{number}", number + 1
         taken.add(name)
         pairs.append((name, path))
+    _check_adapter_keys([name for name, _ in pairs])
+    return pairs
+
+
+def _check_adapter_keys(names: list[str]) -> None:
     keys: dict[str, str] = {}
-    for name, _ in pairs:
+    for name in names:
         other = keys.setdefault(adapter_key(name), name)
         if other != name:
             raise UserError(f"served names {other!r} and {name!r} collide (both become adapter {adapter_key(name)!r}); "
                             "rename one with NAME=PATH using letters, digits and '_' or '-' differently")
-    return pairs
+
+
+@dataclass
+class _TaskGroup:
+    name: str
+    source: str
+    names: dict[str, str]  # task → served name
+    prefixed: dict[str, bool]
+
+
+def expand_per_task(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[_TaskGroup]]:
+    """Replace every per-task run among ``(name, path)`` by one ``(name/task, tasks/<task>)`` pair per task.
+
+    Returns:
+        The pairs to load, and per per-task run its tasks' served names and whether each was trained with
+        ``data.task_prefix`` (read from the task run's ``config.yaml``).
+
+    Raises:
+        UserError: a per-task run without a task run in ``tasks/``, or a task's served name that is already taken
+            or collides with another one as an adapter key.
+    """
+    from tuneforge.models.reference import RUN_TASKS, per_task_runs, read_run_config
+
+    out: list[tuple[str, str]] = []
+    groups: list[_TaskGroup] = []
+    for name, path in pairs:
+        tasks = per_task_runs(path)
+        if not tasks:
+            if (Path(path) / RUN_TASKS).is_dir():
+                raise UserError(f"{path}: a per-task run with no finished task run in {Path(path) / RUN_TASKS} "
+                                "(each tasks/<task>/ needs config.yaml and final/): did its training finish?")
+            out.append((name, path))
+            continue
+        group = _TaskGroup(name, path, {}, {})
+        for task, task_dir in tasks.items():
+            group.names[task] = f"{name}/{task}"
+            data = read_run_config(task_dir).get("data")
+            group.prefixed[task] = bool(data.get("task_prefix", False)) if isinstance(data, dict) else False
+            out.append((group.names[task], str(task_dir)))
+        groups.append(group)
+    taken: dict[str, str] = {}
+    for name, path in out:
+        if name in taken:
+            raise UserError(f"model name {name!r} is given twice ({taken[name]} and {path}); rename one with "
+                            "NAME=PATH")
+        taken[name] = path
+    _check_adapter_keys([name for name, _ in out])
+    return out, groups
+
+
+class UnknownTask(Exception):
+    """A prompt routed by its ``[task]`` prefix names no task of the per-task run (or has no prefix).
+
+    Attributes:
+        code: ``unknown_task`` or ``missing_task_prefix``.
+    """
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+def prefix_task(text: str, tasks: Iterable[str]) -> str | None:
+    """The task whose ``[task]`` prefix ``text`` starts with (the longest such name), else ``None``.
+
+    Task names are matched literally (a name may hold any character, ``]`` too), so ``[a b] hi`` is task ``a b``.
+    """
+    for task in sorted(tasks, key=len, reverse=True):
+        if text.startswith(f"[{task}]"):
+            return task
+    return None
+
+
+@dataclass(eq=False)
+class PerTaskRun:
+    """A per-task run served as one adapter per task on one base.
+
+    Attributes:
+        name: its served name (``<name>`` of ``runs/<name>`` or of ``NAME=PATH``).
+        source: the path given.
+        tasks: ``{task: Served}`` (served as ``<name>/<task>``), sorted by task.
+        prefixed: ``{task: bool}``: whether the task's run was trained with ``data.task_prefix`` (its user turns
+            began with ``[task] ``).
+    """
+
+    name: str
+    source: str
+    tasks: dict[str, Served]
+    prefixed: dict[str, bool]
+
+    def route(self, text: str) -> tuple[Served, str]:
+        """The task adapter that ``text`` (a first user turn or a raw prompt) asks for with its ``[task]`` prefix,
+        and the text as that task saw it in training: unchanged when it was trained with the prefix, without
+        ``[task]`` and one following space when it was not (the prefix is then only a routing tag).
+
+        Raises:
+            UnknownTask: no ``[task]`` prefix, or a prefix naming no task of this run (the message lists them).
+        """
+        task = prefix_task(text, self.tasks)
+        if task is None:
+            known = ", ".join(f"[{t}]" for t in self.tasks)
+            if text.startswith("[") and "]" in text:
+                given = text[:text.index("]") + 1]
+                raise UnknownTask(f"{given[:80]!r} is not a task of the per-task run {self.name!r}; its tasks are "
+                                  f"{known} (or ask for a model {self.served_names_hint()})", "unknown_task")
+            raise UnknownTask(f"the per-task run {self.name!r} routes by task prefix: start the first user message "
+                              f"(or the prompt) with one of {known}, or ask for a model {self.served_names_hint()}",
+                              "missing_task_prefix")
+        if not self.prefixed[task]:
+            rest = text[len(task) + 2:]
+            text = rest[1:] if rest.startswith(" ") else rest
+        return self.tasks[task], text
+
+    def served_names_hint(self) -> str:
+        return " or ".join(repr(served.name) for served in self.tasks.values())
 
 
 class Engine:
     """Holds the served models and the scheduler that batches work on them.
 
     Args:
-        specs: run directories / adapter dirs / model dirs (optionally ``NAME=PATH``).
+        specs: run directories / adapter dirs / model dirs (optionally ``NAME=PATH``); a per-task run serves
+            each of its tasks (module docstring).
         device: passed to ``load_for_inference``.
         dtype: a ``torch.dtype`` (default: ``load_for_inference``'s choice for the device).
         max_batch_size: most generations run together.
@@ -146,8 +272,10 @@ class Engine:
         if not specs:
             raise UserError("give at least one run, adapter or model directory to serve")
         self.models: dict[str, Served] = {}
+        self.per_task: dict[str, PerTaskRun] = {}  # served name of a per-task run → its tasks
+        pairs, groups = expand_per_task(served_names(specs))
         shared: dict[str, Any] = {}  # base → PeftModel already holding adapters of that base
-        for name, path in served_names(specs):
+        for name, path in pairs:
             ref = resolve(path)
             if ref.adapter is not None and ref.base in shared:
                 model = shared[ref.base]
@@ -164,7 +292,23 @@ class Engine:
                 shared[ref.base] = loaded.model
             self.models[name] = Served(name, path, loaded.model, loaded.tokenizer, loaded.template, adapter_name,
                                        ref.base)
+        for group in groups:
+            self.per_task[group.name] = PerTaskRun(
+                group.name, group.source, {task: self.models[name] for task, name in group.names.items()},
+                group.prefixed)
+        if len(self.per_task) == 1:
+            self._add_task_aliases(next(iter(self.per_task.values())))
         self.scheduler = Scheduler(max_batch_size=max_batch_size, max_queue=max_queue)
+
+    def _add_task_aliases(self, run: PerTaskRun) -> None:
+        """Serve each task of the only per-task run under its bare name too (the same adapter)."""
+        for task, served in run.tasks.items():
+            if task in self.models or task in self.per_task:
+                raise UserError(f"task {task!r} of the per-task run {run.name!r} ({run.source}) would also be served "
+                                f"as {task!r}, which is already the name of another served model; rename that one "
+                                f"with NAME=PATH (the task is served as {served.name!r} either way)")
+        for task, served in run.tasks.items():
+            self.models[task] = served
 
     def names(self) -> list[str]:
         return list(self.models)
