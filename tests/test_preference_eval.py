@@ -55,3 +55,46 @@ def test_a_model_at_its_reference_scores_half_and_without_adapter_reference_is_r
     model = get_peft_model(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]))  # B = 0: the reference itself
     result = preference_accuracy(model, tiny_tokenizer, template, _records(), reference=True)
     assert result.accuracy == 50.0 and result.margin == pytest.approx(0.0, abs=1e-6)
+
+
+def _write_pairs(path):
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in PAIRS),
+                    encoding="utf-8")
+    return path
+
+
+def test_reward_acc_is_a_registered_metric_of_tuneforge_eval(tmp_path, tiny_llama, tiny_tokenizer, capsys):
+    """`tuneforge eval MODEL --metrics reward_acc` on a pairs file: the registry's metric equals
+    preference_accuracy on the same records (own likelihood for a plain model, adapter disabled as reference for
+    an adapter); a file of chat records is refused naming the record."""
+    import json
+
+    from tests.helpers import make_adapter, save_base
+    from tuneforge.cli import main
+    from tuneforge.data.readers import read_records
+    from tuneforge.evaluate.metrics import METRICS, parse_metrics
+    from tuneforge.models.reference import load_for_inference
+
+    assert parse_metrics("reward_acc") == [METRICS["reward_acc"]] and METRICS["reward_acc"].higher_is_better
+    base = save_base(tiny_llama, tiny_tokenizer, tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    data = _write_pairs(tmp_path / "pairs.jsonl")
+    records = read_records(str(data), "auto")
+    for spec, reference in ((base, False), (adapter, True)):
+        assert main(["eval", str(spec), "--data", str(data), "--metrics", "reward_acc", "--json",
+                     "--batch-size", "3"]) == 0
+        out = capsys.readouterr().out
+        row = json.loads(out[out.index("\n{") + 1 if not out.startswith("{") else 0:])  # after any library warning
+        loaded = load_for_inference(str(spec), device="cpu")
+        want = preference_accuracy(loaded.model, loaded.tokenizer, loaded.template, records, batch_size=1,
+                                   reference=reference)
+        assert row["reward_acc"] == pytest.approx(want.accuracy)
+        assert row["reward_margin"] == pytest.approx(want.margin, abs=1e-4) and row["pairs"] == 4
+        assert row["reward_reference"] == ("adapter disabled" if reference else "none")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "yo"}]}) + "\n", encoding="utf-8")
+    assert main(["eval", str(base), "--data", str(chat), "--metrics", "reward_acc"]) == 2
+    assert "chat.jsonl:1: reward_acc needs preference pairs" in capsys.readouterr().err

@@ -251,6 +251,12 @@ def _perplexity(loaded: Any, records: list[dict], *, max_length: int | None = No
     return {**row, "ppl_skipped": result.skipped} if result.skipped else row
 
 
+def _reward_acc(loaded: Any, records: list[dict], *, max_length: int | None = None, batch_size: int = 4, **_) -> dict:
+    from tuneforge.evaluate.preference import reward_acc_metric
+
+    return reward_acc_metric(loaded, records, max_length=max_length, batch_size=batch_size)
+
+
 def _rouge(kind: str) -> Callable[[list[str], list[str]], float]:
     return lambda predictions, references: rouge(predictions, references, (kind,))[kind]
 
@@ -262,3 +268,6 @@ for _kind in ROUGE_TYPES:
     register(Metric(_kind, GENERATION, _rouge(_kind), aliases=("rouge",), help=f"ROUGE-{_kind[5:]} F1, 0-100"))
 register(Metric("exact", GENERATION, exact_match, unit="%", aliases=("em",), help="normalised exact match"))
 register(Metric("contains", GENERATION, contains_match, unit="%", help="reference contained in the answer"))
+register(Metric("reward_acc", MODEL, _reward_acc, fmt=".1f", unit="%", shown_with=("reward_margin",),
+                help="preference pairs: chosen answer scored above the rejected one (adapters: against the adapter "
+                     "disabled)"))
