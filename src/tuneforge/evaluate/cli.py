@@ -18,7 +18,10 @@ def add_commands(subparsers) -> None:
                     "each record's last assistant message (chat) or 'output' (alpaca).",
     )
     p.add_argument("models", nargs="+", metavar="MODEL")
-    p.add_argument("--data", required=True, help="eval file (jsonl/json/csv/parquet/txt; text, alpaca or chat)")
+    p.add_argument("--data", default=None,
+                   help="eval file (jsonl/json/csv/parquet/txt; text, alpaca or chat); for a per-task run "
+                        "(method.per_task) each task's adapter is scored on the records of its own task (default: "
+                        "each task's eval split)")
     p.add_argument("--format", default="auto", choices=["auto", "text", "alpaca", "chat"])
     p.add_argument("--metrics", default="ppl", help=metrics_help())
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
@@ -95,12 +98,23 @@ def _check_limit(limit):
 def cmd_eval(args) -> int:
     from tuneforge.evaluate import runner
     from tuneforge.evaluate.metrics import parse_metrics
+    from tuneforge.models.reference import per_task_runs
     from tuneforge.utils import atomic_write_json
 
     metrics = parse_metrics(args.metrics)
     gen = _generation_settings(args)
     _check_limit(args.limit)
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr))
+    parents = [spec for spec in args.models if per_task_runs(spec)]
+    if parents:  # one adapter per task: each scored on its own task's data
+        if len(parents) != len(args.models) or args.retention or args.out:
+            raise UserError("eval of a per-task run (method.per_task): give only per-task runs, without --retention "
+                            "and --out (evaluate one task's run, runs/<name>/tasks/<task>, for those)")
+        for spec in parents:
+            _eval_per_task(spec, args, metrics, gen, progress)
+        return 0
+    if args.data is None:
+        raise UserError("eval needs --data FILE (the records to score the models on)")
     general = None
     if args.retention:  # read (and checked) before any model is loaded
         from tuneforge.evaluate.retention import load_general
@@ -126,6 +140,80 @@ def cmd_eval(args) -> int:
         return 0
     _print_table(rows, metrics, args, gen)
     return 0
+
+
+def _eval_per_task(spec: str, args, metrics, gen, progress) -> None:
+    """Each task run of the per-task run ``spec`` on its own task's records: those of ``--data`` whose ``task`` is
+    the task's name, or (without ``--data``) the task's own eval split. Rows are saved to each task run and, as a
+    per-task table, to the parent's ``eval_results.json``.
+
+    Raises:
+        UserError: a task without eval records (no eval split and no ``--data`` record of that task).
+    """
+    import time
+    from pathlib import Path
+
+    from tuneforge.data.mix import task_of
+    from tuneforge.evaluate import runner
+    from tuneforge.evaluate.metrics import GENERATION
+    from tuneforge.models.reference import RUN_EVAL_RESULTS, per_task_runs, read_run_config
+    from tuneforge.utils import atomic_write_json
+
+    given = runner.load_eval_records(args.data, args.format, None) if args.data else None
+    rows = []
+    for task, run in per_task_runs(spec).items():
+        if given is not None:
+            data, records = args.data, [r for r in given if task_of(r) == task]
+        else:
+            data = (read_run_config(run).get("data") or {}).get("eval")
+            records = runner.load_eval_records(data, args.format, None) if data else []
+        records = records[: args.limit] if args.limit else records
+        if not records:
+            where = f"no record of {args.data} has task {task!r}" if given is not None else "it has no eval split"
+            raise UserError(f"{spec}: cannot evaluate task {task}: {where} (give --data with records of each task)")
+        refs = (runner.check_references(records, metrics, data) if any(m.needs == GENERATION for m in metrics)
+                else None)
+        if progress:
+            progress(f"evaluating {run} on {len(records)} records of task {task} ...")
+        row = runner.evaluate_model(str(run), records, metrics, gen, device=args.device, batch_size=args.batch_size,
+                                    max_length=args.max_length, stride=args.stride, references=refs,
+                                    keep_predictions=args.predictions)
+        row["task"] = task
+        if not args.no_save:
+            runner.save_to_run_dirs([row], data, metrics, gen)
+        rows.append(row)
+    if not args.no_save:
+        path = Path(spec) / RUN_EVAL_RESULTS
+        try:
+            existing = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+        except json.JSONDecodeError:
+            existing = []
+        entry = {"data": args.data or "each task's eval split", "metrics": [m.name for m in metrics],
+                 "generation": gen.to_dict(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "tasks": {r["task"]: {k: v for k, v in r.items() if k not in ("predictions", "task")} for r in rows}}
+        atomic_write_json(path, [*(existing if isinstance(existing, list) else []), entry])
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return
+    _print_task_table(spec, rows, metrics)
+
+
+def _print_task_table(spec: str, rows: list[dict], metrics) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tuneforge.evaluate.metrics import columns, format_value
+
+    table = Table(title=f"{_short(spec)} — one adapter per task, each on its own task's records")
+    table.add_column("task")
+    table.add_column("records", justify="right")
+    keys = columns(metrics)
+    for key in keys:
+        table.add_column(key, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(row["task"], str(row.get("n")), *(format_value(k, row.get(k)) for k in keys))
+    Console().print(table)
 
 
 def _short(spec: str, limit: int = 40) -> str:

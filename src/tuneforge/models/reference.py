@@ -233,6 +233,11 @@ def _run_and_final(path: Path) -> tuple[Path | None, Path]:
 
 
 def _no_model_message(given: str, final: Path, run_dir: Path | None) -> str:
+    if run_dir is not None and per_task_runs(run_dir):
+        tasks = ", ".join(str(p) for p in per_task_runs(run_dir).values())
+        return (f"{given}: a per-task run (method.per_task) holds one model per task, not one model: name a task's "
+                f"run ({tasks}); `tuneforge eval {given}` evaluates each on its own task, `tuneforge serve` serves "
+                "them together")
     if run_dir is not None:
         return (f"{given}: the run has no model in {final} yet: did the training run finish? "
                 f"(`tuneforge train <config> --resume` continues it)")
