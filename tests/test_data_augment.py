@@ -1,0 +1,327 @@
+"""``tuneforge data augment``: the ROUGE-L filter, provenance, resume and bad input, against a real HTTP teacher.
+
+The teacher is a stdlib ``http.server`` in a thread answering ``/v1/chat/completions`` from a table keyed by the
+request's ``seed`` (request *i* of the run has seed *i*: input position × n + variant), so every reply and every
+ROUGE-L below is known in advance. Hand computation (rouge-score tokens: lower-cased letter/digit runs; ROUGE-L F1
+= 2·LCS / (len a + len b)) is written next to each reply.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tuneforge.cli import main
+
+INPUTS = [
+    {"instruction": "What is the capital of France?", "output": "Paris."},
+    {"instruction": "Name three primary colors.", "output": "Red, blue and yellow."},
+    {"instruction": "Explain why the sky is blue in one sentence.", "output": "Air scatters blue light the most."},
+]
+# rewrite, --n 2: seeds 0-1 for in.jsonl:1, 2-3 for :2, 4-5 for :3.
+REPLIES = {
+    # tell me which city serves as france s seat of government (11) vs "what is the capital of france" (6):
+    # "france" and "of" come in opposite orders, LCS 1 → 2/17 = 0.1176; nothing shared with the others: KEPT.
+    0: ("INSTRUCTION: Tell me which city serves as France's seat of government.\nANSWER: Paris.", "stop"),
+    # 12 tokens; vs seed 0 (kept): LCS "tell me which city serves as seat of government" 9 → 18/23 = 0.783: DROPPED,
+    # although vs every input it is below 0.7 (vs "what is the capital of france": the, of, france → 6/18).
+    1: ("**Instruction:** Tell me which city serves as the seat of government of France.\n**Answer:** Paris.",
+        "stop"),
+    2: ("Sure! Here is a rewritten version for you.", "stop"),  # no INSTRUCTION/ANSWER: unreadable
+    # list the three primary colours of paint (7) vs "name three primary colors" (4): LCS 2 → 4/11 = 0.3636
+    # (vs "what is the capital of france": the..of → 4/13; vs seed 0: of → 2/18): KEPT, rouge_l_max 0.3636.
+    3: ("<think>\nEasy.\n</think>\nINSTRUCTION: List the three primary colours of paint.\nANSWER: Red, yellow, blue.",
+        "stop"),
+    # 10 tokens vs "explain why the sky is blue in one sentence" (9): LCS 8 → 16/19 = 0.842: DROPPED.
+    4: ("INSTRUCTION: Explain why the sky is blue in a single sentence.\nANSWER: Rayleigh scattering.", "stop"),
+    5: ("INSTRUCTION: Why does the daytime sky look blue?\nANSWER: Because shorter wavelen", "length"),  # cut off
+}
+EXPECTED_COUNTS = {"inputs": 3, "requests": 6, "kept": 2, "near_duplicate": 2, "bad_reply": 1, "truncated": 1,
+                   "teacher_error": 0}
+
+
+class FakeTeacher:
+    """A real local HTTP server speaking the OpenAI chat-completions protocol, with switchable failures."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.down_from_seed: int | None = None  # 503 for every seeded request from this seed on
+        self.fail_once: set[int] = set()  # seeds answered 500 the first time
+        teacher = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                teacher.requests.append(body)
+                if self.path != "/v1/chat/completions":
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                seed = body.get("seed")
+                if seed is None:  # the probe
+                    return self._send(200, _completion("OK", "stop"))
+                if teacher.down_from_seed is not None and seed >= teacher.down_from_seed:
+                    return self._send(503, {"error": {"message": "overloaded"}})
+                if seed in teacher.fail_once:
+                    teacher.fail_once.discard(seed)
+                    return self._send(500, {"error": {"message": "transient"}})
+                return self._send(200, _completion(*REPLIES[seed]))
+
+            def _send(self, status, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):  # keep the test output clean
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _completion(text: str, finish_reason: str) -> dict:
+    return {"id": "x", "object": "chat.completion", "model": "fake",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}]}
+
+
+@pytest.fixture()
+def teacher(monkeypatch):
+    from tuneforge.data import teacher as teacher_module
+
+    monkeypatch.setattr(teacher_module, "BACKOFF_SECONDS", 0.01)
+    fake = FakeTeacher()
+    yield fake
+    fake.close()
+
+
+def write_inputs(folder: Path, rows=INPUTS) -> Path:
+    path = folder / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def augment(src: Path, out: Path, url: str, *extra: str) -> int:
+    return main(["data", "augment", str(src), "--out", str(out), "--teacher", url, "--mode", "rewrite", "--n", "2",
+                 "--no-progress", *extra])
+
+
+def read_out(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+
+def state_of(out: Path) -> dict:
+    return json.loads(out.with_name(out.name + ".augment-state").read_text(encoding="utf-8"))
+
+
+def test_rouge_filter_keeps_and_drops_the_hand_checked_records(tmp_path, teacher):
+    src, out = write_inputs(tmp_path), tmp_path / "aug.jsonl"
+    teacher.fail_once = {3}  # one 500: retried, then answered
+    assert augment(src, out, teacher.url) == 0
+
+    records = read_out(out)
+    assert [r["messages"][0]["content"] for r in records] == [
+        "Tell me which city serves as France's seat of government.", "List the three primary colours of paint."]
+    assert [r["messages"][1] for r in records] == [{"role": "assistant", "content": "Paris."},
+                                                   {"role": "assistant", "content": "Red, yellow, blue."}]
+    assert [r["augment"] for r in records] == [
+        {"mode": "rewrite", "teacher": teacher.url, "source": f"{src}:1", "n": 2, "variant": 1,
+         "rouge_l_max": round(2 / 17, 4)},
+        {"mode": "rewrite", "teacher": teacher.url, "source": f"{src}:2", "n": 2, "variant": 2,
+         "rouge_l_max": round(4 / 11, 4)},
+    ]
+    assert state_of(out)["counts"] == EXPECTED_COUNTS
+    # requests: the probe, then seeds 0..5 (3 twice: the retry), each carrying the input's instruction
+    seeds = [r.get("seed") for r in teacher.requests]
+    assert seeds == [None, 0, 1, 2, 3, 3, 4, 5]
+    assert "What is the capital of France?" in teacher.requests[1]["messages"][0]["content"]
+    assert teacher.requests[1]["max_tokens"] == 512 and teacher.requests[1]["temperature"] == 0.0
+    assert "top_k" not in teacher.requests[1]  # not an OpenAI field: sent only when set
+
+
+def test_filter_uses_the_rouge_of_tuneforge_eval():
+    from tuneforge.data.augment import RougePool
+    from tuneforge.evaluate.metrics import rouge
+
+    pool = RougePool(["What is the capital of France?", "Name three primary colors."])
+    text = "List the three primary colours of paint."
+    assert pool.max_rouge_l(text) == pytest.approx(4 / 11)
+    assert pool.max_rouge_l(text) * 100 == pytest.approx(rouge([text], ["Name three primary colors."])["rougeL"])
+    # non-ASCII: one token per Han character (the eval tokenizer), so near-duplicates in Chinese are caught too
+    zh = RougePool(["我喜欢人工智能"])
+    assert zh.max_rouge_l("我很喜欢人工智能") == pytest.approx(2 * 7 / (7 + 8))
+
+
+def test_parse_reply_is_robust():
+    from tuneforge.data.augment import parse_reply
+
+    assert parse_reply("rewrite", "## Instruction：Say hi.\n\n**ANSWER**: Hi!") == {"instruction": "Say hi.",
+                                                                                    "answer": "Hi!"}
+    assert parse_reply("rewrite", "INSTRUCTION: Say hi.") is None  # no answer
+    assert parse_reply("rewrite", "<think>never closed INSTRUCTION: a ANSWER: b") is None
+    assert parse_reply("backtranslate", '"Write a haiku about rain."') == {"instruction": "Write a haiku about rain."}
+    assert parse_reply("cot", "REASONING:\n3 + 5: add the units.\nANSWER: 8") == {
+        "reasoning": "3 + 5: add the units.", "answer": "8"}
+    assert parse_reply("cot", "") is None
+
+
+def test_resume_after_interruption_gives_the_uninterrupted_output(tmp_path, teacher):
+    src = write_inputs(tmp_path)
+    whole, parts = tmp_path / "whole.jsonl", tmp_path / "parts.jsonl"
+    assert augment(src, whole, teacher.url) == 0
+
+    teacher.down_from_seed = 4  # the teacher goes down during the third input
+    assert augment(src, parts, teacher.url, "--retries", "1") == 2
+    assert state_of(parts)["done"] == 2 and len(read_out(parts)) == 2
+    with open(parts, "ab") as handle:  # and a kill left half a record behind
+        handle.write(b'{"messages": [{"role": "user", "content": "Expl')
+
+    teacher.down_from_seed = None
+    teacher.requests.clear()
+    assert augment(src, parts, teacher.url, "--retries", "1") == 0
+    assert [r.get("seed") for r in teacher.requests] == [None, 4, 5]  # only the unfinished input is asked again
+    assert parts.read_bytes() == whole.read_bytes()
+    assert state_of(parts)["counts"] == state_of(whole)["counts"] == EXPECTED_COUNTS
+
+    teacher.requests.clear()  # a finished run: nothing more to ask
+    assert augment(src, parts, teacher.url) == 0
+    assert [r.get("seed") for r in teacher.requests] == [None]
+    assert parts.read_bytes() == whole.read_bytes()
+
+
+def test_other_arguments_or_a_foreign_out_need_overwrite(tmp_path, teacher, capsys):
+    src, out = write_inputs(tmp_path), tmp_path / "aug.jsonl"
+    assert augment(src, out, teacher.url) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert augment(src, out, teacher.url, "--max-rouge", "0.9") == 2
+    assert "max_rouge: 0.7 → 0.9" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert augment(src, out, teacher.url, "--max-rouge", "0.9", "--overwrite") == 0
+    assert len(read_out(out)) == 4  # seeds 1 (0.783) and 4 (0.842) now pass too
+
+    foreign = tmp_path / "mine.jsonl"
+    foreign.write_text('{"text": "my own notes"}\n', encoding="utf-8")
+    assert augment(src, foreign, teacher.url) == 2
+    assert "not an augmentation in progress" in capsys.readouterr().err
+    assert foreign.read_text(encoding="utf-8") == '{"text": "my own notes"}\n'
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, teacher, capsys):
+    src, out = write_inputs(tmp_path), tmp_path / "aug.jsonl"
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    cases = [
+        (["--teacher", closed], "cannot connect"),
+        (["--teacher", teacher.url.removesuffix("/v1")], "HTTP 404"),
+        (["--mode", "paraphrase"], "--mode 'paraphrase' is not known"),
+        (["--n", "0"], "--n 0 must be at least 1"),
+        (["--n", "two"], "--n 'two' must be a positive whole number"),
+        (["--max-rouge", "70"], "--max-rouge 70 must be in (0, 1]"),
+    ]
+    for extra, message in cases:
+        args = ["data", "augment", str(src), "--out", str(out), "--teacher", teacher.url, "--mode", "rewrite",
+                "--no-progress"]
+        for flag, value in zip(extra[::2], extra[1::2], strict=True):
+            if flag in args:
+                args[args.index(flag) + 1] = value
+            else:
+                args += [flag, value]
+        assert main(args) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(INPUTS[0]) + "\n{not json\n", encoding="utf-8")
+    assert augment(broken, out, teacher.url) == 2
+    assert f"{broken}:2: malformed JSON" in capsys.readouterr().err
+    assert augment(tmp_path / "missing.jsonl", out, teacher.url) == 2
+    assert augment(src, src, teacher.url) == 2
+    assert "is the input" in capsys.readouterr().err
+    text_only = tmp_path / "text.jsonl"
+    text_only.write_text('{"text": "plain"}\n', encoding="utf-8")
+    assert augment(text_only, out, teacher.url) == 2
+    assert "no record to augment" in capsys.readouterr().err
+    assert not out.exists() and not out.with_name(out.name + ".augment-state").exists()
+    assert src.read_text(encoding="utf-8") == "".join(json.dumps(r) + "\n" for r in INPUTS)
+    assert all(r.get("seed") is None for r in teacher.requests)  # only probes ever reached the teacher
+
+
+def test_out_reads_and_renders_as_training_data(tmp_path, teacher, capsys):
+    import yaml
+
+    from tuneforge.data.readers import read_records
+
+    src, out = write_inputs(tmp_path), tmp_path / "aug.jsonl"
+    assert augment(src, out, teacher.url) == 0
+    records = read_records(out)
+    assert [r["messages"] for r in records] == [r["messages"] for r in read_out(out)]
+    assert all("augment" not in r for r in records)  # provenance stays in the file; training ignores it
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_name": "p", "data": {"train": [str(src), str(out)], "max_length": 64, "packing": False},
+        "model": {"from_config": {"architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                                  "vocab_size": 400}}}), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["data", "preview", str(config), "-n", "5", "--json"]) == 0
+    texts = [json.loads(line)["text"] for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(texts) == 5 and sum("List the three primary colours of paint." in t for t in texts) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_tokenizer):
+    import torch
+
+    from tests.helpers import make_run, save_base, tiny_from_config
+    from tuneforge.models import build_model
+
+    root = tmp_path_factory.mktemp("augment")
+    torch.manual_seed(0)
+    base = save_base(build_model(tiny_from_config("llama"), tiny_tokenizer), tiny_tokenizer, root / "base")
+    return make_run(root / "run", base, seed=1)
+
+
+def _counts_add_up(counts: dict, inputs: int, n: int) -> None:
+    assert counts["inputs"] == inputs and counts["requests"] == inputs * n
+    assert counts["requests"] == sum(counts[k] for k in ("kept", "near_duplicate", "bad_reply", "truncated",
+                                                            "teacher_error"))
+
+
+def test_a_run_directory_as_teacher(tmp_path, tiny_run):
+    src, out = write_inputs(tmp_path), tmp_path / "aug.jsonl"
+    args = ["data", "augment", str(src), "--out", str(out), "--teacher", str(tiny_run), "--mode", "cot", "--n", "2",
+            "--temperature", "1.0", "--max-new-tokens", "8", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    _counts_add_up(state_of(out)["counts"], 3, 2)
+    assert all(r["augment"]["teacher"] == str(tiny_run.resolve()) for r in read_out(out))
+
+
+def test_tuneforge_serve_as_teacher(tmp_path, tiny_run):
+    from tuneforge.serve.app import create_app
+    from tuneforge.serve.background import serve_in_thread
+    from tuneforge.serve.engine import Engine
+
+    key = tmp_path / "key"
+    key.write_text("secret\n", encoding="utf-8")
+    engine = Engine([str(tiny_run)], device="cpu")
+    try:
+        with serve_in_thread(create_app(engine, api_key="secret", max_tokens_limit=64)) as url:
+            src, out = write_inputs(tmp_path), tmp_path / "aug.jsonl"
+            base = ["data", "augment", str(src), "--out", str(out), "--teacher", f"{url}/v1", "--mode",
+                    "backtranslate", "--max-new-tokens", "8", "--no-progress"]
+            assert main(base) == 2  # no key: refused at the probe, nothing written
+            assert not out.exists()
+            assert main([*base, "--api-key-file", str(key)]) == 0
+    finally:
+        engine.scheduler.close()
+    _counts_add_up(state_of(out)["counts"], 3, 1)
