@@ -248,3 +248,20 @@ def test_prefix_matching_is_literal_and_longest_first():
         r"\[kept\], \[tag\]",
     ):
         run.route("[other] x")
+
+
+def test_serve_command_routes_by_prefix_and_refuses_it_without_a_per_task_run(layout, monkeypatch, capsys):
+    from tuneforge.cli import main
+
+    apps = []
+    monkeypatch.setattr("uvicorn.run", lambda app, host, port, log_level: apps.append(app))
+    assert main(["serve", str(layout["mt"]), "--route", "prefix", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "serving mt/qa, mt/sum, qa, sum, mt on" in out, out
+    assert len(apps) == 1
+    assert main(["serve", str(layout["other"]), "--route", "prefix", "--device", "cpu"]) == 2
+    assert "--route prefix chooses among the tasks of a per-task run" in " ".join(
+        capsys.readouterr().err.split()
+    )
+    assert main(["serve", f"qa={layout['mt']}", "--device", "cpu"]) == 2
+    assert "name the run with NAME=PATH" in " ".join(capsys.readouterr().err.split())

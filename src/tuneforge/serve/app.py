@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from fastapi import Request  # module level: FastAPI resolves endpoint annotations from this module's globals
 
 from tuneforge.errors import UserError
-from tuneforge.serve.engine import Engine, PerTaskRun, Served, UnknownTask
+from tuneforge.serve.engine import Engine, PerTaskRun, Served, UnknownTask, check_route
 from tuneforge.serve.scheduler import QueueFull, Work
 from tuneforge.serve.schemas import (
     ChatCompletionRequest,
@@ -43,7 +43,6 @@ from tuneforge.serve.schemas import (
 log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-ROUTES = ("name", "prefix")  # how a request finds its adapter (create_app's ``route``, serve's --route)
 
 
 class APIError(Exception):
@@ -250,12 +249,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
 
     from tuneforge.models.generation import GenerationSettings
 
-    if route not in ROUTES:
-        raise UserError(f"route {route!r} is not one of {', '.join(ROUTES)}")
-    if route == "prefix" and not engine.per_task:
-        raise UserError("--route prefix chooses among the tasks of a per-task run (method.per_task: true, "
-                        "runs/<name>/tasks/<task>/), and none of the served runs is one; serve such a run or drop "
-                        "--route prefix")
+    check_route(route, engine.per_task)
     app = FastAPI(title="tuneforge", description="OpenAI-compatible API for tuneforge runs", version="1")
     app.state.engine = engine
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, local_only=local_only)

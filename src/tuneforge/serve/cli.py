@@ -16,12 +16,13 @@ KEY_ENV = "TUNEFORGE_API_KEY"
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this group's subcommands."""
     from tuneforge.models.generation import add_generation_args
+    from tuneforge.serve.engine import ROUTES
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API for one or more runs (adapters of one base share it)")
     p.add_argument("runs", nargs="+", metavar="RUN",
                    help="run, adapter or model directory; NAME=PATH to name it; a per-task run (method.per_task) "
                    "serves each task as NAME/TASK (and TASK when it is the only per-task run)")
-    p.add_argument("--route", choices=("name", "prefix"), default="name",
+    p.add_argument("--route", choices=ROUTES, default="name",
                    help="name: the request's model names the adapter (default); prefix: a request for a per-task "
                    "run's NAME goes to the task named by the '[task]' prefix of its first user message")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -110,8 +111,10 @@ def serve_command(args: argparse.Namespace) -> int:
         from tuneforge.serve.app import create_app
     except ImportError as exc:
         raise UserError(f"serve needs the serve extra ({exc.name} is missing): pip install 'tuneforge[serve]'") from None
-    from tuneforge.serve.engine import Engine
+    from tuneforge.serve.engine import Engine, check_route, expand_per_task, served_names
 
+    _, per_task = expand_per_task(served_names(args.runs))  # names and route checked before any model loads
+    check_route(args.route, per_task)
     local = is_loopback(args.host)
     if not local and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the models "

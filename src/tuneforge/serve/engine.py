@@ -186,6 +186,23 @@ def expand_per_task(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]]
     return out, groups
 
 
+ROUTES = ("name", "prefix")  # how a request finds its adapter (create_app's ``route``, serve's --route)
+
+
+def check_route(route: str, per_task_names: Iterable[str]) -> None:
+    """Refuse an unknown ``route``, and ``prefix`` when no per-task run is served (it would route nothing).
+
+    Raises:
+        UserError: naming ``--route``.
+    """
+    if route not in ROUTES:
+        raise UserError(f"--route {route!r} is not one of {', '.join(ROUTES)}")
+    if route == "prefix" and not list(per_task_names):
+        raise UserError("--route prefix chooses among the tasks of a per-task run (method.per_task: true, "
+                        "runs/<name>/tasks/<task>/), and none of the served runs is one; serve such a run or drop "
+                        "--route prefix")
+
+
 class UnknownTask(Exception):
     """A prompt routed by its ``[task]`` prefix names no task of the per-task run (or has no prefix).
 
@@ -303,10 +320,14 @@ class Engine:
     def _add_task_aliases(self, run: PerTaskRun) -> None:
         """Serve each task of the only per-task run under its bare name too (the same adapter)."""
         for task, served in run.tasks.items():
-            if task in self.models or task in self.per_task:
+            if task == run.name:
+                raise UserError(f"the per-task run {run.source} is served as {run.name!r}, which is also the name of "
+                                f"its task {task!r}; name the run with NAME=PATH (e.g. {run.name}-tasks={run.source})")
+            if task in self.models:
                 raise UserError(f"task {task!r} of the per-task run {run.name!r} ({run.source}) would also be served "
-                                f"as {task!r}, which is already the name of another served model; rename that one "
-                                f"with NAME=PATH (the task is served as {served.name!r} either way)")
+                                f"as {task!r}, which is already the name of another served model "
+                                f"({self.models[task].source}); rename that one with NAME=PATH (the task is served "
+                                f"as {served.name!r} either way)")
         for task, served in run.tasks.items():
             self.models[task] = served
 
