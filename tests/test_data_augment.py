@@ -21,7 +21,10 @@ from tuneforge.cli import main
 INPUTS = [
     {"instruction": "What is the capital of France?", "output": "Paris."},
     {"instruction": "Name three primary colors.", "output": "Red, blue and yellow."},
-    {"instruction": "Explain why the sky is blue in one sentence.", "output": "Air scatters blue light the most."},
+    {
+        "instruction": "Explain why the sky is blue in one sentence.",
+        "output": "Air scatters blue light the most.",
+    },
 ]
 # rewrite, --n 2: seeds 0-1 for in.jsonl:1, 2-3 for :2, 4-5 for :3.
 REPLIES = {
@@ -30,19 +33,36 @@ REPLIES = {
     0: ("INSTRUCTION: Tell me which city serves as France's seat of government.\nANSWER: Paris.", "stop"),
     # 12 tokens; vs seed 0 (kept): LCS "tell me which city serves as seat of government" 9 → 18/23 = 0.783: DROPPED,
     # although vs every input it is below 0.7 (vs "what is the capital of france": the, of, france → 6/18).
-    1: ("**Instruction:** Tell me which city serves as the seat of government of France.\n**Answer:** Paris.",
-        "stop"),
+    1: (
+        "**Instruction:** Tell me which city serves as the seat of government of France.\n**Answer:** Paris.",
+        "stop",
+    ),
     2: ("Sure! Here is a rewritten version for you.", "stop"),  # no INSTRUCTION/ANSWER: unreadable
     # list the three primary colours of paint (7) vs "name three primary colors" (4): LCS 2 → 4/11 = 0.3636
     # (vs "what is the capital of france": the..of → 4/13; vs seed 0: of → 2/18): KEPT, rouge_l_max 0.3636.
-    3: ("<think>\nEasy.\n</think>\nINSTRUCTION: List the three primary colours of paint.\nANSWER: Red, yellow, blue.",
-        "stop"),
+    3: (
+        "<think>\nEasy.\n</think>\nINSTRUCTION: List the three primary colours of paint.\nANSWER: Red, yellow, blue.",
+        "stop",
+    ),
     # 10 tokens vs "explain why the sky is blue in one sentence" (9): LCS 8 → 16/19 = 0.842: DROPPED.
-    4: ("INSTRUCTION: Explain why the sky is blue in a single sentence.\nANSWER: Rayleigh scattering.", "stop"),
-    5: ("INSTRUCTION: Why does the daytime sky look blue?\nANSWER: Because shorter wavelen", "length"),  # cut off
+    4: (
+        "INSTRUCTION: Explain why the sky is blue in a single sentence.\nANSWER: Rayleigh scattering.",
+        "stop",
+    ),
+    5: (
+        "INSTRUCTION: Why does the daytime sky look blue?\nANSWER: Because shorter wavelen",
+        "length",
+    ),  # cut off
 }
-EXPECTED_COUNTS = {"inputs": 3, "requests": 6, "kept": 2, "near_duplicate": 2, "bad_reply": 1, "truncated": 1,
-                   "teacher_error": 0}
+EXPECTED_COUNTS = {
+    "inputs": 3,
+    "requests": 6,
+    "kept": 2,
+    "near_duplicate": 2,
+    "bad_reply": 1,
+    "truncated": 1,
+    "teacher_error": 0,
+}
 
 
 class FakeTeacher:
@@ -92,8 +112,14 @@ class FakeTeacher:
 
 
 def _completion(text: str, finish_reason: str) -> dict:
-    return {"id": "x", "object": "chat.completion", "model": "fake",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}]}
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "model": "fake",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+        ],
+    }
 
 
 @pytest.fixture()
@@ -113,8 +139,23 @@ def write_inputs(folder: Path, rows=INPUTS) -> Path:
 
 
 def augment(src: Path, out: Path, url: str, *extra: str) -> int:
-    return main(["data", "augment", str(src), "--out", str(out), "--teacher", url, "--mode", "rewrite", "--n", "2",
-                 "--no-progress", *extra])
+    return main(
+        [
+            "data",
+            "augment",
+            str(src),
+            "--out",
+            str(out),
+            "--teacher",
+            url,
+            "--mode",
+            "rewrite",
+            "--n",
+            "2",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def read_out(out: Path) -> list[dict]:
@@ -132,14 +173,30 @@ def test_rouge_filter_keeps_and_drops_the_hand_checked_records(tmp_path, teacher
 
     records = read_out(out)
     assert [r["messages"][0]["content"] for r in records] == [
-        "Tell me which city serves as France's seat of government.", "List the three primary colours of paint."]
-    assert [r["messages"][1] for r in records] == [{"role": "assistant", "content": "Paris."},
-                                                   {"role": "assistant", "content": "Red, yellow, blue."}]
+        "Tell me which city serves as France's seat of government.",
+        "List the three primary colours of paint.",
+    ]
+    assert [r["messages"][1] for r in records] == [
+        {"role": "assistant", "content": "Paris."},
+        {"role": "assistant", "content": "Red, yellow, blue."},
+    ]
     assert [r["augment"] for r in records] == [
-        {"mode": "rewrite", "teacher": teacher.url, "source": f"{src}:1", "n": 2, "variant": 1,
-         "rouge_l_max": round(2 / 17, 4)},
-        {"mode": "rewrite", "teacher": teacher.url, "source": f"{src}:2", "n": 2, "variant": 2,
-         "rouge_l_max": round(4 / 11, 4)},
+        {
+            "mode": "rewrite",
+            "teacher": teacher.url,
+            "source": f"{src}:1",
+            "n": 2,
+            "variant": 1,
+            "rouge_l_max": round(2 / 17, 4),
+        },
+        {
+            "mode": "rewrite",
+            "teacher": teacher.url,
+            "source": f"{src}:2",
+            "n": 2,
+            "variant": 2,
+            "rouge_l_max": round(4 / 11, 4),
+        },
     ]
     assert state_of(out)["counts"] == EXPECTED_COUNTS
     # requests: the probe, then seeds 0..5 (3 twice: the retry), each carrying the input's instruction
@@ -157,7 +214,9 @@ def test_filter_uses_the_rouge_of_tuneforge_eval():
     pool = RougePool(["What is the capital of France?", "Name three primary colors."])
     text = "List the three primary colours of paint."
     assert pool.max_rouge_l(text) == pytest.approx(4 / 11)
-    assert pool.max_rouge_l(text) * 100 == pytest.approx(rouge([text], ["Name three primary colors."])["rougeL"])
+    assert pool.max_rouge_l(text) * 100 == pytest.approx(
+        rouge([text], ["Name three primary colors."])["rougeL"]
+    )
     # non-ASCII: one token per Han character (the eval tokenizer), so near-duplicates in Chinese are caught too
     zh = RougePool(["我喜欢人工智能"])
     assert zh.max_rouge_l("我很喜欢人工智能") == pytest.approx(2 * 7 / (7 + 8))
@@ -166,13 +225,19 @@ def test_filter_uses_the_rouge_of_tuneforge_eval():
 def test_parse_reply_is_robust():
     from tuneforge.data.augment import parse_reply
 
-    assert parse_reply("rewrite", "## Instruction：Say hi.\n\n**ANSWER**: Hi!") == {"instruction": "Say hi.",
-                                                                                    "answer": "Hi!"}
+    assert parse_reply("rewrite", "## Instruction：Say hi.\n\n**ANSWER**: Hi!") == {
+        "instruction": "Say hi.",
+        "answer": "Hi!",
+    }
     assert parse_reply("rewrite", "INSTRUCTION: Say hi.") is None  # no answer
     assert parse_reply("rewrite", "<think>never closed INSTRUCTION: a ANSWER: b") is None
-    assert parse_reply("backtranslate", '"Write a haiku about rain."') == {"instruction": "Write a haiku about rain."}
+    assert parse_reply("backtranslate", '"Write a haiku about rain."') == {
+        "instruction": "Write a haiku about rain."
+    }
     assert parse_reply("cot", "REASONING:\n3 + 5: add the units.\nANSWER: 8") == {
-        "reasoning": "3 + 5: add the units.", "answer": "8"}
+        "reasoning": "3 + 5: add the units.",
+        "answer": "8",
+    }
     assert parse_reply("cot", "") is None
 
 
@@ -190,7 +255,11 @@ def test_resume_after_interruption_gives_the_uninterrupted_output(tmp_path, teac
     teacher.down_from_seed = None
     teacher.requests.clear()
     assert augment(src, parts, teacher.url, "--retries", "1") == 0
-    assert [r.get("seed") for r in teacher.requests] == [None, 4, 5]  # only the unfinished input is asked again
+    assert [r.get("seed") for r in teacher.requests] == [
+        None,
+        4,
+        5,
+    ]  # only the unfinished input is asked again
     assert parts.read_bytes() == whole.read_bytes()
     assert state_of(parts)["counts"] == state_of(whole)["counts"] == EXPECTED_COUNTS
 
@@ -232,8 +301,18 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, teacher, capsys):
         (["--max-rouge", "70"], "--max-rouge 70 must be in (0, 1]"),
     ]
     for extra, message in cases:
-        args = ["data", "augment", str(src), "--out", str(out), "--teacher", teacher.url, "--mode", "rewrite",
-                "--no-progress"]
+        args = [
+            "data",
+            "augment",
+            str(src),
+            "--out",
+            str(out),
+            "--teacher",
+            teacher.url,
+            "--mode",
+            "rewrite",
+            "--no-progress",
+        ]
         for flag, value in zip(extra[::2], extra[1::2], strict=True):
             if flag in args:
                 args[args.index(flag) + 1] = value
@@ -268,10 +347,24 @@ def test_out_reads_and_renders_as_training_data(tmp_path, teacher, capsys):
     assert [r["messages"] for r in records] == [r["messages"] for r in read_out(out)]
     assert all("augment" not in r for r in records)  # provenance stays in the file; training ignores it
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "run_name": "p", "data": {"train": [str(src), str(out)], "max_length": 64, "packing": False},
-        "model": {"from_config": {"architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-                                  "vocab_size": 400}}}), encoding="utf-8")
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run_name": "p",
+                "data": {"train": [str(src), str(out)], "max_length": 64, "packing": False},
+                "model": {
+                    "from_config": {
+                        "architecture": "llama",
+                        "hidden_size": 64,
+                        "num_layers": 2,
+                        "num_heads": 4,
+                        "vocab_size": 400,
+                    }
+                },
+            }
+        ),
+        encoding="utf-8",
+    )
     capsys.readouterr()
     assert main(["data", "preview", str(config), "-n", "5", "--json"]) == 0
     texts = [json.loads(line)["text"] for line in capsys.readouterr().out.strip().splitlines()]
@@ -293,20 +386,39 @@ def tiny_run(tmp_path_factory, tiny_tokenizer):
 
 def _counts_add_up(counts: dict, inputs: int, n: int) -> None:
     assert counts["inputs"] == inputs and counts["requests"] == inputs * n
-    assert counts["requests"] == sum(counts[k] for k in ("kept", "near_duplicate", "bad_reply", "truncated",
-                                                            "teacher_error"))
+    assert counts["requests"] == sum(
+        counts[k] for k in ("kept", "near_duplicate", "bad_reply", "truncated", "teacher_error")
+    )
 
 
 def test_a_run_directory_as_teacher(tmp_path, tiny_run):
     src, out = write_inputs(tmp_path), tmp_path / "aug.jsonl"
-    args = ["data", "augment", str(src), "--out", str(out), "--teacher", str(tiny_run), "--mode", "cot", "--n", "2",
-            "--temperature", "1.0", "--max-new-tokens", "8", "--device", "cpu", "--no-progress"]
+    args = [
+        "data",
+        "augment",
+        str(src),
+        "--out",
+        str(out),
+        "--teacher",
+        str(tiny_run),
+        "--mode",
+        "cot",
+        "--n",
+        "2",
+        "--temperature",
+        "1.0",
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(args) == 0
     _counts_add_up(state_of(out)["counts"], 3, 2)
     assert all(r["augment"]["teacher"] == str(tiny_run.resolve()) for r in read_out(out))
 
 
-def test_tuneforge_serve_as_teacher(tmp_path, tiny_run):
+def test_tuneforge_serve_as_teacher(tmp_path, tiny_run, capsys):
     from tuneforge.serve.app import create_app
     from tuneforge.serve.background import serve_in_thread
     from tuneforge.serve.engine import Engine
@@ -317,9 +429,22 @@ def test_tuneforge_serve_as_teacher(tmp_path, tiny_run):
     try:
         with serve_in_thread(create_app(engine, api_key="secret", max_tokens_limit=64)) as url:
             src, out = write_inputs(tmp_path), tmp_path / "aug.jsonl"
-            base = ["data", "augment", str(src), "--out", str(out), "--teacher", f"{url}/v1", "--mode",
-                    "backtranslate", "--max-new-tokens", "8", "--no-progress"]
+            base = [
+                "data",
+                "augment",
+                str(src),
+                "--out",
+                str(out),
+                "--teacher",
+                f"{url}/v1",
+                "--mode",
+                "backtranslate",
+                "--max-new-tokens",
+                "8",
+                "--no-progress",
+            ]
             assert main(base) == 2  # no key: refused at the probe, nothing written
+            assert "HTTP 401" in capsys.readouterr().err
             assert not out.exists()
             assert main([*base, "--api-key-file", str(key)]) == 0
     finally:

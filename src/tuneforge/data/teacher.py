@@ -9,6 +9,7 @@ is the one exception to "data imports no models" in pyproject.toml.
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -173,7 +174,7 @@ class HttpTeacher:
             raise _Failure(
                 0, f"cannot connect ({getattr(exc.reason, 'strerror', None) or exc.reason})"
             ) from None
-        except (TimeoutError, ConnectionError, OSError) as exc:  # timeouts and resets while reading
+        except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, a cut-off body
             raise _Failure(0, f"no answer ({type(exc).__name__}: {exc})") from None
         try:
             data = json.loads(raw)
