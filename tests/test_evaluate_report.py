@@ -85,3 +85,20 @@ def test_report_tolerates_missing_parts(tmp_path, missing):
     (run / missing).unlink()
     page = build_report(run, samples=False).read_text()
     assert "<h2>Training curves</h2>" in page
+
+
+def test_report_plots_preference_and_grpo_curves_only_when_logged(tmp_path):
+    from tuneforge.evaluate.report import curves
+
+    sft = [{"event": "log", "step": s, "loss": 1.0 / s, "lr": 1e-4, "grad_norm": 1.0} for s in range(1, 6)]
+    assert set(curves(sft)) == {"loss", "lr", "grad_norm"}  # an SFT run gets no empty reward plots
+    dpo = [{**e, "rewards/chosen": 0.1 * e["step"], "rewards/rejected": -0.1 * e["step"],
+            "rewards/margins": 0.2 * e["step"], "rewards/accuracies": 0.5 + 0.1 * e["step"]} for e in sft]
+    assert set(curves(dpo)) == {"loss", "lr", "grad_norm", "rewards", "reward_accuracy"}
+    grpo = [{**e, "reward": 0.2 * e["step"], "rewards/exact/mean": 0.2 * e["step"], "kl": 0.01} for e in sft]
+    assert set(curves(grpo)) == {"loss", "lr", "grad_norm", "rewards", "kl"}
+    run = _synthetic_run(tmp_path / "runs" / "dpo")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in dpo))
+    page = build_report(run, samples=False).read_text()
+    assert page.count('src="data:image/png;base64,') == 5
+    assert 'alt="rewards curve"' in page and 'alt="reward_accuracy curve"' in page

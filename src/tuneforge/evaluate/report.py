@@ -1,6 +1,7 @@
 """``tuneforge report RUN_DIR``: one self-contained ``report.html`` (viewable offline) for a run.
 
-Contents: training curves (loss with eval loss, learning rate, grad norm; matplotlib PNGs embedded as base64),
+Contents: training curves (loss with eval loss, learning rate, grad norm; for preference and GRPO runs also their
+rewards, preference accuracy and KL; matplotlib PNGs embedded as base64),
 the final metrics from ``summary.json`` and any ``eval_results.json`` written by ``tuneforge eval``, the
 stability warnings from ``metrics.jsonl``, a few sample generations of the final model (unless disabled or the
 model cannot be loaded — the report says why), and the resolved ``config.yaml``.
@@ -76,15 +77,48 @@ def plot_png(title: str, series: list[tuple[str, list[float], list[float]]], yla
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+#: curves every run has; the report says when one was not logged
+CORE_CURVES = ("loss", "lr", "grad_norm")
+#: preference (DPO/KTO/ORPO/SimPO: implicit rewards β·log-ratio) and GRPO (mean verifiable reward) logs
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "reward")
+
+
+def _logged_keys(events: list[dict]) -> list[str]:
+    keys: dict[str, None] = {}
+    for e in events:
+        if e.get("event") == "log":
+            keys.update(dict.fromkeys(e))
+    return list(keys)
+
+
 def curves(events: list[dict]) -> dict[str, str | None]:
-    """The report's plots: ``{"loss", "lr", "grad_norm"}`` → base64 PNG or None."""
-    return {
+    """The report's plots → base64 PNG or None.
+
+    Always ``loss``, ``lr`` and ``grad_norm``; plus, only when the run logged them, ``rewards`` (preference
+    stages' ``rewards/chosen|rejected|margins``, GRPO's mean ``reward`` and each reward function's
+    ``rewards/<name>/mean``), ``reward_accuracy`` (``rewards/accuracies``) and ``kl`` (GRPO/KTO's KL to the
+    reference).
+    """
+    plots = {
         "loss": plot_png("loss", [("train loss", *_series(events, "log", "loss")),
                                   ("eval loss", *_series(events, "eval", "eval_loss"))], "loss"),
         "lr": plot_png("learning rate", [("lr", *_series(events, "log", "lr"))], "lr"),
         "grad_norm": plot_png("gradient norm", [("grad norm", *_series(events, "log", "grad_norm"))], "norm",
                               log_y=True),
     }
+    logged = _logged_keys(events)
+    per_function = [k for k in logged if k.startswith("rewards/") and k.endswith("/mean")]
+    optional = {
+        "rewards": ("rewards", [k for k in (*REWARD_KEYS, *per_function) if k in logged], "reward"),
+        "reward_accuracy": ("preference accuracy (chosen reward > rejected)",
+                            [k for k in ("rewards/accuracies",) if k in logged], "share of pairs"),
+        "kl": ("KL to the reference model", [k for k in ("kl",) if k in logged], "KL"),
+    }
+    for name, (title, keys, ylabel) in optional.items():
+        png = plot_png(title, [(k, *_series(events, "log", k)) for k in keys], ylabel) if keys else None
+        if png:
+            plots[name] = png
+    return plots
 
 
 def _load_json(path: Path) -> Any:
@@ -201,7 +235,7 @@ def render_report(name: str, events: list[dict], summary: Any, evals: list[dict]
     for key, png in plots.items():
         if png:
             parts.append(f'<img alt="{key} curve" src="data:image/png;base64,{png}">')
-        else:
+        elif key in CORE_CURVES:
             parts.append(f"<p>no {key} values logged</p>")
 
     parts.append("<h2>Metrics</h2>")
