@@ -2,6 +2,10 @@
 
 The merge is checked, not hoped: the logits of adapter inference (base + adapter, unmerged) and of the merged model
 are compared on a few probe inputs, and a difference above the tolerance fails before anything is written.
+
+A progressive run (``method.continue_from``) is merged whole: ``models.reference`` loads its base with the earlier
+adapters (``stack/NN``) already folded in, exactly as training saw it, and the run's own adapter is folded on top,
+so the output is one plain model holding the whole stack.
 """
 
 from __future__ import annotations
@@ -105,7 +109,10 @@ def load_base_and_adapter(ref: ModelRef):
     if ref.method == "qlora" or (ref.adapter_config or {}).get("use_qalora"):
         notes.append("adapter trained on a 4-bit base: merged into the unquantized original weights from "
                      f"{ref.base} (dequantise-first); the merged model does not include the 4-bit rounding")
-    loaded = load_for_inference(ref, device="cpu", dtype=torch.float32)
+    if ref.stack:
+        notes.append(f"progressive run: its {len(ref.stack)} earlier adapter(s) ({', '.join(ref.stack)}) were merged "
+                     "into the base first, then its own adapter: the output holds the whole stack")
+    loaded = load_for_inference(ref, device="cpu", dtype=torch.float32)  # merges ref.stack into the base
     return loaded.model, loaded.tokenizer, notes
 
 
