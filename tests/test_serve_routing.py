@@ -5,6 +5,8 @@ missing prefix is a 400 naming the tasks; name clashes are refused at start."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -124,6 +126,22 @@ def test_routing_by_prefix_keeps_the_prefix_as_trained(server, expected):
     answer = chat(url, "mt", history).json()
     want = [history[0], *user("What is a list?"), history[2], history[3]]
     assert answer["model"] == "mt/qa" and answer["choices"][0]["message"]["content"] == expected("qa", want)
+    # streamed: the same routing, every chunk names the adapter that answers
+    body = {
+        "model": "mt",
+        "messages": user("[qa] The for statement"),
+        "max_tokens": TOKENS,
+        "temperature": 0,
+        "stream": True,
+    }
+    chunks = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[len("data: ") :]))
+    assert {c["model"] for c in chunks} == {"mt/qa"}
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == expected("qa", user("The for statement"))
 
 
 def test_completions_and_simple_chat_route_by_prefix(server, expected):
