@@ -209,3 +209,33 @@ def test_preview_marks_exactly_the_scored_tokens(tiny_tokenizer):
                              tiny_tokenizer, template, 64)
     assert preview_rows([row], tiny_tokenizer) == [{"completion": f"User: Q?\nAssistant:[[ yes{eos}]]",
                                                     "label": False}]
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto", "grpo"])
+def test_data_preview_command_on_preference_and_grpo_configs(tmp_path, capsys, stage):
+    import yaml
+
+    from tuneforge.cli import main
+
+    rows = [{"prompt": "Q?", "chosen": "yes", "rejected": "no"}] * 4
+    if stage == "grpo":
+        rows = [{"prompt": "Q?", "answer": "yes"}] * 4
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {"stage": stage, "output_dir": str(tmp_path / "run"),
+           "model": {"from_config": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "vocab_size": 300},
+                     "chat_template": "plain"},
+           "method": {"name": "lora"}, "data": {"train": [str(tmp_path / "d.jsonl")], "max_length": 64}}
+    if stage == "grpo":
+        raw["grpo"] = {"rewards": [{"type": "exact", "field": "answer"}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["data", "preview", str(tmp_path / "c.yaml"), "-n", "1", "--json"]) == 0
+    (shown,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    if stage == "dpo":
+        assert shown["chosen"].startswith("User: Q?\nAssistant:[[ yes") and shown["chosen"].endswith("]]")
+        assert shown["rejected"].startswith("User: Q?\nAssistant:[[ no")
+    elif stage == "kto":  # pairs give one desirable and one undesirable example
+        assert shown["label"] is True and shown["completion"].startswith("User: Q?\nAssistant:[[ yes")
+    else:
+        assert shown["prompt"] == "User: Q?\nAssistant:" and shown["fields"] == {"answer": "yes"}
+    assert main(["data", "preview", str(tmp_path / "c.yaml"), "-n", "1"]) == 0
+    assert f"stage: {stage}" in capsys.readouterr().out

@@ -26,6 +26,8 @@ from tuneforge.errors import UserError
 
 PAIRED_STAGES = ("dpo", "orpo", "simpo")
 KIND_OF = {"preference": "paired", "kto": "unpaired", "prompt": "prompt"}
+#: the record kind each stage reads (``stage`` → paired | unpaired | prompt)
+STAGE_KINDS = {**dict.fromkeys(PAIRED_STAGES, "paired"), "kto": "unpaired", "grpo": "prompt"}
 _NO_LIMIT = 10**9
 
 
@@ -336,6 +338,18 @@ def load_stage_records(data_cfg: Any, kind: str, seed: int) -> tuple[list[dict],
     stats["train_records"] = len(records)
     stats["eval_records"] = len(eval_records or [])
     return records, eval_records, stats
+
+
+def stage_tokenizer_texts(data_cfg: Any, kind: str) -> list[str]:
+    """The text a from-config tokenizer is trained on for a preference/GRPO stage: every message content (and,
+    for prompts, every string field) of the training records of ``kind``."""
+    records, _, _ = load_stage_records(data_cfg, kind, seed=0)
+    texts: list[str] = []
+    for record in records:
+        for key in ("prompt", "chosen", "rejected", "completion"):
+            texts.extend(m["content"] for m in record.get(key, []))
+        texts.extend(v for v in record.get("fields", {}).values() if isinstance(v, str))
+    return texts
 
 
 def _of_kind(records: list[dict], kind: str) -> list[dict]:

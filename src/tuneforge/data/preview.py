@@ -20,10 +20,13 @@ def run_preview(config_path: str, overrides: list[str] | None = None, n: int = 3
     """Print ``n`` samples and the stats of the data a run config describes. Returns the exit code (0)."""
     from tuneforge.config import load_config
     from tuneforge.data.build import build_datasets, load_records, tokenizer_texts
+    from tuneforge.data.preference import STAGE_KINDS
     from tuneforge.data.templates import resolve_template
 
     out = out or sys.stdout
     cfg = load_config(config_path, overrides or [])
+    if cfg.stage in STAGE_KINDS:
+        return _preview_stage(cfg, n, as_json, out)
     records, _, _ = load_records(cfg.data, cfg.seed)
     tokenizer = _tokenizer_for_config(cfg, lambda: tokenizer_texts(cfg.data))
     template = resolve_template(cfg.model.chat_template, tokenizer, cfg.model.chat_template_kwargs,
@@ -39,6 +42,50 @@ def run_preview(config_path: str, overrides: list[str] | None = None, n: int = 3
             out.write(json.dumps({k: sample[k] for k in keys if k in sample}, ensure_ascii=False) + "\n")
         return 0
     _print_human(samples, bundle.stats, template, cfg, out)
+    return 0
+
+
+def _preview_stage(cfg: Any, n: int, as_json: bool, out: Any) -> int:
+    """Preview of a preference stage (chosen/rejected or labelled completions, scored tokens marked) or of GRPO
+    (prompts as the policy sees them: rendered with the generation prompt)."""
+    from tuneforge.data.preference import (
+        STAGE_KINDS,
+        build_preference_data,
+        load_stage_records,
+        preview_rows,
+        stage_tokenizer_texts,
+    )
+    from tuneforge.data.templates import resolve_template
+
+    kind = STAGE_KINDS[cfg.stage]
+    tokenizer = _tokenizer_for_config(cfg, lambda: stage_tokenizer_texts(cfg.data, kind))
+    template = resolve_template(cfg.model.chat_template, tokenizer, cfg.model.chat_template_kwargs,
+                                cfg.data.system_message)
+    if kind == "prompt":
+        records, _, stats = load_stage_records(cfg.data, kind, cfg.seed)
+        samples = [{"source": r["source"], "prompt": template.render(r["prompt"], add_generation_prompt=True,
+                                                                       tokenizer=tokenizer),
+                    "fields": r.get("fields", {})} for r in records[:n]]
+    else:
+        bundle = build_preference_data(cfg.data, cfg.stage, tokenizer, template, seed=cfg.seed)
+        stats = bundle.stats
+        samples = preview_rows(bundle.train[:n], tokenizer)
+    if as_json:
+        for sample in samples:
+            out.write(json.dumps(sample, ensure_ascii=False) + "\n")
+        return 0
+    say = lambda s="": out.write(f"{s}\n")  # noqa: E731
+    scored = "prompt rendered with the generation prompt" if kind == "prompt" else (
+        f"scored completion tokens between {OPEN} and {CLOSE}")
+    say(f"template: {template.name}   stage: {cfg.stage}   ({scored})")
+    for i, sample in enumerate(samples, start=1):
+        say(f"\n--- sample {i}" + (f"  {sample['source']}" if "source" in sample else ""))
+        for key, value in sample.items():
+            if key != "source":
+                say(f"[{key}]\n{value}" if isinstance(value, str) and "\n" in value else f"[{key}] {value}")
+    say("\n--- statistics")
+    for key, value in stats.items():
+        say(f"{key}: {value}")
     return 0
 
 

@@ -15,15 +15,9 @@ class Stage:
 
     def tokenizer_texts(self, data_cfg: Any) -> list[str]:
         """Every message content (and, for prompts, every string field) of the training records."""
-        from tuneforge.data.preference import load_stage_records
+        from tuneforge.data.preference import stage_tokenizer_texts
 
-        records, _, _ = load_stage_records(data_cfg, self.kind, seed=0)
-        texts: list[str] = []
-        for record in records:
-            for key in ("prompt", "chosen", "rejected", "completion"):
-                texts.extend(m["content"] for m in record.get(key, []))
-            texts.extend(v for v in record.get("fields", {}).values() if isinstance(v, str))
-        return texts
+        return stage_tokenizer_texts(data_cfg, self.kind)
 
     def build_data(self, cfg: Any, tokenizer: Any, template: Any):
         """Encoded rows and statistics for this stage."""
