@@ -191,3 +191,51 @@ def test_a_killed_search_resumes_and_completes_the_remaining_trials(tmp_path, da
     counted = [t for t in trials if t.number != 1]
     assert len(counted) == 3 and all(t.state.name == "COMPLETE" for t in counted)
     assert [t.number for t in trials] == [0, 1, 2, 3]
+
+
+def test_objectives_and_directions_are_the_metric_registry(tmp_path, data_dir):
+    """search reads tuneforge eval's registry: every metric (and a newly registered one) is an objective with the
+    registry's direction; aliases of one metric resolve; --help lists them."""
+    from tuneforge.evaluate import metrics as tm
+    from tuneforge.search.cli import _direction_help, _objective_help
+    from tuneforge.search.study import SearchOptions, _objective, objectives, prepare
+
+    assert objectives() == {"eval_loss": False, **{n: m.higher_is_better for n, m in tm.METRICS.items()}}
+    assert _objective("perplexity") == ("ppl", False) and _objective("em") == ("exact", True)
+    assert _objective("loss") == ("eval_loss", False) and _objective("reward_acc") == ("reward_acc", True)
+    metric = tm.register(tm.Metric("tiny_score", tm.MODEL, lambda loaded, records, **_: 0.0, higher_is_better=False))
+    try:
+        assert _objective("tiny_score") == ("tiny_score", False)
+        assert "tiny_score" in _objective_help() and "tiny_score" in _direction_help()
+        search = prepare(SearchOptions(config=str(write_run(tmp_path, data_dir)), objective=metric.name,
+                                       space=str(write_space(tmp_path, {"method.r": {"choice": [2, 4]}})),
+                                       sampler="grid", pruner="none"))
+        assert (search.objective, search.direction) == ("tiny_score", "minimize") and len(search.eval_records) == 20
+    finally:
+        del tm.METRICS["tiny_score"]
+
+
+def test_a_generation_objective_scores_each_trial_with_tuneforge_eval(tmp_path, data_dir):
+    """A generation metric as --objective: the trial's value is what `tuneforge eval` gives its run with greedy
+    settings and --max-new-tokens (a registered test metric: mean answer length, which the budget changes)."""
+    from tuneforge.evaluate import metrics as tm
+    from tuneforge.evaluate.runner import evaluate_model, generation_settings, load_eval_records
+
+    def answer_chars(predictions, references):
+        return sum(map(len, predictions)) / len(predictions)
+
+    tm.register(tm.Metric("answer_chars", tm.GENERATION, answer_chars))
+    try:
+        run = write_run(tmp_path, data_dir)
+        space = write_space(tmp_path, {"method.r": {"choice": [2]}})
+        assert main(["search", str(run), "--space", str(space), "--sampler", "grid", "--pruner", "none",
+                     "--study", "x", "--objective", "answer_chars", "--max-new-tokens", "6"]) == 0
+        study = load_study(sqlite_url(tmp_path / "runs" / "x"), "x")
+        (trial,) = study.trials
+        records = load_eval_records(str(data_dir / "eval.jsonl"))
+        scored = {n: evaluate_model(str(tmp_path / "runs" / "x" / "trial-0"), records, ["answer_chars"],
+                                    generation_settings(max_new_tokens=n))["answer_chars"] for n in (2, 6)}
+    finally:
+        del tm.METRICS["answer_chars"]
+    assert study.direction.name == "MAXIMIZE" and trial.state.name == "COMPLETE"
+    assert trial.value == pytest.approx(scored[6]) and scored[6] > scored[2] > 0

@@ -11,6 +11,15 @@ from tuneforge.errors import UserError
 from tuneforge.evaluate.metrics import GENERATION, METRICS, Metric
 
 
+def generation_settings(**values: Any) -> Any:
+    """The settings :func:`evaluate_model` generates with: ``models.generation.GenerationSettings(**values)``
+    (greedy unless ``temperature`` is given), for callers above evaluate (``search``) that use models only through
+    evaluate."""
+    from tuneforge.models.generation import GenerationSettings
+
+    return GenerationSettings(**values)
+
+
 def as_metrics(metrics: list[Metric | str]) -> list[Metric]:
     """Registered metrics by object or name (``tuneforge.evaluate.metrics.METRICS``)."""
     return [m if isinstance(m, Metric) else METRICS[m] for m in metrics]

@@ -18,10 +18,8 @@ def add_commands(subparsers) -> None:
                    help="dotted config keys → {choice|uniform|log_uniform|int: ...} or {tie: expression}")
     p.add_argument("--trials", type=int, help="trials in the study (all workers together); grid: default all points")
     p.add_argument("--sampler", default="tpe", help="grid | random | tpe (default tpe)")
-    p.add_argument("--objective", default="eval_loss",
-                   help="eval_loss (default) | ppl | bleu | rouge1 | rouge2 | rougeL | exact | contains")
-    p.add_argument("--direction", choices=["minimize", "maximize"],
-                   help="default: minimize for eval_loss/ppl, maximize for the others")
+    p.add_argument("--objective", default="eval_loss", help=_objective_help())
+    p.add_argument("--direction", choices=["minimize", "maximize"], help=_direction_help())
     p.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
     p.add_argument("--storage", help="SQLAlchemy URL, e.g. postgresql://user:pw@host/db (default: SQLite file)")
     p.add_argument("--study", help="study name (default <run_name>-search); also the folder of its trials")
@@ -33,9 +31,33 @@ def add_commands(subparsers) -> None:
                    help="continue an existing study (re-queues trials of a killed search) or join it as a worker")
     p.add_argument("--gpu-mem", type=float, metavar="GIB",
                    help="prune, before they start, combinations tuneforge estimate says cannot fit this GPU memory")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generation length for bleu/rouge/exact objectives")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help=f"generation length (greedy) for the objectives that generate: {', '.join(_generating())}")
     p.add_argument("--train-log", action="store_true", help="show every trial's training lines")
     p.set_defaults(func=search_command)
+
+
+# The objectives are tuneforge eval's metric registry (light module: no torch) plus the Trainer's eval_loss, the
+# same list and directions as search.study.objectives(), which the command checks against.
+
+
+def _objective_help() -> str:
+    from tuneforge.evaluate.metrics import METRICS
+
+    return f"eval_loss (default: the Trainer's loss on the eval split) | {' | '.join(METRICS)} (tuneforge eval's metrics)"
+
+
+def _direction_help() -> str:
+    from tuneforge.evaluate.metrics import METRICS
+
+    lower = ["eval_loss", *(name for name, metric in METRICS.items() if not metric.higher_is_better)]
+    return f"default: minimize for {', '.join(lower)}; maximize for the others"
+
+
+def _generating() -> list[str]:
+    from tuneforge.evaluate.metrics import GENERATION, METRICS
+
+    return [name for name, metric in METRICS.items() if metric.needs == GENERATION]
 
 
 def search_command(args: argparse.Namespace) -> int:

@@ -157,20 +157,28 @@ def _require_optuna() -> None:
                         "(optuna; psycopg2-binary for PostgreSQL storages)") from None
 
 
+def objectives() -> dict[str, bool]:
+    """Every objective a search may optimise with its direction (``name -> higher is better``): the Trainer's
+    ``eval_loss``, then every metric of ``tuneforge eval``'s registry (``tuneforge.evaluate.metrics.METRICS``) —
+    a newly registered metric is an objective without any change here."""
+    from tuneforge.evaluate.metrics import METRICS
+
+    return {TRAINER_OBJECTIVE: False, **{name: metric.higher_is_better for name, metric in METRICS.items()}}
+
+
 def _objective(name: str) -> tuple[str, bool]:
-    """``(metric name, higher is better)``: ``eval_loss`` or a metric of ``tuneforge eval``'s registry."""
-    if name in (TRAINER_OBJECTIVE, "loss"):
-        return TRAINER_OBJECTIVE, False
+    """``(objective name, higher is better)`` for ``--objective name``: an :func:`objectives` name, ``loss``, or an
+    alias of one registered metric (``perplexity``, ``em``)."""
     from tuneforge.evaluate.metrics import METRICS, aliases
 
-    groups = {alias: names for alias, names in aliases().items() if len(names) == 1}
-    metric = METRICS.get(name) or (METRICS[groups[name][0]] if name in groups else None)
-    if metric is None:
-        known = [TRAINER_OBJECTIVE, *METRICS]
+    known = objectives()
+    groups = {alias: names[0] for alias, names in aliases().items() if len(names) == 1}
+    resolved = TRAINER_OBJECTIVE if name == "loss" else groups.get(name, name)
+    if resolved not in known:
         raise UserError(f"--objective {name!r} is not reported by a run{did_you_mean(name, [*known, *groups])}; "
                         f"known: {TRAINER_OBJECTIVE} (the Trainer's loss on the eval split), "
                         f"{', '.join(METRICS)} (tuneforge eval's metrics, computed on data.eval)")
-    return metric.name, metric.higher_is_better
+    return resolved, known[resolved]
 
 
 def _trial_budget(options: SearchOptions, space: Space, notes: list[str]) -> int | None:
@@ -628,10 +636,9 @@ def _score(search: Search, result, callback) -> float:
         if not callback.evals:
             raise TrialFailed("the run reported no eval_loss (is the eval split empty?)")
         return callback.evals[-1][1]
-    from tuneforge.evaluate.runner import evaluate_model
-    from tuneforge.models.generation import GenerationSettings
+    from tuneforge.evaluate.runner import evaluate_model, generation_settings
 
-    gen = GenerationSettings(max_new_tokens=search.options.max_new_tokens)
+    gen = generation_settings(max_new_tokens=search.options.max_new_tokens)  # greedy: a trial's score is repeatable
     row = evaluate_model(str(result.run_dir), search.eval_records, [search.objective], gen)
     return float(row[search.objective])
 
