@@ -191,3 +191,28 @@ def test_injected_nan_stops_a_real_trainer(tmp_path, tiny_llama, tiny_tokenizer,
 def test_grad_norm_nan_stops(monitor):
     control = _feed(monitor, [2.0, 1.9, 0.0], grads=[1.0, 1.0, float("nan")])
     assert control.should_training_stop and "gradient norm" in monitor.stopped_reason
+
+
+def _feed_logs(m, rows):
+    for step, extra in enumerate(rows, 1):
+        m.check_log(step, {"loss": 0.5, "grad_norm": 1.0, **extra}, Control(), Args())
+    return [w.kind for w in m.warnings]
+
+
+def test_chosen_rewards_falling_while_margin_grows_warns(monitor):
+    healthy = [{"rewards/chosen": 0.01 * s, "rewards/rejected": -0.05 * s, "rewards/margins": 0.06 * s}
+               for s in range(10)]
+    assert _feed_logs(monitor, healthy) == []
+    assert mon.chosen_falling([-0.1, -0.2, -0.3], [0.1, 0.2, 0.3], 5) is None  # too few logs to judge
+    displaced = [{"rewards/chosen": -0.05 * s, "rewards/rejected": -0.2 * s, "rewards/margins": 0.15 * s}
+                 for s in range(1, 8)]
+    assert _feed_logs(monitor, displaced) == ["chosen_falling"]
+    warning = monitor.warnings[0]
+    assert "fell from -0.05 to -0.25" in warning.message and "preference.beta" in warning.advice
+
+
+def test_kl_spike_warns_above_floor_only(monitor):
+    tiny = [{"kl": 0.001}] * 6 + [{"kl": 0.02}]  # 20x the average, but below the floor: noise
+    assert _feed_logs(monitor, tiny) == []
+    assert _feed_logs(monitor, [{"kl": 0.02}] * 5 + [{"kl": 0.5}]) == ["kl_spike"]
+    assert "grpo.beta" in monitor.warnings[0].advice

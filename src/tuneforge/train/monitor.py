@@ -10,6 +10,10 @@ What it watches (each check is a plain function below, testable without a Traine
 * **loss spikes**: a logged loss above ``loss_spike_ratio`` × the mean of the previous ``window`` logged losses.
 * **grad-norm spikes**: a logged grad norm above ``grad_spike_ratio`` × the mean of the previous ``window``.
 * **growing memory**: process RSS (CPU) or CUDA peak allocated memory rising over the last ``window`` logs.
+* **preference and RL stages** (only when their keys are logged): ``chosen_falling`` — DPO-family implicit rewards
+  of the chosen answers negative and falling over ``window`` logs while the margin grows (the rejected answers fall
+  faster: the model is unlearning both, "likelihood displacement"); ``kl_spike`` — GRPO/KTO's ``kl`` to the
+  reference above ``grad_spike_ratio`` × its moving average (and above ``KL_FLOOR``).
 * **degenerate samples**: every ``sample_every`` steps the ``sampler`` callable generates a few answers; empty
   answers, heavy repetition, and never stopping (no EOS) are reported.
 
@@ -40,6 +44,7 @@ MEMORY_WARMUP_LOGS = 2  # first logs allocate optimizer states and caches: not a
 MEMORY_MIN_GROWTH_BYTES = 256 * 2**20
 MEMORY_MIN_GROWTH_FRAC = 0.10
 REPETITION_LIMIT = 0.5
+KL_FLOOR = 0.05  # a KL below this is noise around zero, whatever its ratio to the average
 
 
 @dataclass
@@ -65,6 +70,13 @@ def is_finite(value: Any) -> bool:
         return math.isfinite(float(value))
     except (TypeError, ValueError):
         return True
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (absent, not a number, NaN/inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def moving_average(history: Sequence[float], window: int) -> float | None:
@@ -104,6 +116,20 @@ def memory_growing(samples: Sequence[float], window: int, min_growth_bytes: floa
 _UNSEGMENTED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0e7f"
 # one unsegmented character | a run of other letters/digits | one punctuation mark
 _WORD_RE = re.compile(f"[{_UNSEGMENTED}]|[^\\W{_UNSEGMENTED}]+|[^\\w\\s]")
+
+
+def chosen_falling(chosen: Sequence[float], margins: Sequence[float], window: int) -> tuple[float, float] | None:
+    """``(first, last)`` chosen reward of the last ``window`` logs when they show likelihood displacement: every
+    one of them negative, the last below the first and below their mean, and the margin larger at the end than at
+    the start; else None (also with fewer than ``window`` logs)."""
+    if len(chosen) < window or len(margins) < window:
+        return None
+    recent, recent_margins = list(chosen)[-window:], list(margins)[-window:]
+    first, last = recent[0], recent[-1]
+    if all(c < 0 for c in recent) and last < first and last < sum(recent) / window \
+            and recent_margins[-1] > recent_margins[0]:
+        return first, last
+    return None
 
 
 def repetition_ratio(text: str, n: int = 3) -> float:
@@ -164,6 +190,14 @@ def advice_for(kind: str, args: Any = None) -> str:
                           "the loss; a cosine schedule decays more smoothly"])
     if kind == "grad_spike":
         return "; ".join([clipping, lower_lr, more_warmup])
+    if kind == "chosen_falling":
+        return ("the chosen answers' likelihood is falling too, only slower than the rejected ones': " + lower_lr
+                + "; raise preference.beta (a stronger pull to the reference); check that chosen answers are "
+                "really better and not near-duplicates of the rejected ones (tuneforge data preview); an SFT pass "
+                "on the chosen answers before DPO helps")
+    if kind == "kl_spike":
+        return ("the policy is moving away from the reference quickly (reward hacking or collapse often follows): "
+                + lower_lr + "; raise grpo.beta (KL weight) or preference.beta; look at the sampled completions")
     if kind == "memory_growth":
         return ("memory keeps growing: something may hold tensors across steps (a leak); if it stops at a "
                 "plateau it is caching. Near the limit: lower train.batch_size, raise train.grad_accum, or set "
@@ -228,6 +262,9 @@ class StabilityMonitor(TrainerCallback):
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
         self.memory: list[float] = []
+        self.chosen_rewards: list[float] = []
+        self.margins: list[float] = []
+        self.kls: list[float] = []
         self._logs_seen = 0
         self._last_warned: dict[str, int] = {}  # kind -> log index of the last warning of that kind
 
@@ -290,7 +327,28 @@ class StabilityMonitor(TrainerCallback):
                           f"gradient norm spiked to {grad:.4g} at step {step}, {grad / average:.1f}x its moving "
                           f"average {average:.4g}", advice_for("grad_spike", args))
             self.grad_norms.append(grad)
+        self.check_stage_keys(step, logs, args)
         self.check_memory(step, current_memory(), args)
+
+    def check_stage_keys(self, step: int, logs: dict, args: Any = None) -> None:
+        """Preference (``rewards/chosen``, ``rewards/margins``) and KL (``kl``) checks, when those keys are logged."""
+        chosen, margin = _number(logs.get("rewards/chosen")), _number(logs.get("rewards/margins"))
+        if chosen is not None and margin is not None:
+            self.chosen_rewards.append(chosen)
+            self.margins.append(margin)
+            falling = chosen_falling(self.chosen_rewards, self.margins, self.cfg.window)
+            if falling is not None:
+                self.warn(step, "chosen_falling",
+                          f"the chosen answers' reward fell from {falling[0]:.3g} to {falling[1]:.3g} over the last "
+                          f"{self.cfg.window} logs while the margin grew: both answers are becoming less likely",
+                          advice_for("chosen_falling", args))
+        kl = _number(logs.get("kl"))
+        if kl is not None:
+            average = spike(self.kls, kl, self.cfg.grad_spike_ratio, self.cfg.window)
+            if average is not None and kl > KL_FLOOR:
+                self.warn(step, "kl_spike", f"KL to the reference jumped to {kl:.3g} at step {step}, "
+                          f"{kl / max(average, 1e-12):.1f}x its moving average {average:.3g}", advice_for("kl_spike", args))
+            self.kls.append(kl)
 
     def check_memory(self, step: int, value: float | None, args: Any = None) -> None:
         """Add one memory sample (bytes) and warn when memory grows steadily."""
