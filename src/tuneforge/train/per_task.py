@@ -88,7 +88,7 @@ def run_per_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
                 task_cfg = task_config(cfg, task, files[task], run_dir)
                 try:
                     run_training_of(task_cfg, resume=state == "resumable", overwrite=state == "restart",
-                                    echo=echo, callbacks=callbacks)
+                                    echo=echo, callbacks=callbacks, allow_config_change=allow_config_change)
                 except (TrainingInterrupted, TrainingStopped) as exc:
                     status = "interrupted" if isinstance(exc, TrainingInterrupted) else "stopped"
                     atomic_write_json(run_dir / RUN_SUMMARY, {"status": status, "task": task, **_done(rows)})
