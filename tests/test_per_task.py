@@ -109,6 +109,15 @@ def test_eval_of_a_parent_scores_each_task_on_its_own_eval_data(trained, capsys)
         assert entry["n"] == trained["result"].summary["tasks"][task]["eval_records"]
 
 
+def test_eval_of_a_parent_with_data_takes_each_task_s_records(trained, capsys):
+    out, data = trained["out"], trained["data"]
+    assert main(["eval", str(out), "--data", str(data), "--metrics", "ppl", "--device", "cpu", "--no-save",
+                 "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert {r["task"]: r["n"] for r in rows} == {"add": 20, "echo": 20}
+    assert [r["model"] for r in rows] == [str(out / "tasks" / "add"), str(out / "tasks" / "echo")]
+
+
 def test_resume_skips_finished_tasks_and_continues_the_interrupted_one(trained, tmp_path):
     import torch
     from safetensors.torch import load_file
