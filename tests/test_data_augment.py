@@ -169,7 +169,7 @@ def state_of(out: Path) -> dict:
 def test_rouge_filter_keeps_and_drops_the_hand_checked_records(tmp_path, teacher):
     src, out = write_inputs(tmp_path), tmp_path / "aug.jsonl"
     teacher.fail_once = {3}  # one 500: retried, then answered
-    assert augment(src, out, teacher.url) == 0
+    assert augment(src, out, teacher.url, "--concurrency", "1") == 0
 
     records = read_out(out)
     assert [r["messages"][0]["content"] for r in records] == [
@@ -205,6 +205,31 @@ def test_rouge_filter_keeps_and_drops_the_hand_checked_records(tmp_path, teacher
     assert "What is the capital of France?" in teacher.requests[1]["messages"][0]["content"]
     assert teacher.requests[1]["max_tokens"] == 512 and teacher.requests[1]["temperature"] == 0.0
     assert "top_k" not in teacher.requests[1]  # not an OpenAI field: sent only when set
+
+
+def test_concurrent_requests_give_the_same_output(tmp_path, teacher):
+    src = write_inputs(tmp_path)
+    one, many = tmp_path / "one.jsonl", tmp_path / "many.jsonl"
+    assert augment(src, one, teacher.url, "--concurrency", "1") == 0
+    assert augment(src, many, teacher.url, "--concurrency", "3") == 0
+    assert one.read_bytes() == many.read_bytes()
+
+
+def test_pruned_search_equals_brute_force():
+    from rouge_score import rouge_scorer
+
+    from tests.helpers import stdlib_texts
+    from tuneforge.data.augment import RougePool
+    from tuneforge.text import UnicodeTokenizer
+
+    sentences = [
+        s.strip() for t in stdlib_texts(400) for s in t.replace("\n", " ").split(". ") if len(s) > 20
+    ]
+    pooled, new = sentences[:300], sentences[300:330]
+    pool, scorer = RougePool(pooled), rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeTokenizer())
+    for text in new:
+        brute = max(scorer.score(other, text)["rougeL"].fmeasure for other in pooled)
+        assert pool.max_rouge_l(text) == pytest.approx(brute, rel=1e-12)
 
 
 def test_filter_uses_the_rouge_of_tuneforge_eval():
@@ -418,11 +443,16 @@ def test_a_run_directory_as_teacher(tmp_path, tiny_run):
     assert all(r["augment"]["teacher"] == str(tiny_run.resolve()) for r in read_out(out))
 
 
-def test_tuneforge_serve_as_teacher(tmp_path, tiny_run, capsys):
+def test_tuneforge_serve_as_teacher(tmp_path, tiny_run, capsys, monkeypatch):
+    import uvicorn
+
     from tuneforge.serve.app import create_app
     from tuneforge.serve.background import serve_in_thread
     from tuneforge.serve.engine import Engine
 
+    # uvicorn's logging.config.dictConfig closes every existing handler, pytest's log capture included (which
+    # then fails the test on "I/O operation on closed file"); the server's own logs are not under test here.
+    monkeypatch.setattr(uvicorn.Config, "configure_logging", lambda self: None)
     key = tmp_path / "key"
     key.write_text("secret\n", encoding="utf-8")
     engine = Engine([str(tiny_run)], device="cpu")

@@ -233,8 +233,11 @@ class _CachedTokens:
 class RougePool:
     """The texts a new record is compared with, and its highest ROUGE-L F1 to them (0-1).
 
-    Exact: ``rouge-score``'s ROUGE-L is computed for every pooled text whose cheap upper bound — F1 =
-    2·LCS/(len a + len b) with LCS at most the shared-token count — exceeds the best score found so far.
+    Exact, and fast on large pools: ROUGE-L F1 = 2·LCS / (len a + len b), and the LCS is at most the number of
+    tokens the two texts share. Shared counts against the whole pool come from an inverted index (numpy, one pass
+    over the postings of the new text's tokens); ``rouge-score``'s ROUGE-L is then computed in order of that
+    upper bound, and the search ends when the bound falls to the best score found (or the score reaches
+    ``stop_at``).
     """
 
     def __init__(self, texts: Sequence[str] = ()) -> None:
@@ -242,25 +245,48 @@ class RougePool:
 
         self.tokens = _CachedTokens()
         self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=self.tokens)
-        self.entries: list[tuple[str, int, Counter]] = []
+        self.texts: list[str] = []
+        self.sizes: list[int] = []
+        # token → [pool ids, counts of the token there, the two as numpy arrays (rebuilt after an add)]
+        self.postings: dict[str, list] = {}
         for text in texts:
             self.add(text)
 
+    def __len__(self) -> int:
+        return len(self.texts)
+
     def add(self, text: str) -> None:
+        index = len(self.texts)
         tokens = self.tokens.tokenize(text)
-        self.entries.append((text, len(tokens), Counter(tokens)))
+        self.texts.append(text)
+        self.sizes.append(len(tokens))
+        for token, count in Counter(tokens).items():
+            posting = self.postings.setdefault(token, [[], [], None, None])
+            posting[0].append(index)
+            posting[1].append(count)
+            posting[2] = posting[3] = None
 
     def max_rouge_l(self, text: str, stop_at: float = 1.0) -> float:
         """The highest ROUGE-L F1 of ``text`` to a pooled text; the search stops once it reaches ``stop_at``."""
+        import numpy as np
+
         tokens = self.tokens.tokenize(text)
-        size, counts, best = len(tokens), Counter(tokens), 0.0
-        for other, other_size, other_counts in self.entries:
-            if not size or not other_size or 2 * min(size, other_size) / (size + other_size) <= best:
+        if not tokens or not self.texts:
+            return 0.0
+        shared = np.zeros(len(self.texts))
+        for token, count in Counter(tokens).items():
+            posting = self.postings.get(token)
+            if posting is None:
                 continue
-            shared = sum((counts & other_counts).values())
-            if 2 * shared / (size + other_size) <= best:
-                continue
-            best = max(best, self.scorer.score(other, text)["rougeL"].fmeasure)
+            if posting[2] is None:
+                posting[2], posting[3] = np.asarray(posting[0]), np.asarray(posting[1])
+            shared[posting[2]] += np.minimum(posting[3], count)  # ids are unique within one posting
+        bound = 2 * shared / (len(tokens) + np.asarray(self.sizes))
+        best = 0.0
+        for index in np.argsort(-bound, kind="stable"):
+            if bound[index] <= best:
+                break
+            best = max(best, self.scorer.score(self.texts[index], text)["rougeL"].fmeasure)
             if best >= stop_at:
                 break
         return best
@@ -508,12 +534,19 @@ class AugmentResult:
     total_inputs: int
 
 
-def run_augment(plan: Plan, teacher: Teacher, *, progress: bool = True) -> AugmentResult:
+def run_augment(
+    plan: Plan, teacher: Teacher, *, progress: bool = True, concurrency: int = 1
+) -> AugmentResult:
     """Ask the teacher for new records, filter them and append the kept ones to ``out`` (resumable).
 
     Call after :func:`prepare` and ``teacher.probe()``. Each input's records are appended in one write (flushed
     and fsynced), then the state is replaced atomically; a run killed in between leaves bytes the next run
     trims. An existing ``out`` is truncated only now (``overwrite``), after every check passed.
+
+    Args:
+        concurrency: inputs whose requests are in flight at once (threads; only for a thread-safe teacher such
+            as the HTTP one). Requests are seeded by position and replies are filtered and written in input
+            order, so the output does not depend on it.
 
     Raises:
         UserError: another process is augmenting into ``out``; the teacher stopped answering (what was done is
@@ -531,10 +564,20 @@ def run_augment(plan: Plan, teacher: Teacher, *, progress: bool = True) -> Augme
         handle.truncate(plan.out_bytes)  # a fresh start, or the bytes of an input the last run did not finish
         size = plan.out_bytes
         _save_state(plan, plan.done, size, counts)
-        with _Progress(progress, len(plan.seeds), plan.done, options.mode) as bar:
+        with (
+            _Progress(progress, len(plan.seeds), plan.done, options.mode) as bar,
+            _Requests(plan, teacher, concurrency) as requests,
+        ):
             for position in range(plan.done, len(plan.seeds)):
                 seed = plan.seeds[position]
-                lines = _augment_one(plan, teacher, pool, seed, position, counts)
+                try:
+                    replies = requests.replies(position)
+                except TeacherUnavailable as exc:
+                    raise UserError(
+                        f"the teacher stopped answering at {seed.source} ({exc}); {position} of {len(plan.seeds)} "
+                        f"inputs are done and saved in {options.out}: rerun the same command to continue"
+                    ) from None
+                lines = _filter(plan, teacher.name, pool, seed, replies, counts)
                 data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines).encode("utf-8")
                 handle.write(data)
                 handle.flush()
@@ -546,18 +589,46 @@ def run_augment(plan: Plan, teacher: Teacher, *, progress: bool = True) -> Augme
     return AugmentResult(options.out, counts, plan.skipped_inputs, len(plan.seeds))
 
 
-def _augment_one(
-    plan: Plan, teacher: Teacher, pool: RougePool, seed: Seed, position: int, counts: dict
+class _Requests:
+    """The teacher's replies for each input position, asked ``concurrency`` inputs ahead in threads."""
+
+    def __init__(self, plan: Plan, teacher: Teacher, concurrency: int) -> None:
+        self.plan, self.teacher, self.concurrency = plan, teacher, max(1, concurrency)
+        self.pending: dict = {}
+        self.executor = None
+
+    def _ask(self, position: int) -> list[Reply]:
+        options = self.plan.options
+        first_seed = None if options.seed is None else options.seed + position * options.n
+        return self.teacher.ask(build_prompt(options.mode, self.plan.seeds[position]), options.n, first_seed)
+
+    def replies(self, position: int) -> list[Reply]:
+        if self.concurrency == 1:
+            return self._ask(position)
+        if self.executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="augment-teacher")
+        last = min(position + self.concurrency, len(self.plan.seeds))
+        for ahead in range(position, last):
+            if ahead not in self.pending:
+                self.pending[ahead] = self.executor.submit(self._ask, ahead)
+        return self.pending.pop(position).result()
+
+    def __enter__(self) -> _Requests:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.executor is not None:
+            # Requests still in flight are abandoned (a rerun asks them again, with the same seeds).
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _filter(
+    plan: Plan, teacher_name: str, pool: RougePool, seed: Seed, replies: list[Reply], counts: dict
 ) -> list:
+    """The new records of one input that pass: readable, not cut off, ROUGE-L below ``max_rouge`` (counted)."""
     options = plan.options
-    first_seed = None if options.seed is None else options.seed + position * options.n
-    try:
-        replies = teacher.ask(build_prompt(options.mode, seed), options.n, first_seed)
-    except TeacherUnavailable as exc:
-        raise UserError(
-            f"the teacher stopped answering at {seed.source} ({exc}); {position} of {len(plan.seeds)} "
-            f"inputs are done and saved in {options.out}: rerun the same command to continue"
-        ) from None
     kept = []
     counts["requests"] += options.n
     counts["teacher_error"] += max(
@@ -587,7 +658,7 @@ def _augment_one(
             record["task"] = seed.task
         record["augment"] = {
             "mode": options.mode,
-            "teacher": teacher.name,
+            "teacher": teacher_name,
             "source": seed.source,
             "n": options.n,
             "variant": variant,

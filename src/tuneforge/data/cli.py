@@ -81,6 +81,12 @@ def _add_augment(sub) -> None:
         default=3,
         help="retries of a request that got no answer or 429/5xx, with backoff (default 3)",
     )
+    server.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="inputs asked at once (default 4; the output does not depend on it; a local teacher asks one at a time)",
+    )
     augment.add_argument("--device", default="auto", help="device of a local teacher (default auto)")
     augment.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_generation_args(augment, max_new_tokens=512)
@@ -120,8 +126,8 @@ def _augment(args: argparse.Namespace) -> int:
 
     mode, n, max_rouge = augment.check_options(args.mode, args.n, args.max_rouge)
     settings = GenerationSettings.from_args(args)
-    if args.timeout <= 0 or args.retries < 0:
-        raise UserError("--timeout must be > 0 seconds and --retries >= 0")
+    if args.timeout <= 0 or args.retries < 0 or args.concurrency < 1:
+        raise UserError("--timeout must be > 0 seconds, --retries >= 0 and --concurrency >= 1")
     generation = {k: v for k, v in settings.to_dict().items() if k != "seed"}
     options = augment.AugmentOptions(
         input=Path(args.input),
@@ -157,7 +163,9 @@ def _augment(args: argparse.Namespace) -> int:
     source.probe()
     if plan.done:
         out().print(f"continuing {args.out}: {plan.done} of {len(plan.seeds)} inputs already done")
-    result = augment.run_augment(plan, source, progress=not args.no_progress)
+    # A local model generates one batch at a time (the n replies of one input); a server batches what it gets.
+    concurrency = args.concurrency if url else 1
+    result = augment.run_augment(plan, source, progress=not args.no_progress, concurrency=concurrency)
     _print_summary(result, out())
     if plan.skipped_inputs:
         shown = ", ".join(plan.skipped_inputs[:3]) + (" ..." if len(plan.skipped_inputs) > 3 else "")
