@@ -393,7 +393,10 @@ def prepare(options: AugmentOptions, teacher_name: str) -> Plan:
     seeds, skipped = [], []
     for record in records:
         seed = seed_of(record)
-        (seeds.append(seed) if seed else skipped.append(record.get("source", "?")))
+        if seed is None:
+            skipped.append(record.get("source", "?"))
+        else:
+            seeds.append(seed)
     if not seeds:
         raise UserError(
             f"{options.input}: no record to augment: augmentation needs instruction records (Alpaca "
