@@ -439,13 +439,10 @@ def _check_paths(input_path: Path, out: Path) -> None:
 def _fingerprint(path: Path) -> str:
     """sha256 of the input's bytes (a directory: of its files' names and bytes); a hub name stands for itself."""
     digest = hashlib.sha256()
-    files = (
-        sorted(p for p in path.rglob("*") if p.is_file())
-        if path.is_dir()
-        else [path]
-        if path.is_file()
-        else []
-    )
+    if path.is_dir():  # the files the readers read: the directory's own, sorted
+        files = sorted(p for p in path.iterdir() if p.is_file())
+    else:
+        files = [path] if path.is_file() else []
     if not files:
         digest.update(str(path).encode())
     for file in files:
