@@ -242,3 +242,30 @@ def test_refused_cases_name_the_key_and_write_nothing(chain, tmp_path, capsys, c
 
     assert re.search(expect, err.replace("\n", " ")), err
     assert not out.exists()
+
+
+def test_serve_keeps_a_progressive_run_off_the_plain_base_and_recipes_refuse_it(chain, tmp_path):
+    """Two runs on the same base path but different weights under their adapters (the progressive one has its stack
+    merged in) must not share one loaded base in serve; a merge recipe cannot read such an adapter against the
+    bare base."""
+    from tuneforge.errors import UserError
+    from tuneforge.merge.recipe import merge_recipe
+    from tuneforge.models.generation import GenerationSettings, complete
+    from tuneforge.models.reference import load_for_inference
+    from tuneforge.serve.engine import Engine
+
+    engine = Engine([f"first={chain['first']}", f"second={chain['second']}"], device="cpu")
+    first, second = engine.get("first"), engine.get("second")
+    assert first.model is not second.model
+    settings = GenerationSettings(max_new_tokens=6)
+    alone = load_for_inference(chain["second"], device="cpu")
+    expected = complete(alone.model, alone.tokenizer, alone.template, OLD_PROMPTS, settings)
+    second.activate()
+    served = complete(second.model, second.tokenizer, second.template, OLD_PROMPTS, settings)
+    assert [c.text for c in served] == [c.text for c in expected]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(chain["first"] / "final"), "parameters": {"weight": 0.5}},
+        {"model": str(chain["second"]), "parameters": {"weight": 0.5}}]}))
+    with pytest.raises(UserError, match="progressive run"):
+        merge_recipe(recipe, tmp_path / "out")

@@ -262,6 +262,11 @@ def _open_input(given: str, params: dict, recipe_path: Path, base_cache: dict, w
             raise UserError(f"{recipe_path}: {what}: {adapter_part!r} after '+' must be a LoRA adapter")
     else:
         source = local_ref(_locate(given, recipe_path, what))
+    if source.stack:
+        # the adapter fits base + earlier adapters merged in: reading it against the bare base would be wrong
+        raise UserError(f"{recipe_path}: {what}: {given!r} is a progressive run (method.continue_from: its adapter "
+                        f"sits on the base with {len(source.stack)} earlier adapter(s) merged in); merge it into one "
+                        f"model first (tuneforge merge {given} --out DIR) and name DIR here")
     if source.is_adapter:
         base_dir = Path(source.base)
         if not base_dir.is_dir():

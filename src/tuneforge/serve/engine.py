@@ -291,11 +291,12 @@ class Engine:
         self.models: dict[str, Served] = {}
         self.per_task: dict[str, PerTaskRun] = {}  # served name of a per-task run → its tasks
         pairs, groups = expand_per_task(served_names(specs))
-        shared: dict[str, Any] = {}  # base → PeftModel already holding adapters of that base
+        # base key (the base plus a progressive run's merged stack) → PeftModel already holding adapters on it
+        shared: dict[str, Any] = {}
         for name, path in pairs:
             ref = resolve(path)
-            if ref.adapter is not None and ref.base in shared:
-                model = shared[ref.base]
+            if ref.adapter is not None and ref.base_key in shared:
+                model = shared[ref.base_key]
                 model.load_adapter(ref.adapter, adapter_name=adapter_key(name))
                 model.eval()
                 tokenizer = load_tokenizer_of(ref)
@@ -306,7 +307,7 @@ class Engine:
             adapter_name = None
             if ref.adapter is not None:
                 adapter_name = loaded.model.active_adapter
-                shared[ref.base] = loaded.model
+                shared[ref.base_key] = loaded.model
             self.models[name] = Served(name, path, loaded.model, loaded.tokenizer, loaded.template, adapter_name,
                                        ref.base)
         for group in groups:
