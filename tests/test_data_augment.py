@@ -305,6 +305,13 @@ def test_other_arguments_or_a_foreign_out_need_overwrite(tmp_path, teacher, caps
     assert augment(src, out, teacher.url, "--max-rouge", "0.9", "--overwrite") == 0
     assert len(read_out(out)) == 4  # seeds 1 (0.783) and 4 (0.842) now pass too
 
+    import fcntl
+
+    with open(out, "ab") as held:  # another augment run holds OUT
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert augment(src, out, teacher.url, "--max-rouge", "0.9") == 2
+        assert "being written by another tuneforge data augment" in capsys.readouterr().err
+
     foreign = tmp_path / "mine.jsonl"
     foreign.write_text('{"text": "my own notes"}\n', encoding="utf-8")
     assert augment(src, foreign, teacher.url) == 2
