@@ -236,3 +236,36 @@ def test_estimate_bills_one_chunk_of_logits(tmp_path, chat_data):
     assert chunked.total_bytes < plain.total_bytes
     _, setup = setup_from_run(validate_config(_raw(tmp_path / "e", chat_data, loss_chunk=64)), device="cpu")
     assert setup.loss_chunk == 64
+
+
+def test_training_runs_with_the_startup_objects_frozen_out_of_the_collector(tmp_path, chat_data, monkeypatch):
+    """run_training trains inside gc_frozen (no full walk of torch/transformers' objects per collection); the
+    objects are handed back afterwards, and garbage made during training is still collected."""
+    import gc
+
+    from transformers import TrainerCallback
+
+    from tuneforge.train.run import run_training
+    from tuneforge.utils import gc_frozen
+
+    class Cycle:
+        pass
+
+    with gc_frozen():
+        assert gc.get_freeze_count() > 1000
+        made = Cycle()
+        made.me = made  # a reference cycle created inside the block
+        del made
+        assert gc.collect() >= 1  # still collectable: only what existed before is frozen
+    assert gc.get_freeze_count() == 0
+
+    seen = []
+
+    class FreezeProbe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(gc.get_freeze_count())
+
+    cfg = validate_config(tiny_run_config(tmp_path / "run", chat_data, train={"max_steps": 2}))
+    run_training(cfg, echo=lambda *_: None, callbacks=[FreezeProbe()])
+    assert seen and all(count > 1000 for count in seen)
+    assert gc.get_freeze_count() == 0

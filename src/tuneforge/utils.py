@@ -248,6 +248,25 @@ def exclusive_lock(lock_path: str | Path, what: str) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+@contextlib.contextmanager
+def gc_frozen() -> Iterator[None]:
+    """Run the block with every object that exists now moved out of the garbage collector's sight (``gc.freeze``).
+
+    Why: a training process holds ~300k long-lived objects (torch, transformers, the tokenised data) that never
+    become garbage, and each full collection walks them all — the Trainer's own ``gc.collect()`` at train start
+    cost ~0.25 s here, and the automatic collections during training walk them again. Frozen, they are skipped;
+    objects created inside the block are collected as usual. ``gc.unfreeze`` on the way out returns them.
+    """
+    import gc
+
+    # No gc.collect() first: that full walk is the cost being avoided; garbage that exists now waits for unfreeze.
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one JSON object as a line (flushed, so a crash loses at most this line)."""
     with open(path, "a", encoding="utf-8") as handle:

@@ -19,7 +19,7 @@ from tuneforge.config import RunConfig, dump_config
 from tuneforge.errors import UserError
 from tuneforge.models.reference import RUN_BASE, RUN_STACK  # parts saved beside the adapter
 from tuneforge.train import checkpoints, distributed, progressive, rundir
-from tuneforge.utils import atomic_dir, atomic_write_json, atomic_write_text
+from tuneforge.utils import atomic_dir, atomic_write_json, atomic_write_text, gc_frozen
 
 
 class TrainingStopped(UserError):
@@ -197,7 +197,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
     if start.aside is not None:
         echo(f"overwrite: the previous run is kept at {start.aside} until this one has finished")
     started = time.time()
-    with stop.training():
+    with stop.training(), gc_frozen():
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     runtime = time.time() - started
 
@@ -282,7 +282,7 @@ def _train_rank(cfg: RunConfig, run_dir: Path, callbacks, stop: rundir.SigtermSt
     for callback in callbacks or ():
         trainer.add_callback(callback)
     trainer.add_callback(stop.callback())
-    with stop.training():
+    with stop.training(), gc_frozen():
         trainer.train(resume_from_checkpoint=handoff.resume_from)
     if stop.stopped_at is not None:
         raise TrainingInterrupted(f"SIGTERM: rank {me.rank} stopped at step {stop.stopped_at}")
