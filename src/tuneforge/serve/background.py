@@ -22,7 +22,10 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float 
         with socket.socket() as sock:
             sock.bind((host, 0))
             port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    # log_config=None: uvicorn's default dictConfig would close every logging handler of the host process (a
+    # notebook's, pytest's capture); this thread logs through the host's handlers instead.
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                           log_config=None))
     thread = threading.Thread(target=server.run, daemon=True, name=f"uvicorn-{port}")
     thread.start()
     deadline = time.monotonic() + timeout
