@@ -1,9 +1,10 @@
 """``tuneforge data augment``: the ROUGE-L filter, provenance, resume and bad input, against a real HTTP teacher.
 
 The teacher is a stdlib ``http.server`` in a thread answering ``/v1/chat/completions`` from a table keyed by the
-request's ``seed`` (request *i* of the run has seed *i*: input position × n + variant), so every reply and every
-ROUGE-L below is known in advance. Hand computation (rouge-score tokens: lower-cased letter/digit runs; ROUGE-L F1
-= 2·LCS / (len a + len b)) is written next to each reply.
+request's ``seed`` (request *i* of the run has seed *i*: input position × n + variant), or, for ``backtranslate``,
+by the exact prompt (a small translation table), so every reply and every ROUGE-L below is known in advance. Hand
+computation (rouge-score tokens: lower-cased letter/digit runs, one per Han character; ROUGE-L F1 = 2·LCS / (len a +
+len b)) is written next to each reply.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class FakeTeacher:
         self.requests: list[dict] = []
         self.down_from_seed: int | None = None  # 503 for every seeded request from this seed on
         self.fail_once: set[int] = set()  # seeds answered 500 the first time
+        self.by_prompt: dict[str, str] | None = None  # reply by the prompt's text instead of by seed
         teacher = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -88,6 +90,11 @@ class FakeTeacher:
                 if seed in teacher.fail_once:
                     teacher.fail_once.discard(seed)
                     return self._send(500, {"error": {"message": "transient"}})
+                if teacher.by_prompt is not None:
+                    prompt = body["messages"][-1]["content"]
+                    if prompt not in teacher.by_prompt:  # a prompt the test did not expect: fail loudly
+                        return self._send(400, {"error": {"message": f"unexpected prompt {prompt!r}"}})
+                    return self._send(200, _completion(teacher.by_prompt[prompt], "stop"))
                 return self._send(200, _completion(*REPLIES[seed]))
 
             def _send(self, status, payload):
@@ -103,7 +110,8 @@ class FakeTeacher:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # a short poll: shutdown() waits for it at every teardown
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
         self.thread.start()
 
     def close(self) -> None:
@@ -256,7 +264,7 @@ def test_parse_reply_is_robust():
     }
     assert parse_reply("rewrite", "INSTRUCTION: Say hi.") is None  # no answer
     assert parse_reply("rewrite", "<think>never closed INSTRUCTION: a ANSWER: b") is None
-    assert parse_reply("backtranslate", '"Write a haiku about rain."') == {
+    assert parse_reply("reverse", '"Write a haiku about rain."') == {
         "instruction": "Write a haiku about rain."
     }
     assert parse_reply("cot", "REASONING:\n3 + 5: add the units.\nANSWER: 8") == {
@@ -264,6 +272,211 @@ def test_parse_reply_is_robust():
         "answer": "8",
     }
     assert parse_reply("cot", "") is None
+
+
+# backtranslate: the guide's round trip (chapter 003 §5.1: "我喜欢AI" → "I like AI" → "我对人工智能很感兴趣").
+BT_INPUTS = [
+    {"instruction": "我喜欢AI", "output": "我也是。"},  # 3 Han tokens of 4: pivot auto = English
+    # Alpaca input: the readers fold it into the user turn, which is translated whole; all Latin: pivot Chinese
+    {"instruction": "Summarize the text.", "input": "The cat sat on the mat.", "output": "A cat sat."},
+    {"instruction": "What is the capital of France?", "output": "Paris."},
+]
+BT_USER = ["我喜欢AI", "Summarize the text.\n\nThe cat sat on the mat.", "What is the capital of France?"]
+# (text, pivot, the reply naming the language) and (pivot text, the reply of the return leg), per input
+BT_LEGS = [
+    (
+        ("我喜欢AI", "English", "LANGUAGE: Chinese\nTRANSLATION: I like AI"),
+        ("I like AI", "Chinese", "TRANSLATION: 我对人工智能很感兴趣"),
+    ),
+    (
+        (BT_USER[1], "Chinese", "LANGUAGE: English\nTRANSLATION: 总结这段文字。\n\n猫坐在垫子上。"),
+        # a bare reply (no label) is taken as the translation
+        (
+            "总结这段文字。\n\n猫坐在垫子上。",
+            "English",
+            "Give a summary of this passage.\n\nThe cat was sitting on the mat.",
+        ),
+    ),
+    (
+        (BT_USER[2], "Chinese", "**Language:** English\n**Translation:** 法国的首都是哪里？"),
+        (
+            "法国的首都是哪里？",
+            "English",
+            "TRANSLATION: What is the capital of France?",
+        ),  # came back unchanged
+    ),
+]
+BT_COUNTS = {
+    "inputs": 3,
+    "requests": 3,
+    "kept": 2,
+    "near_duplicate": 1,
+    "bad_reply": 0,
+    "truncated": 0,
+    "teacher_error": 0,
+}
+
+
+def _translation_table() -> dict[str, str]:
+    from tuneforge.data.augment import pivot_prompt, return_prompt
+
+    table = {}
+    for (text, pivot, there), (pivot_text, language, back) in BT_LEGS:
+        table[pivot_prompt(text, pivot)[0]["content"]] = there
+        table[return_prompt(pivot_text, pivot, language)[0]["content"]] = back
+    return table
+
+
+def backtranslate(src: Path, out: Path, url: str, *extra: str) -> int:
+    args = ["data", "augment", str(src), "--out", str(out), "--teacher", url, "--mode", "backtranslate"]
+    return main([*args, "--no-progress", *extra])
+
+
+def test_backtranslate_is_a_round_trip_through_a_pivot_language(tmp_path, teacher):
+    from tuneforge.data.augment import pivot_prompt, return_prompt
+
+    src, out = write_inputs(tmp_path, BT_INPUTS), tmp_path / "bt.jsonl"
+    teacher.by_prompt = _translation_table()
+    assert backtranslate(src, out, teacher.url, "--concurrency", "1") == 0
+
+    # two calls per input, in order, both seeded by the round trip: there into the pivot, back into the language
+    # the first reply named
+    asked = [(r.get("seed"), r["messages"]) for r in teacher.requests[1:]]
+    expected = []
+    for seed, ((text, pivot, _), (pivot_text, language, _)) in enumerate(BT_LEGS):
+        expected += [(seed, pivot_prompt(text, pivot)), (seed, return_prompt(pivot_text, pivot, language))]
+    assert asked == expected
+    assert "into English" in asked[0][1][0]["content"] and "我喜欢AI" in asked[0][1][0]["content"]
+    assert "from English into Chinese" in asked[1][1][0]["content"]
+    assert (
+        "into Chinese" in asked[2][1][0]["content"] and "The cat sat on the mat." in asked[2][1][0]["content"]
+    )
+
+    records = read_out(out)
+    # the round-tripped instruction with the ORIGINAL answer
+    assert [r["messages"] for r in records] == [
+        [{"role": "user", "content": "我对人工智能很感兴趣"}, {"role": "assistant", "content": "我也是。"}],
+        [
+            {"role": "user", "content": "Give a summary of this passage.\n\nThe cat was sitting on the mat."},
+            {"role": "assistant", "content": "A cat sat."},
+        ],
+    ]
+    assert [r["augment"] for r in records] == [
+        {
+            "mode": "backtranslate",
+            "teacher": teacher.url,
+            "source": f"{src}:1",
+            "n": 1,
+            "variant": 1,
+            "pivot": "English",
+            "source_language": "Chinese",
+            "pivot_text": "I like AI",
+            # 我对人工智能很感兴趣 (10 tokens) vs 我喜欢AI (我 喜 欢 ai): LCS 我 → 2/14
+            "rouge_l_max": round(2 / 14, 4),
+        },
+        {
+            "mode": "backtranslate",
+            "teacher": teacher.url,
+            "source": f"{src}:2",
+            "n": 1,
+            "variant": 1,
+            "pivot": "Chinese",
+            "source_language": "English",
+            "pivot_text": "总结这段文字。\n\n猫坐在垫子上。",
+            # give a summary of this passage the cat was sitting on the mat (13) vs summarize the text the cat sat
+            # on the mat (9): LCS "the cat on the mat" 5 → 10/22
+            "rouge_l_max": round(10 / 22, 4),
+        },
+    ]
+    # the third round trip came back unchanged: ROUGE-L 1.0 to its own input, dropped
+    assert state_of(out)["counts"] == BT_COUNTS
+
+
+def test_backtranslate_resumes_byte_identical_and_keeps_its_pivot(tmp_path, teacher, capsys):
+    src = write_inputs(tmp_path, BT_INPUTS)
+    whole, parts = tmp_path / "whole.jsonl", tmp_path / "parts.jsonl"
+    teacher.by_prompt = _translation_table()
+    assert backtranslate(src, whole, teacher.url) == 0
+
+    teacher.down_from_seed = 2  # down for the third input's round trip
+    assert backtranslate(src, parts, teacher.url, "--retries", "0") == 2
+    assert state_of(parts)["done"] == 2
+    with open(parts, "ab") as handle:
+        handle.write(b'{"messages": [{"role": "user", "content": "Wh')
+    teacher.down_from_seed = None
+    teacher.requests.clear()
+    assert backtranslate(src, parts, teacher.url) == 0
+    assert [r.get("seed") for r in teacher.requests] == [
+        None,
+        2,
+        2,
+    ]  # the probe, then the unfinished round trip
+    assert parts.read_bytes() == whole.read_bytes()
+    assert state_of(parts)["counts"] == BT_COUNTS
+
+    capsys.readouterr()
+    assert backtranslate(src, parts, teacher.url, "--pivot", "Japanese") == 2
+    assert "pivot: 'auto' → 'Japanese'" in capsys.readouterr().err
+    assert parts.read_bytes() == whole.read_bytes()
+
+
+def test_pivot_choice():
+    from tuneforge.data.augment import Seed, auto_pivot, check_pivots, pivot_for
+    from tuneforge.errors import UserError
+
+    assert auto_pivot("我喜欢AI") == "English"  # 3 Han tokens, 1 Latin
+    assert auto_pivot("What is the capital of France?") == "Chinese"
+    assert auto_pivot("Résumez ce texte en une phrase.") == "Chinese"  # Latin script, not only English
+    assert auto_pivot("Переведи это предложение.") == "English"
+    # 12 Han tokens against 9 Latin words: a Chinese instruction quoting English text goes through English
+    assert auto_pivot("把下面的句子翻译成中文：The quick brown fox jumps over the lazy dog.") == "English"
+
+    assert check_pivots("backtranslate", None) == () == check_pivots("backtranslate", "auto")
+    pivots = check_pivots("backtranslate", "English, Japanese")
+    seed = Seed("x:1", "我喜欢AI", "我也是。")
+    assert [pivot_for(seed, pivots, v) for v in (1, 2, 3)] == ["English", "Japanese", "English"]
+    assert pivot_for(seed, (), 2) == "English"
+    for spec in ("English,,French", "auto,English", "English,english"):
+        with pytest.raises(UserError, match="language names separated by commas"):
+            check_pivots("backtranslate", spec)
+    with pytest.raises(UserError, match="--mode rewrite has none"):
+        check_pivots("rewrite", "English")
+
+
+def test_parse_translation_takes_the_whole_text():
+    from tuneforge.data.augment import parse_translation
+
+    # lines of the translated text that look like labels stay in it
+    reply = "<think>ok</think>\nLANGUAGE: English\nTRANSLATION: 写一个函数。\nLanguage: Python\nAnswer: 无"
+    assert parse_translation(reply, with_language=True) == {
+        "language": "English",
+        "translation": "写一个函数。\nLanguage: Python\nAnswer: 无",
+    }
+    assert parse_translation("TRANSLATION: I like AI", with_language=True) is None  # no language named
+    assert parse_translation("LANGUAGE: Chinese", with_language=True) is None  # no translation
+    assert parse_translation("LANGUAGE: " + "x" * 41 + "\nTRANSLATION: a", with_language=True) is None
+    assert parse_translation("我对人工智能很感兴趣", with_language=False) == {
+        "translation": "我对人工智能很感兴趣"
+    }
+    assert parse_translation("<think>unfinished", with_language=False) is None
+
+
+def test_reverse_is_instruction_backtranslation():
+    from tuneforge.data.augment import Seed, build_prompt, new_messages, parse_reply
+
+    seed = Seed(
+        "x:1", "What is the capital of France?", "Paris is the capital of France.", system="Be brief."
+    )
+    prompt = build_prompt("reverse", seed)[0]["content"]
+    assert (
+        "Paris is the capital of France." in prompt and "What is the capital" not in prompt
+    )  # from the answer
+    parsed = parse_reply("reverse", "INSTRUCTION: Which city is France's capital?")
+    assert new_messages("reverse", seed, parsed) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Which city is France's capital?"},
+        {"role": "assistant", "content": "Paris is the capital of France."},  # the original answer
+    ]
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_output(tmp_path, teacher):
@@ -331,6 +544,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, teacher, capsys):
         (["--n", "0"], "--n 0 must be at least 1"),
         (["--n", "two"], "--n 'two' must be a positive whole number"),
         (["--max-rouge", "70"], "--max-rouge 70 must be in (0, 1]"),
+        (["--pivot", "English"], "--mode rewrite has none"),
     ]
     for extra, message in cases:
         args = [

@@ -3,17 +3,21 @@
 For each single-turn instruction record of the input (Alpaca, chat or ShareGPT, read by
 :func:`tuneforge.data.readers.read_records`), the teacher is asked ``n`` times for a new record:
 
+* ``backtranslate``: back-translation as the guide (chapter 003 §5.1) defines it, a round trip through another
+  language: one call translates the user turn (instruction, plus an Alpaca ``input``, which the readers fold into
+  it) into a pivot language, a second call translates that back into the record's language. The new record is the
+  round-tripped instruction with the **original** answer: only the wording changed, so the answer still fits;
 * ``rewrite``: the instruction said in other words, and the teacher's answer to it;
-* ``backtranslate``: the instruction the record's answer would answer (instruction back-translation), paired with
-  the original answer, so the answer stays human-written;
 * ``cot``: the same instruction with a chain-of-thought answer (steps that work out the original answer, then the
-  final answer).
+  final answer);
+* ``reverse``: the instruction the record's answer would answer (instruction back-translation, Li et al. 2023,
+  "Self-Alignment with Instruction Backtranslation"), paired with the original answer.
 
 A new record is kept only if its ROUGE-L F1 to every existing record — the input's records and the ones kept so far
 — is below ``max_rouge`` (0.7, Self-Instruct's filter, which the guide follows). The text compared is the user
-instruction for ``rewrite`` and ``backtranslate``, and the answer for ``cot`` (whose instruction is the input's by
-design). ROUGE-L is the ``rouge-score`` library's, on :class:`tuneforge.text.UnicodeTokenizer` tokens (those of
-``tuneforge eval``'s ``rougeL``).
+instruction for ``backtranslate``, ``rewrite`` and ``reverse`` (a round trip that came back nearly unchanged is
+dropped), and the answer for ``cot`` (whose instruction is the input's by design). ROUGE-L is the ``rouge-score``
+library's, on :class:`tuneforge.text.UnicodeTokenizer` tokens (those of ``tuneforge eval``'s ``rougeL``).
 
 Replies the prompts' format cannot be read from, or that hit the token budget, are counted and skipped. The output
 is appended record by record; a state file beside it (``OUT.augment-state``) records how many inputs are done and
@@ -29,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,11 +42,17 @@ from typing import Any, Protocol
 
 from tuneforge.errors import UserError, did_you_mean
 
-MODES = ("backtranslate", "rewrite", "cot")
+MODES = ("backtranslate", "rewrite", "cot", "reverse")
 DEFAULT_MAX_ROUGE = 0.7
 STATE_SUFFIX = ".augment-state"
 # Bumped when the prompts or the output change: a resume across versions would mix two kinds of records.
-FORMAT_VERSION = 1
+# 2: ``backtranslate`` became the guide's round trip through a pivot language (the old one is ``reverse``).
+FORMAT_VERSION = 2
+# --pivot auto: the guide's pair (中文 → English → 中文) — English, unless the instruction is itself mostly
+# Latin-script (English, French...), which goes through Chinese instead.
+AUTO_PIVOT = "auto"
+DEFAULT_PIVOT = "English"
+LATIN_PIVOT = "Chinese"
 
 PROMPTS = {
     "rewrite": (
@@ -53,7 +64,7 @@ PROMPTS = {
         "INSTRUCTION: <the rewritten instruction>\n"
         "ANSWER: <your answer to it>"
     ),
-    "backtranslate": (
+    "reverse": (
         "Below is a response written by an AI assistant. Write the instruction a user would have typed to get "
         "exactly this response: a natural request, in the language of the response, that the response answers "
         "completely. Do not mention the response itself.\n\n"
@@ -71,11 +82,35 @@ PROMPTS = {
         "ANSWER: <the final answer>"
     ),
 }
+# backtranslate's two legs. The text is the whole user turn (an Alpaca ``input`` included): it is translated, never
+# answered. The first leg also asks which language the text is in, so that the second knows where to go back to
+# (a script does not say it: Latin letters may be English, French, Vietnamese...).
+PIVOT_PROMPT = (
+    "Translate the text below into {pivot}. It is a request someone wrote to an AI assistant: translate it, do "
+    "not answer it or carry it out. Translate all of it, including any input text that follows the request; "
+    "keep line breaks, code, names and numbers as they are. Also name the language the text is written in.\n\n"
+    "Text:\n{text}\n\n"
+    "Reply in exactly this format and nothing else:\n"
+    "LANGUAGE: <the language of the text, named in English, e.g. Chinese>\n"
+    "TRANSLATION: <the text in {pivot}>"
+)
+RETURN_PROMPT = (
+    "Translate the text below from {pivot} into {language}, as a native {language} speaker would naturally write "
+    "it (not word for word). It is a request someone wrote to an AI assistant: translate it, do not answer it or "
+    "carry it out. Translate all of it; keep line breaks, code, names and numbers as they are.\n\n"
+    "Text:\n{text}\n\n"
+    "Reply in exactly this format and nothing else:\n"
+    "TRANSLATION: <the text in {language}>"
+)
 # The label that opens a section of a reply: "ANSWER:", "**Answer:**", "## Instruction：", "- answer:" ...
 _LABEL_RE = re.compile(
     r"^[ \t>#*_-]*(instruction|reasoning|answer)[ \t*_]*[:：][ \t*_]*", re.IGNORECASE | re.MULTILINE
 )
 _THINK_RE = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
+# The labels of a translation reply. The translation runs from its label to the end of the reply: the text may
+# hold lines of its own that look like labels ("Answer: ...", "Language: Python").
+_LANGUAGE_RE = re.compile(r"^[ \t>#*_-]*language[ \t*_]*[:：][ \t*_]*(.*)$", re.IGNORECASE | re.MULTILINE)
+_TRANSLATION_RE = re.compile(r"^[ \t>#*_-]*translation[ \t*_]*[:：][ \t*_]*", re.IGNORECASE | re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- teacher interface
@@ -148,10 +183,95 @@ def seed_of(record: dict) -> Seed | None:
 
 
 def build_prompt(mode: str, seed: Seed) -> list[dict]:
-    """The chat prompt (one user message) asking the teacher for one new record of ``mode`` from ``seed``."""
+    """The chat prompt (one user message) asking the teacher for one new record of ``mode`` from ``seed``
+    (``rewrite``, ``cot``, ``reverse``; ``backtranslate`` asks :func:`pivot_prompt` then :func:`return_prompt`)."""
     return [
         {"role": "user", "content": PROMPTS[mode].format(instruction=seed.instruction, answer=seed.answer)}
     ]
+
+
+def pivot_prompt(text: str, pivot: str) -> list[dict]:
+    """backtranslate's first call: ``text`` (a whole user turn) into ``pivot``, and the name of its language."""
+    return [{"role": "user", "content": PIVOT_PROMPT.format(pivot=pivot, text=text)}]
+
+
+def return_prompt(text: str, pivot: str, language: str) -> list[dict]:
+    """backtranslate's second call: ``text`` (the first call's translation) from ``pivot`` back into ``language``."""
+    return [{"role": "user", "content": RETURN_PROMPT.format(pivot=pivot, language=language, text=text)}]
+
+
+def check_pivots(mode: str, spec: str | None) -> tuple[str, ...]:
+    """``--pivot`` as the pivot languages of round trips 1, 2, ... (repeated in turn); ``()`` means ``auto``.
+
+    Raises:
+        UserError: ``--pivot`` with a mode other than ``backtranslate``, an empty name, ``auto`` in a list, or a
+            language named twice.
+    """
+    if spec is None:
+        return ()
+    if mode != "backtranslate":
+        raise UserError(
+            f"--pivot is the language a backtranslate round trip goes through; --mode {mode} has none (drop --pivot)"
+        )
+    names = [name.strip() for name in str(spec).split(",")]
+    if [name.lower() for name in names] == [AUTO_PIVOT]:
+        return ()
+    lowered = [name.lower() for name in names]
+    if not all(names) or AUTO_PIVOT in lowered or len(set(lowered)) != len(lowered):
+        raise UserError(
+            f"--pivot {spec!r}: give 'auto' or different language names separated by commas, "
+            "e.g. --pivot English or --pivot English,Japanese,French"
+        )
+    return tuple(names)
+
+
+def auto_pivot(text: str) -> str:
+    """``--pivot auto``'s language for one instruction: ``Chinese`` when more than half of its word tokens are
+    Latin-script (English, French...), else ``English`` (the guide's 中文 → English → 中文).
+
+    Word tokens are :class:`tuneforge.text.UnicodeTokenizer`'s with a letter in them: one per Han/kana/Thai
+    character, one per run of letters of any other script; digits, code symbols and punctuation do not count.
+    """
+    from tuneforge.text import UnicodeTokenizer
+
+    words = [token for token in UnicodeTokenizer().tokenize(text) if any(c.isalpha() for c in token)]
+    latin = sum(
+        unicodedata.name(next(c for c in word if c.isalpha()), "").startswith("LATIN") for word in words
+    )
+    return LATIN_PIVOT if 2 * latin > len(words) else DEFAULT_PIVOT
+
+
+def pivot_for(seed: Seed, pivots: Sequence[str], variant: int) -> str:
+    """The pivot of round trip ``variant`` (1-based): the ``pivots`` in turn, or :func:`auto_pivot` when none."""
+    return pivots[(variant - 1) % len(pivots)] if pivots else auto_pivot(seed.instruction)
+
+
+def parse_translation(text: str, *, with_language: bool) -> dict | None:
+    """The translation in a reply to :func:`pivot_prompt` (``with_language``) or :func:`return_prompt`.
+
+    A leading ``<think>...</think>`` block is dropped. ``LANGUAGE:`` takes the rest of its line (at most 40
+    characters: it goes into the next prompt); the translation is everything after the first ``TRANSLATION:``
+    (after ``LANGUAGE:``) to the end of the reply, so lines of the text that look like labels stay in it. A reply to
+    the return prompt may also be the bare translation.
+
+    Returns:
+        ``{"language", "translation"}`` or ``{"translation"}``, every value non-empty; ``None`` when not usable.
+    """
+    text = _THINK_RE.sub("", text or "")
+    if "<think>" in text:
+        return None
+    parsed, start = {}, 0
+    if with_language:
+        label = _LANGUAGE_RE.search(text)
+        language = _clean(label.group(1)) if label else ""
+        if not language or len(language) > 40:
+            return None
+        parsed["language"], start = language, label.end()
+    label = _TRANSLATION_RE.search(text, start)
+    if label is None and with_language:
+        return None
+    parsed["translation"] = _clean(text[label.end() :] if label else text)
+    return parsed if parsed["translation"] else None
 
 
 def parse_reply(mode: str, text: str) -> dict | None:
@@ -159,10 +279,10 @@ def parse_reply(mode: str, text: str) -> dict | None:
 
     A leading ``<think>...</think>`` block is dropped. Sections start at a line beginning with ``INSTRUCTION:``,
     ``REASONING:`` or ``ANSWER:`` (any case; markdown emphasis, a heading mark or a full-width colon allowed);
-    the first of each label counts. ``backtranslate`` also accepts a bare reply without labels.
+    the first of each label counts. ``reverse`` also accepts a bare reply without labels.
 
     Returns:
-        ``{"instruction": ...}`` (backtranslate), ``{"instruction", "answer"}`` (rewrite) or
+        ``{"instruction": ...}`` (reverse, and backtranslate's round trip), ``{"instruction", "answer"}`` (rewrite) or
         ``{"reasoning", "answer"}`` (cot), every value non-empty.
     """
     text = _THINK_RE.sub("", text or "")
@@ -173,11 +293,11 @@ def parse_reply(mode: str, text: str) -> dict | None:
     for i, label in enumerate(labels):
         end = labels[i + 1].start() if i + 1 < len(labels) else len(text)
         sections.setdefault(label.group(1).lower(), _clean(text[label.end() : end]))
-    if mode == "backtranslate" and not labels:
+    if mode == "reverse" and not labels:
         sections["instruction"] = _clean(text)
     wanted = {
         "rewrite": ("instruction", "answer"),
-        "backtranslate": ("instruction",),
+        "reverse": ("instruction",),
         "cot": ("reasoning", "answer"),
     }[mode]
     if not all(sections.get(key) for key in wanted):
@@ -195,10 +315,11 @@ def _clean(text: str) -> str:
 
 
 def new_messages(mode: str, seed: Seed, parsed: dict) -> list[dict]:
-    """The new record's messages: the seed's system message (if any), the user turn and the answer."""
+    """The new record's messages: the seed's system message (if any), the user turn and the answer (the seed's
+    own for ``backtranslate`` and ``reverse``)."""
     if mode == "rewrite":
         user, answer = parsed["instruction"], parsed["answer"]
-    elif mode == "backtranslate":
+    elif mode in ("backtranslate", "reverse"):
         user, answer = parsed["instruction"], seed.answer
     else:
         user, answer = seed.instruction, f"{parsed['reasoning']}\n\n{parsed['answer']}"
@@ -210,6 +331,85 @@ def compared_text(mode: str, messages: Sequence[dict]) -> str:
     """The text the ROUGE-L filter compares: the last answer for ``cot``, else the last user turn."""
     role = "assistant" if mode == "cot" else "user"
     return next((m["content"] for m in reversed(messages) if m["role"] == role and m.get("content")), "")
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One new record asked of the teacher for an input, before the ROUGE-L filter.
+
+    Attributes:
+        variant: which of the input's ``n`` requests it is (1-based).
+        messages: the new record's messages; ``None`` when the teacher gave nothing usable.
+        dropped: why there is no record: ``teacher_error``, ``truncated`` or ``bad_reply`` (a count key).
+        provenance: more provenance for the record (``backtranslate``: ``pivot``, ``source_language``,
+            ``pivot_text``).
+    """
+
+    variant: int
+    messages: list[dict] | None = None
+    dropped: str | None = None
+    provenance: dict = field(default_factory=dict)
+
+
+def ask_drafts(
+    teacher: Teacher, mode: str, seed: Seed, n: int, first_seed: int | None, pivots: Sequence[str] = ()
+) -> list[Draft]:
+    """The ``n`` drafts of one input, in variant order.
+
+    ``rewrite``, ``cot`` and ``reverse`` make one ``ask`` of ``n`` replies (seeded ``first_seed + variant - 1``).
+    ``backtranslate`` makes two calls per round trip, in order — :func:`pivot_prompt` into
+    :func:`pivot_for`'s language, then :func:`return_prompt` back into the language the first reply named —
+    both seeded ``first_seed + variant - 1``; a failed first call skips the second.
+
+    Raises:
+        TeacherUnavailable: the teacher stopped answering.
+    """
+    if mode == "backtranslate":
+        return [
+            _round_trip(
+                teacher,
+                seed,
+                variant,
+                pivot_for(seed, pivots, variant),
+                None if first_seed is None else first_seed + variant - 1,
+            )
+            for variant in range(1, n + 1)
+        ]
+    replies = teacher.ask(build_prompt(mode, seed), n, first_seed)
+    drafts = []
+    for variant in range(1, n + 1):
+        reply = replies[variant - 1] if variant <= len(replies) else None  # a reply not given is a failure
+        failure = _failure(reply)
+        parsed = None if failure else parse_reply(mode, reply.text)
+        if parsed is None:
+            drafts.append(Draft(variant, dropped=failure or "bad_reply"))
+        else:
+            drafts.append(Draft(variant, new_messages(mode, seed, parsed)))
+    return drafts
+
+
+def _round_trip(teacher: Teacher, seed: Seed, variant: int, pivot: str, request_seed: int | None) -> Draft:
+    there = teacher.ask(pivot_prompt(seed.instruction, pivot), 1, request_seed)
+    failure = _failure(there[0] if there else None)
+    forth = None if failure else parse_translation(there[0].text, with_language=True)
+    if forth is None:
+        return Draft(variant, dropped=failure or "bad_reply")
+    back = teacher.ask(return_prompt(forth["translation"], pivot, forth["language"]), 1, request_seed)
+    failure = _failure(back[0] if back else None)
+    home = None if failure else parse_translation(back[0].text, with_language=False)
+    if home is None:
+        return Draft(variant, dropped=failure or "bad_reply")
+    # The answer is the seed's own: a faithful round trip changes the wording of the request, not what it asks.
+    messages = new_messages("backtranslate", seed, {"instruction": home["translation"]})
+    provenance = {"pivot": pivot, "source_language": forth["language"], "pivot_text": forth["translation"]}
+    return Draft(variant, messages, provenance=provenance)
+
+
+def _failure(reply: Reply | None) -> str | None:
+    """The count key of a reply that cannot be used whatever it says, or ``None``."""
+    if reply is None or reply.text is None:
+        return "teacher_error"
+    return "truncated" if reply.truncated else None
 
 
 # --------------------------------------------------------------------------- the ROUGE-L filter
@@ -302,13 +502,16 @@ class AugmentOptions:
     Attributes:
         input: the input data (a file or directory :func:`read_records` reads).
         out: the output JSON-lines file (appended; resumable).
-        mode: ``rewrite``, ``backtranslate`` or ``cot``.
+        mode: one of :data:`MODES`.
         n: new records asked of the teacher per input record.
         max_rouge: keep a new record only when its ROUGE-L F1 to every existing one is below this (0-1].
         format: the input's format (``auto``, ``alpaca``, ``chat``).
         overwrite: replace an existing ``out`` (and its state) instead of resuming.
         generation: the sampling settings as a dict (part of what a resume must match).
-        seed: the first request's sampling seed (request *i* uses ``seed + i``); ``None`` = unseeded.
+        seed: the first request's sampling seed (request *i* uses ``seed + i``; both calls of a ``backtranslate``
+            round trip use its request's seed); ``None`` = unseeded.
+        pivots: ``backtranslate``'s pivot languages, taken in turn by the round trips of each input (from
+            :func:`check_pivots`); empty = ``auto`` (:func:`auto_pivot`, per input).
     """
 
     input: Path
@@ -320,6 +523,7 @@ class AugmentOptions:
     overwrite: bool = False
     generation: dict = field(default_factory=dict)
     seed: int | None = 0
+    pivots: tuple[str, ...] = ()
 
 
 @dataclass
@@ -388,6 +592,8 @@ def prepare(options: AugmentOptions, teacher_name: str) -> Plan:
     from tuneforge.data.readers import read_records
 
     check_options(options.mode, options.n, options.max_rouge)
+    if options.pivots and options.mode != "backtranslate":
+        check_pivots(options.mode, ",".join(options.pivots))  # raises: pivots are backtranslate's
     _check_paths(options.input, options.out)
     records = read_records(options.input, options.format)
     seeds, skipped = [], []
@@ -410,6 +616,7 @@ def prepare(options: AugmentOptions, teacher_name: str) -> Plan:
         "input_sha256": _fingerprint(Path(options.input)),
         "format": options.format,
         "mode": options.mode,
+        "pivot": (",".join(options.pivots) or AUTO_PIVOT) if options.mode == "backtranslate" else None,
         "n": options.n,
         "max_rouge": options.max_rouge,
         "teacher": teacher_name,
@@ -571,13 +778,13 @@ def run_augment(
             for position in range(plan.done, len(plan.seeds)):
                 seed = plan.seeds[position]
                 try:
-                    replies = requests.replies(position)
+                    drafts = requests.drafts(position)
                 except TeacherUnavailable as exc:
                     raise UserError(
                         f"the teacher stopped answering at {seed.source} ({exc}); {position} of {len(plan.seeds)} "
                         f"inputs are done and saved in {options.out}: rerun the same command to continue"
                     ) from None
-                lines = _filter(plan, teacher.name, pool, seed, replies, counts)
+                lines = _filter(plan, teacher.name, pool, seed, drafts, counts)
                 data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines).encode("utf-8")
                 handle.write(data)
                 handle.flush()
@@ -590,19 +797,21 @@ def run_augment(
 
 
 class _Requests:
-    """The teacher's replies for each input position, asked ``concurrency`` inputs ahead in threads."""
+    """The teacher's drafts for each input position, asked ``concurrency`` inputs ahead in threads."""
 
     def __init__(self, plan: Plan, teacher: Teacher, concurrency: int) -> None:
         self.plan, self.teacher, self.concurrency = plan, teacher, max(1, concurrency)
         self.pending: dict = {}
         self.executor = None
 
-    def _ask(self, position: int) -> list[Reply]:
+    def _ask(self, position: int) -> list[Draft]:
         options = self.plan.options
         first_seed = None if options.seed is None else options.seed + position * options.n
-        return self.teacher.ask(build_prompt(options.mode, self.plan.seeds[position]), options.n, first_seed)
+        return ask_drafts(
+            self.teacher, options.mode, self.plan.seeds[position], options.n, first_seed, options.pivots
+        )
 
-    def replies(self, position: int) -> list[Reply]:
+    def drafts(self, position: int) -> list[Draft]:
         if self.concurrency == 1:
             return self._ask(position)
         if self.executor is None:
@@ -625,25 +834,18 @@ class _Requests:
 
 
 def _filter(
-    plan: Plan, teacher_name: str, pool: RougePool, seed: Seed, replies: list[Reply], counts: dict
+    plan: Plan, teacher_name: str, pool: RougePool, seed: Seed, drafts: list[Draft], counts: dict
 ) -> list:
     """The new records of one input that pass: readable, not cut off, ROUGE-L below ``max_rouge`` (counted)."""
     options = plan.options
     kept = []
     counts["requests"] += options.n
-    counts["teacher_error"] += max(
-        options.n - len(replies), 0
-    )  # a reply the teacher did not give is a failure
-    for variant, reply in enumerate(replies[: options.n], start=1):
-        if reply.text is None:
-            counts["teacher_error"] += 1
+    for draft in drafts:
+        if draft.dropped:
+            counts[draft.dropped] += 1
             continue
-        if reply.truncated:
-            counts["truncated"] += 1
-            continue
-        parsed = parse_reply(options.mode, reply.text)
-        messages = new_messages(options.mode, seed, parsed) if parsed else None
-        text = compared_text(options.mode, messages) if messages else ""
+        messages = draft.messages
+        text = compared_text(options.mode, messages)
         if not text or not pool.tokens.tokenize(text):
             counts["bad_reply"] += 1
             continue
@@ -661,7 +863,8 @@ def _filter(
             "teacher": teacher_name,
             "source": seed.source,
             "n": options.n,
-            "variant": variant,
+            "variant": draft.variant,
+            **draft.provenance,
             "rouge_l_max": round(score, 4),
         }
         kept.append(record)

@@ -38,13 +38,17 @@ def _add_augment(sub) -> None:
 
     augment = sub.add_parser(
         "augment",
-        help="new instruction records from a teacher model (rewrite, backtranslate, cot), near-duplicates dropped",
-        description="For each single-turn instruction record of IN, ask the teacher for N new records: 'rewrite' "
-        "(the instruction in other words, answered by the teacher), 'backtranslate' (the instruction the record's "
-        "answer answers, paired with that answer), 'cot' (the answer worked out step by step). A new record is "
-        "kept when its ROUGE-L to every existing record is below --max-rouge (the user turn is compared; the "
-        "answer for cot). OUT gets only the new records, each with its provenance under 'augment'; a rerun with "
-        "the same arguments continues where the last one stopped. See docs/data.md, 'Augmentation'.",
+        help="new instruction records from a teacher model (backtranslate, rewrite, cot, reverse), "
+        "near-duplicates dropped",
+        description="For each single-turn instruction record of IN, ask the teacher for N new records: "
+        "'backtranslate' (the instruction translated into a pivot language and back, e.g. 中文 → English → 中文, "
+        "paired with the original answer), 'rewrite' (the instruction in other words, answered by the teacher), "
+        "'cot' (the answer worked out step by step), 'reverse' (the instruction the record's answer answers, "
+        "paired with that answer: Li et al. 2023's instruction back-translation). A new record is kept when its "
+        "ROUGE-L to every existing record is below --max-rouge (the user turn is compared; the answer for cot), "
+        "so a round trip that came back unchanged is dropped. OUT gets only the new records, each with its "
+        "provenance under 'augment'; a rerun with the same arguments continues where the last one stopped. "
+        "See docs/data.md, 'Augmentation'.",
     )
     augment.add_argument(
         "input", metavar="IN", help="instruction data: Alpaca, chat or ShareGPT (.jsonl/.json/...)"
@@ -56,9 +60,27 @@ def _add_augment(sub) -> None:
         help="OpenAI-compatible API base (e.g. http://127.0.0.1:8000/v1, as `tuneforge serve` "
         "gives) or a run / model directory",
     )
-    augment.add_argument("--mode", required=True, help="rewrite | backtranslate | cot")
     augment.add_argument(
-        "--n", default="1", metavar="K", help="new records asked per input record (default 1)"
+        "--mode",
+        required=True,
+        help="backtranslate: the instruction round-tripped through --pivot (translated there and back: 2 teacher "
+        "calls), original answer kept | rewrite: the instruction reworded, answered by the teacher | cot: the "
+        "answer worked out step by step | reverse: an instruction written for the answer (Li et al. 2023), "
+        "original answer kept",
+    )
+    augment.add_argument(
+        "--n",
+        default="1",
+        metavar="K",
+        help="new records asked per input record (default 1; backtranslate: K round trips, which differ only "
+        "when sampling (--temperature) or with several --pivot languages)",
+    )
+    augment.add_argument(
+        "--pivot",
+        default=None,
+        metavar="LANG[,LANG...]",
+        help="backtranslate's pivot language(s), taken in turn by the K round trips (e.g. English,Japanese,French); "
+        "default auto: English, or Chinese when the instruction is mostly Latin-script",
     )
     augment.add_argument(
         "--max-rouge",
@@ -125,6 +147,7 @@ def _augment(args: argparse.Namespace) -> int:
     from tuneforge.models.generation import GenerationSettings
 
     mode, n, max_rouge = augment.check_options(args.mode, args.n, args.max_rouge)
+    pivots = augment.check_pivots(mode, args.pivot)
     settings = GenerationSettings.from_args(args)
     if args.timeout <= 0 or args.retries < 0 or args.concurrency < 1:
         raise UserError("--timeout must be > 0 seconds, --retries >= 0 and --concurrency >= 1")
@@ -139,16 +162,24 @@ def _augment(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         generation=generation,
         seed=settings.seed,
+        pivots=pivots,
     )
     url = teacher.is_url(args.teacher)
     if not url and (args.teacher_model or args.api_key_file):
         raise UserError("--teacher-model and --api-key-file are for a teacher server (--teacher http://...)")
     plan = augment.prepare(options, teacher.teacher_name(args.teacher, args.teacher_model))
-    if n > 1 and not settings.sampling:
-        warn(
-            f"--n {n} with greedy decoding: the teacher gives the same reply each time and the filter keeps one",
-            "sample: --temperature 0.8",
-        )
+    if n > 1 and not settings.sampling and len(pivots) < n:
+        if mode == "backtranslate":
+            warn(
+                f"--n {n} with greedy decoding and {len(pivots) or 'one'} pivot language(s): round trips through "
+                "the same pivot come back the same and the filter keeps one",
+                f"sample (--temperature 0.8) or give {n} pivots, e.g. --pivot English,Japanese,French",
+            )
+        else:
+            warn(
+                f"--n {n} with greedy decoding: the teacher gives the same reply each time and the filter keeps one",
+                "sample: --temperature 0.8",
+            )
     if url:
         source = teacher.HttpTeacher(
             args.teacher,
@@ -166,7 +197,7 @@ def _augment(args: argparse.Namespace) -> int:
     # A local model generates one batch at a time (the n replies of one input); a server batches what it gets.
     concurrency = args.concurrency if url else 1
     result = augment.run_augment(plan, source, progress=not args.no_progress, concurrency=concurrency)
-    _print_summary(result, out())
+    _print_summary(result, out(), mode)
     if plan.skipped_inputs:
         shown = ", ".join(plan.skipped_inputs[:3]) + (" ..." if len(plan.skipped_inputs) > 3 else "")
         warn(
@@ -176,14 +207,14 @@ def _augment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(result, console) -> None:
+def _print_summary(result, console, mode: str) -> None:
     from rich.table import Table
 
     counts = result.counts
     table = Table(title=f"augment → {result.out}", show_header=False)
     rows = [
         ("inputs done", f"{counts['inputs']} of {result.total_inputs}"),
-        ("requests", counts["requests"]),
+        ("round trips (2 teacher calls each)" if mode == "backtranslate" else "requests", counts["requests"]),
         ("kept", counts["kept"]),
         ("near-duplicates dropped", counts["near_duplicate"]),
         ("unreadable replies", counts["bad_reply"]),
