@@ -419,6 +419,13 @@ def test_backtranslate_resumes_byte_identical_and_keeps_its_pivot(tmp_path, teac
     assert "pivot: 'auto' → 'Japanese'" in capsys.readouterr().err
     assert parts.read_bytes() == whole.read_bytes()
 
+    # --n 2, greedy, one pivot: the second round trip is the first one again, dropped (and the user is told)
+    twice = tmp_path / "twice.jsonl"
+    assert backtranslate(src, twice, teacher.url, "--n", "2") == 0
+    assert "give 2 pivots, e.g. --pivot English,Japanese" in " ".join(capsys.readouterr().err.split())
+    assert [r["augment"]["variant"] for r in read_out(twice)] == [1, 1]
+    assert state_of(twice)["counts"] == {**BT_COUNTS, "requests": 6, "near_duplicate": 4}
+
 
 def test_pivot_choice():
     from tuneforge.data.augment import Seed, auto_pivot, check_pivots, pivot_for

@@ -585,7 +585,7 @@ def prepare(options: AugmentOptions, teacher_name: str) -> Plan:
     """Read the input, check the output and its state: every check of a run, nothing written.
 
     Raises:
-        UserError: options out of range, an unreadable input (file:line named by the readers), an input with no
+        UserError: options out of range (``pivots`` without ``backtranslate``), an unreadable input (file:line named by the readers), an input with no
             single-turn instruction record, ``out`` equal to or inside the input, an existing ``out`` that is not
             this augmentation's (without ``overwrite``), a state whose arguments differ (each key listed).
     """

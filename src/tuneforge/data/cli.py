@@ -170,10 +170,13 @@ def _augment(args: argparse.Namespace) -> int:
     plan = augment.prepare(options, teacher.teacher_name(args.teacher, args.teacher_model))
     if n > 1 and not settings.sampling and len(pivots) < n:
         if mode == "backtranslate":
+            routes = f"--pivot {','.join(pivots)}" if pivots else "one pivot per record (--pivot auto)"
+            names = ["English", "Japanese", "French", "German", "Spanish", "Russian"]
+            example = ",".join(names[:n]) if n <= len(names) else ",".join(names) + ",..."
             warn(
-                f"--n {n} with greedy decoding and {len(pivots) or 'one'} pivot language(s): round trips through "
-                "the same pivot come back the same and the filter keeps one",
-                f"sample (--temperature 0.8) or give {n} pivots, e.g. --pivot English,Japanese,French",
+                f"--n {n} with greedy decoding and {routes}: round trips through the same pivot come back the "
+                "same and the filter keeps one",
+                f"sample (--temperature 0.8) or give {n} pivots, e.g. --pivot {example}",
             )
         else:
             warn(
