@@ -111,6 +111,7 @@ def _run_config(work: Path, args, name: str) -> dict:
 
 def _tuneforge_arm(work: Path, args) -> dict:
     from tuneforge.config import validate_config
+    from tuneforge.train.loss import resolve_loss_chunk
     from tuneforge.train.run import run_training
 
     cfg = validate_config(_run_config(work, args, "tuneforge"))
@@ -119,8 +120,10 @@ def _tuneforge_arm(work: Path, args) -> dict:
     stats = result.summary["data"]
     model = result.model
     computed = round(stats["tokens"] / (1 - stats["padding_share"]))
+    # train.loss_chunk (auto by default) runs the LM head on supervised positions only
+    head_share = stats["supervised_tokens"] / computed if resolve_loss_chunk(cfg, model) else 1.0
     return _figures("tuneforge_packed", result.summary["runtime_s"], computed, stats["tokens"],
-                    stats["supervised_tokens"], model, args.max_length, clock.seconds)
+                    stats["supervised_tokens"], model, args.max_length, clock.seconds, head_share)
 
 
 class _CpuClock:
@@ -258,12 +261,15 @@ def _tutorial_arm(work: Path, args) -> dict:
                     clock.seconds)
 
 
-def flops_per_token(model, row_width: int) -> dict:
+def flops_per_token(model, row_width: int, head_share: float = 1.0) -> dict:
     """Training FLOPs per computed token of ``model`` (a PeftModel or a plain model) at ``row_width``.
 
     Frozen matmul weights cost 4 FLOPs per weight and token (forward, input gradient), trained ones 6 (plus the
     weight gradient); attention adds 12·L·d·T. Embedding lookups are not matmuls and are not counted; a tied LM
-    head is counted once as the matmul it is.
+    head is counted once as the matmul it is. ``head_share``: the share of computed positions whose LM-head
+    matmul the arm runs (1 for full logits; the supervised share under ``train.loss_chunk``, which computes logits
+    for supervised positions only) — FLOPs the arm does not execute are not counted; recomputation (a second head
+    forward when the chunk is smaller than the supervised positions) is not counted either, as in PaLM's MFU.
     """
     import torch
 
@@ -278,11 +284,14 @@ def flops_per_token(model, row_width: int) -> dict:
                 frozen += module.weight.numel()
     config = model.config
     attention = 12 * config.num_hidden_layers * config.hidden_size * row_width
-    return {"frozen_matmul_params": frozen, "trained_matmul_params": trained,
-            "flops_per_token": 4 * frozen + 6 * trained + attention, "attention_flops_per_token": attention}
+    head = model.get_output_embeddings().weight
+    skipped = (1 - head_share) * (6 if head.requires_grad else 4) * head.numel()
+    return {"frozen_matmul_params": frozen, "trained_matmul_params": trained, "lm_head_share": round(head_share, 4),
+            "flops_per_token": round(4 * frozen + 6 * trained + attention - skipped),
+            "attention_flops_per_token": attention}
 
 
-def _figures(arm, runtime, computed, real, supervised, model, row_width, cpu_seconds) -> dict:
+def _figures(arm, runtime, computed, real, supervised, model, row_width, cpu_seconds, head_share=1.0) -> dict:
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     dtype = next(p.dtype for p in model.parameters() if not p.requires_grad)
     return {
@@ -299,7 +308,7 @@ def _figures(arm, runtime, computed, real, supervised, model, row_width, cpu_sec
         "tokens_per_s_real": round(real / runtime, 1),
         "tokens_per_s_supervised": round(supervised / runtime, 1),
         "peak_rss_mb": round(peak_kb / 1024, 1),
-        **flops_per_token(model, row_width),
+        **flops_per_token(model, row_width, head_share),
     }
 
 

@@ -165,17 +165,23 @@ def test_run_with_loss_chunk_logs_the_same_losses(tmp_path, chat_data, chunk_cal
         raw["train"]["eval_steps"] = 2
         return raw
 
-    plain = _train(with_eval(_raw(tmp_path / "plain", chat_data)))
+    from tuneforge.config.schema import auto_loss_chunk
+
+    plain = _train(with_eval(_raw(tmp_path / "plain", chat_data, loss_chunk=None)))  # the model's own loss
     assert chunk_calls == []
     chunked = _train(with_eval(_raw(tmp_path / "chunked", chat_data, loss_chunk=16)))
     assert chunk_calls and set(chunk_calls) == {16}
-    a, b = _losses(plain.run_dir), _losses(chunked.run_dir)
-    assert len(a) == len(b) == 4
+    chunk_calls.clear()
+    auto = _train(with_eval(_raw(tmp_path / "auto", chat_data)))  # the default: one chunk, no recompute
+    assert chunk_calls and set(chunk_calls) == {auto_loss_chunk(512)}
+    a, b, c = _losses(plain.run_dir), _losses(chunked.run_dir), _losses(auto.run_dir)
+    assert len(a) == len(b) == len(c) == 4
     # The same steps on the same weights: only float summation order differs, over 4 optimizer steps.
-    assert b == pytest.approx(a, rel=1e-4)
+    assert b == pytest.approx(a, rel=1e-4) and c == pytest.approx(a, rel=1e-4)
     # Evaluation goes through the chunked loss too (no logits needed for eval_loss).
     assert plain.summary["eval_loss"] is not None
     assert chunked.summary["eval_loss"] == pytest.approx(plain.summary["eval_loss"], rel=1e-4)
+    assert auto.summary["eval_loss"] == pytest.approx(plain.summary["eval_loss"], rel=1e-4)
     assert (chunked.final_dir / "adapter_model.safetensors").is_file()
 
 
@@ -229,13 +235,25 @@ def test_estimate_bills_one_chunk_of_logits(tmp_path, chat_data):
     from tuneforge.estimate.choose import setup_from_run
 
     spec = model_spec("meta-llama/Llama-3.1-8B")  # offline table: vocab 128,256
-    plain = estimate_memory(spec, Setup(batch_size=2, seq_len=2048))
+    from tuneforge.cli import main
+    from tuneforge.config.schema import auto_loss_chunk
+
+    spec = model_spec("meta-llama/Llama-3.1-8B")  # offline table: vocab 128,256
+    plain = estimate_memory(spec, Setup(batch_size=2, seq_len=2048, loss_chunk="off"))
     chunked = estimate_memory(spec, Setup(batch_size=2, seq_len=2048, loss_chunk=512))
+    auto = estimate_memory(spec, Setup(batch_size=2, seq_len=2048))  # training's default, billed by default
     assert plain.components["logits"] == 3 * 4096 * spec.vocab_size * 4
     assert chunked.components["logits"] == 3 * 512 * spec.vocab_size * 4
+    assert auto_loss_chunk(spec.vocab_size) == 523
+    assert auto.components["logits"] == 3 * 523 * spec.vocab_size * 4
     assert chunked.total_bytes < plain.total_bytes
     _, setup = setup_from_run(validate_config(_raw(tmp_path / "e", chat_data, loss_chunk=64)), device="cpu")
     assert setup.loss_chunk == 64
+    _, setup = setup_from_run(validate_config({**_raw(tmp_path / "g", chat_data), "stage": "dpo"}), device="cpu")
+    assert setup.loss_chunk is None  # auto does not apply to preference stages: their own loss is billed
+    with pytest.raises(SystemExit) as stop:  # argparse: usage error, exit 2
+        main(["estimate", "meta-llama/Llama-3.1-8B", "--loss-chunk", "zero"])
+    assert stop.value.code == 2
 
 
 def test_training_runs_with_the_startup_objects_frozen_out_of_the_collector(tmp_path, chat_data, monkeypatch):
@@ -269,3 +287,29 @@ def test_training_runs_with_the_startup_objects_frozen_out_of_the_collector(tmp_
     run_training(cfg, echo=lambda *_: None, callbacks=[FreezeProbe()])
     assert seen and all(count > 1000 for count in seen)
     assert gc.get_freeze_count() == 0
+
+
+def test_loss_chunk_auto_resolves_per_stage_and_model_and_falls_back_quietly(tmp_path, chat_data, tiny_llama):
+    from tuneforge.config.schema import auto_loss_chunk
+    from tuneforge.train.loss import check_speed_options, resolve_loss_chunk
+
+    vocab = tiny_llama.get_output_embeddings().weight.shape[0]
+    auto = validate_config(_raw(tmp_path / "a", chat_data))
+    assert auto.train.loss_chunk == "auto"  # the default
+    assert resolve_loss_chunk(auto, tiny_llama) == auto_loss_chunk(vocab)
+    assert auto_loss_chunk(152_064) == 441 and auto_loss_chunk(8) == 2**23 and auto_loss_chunk(10**9) == 64
+    assert resolve_loss_chunk(validate_config(_raw(tmp_path / "b", chat_data, loss_chunk=32)), tiny_llama) == 32
+    assert resolve_loss_chunk(validate_config(_raw(tmp_path / "c", chat_data, loss_chunk=None)), tiny_llama) is None
+    # auto steps aside (the model's own loss, no error) where the chunked loss cannot be used
+    distill = validate_config(_raw(tmp_path / "d", chat_data, distill={"teacher": str(tmp_path)}))
+    assert resolve_loss_chunk(distill, tiny_llama) is None
+    compiled = validate_config(_raw(tmp_path / "e", chat_data, compile=True))
+    assert resolve_loss_chunk(compiled, tiny_llama) is None
+    fsdp = validate_config({**_raw(tmp_path / "h", chat_data), "distributed": {"strategy": "fsdp"}})
+    assert resolve_loss_chunk(fsdp, tiny_llama) is None  # sharded heads are not gathered outside the forward
+    with pytest.raises(UserError, match="train.loss_chunk with distributed.strategy 'deepspeed'"):
+        validate_config({**_raw(tmp_path / "i", chat_data, loss_chunk=32), "distributed": {"strategy": "deepspeed"}})
+    tiny_llama.config.logit_scale = 0.5
+    assert resolve_loss_chunk(auto, tiny_llama) is None
+    with pytest.raises(UserError, match="logit_scale"):
+        check_speed_options(validate_config(_raw(tmp_path / "f", chat_data, loss_chunk=32)), tiny_llama)

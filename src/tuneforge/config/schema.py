@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from tuneforge.config.strict import Strict
 from tuneforge.methods.base import registrations
@@ -227,6 +227,25 @@ class DistillConfig(Strict):
     temperature: float = Field(2.0, gt=0)
 
 
+#: ``train.loss_chunk: auto`` keeps one chunk's fp32 logits under this many bytes (train/loss.py; estimate bills it)
+AUTO_LOSS_CHUNK_BYTES = 256 * 2**20
+MIN_AUTO_LOSS_CHUNK = 64
+
+
+def auto_loss_chunk(vocab_size: int) -> int:
+    """Positions per chunk under ``loss_chunk: auto``: as many as keep one chunk's fp32 logits within
+    :data:`AUTO_LOSS_CHUNK_BYTES` (32,768 at an 2k vocabulary, 441 at Qwen's 152k), at least 64."""
+    return max(MIN_AUTO_LOSS_CHUNK, AUTO_LOSS_CHUNK_BYTES // (4 * max(1, int(vocab_size))))
+
+
+def loss_chunk_auto_applies(cfg: RunConfig) -> bool:
+    """Whether ``loss_chunk: auto`` may use the chunked loss for this run config (the model may still refuse it:
+    train/loss.py): stages sft/pt, no ``train.distill``, no ``compile: true``, and not under the sharding strategies
+    (FSDP/DeepSpeed hold the LM head's parameters sharded outside the model's forward)."""
+    return (cfg.stage in ("sft", "pt") and cfg.train.distill is None and cfg.train.compile is not True
+            and cfg.distributed.strategy == "ddp")
+
+
 class TrainConfig(Strict):
     """Optimisation, schedule, checkpointing and logging."""
 
@@ -259,8 +278,10 @@ class TrainConfig(Strict):
     # speed and memory (train/loss.py, docs/performance.md)
     compile: Literal["auto"] | bool = Field("auto", description="torch.compile the model for training; auto: off "
                                             "(measured: +7% per step on CPU after a ~50 s warm-up)")
-    loss_chunk: int | None = Field(None, gt=0, description="chunked cross-entropy: LM-head positions per chunk, so "
-                                   "the full [batch, length, vocab] logits are never materialised; null: off")
+    loss_chunk: Literal["auto"] | PositiveInt | None = Field(
+        "auto", description="cross-entropy from the LM head's input: logits only for supervised positions, N at a "
+        "time, so the full [batch, length, vocab] logits are never materialised; auto: on for sft/pt where the model "
+        "allows it, chunks of <= 256 MiB of logits; null: the model's own loss")
     kernels: list[Literal["liger", "flash_attention"]] = Field(
         default_factory=list, description="CUDA kernels (refused on other devices)")
 
@@ -272,10 +293,10 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _loss_chunk_combinations(self) -> TrainConfig:
-        if self.loss_chunk and self.distill is not None:
+        if isinstance(self.loss_chunk, int) and self.distill is not None:
             raise ValueError("train.loss_chunk with train.distill: distillation compares the model's full logits "
                              "with the teacher's, which the chunked loss never computes; remove one of them")
-        if self.loss_chunk and self.compile is True:
+        if isinstance(self.loss_chunk, int) and self.compile is True:
             raise ValueError("train.loss_chunk with train.compile: true is not supported (the chunked loss swaps "
                              "the LM head's forward every step, which would recompile); remove one of them")
         return self
@@ -434,6 +455,10 @@ class RunConfig(Strict):
             if unused:
                 raise ValueError(f"preference.{unused[0]} has no effect in stage {self.stage!r}; its keys: "
                                  f"{', '.join(PREFERENCE_KEYS[self.stage])}")
+        if isinstance(self.train.loss_chunk, int) and self.distributed.strategy != "ddp":
+            raise ValueError(f"train.loss_chunk with distributed.strategy {self.distributed.strategy!r}: the chunked "
+                             "loss calls the LM head outside the model's forward, where a sharded head is not "
+                             "gathered; remove train.loss_chunk (or use strategy ddp)")
         if (self.grpo is not None) != (self.stage == "grpo"):
             raise ValueError("stage 'grpo' needs a grpo: section (with rewards), and grpo: needs stage 'grpo'")
         for key, used in (("data.mix", self.data.mix), ("data.task_prefix", self.data.task_prefix),

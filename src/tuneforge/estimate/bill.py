@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from tuneforge.config.schema import auto_loss_chunk
 from tuneforge.errors import UserError
 from tuneforge.estimate.spec import LinearShape, ModelSpec, resolve_targets
 from tuneforge.methods.base import method_class, priced_methods
@@ -80,7 +81,7 @@ class Setup:
     attn_implementation: str = "sdpa"  # "sdpa" (flash / memory-efficient kernels) or "eager" (s x s scores)
     gpus: int = 1  # data-parallel processes; the bill is per GPU
     strategy: str = "ddp"  # how the training state is spread over them: STRATEGIES
-    loss_chunk: int | None = None  # train.loss_chunk: logits exist for this many positions at a time
+    loss_chunk: int | str | None = "auto"  # train.loss_chunk: logits exist for this many positions at a time
 
     def __post_init__(self) -> None:
         self.optim = OPTIM_ALIASES.get(self.optim, self.optim)
@@ -349,7 +350,8 @@ def estimate_memory(spec: ModelSpec, setup: Setup) -> Bill:
     # Logits: the loss upcasts to fp32; at the start of backward the saved log-softmax, its incoming gradient
     # and its outgoing gradient (all b·s·V fp32) are alive together.
     # train.loss_chunk (train/loss.py): only one chunk's logits exist at a time, forward or (recomputed) backward.
-    logit_rows = min(tokens, setup.loss_chunk) if setup.loss_chunk else tokens
+    chunk = {"auto": auto_loss_chunk(spec.vocab_size), "off": None}.get(setup.loss_chunk, setup.loss_chunk)
+    logit_rows = min(tokens, chunk) if chunk else tokens
     logits_unit = logit_rows * spec.vocab_size * 4
     logits = 3 * logits_unit
     head = spec.head

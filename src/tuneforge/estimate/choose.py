@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tuneforge.config.schema import loss_chunk_auto_applies
 from tuneforge.errors import UserError
 from tuneforge.estimate.bill import METHODS, Bill, GiB, Setup, estimate_memory
 from tuneforge.estimate.spec import ModelSpec, model_spec
@@ -216,6 +217,8 @@ def setup_from_run(cfg: Any, device: str | None = None) -> tuple[Any, Setup]:
         "gradient_checkpointing": cfg.train.gradient_checkpointing, "precision": precision,
         "optim": cfg.train.optim, "device": device, "loss_chunk": cfg.train.loss_chunk,
     }
+    if fields["loss_chunk"] == "auto" and not loss_chunk_auto_applies(cfg):
+        fields["loss_chunk"] = None  # the model's own loss: auto does not apply to this stage / setup
     name = method.name
     if name not in METHODS:
         raise UserError(f"method.name {name!r}: tuneforge estimate models {', '.join(METHODS)}; "

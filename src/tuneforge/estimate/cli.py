@@ -36,7 +36,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default bf16 (fp32 with --device cpu)")
     p.add_argument("--optim", choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"])
     p.add_argument("--galore-rank", type=int, help="GaLore projection rank (default 128)")
-    p.add_argument("--loss-chunk", type=int, help="chunked cross-entropy: positions per chunk (train.loss_chunk)")
+    p.add_argument("--loss-chunk", type=_loss_chunk, metavar="N|auto|off",
+                   help="train.loss_chunk: logits of supervised positions only, N at a time; auto (training's "
+                        "default): chunks of <= 256 MiB of logits; off: the model's own loss over every position")
     p.add_argument("--device", choices=["cuda", "cpu"], help="cuda bills the CUDA context (default cuda)")
     p.add_argument("--gpus", type=int, help="data-parallel GPUs: the bill is per GPU (default 1)")
     p.add_argument("--strategy", choices=["ddp", "fsdp", "zero1", "zero2", "zero3"],
@@ -98,6 +100,16 @@ def strategy_of(section) -> str:
     return "ddp"
 
 
+def _loss_chunk(text: str) -> int | str:
+    """``--loss-chunk`` values: a positive count, ``auto`` or ``off``."""
+    if text in ("auto", "off"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of positions, auto or off") from None
+
+
 def run_estimate(args) -> int:
     from tuneforge.estimate.bill import GiB, Setup, estimate_memory
     from tuneforge.estimate.choose import DEFAULT_TARGET_BATCH, recommend
@@ -108,7 +120,7 @@ def run_estimate(args) -> int:
         raise UserError(f"--margin {args.margin}: expected a fraction in [0, 1)")
     for key in ("r", "batch_size", "seq_len", "grad_accum", "target_batch", "loss_chunk"):
         value = values.get(key) if key != "target_batch" else args.target_batch
-        if value is not None and value <= 0:
+        if isinstance(value, int) and value <= 0:
             raise UserError(f"--{key.replace('_', '-')} must be positive (got {value})")
     spec = model_spec(source)
     budget = args.gpu_mem if args.gpu_mem is not None else extras.get("budget_gb")

@@ -65,7 +65,9 @@ class ProgressDisplay(TrainerCallback):
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[metrics]}"), TextColumn("ETA"), TimeRemainingColumn(),
-            console=err(), transient=False,
+            # No refresh thread: it would wake 10x a second for the whole run to redraw a line that only changes at
+            # a step or a log, taking the GIL from the training loop; those events redraw it instead.
+            console=err(), transient=False, auto_refresh=False,
         )
         self.task = self.progress.add_task(self.stage, total=state.max_steps, completed=state.global_step,
                                            metrics="")
@@ -75,7 +77,7 @@ class ProgressDisplay(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step)
+            self.progress.update(self.task, completed=state.global_step, refresh=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.progress is None or not logs:
@@ -94,7 +96,7 @@ class ProgressDisplay(TrainerCallback):
             parts.append(f"lr {logs['learning_rate']:.2e}")
         if tokens > 0:
             parts.append(f"{tokens / elapsed:,.0f} tok/s")
-        self.progress.update(self.task, metrics=" · ".join(parts))
+        self.progress.update(self.task, metrics=" · ".join(parts), refresh=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:

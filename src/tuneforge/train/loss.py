@@ -77,9 +77,12 @@ def chunked_causal_lm_loss(hidden: Any, head: Any, labels: Any, chunk: int, num_
     targets = flat_labels.index_select(0, keep)
     grad = torch.is_grad_enabled() and (states.requires_grad or any(p.requires_grad for p in head.parameters()))
     total = states.new_zeros((), dtype=torch.float32)
+    # One chunk holds every supervised position: keeping its logits for backward costs no more than recomputing them
+    # would hold at the peak, so the recompute (a second head forward) is skipped.
+    single = states.shape[0] <= chunk
     for start in range(0, states.shape[0], chunk):
         part = (states[start:start + chunk], targets[start:start + chunk], head, softcap)
-        if grad:  # the chunk's logits are dropped after its loss and recomputed in backward
+        if grad and not single:  # the chunk's logits are dropped after its loss and recomputed in backward
             total = total + checkpoint(_chunk_loss_sum, *part, use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(*part)
@@ -144,19 +147,21 @@ def captured_head_input(head: Any):
             del head.forward
 
 
-def chunked_loss_trainer_class(chunk: int, base: Any = None):
+def chunked_loss_trainer_class(chunk: int, base: Any = None, *, chosen_by_auto: bool = False):
     """A Trainer subclass of ``base`` whose training and eval loss is :func:`chunked_causal_lm_loss`.
 
     ``outputs.logits`` of the returned outputs is an empty ``[batch, length, 0]`` tensor (the full logits are
-    never computed); prediction steps that need logits (``prediction_loss_only=False``) are therefore refused.
+    never computed); prediction steps that need logits (``prediction_loss_only=False``) are therefore refused —
+    unless the chunk was ``chosen_by_auto`` (``loss_chunk: auto``), where they quietly use the model's own loss.
     """
     from transformers import Trainer
 
     class ChunkedLossTrainer(base or Trainer):
         loss_chunk = chunk
+        _model_loss = False  # set while a prediction step needs the model's logits (auto only)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if "labels" not in inputs:
+            if "labels" not in inputs or self._model_loss:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inner, head = output_head(self.accelerator.unwrap_model(model))
             labels = inputs["labels"]
@@ -171,10 +176,21 @@ def chunked_loss_trainer_class(chunk: int, base: Any = None):
             divisor = num_items_in_batch if self.model_accepts_loss_kwargs else None
             loss = chunked_causal_lm_loss(store["hidden"], head, labels, self.loss_chunk, divisor,
                                           getattr(inner.config, "final_logit_softcapping", None))
+            if self.args.average_tokens_across_devices and divisor is not None:
+                # As Trainer.compute_loss: the divisor counts every process's tokens and DDP averages the
+                # gradients over processes, so each process's loss is scaled back up by their number.
+                scale = self.accelerator.num_processes // self.get_tp_size()
+                loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
             outputs["loss"] = loss
             return (loss, outputs) if return_outputs else loss
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            if not prediction_loss_only and chosen_by_auto:
+                self._model_loss = True
+                try:
+                    return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+                finally:
+                    self._model_loss = False
             if not prediction_loss_only:
                 raise UserError("train.loss_chunk: evaluation that needs logits (metrics over predictions) is not "
                                 "available with the chunked loss; remove train.loss_chunk")
@@ -183,11 +199,38 @@ def chunked_loss_trainer_class(chunk: int, base: Any = None):
     return ChunkedLossTrainer
 
 
-def loss_trainer_class(train_cfg: Any, base: Any = None):
-    """The Trainer class ``train.loss_chunk`` asks for (extending ``base``), or ``base`` when it is not set."""
-    if not getattr(train_cfg, "loss_chunk", None):
+def resolve_loss_chunk(cfg: Any, model: Any) -> int | None:
+    """Positions per chunk of this run's loss, or None for the model's own loss.
+
+    An explicit ``train.loss_chunk: N`` is checked (:func:`check_speed_options` raises where it cannot work);
+    ``auto`` is :func:`tuneforge.config.schema.auto_loss_chunk` of the model's vocabulary where
+    :func:`tuneforge.config.schema.loss_chunk_auto_applies`, and None (the model's own loss, silently) elsewhere:
+    other stages, ``train.distill``, ``compile: true``, FSDP/DeepSpeed, models whose logits it does not reproduce.
+    """
+    from tuneforge.config.schema import auto_loss_chunk, loss_chunk_auto_applies
+
+    setting = cfg.train.loss_chunk
+    if setting is None:
+        return None
+    if setting != "auto":
+        return int(setting)
+    if not loss_chunk_auto_applies(cfg):
+        return None
+    try:
+        _, head = output_head(model)
+    except UserError:
+        return None
+    weight = getattr(head, "weight", None)
+    vocab = weight.shape[0] if weight is not None else getattr(model.config, "vocab_size", 0)
+    return auto_loss_chunk(vocab)
+
+
+def loss_trainer_class(cfg: Any, model: Any, base: Any = None):
+    """The Trainer class this run's loss needs (extending ``base``), or ``base`` for the model's own loss."""
+    chunk = resolve_loss_chunk(cfg, model)
+    if chunk is None:
         return base
-    return chunked_loss_trainer_class(train_cfg.loss_chunk, base)
+    return chunked_loss_trainer_class(chunk, base, chosen_by_auto=cfg.train.loss_chunk == "auto")
 
 
 # ----------------------------------------------------------------------------- compile and kernels
@@ -237,7 +280,7 @@ def check_speed_options(cfg: Any, model: Any) -> None:
     from tuneforge.models.device import resolve_device
 
     check_kernels(cfg.train, resolve_device(cfg.model.device))
-    if not cfg.train.loss_chunk:
+    if cfg.train.loss_chunk in (None, "auto"):  # auto never refuses: it falls back to the model's own loss
         return
     if cfg.stage not in ("sft", "pt"):
         raise UserError(f"train.loss_chunk applies to the cross-entropy of stages sft and pt, not {cfg.stage!r} "

@@ -182,7 +182,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
             handed_over.append(True)
         from tuneforge.train.loss import loss_trainer_class
 
-        trainer_base = loss_trainer_class(cfg.train)  # train.loss_chunk: compute_loss from hidden states in chunks
+        trainer_base = loss_trainer_class(cfg, model)  # train.loss_chunk: compute_loss from hidden states in chunks
         if retention:  # its compute_loss adds the terms to super()'s loss, chunked or not
             trainer_base = retention.trainer_class(model, run_dir, echo, base=trainer_base)
         trainer, monitor = _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run_dir, stage,
@@ -277,8 +277,11 @@ def _train_rank(cfg: RunConfig, run_dir: Path, callbacks, stop: rundir.SigtermSt
     template = _template(cfg, tokenizer)
     set_seed(cfg.seed)
     model = method.apply(model, cfg.method)
+    from tuneforge.train.loss import loss_trainer_class
+
+    # the same loss as rank 0 (train.loss_chunk), so every rank computes its gradients the same way
     trainer, monitor = _build_trainer(cfg, method, model, tokenizer, template, handoff.bundle, handoff.packing,
-                                      run_dir, stage)
+                                      run_dir, stage, loss_trainer_class(cfg, model))
     for callback in callbacks or ():
         trainer.add_callback(callback)
     trainer.add_callback(stop.callback())
