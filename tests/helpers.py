@@ -102,3 +102,16 @@ def tiny_run_config(out: Path, train_file: Path, *, seed: int = 7, dropout: floa
         "data": {"train": [str(train_file)], "max_length": max_length},
         "train": {"report_to": ["none"], **(train or {})},
     }
+
+
+def kill_at_step(step: int, output_dir_contains: str = ""):
+    """A Trainer callback that raises ``KeyboardInterrupt`` (a simulated kill) when training step ``step`` begins,
+    in runs whose output directory contains ``output_dir_contains``; pass it in ``run_training(callbacks=[...])``."""
+    from transformers import TrainerCallback
+
+    class KillAtStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == step and output_dir_contains in str(args.output_dir):
+                raise KeyboardInterrupt("simulated kill")
+
+    return KillAtStep()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import kill_at_step
 from tuneforge.cli import main
 from tuneforge.config import validate_config
 
@@ -121,19 +122,13 @@ def test_eval_of_a_parent_with_data_takes_each_task_s_records(trained, capsys):
 def test_resume_skips_finished_tasks_and_continues_the_interrupted_one(trained, tmp_path):
     import torch
     from safetensors.torch import load_file
-    from transformers import TrainerCallback
 
     from tuneforge.train import per_task
-
-    class Crash(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if "/echo/" in args.output_dir and state.global_step == 4:
-                raise KeyboardInterrupt("simulated kill")
 
     out = tmp_path / "multi"
     raw = {**_cfg(out, trained["data"]), "run_name": "multi"}
     with pytest.raises(KeyboardInterrupt):
-        _train(raw, callbacks=[Crash()])
+        _train(raw, callbacks=[kill_at_step(4, output_dir_contains="/echo/")])
     assert (out / "tasks" / "add" / "final").is_dir() and not (out / "tasks" / "echo" / "final").exists()
     code = main(["train", _write(tmp_path, raw)])  # a fresh start over the unfinished run is refused
     assert code == 2

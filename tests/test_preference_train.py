@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import kill_at_step
 from tuneforge.config import validate_config
 from tuneforge.data import builtin
 from tuneforge.data.templates import get_template
@@ -118,19 +119,13 @@ def test_dpo_raises_preference_accuracy_on_held_out_pairs(tmp_path):
 @pytest.mark.slow
 def test_resume_mid_dpo_equals_uninterrupted(tmp_path, pref_data):
     from safetensors.torch import load_file
-    from transformers import TrainerCallback
 
     straight = tmp_path / "straight"
     _train(_cfg(straight, pref_data, data={"eval": None}))
 
-    class Crash(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 4:
-                raise KeyboardInterrupt("simulated kill")
-
     interrupted = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
-        _train(_cfg(interrupted, pref_data, data={"eval": None}), callbacks=[Crash()])
+        _train(_cfg(interrupted, pref_data, data={"eval": None}), callbacks=[kill_at_step(4)])
     assert not (interrupted / "final").exists()
     _train(_cfg(interrupted, pref_data, data={"eval": None}), resume=True)
     a = load_file(straight / "final" / "adapter_model.safetensors")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import kill_at_step
 from tuneforge.cli import main
 from tuneforge.config import validate_config
 
@@ -162,31 +163,15 @@ def test_a_stack_of_two_loads_and_merges_like_the_adapters_unmerged(chain, tmp_p
 def test_resume_of_a_progressive_run_equals_uninterrupted(chain, tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
-    from transformers import TrainerCallback
 
-    from tuneforge.train import run as run_module
 
     raw = _cfg(tmp_path / "straight", chain["new"], base=chain["base"], continue_from=chain["first"], steps=6,
                save_steps=2)
     _train(raw)
 
-    class Crash(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 4:
-                raise KeyboardInterrupt("simulated kill")
-
-    original = run_module._build_trainer
-
-    def crashing(*args, **kwargs):
-        trainer, monitor = original(*args, **kwargs)
-        trainer.add_callback(Crash())
-        return trainer, monitor
-
     raw2 = {**raw, "run_name": "interrupted", "output_dir": str(tmp_path / "interrupted")}
-    monkeypatch.setattr(run_module, "_build_trainer", crashing)
     with pytest.raises(KeyboardInterrupt):
-        _train(raw2)
-    monkeypatch.setattr(run_module, "_build_trainer", original)
+        _train(raw2, callbacks=[kill_at_step(4)])
     assert (tmp_path / "interrupted" / "stack" / "00").is_dir()
     _train(raw2, resume=True)
     a = load_file(str(tmp_path / "straight" / "final" / "adapter_model.safetensors"))

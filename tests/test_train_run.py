@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import kill_at_step
 from tuneforge.cli import main
 from tuneforge.config import validate_config
 from tuneforge.data import builtin
@@ -101,30 +102,14 @@ def _final_state(run_dir: Path) -> dict:
 
 def test_resume_equals_uninterrupted(tmp_path, chat_data, monkeypatch):
     import torch
-    from transformers import TrainerCallback
 
-    from tuneforge.train import run as run_module
 
     straight = tmp_path / "straight"
     _train(_cfg(straight, chat_data))
 
-    class Crash(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 6:
-                raise KeyboardInterrupt("simulated kill")
-
-    original = run_module._build_trainer
-
-    def crashing(*args, **kwargs):
-        trainer, monitor = original(*args, **kwargs)
-        trainer.add_callback(Crash())
-        return trainer, monitor
-
     interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(run_module, "_build_trainer", crashing)
     with pytest.raises(KeyboardInterrupt):
-        _train(_cfg(interrupted, chat_data))
-    monkeypatch.setattr(run_module, "_build_trainer", original)
+        _train(_cfg(interrupted, chat_data), callbacks=[kill_at_step(6)])
     assert not (interrupted / "final").exists()
     # A checkpoint being written when the process died has no marker and must never be resumed from.
     half = interrupted / "checkpoints" / "checkpoint-6"
