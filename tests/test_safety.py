@@ -217,6 +217,16 @@ def test_allow_config_change_resumes_anyway(unfinished):
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["max_length"] == 96
 
 
+def test_allow_config_change_to_the_adapters_shape_is_refused_before_anything_is_written(unfinished, capsys):
+    out, config = unfinished
+    before = _snapshot(out)
+    assert main(["train", str(config), "--resume", "method.r=8", "--allow-config-change"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this config's model" in err and "lora_A" in err and "[4, " in err and "[8, " in err
+    assert "Traceback" not in err
+    assert _snapshot(out) == before  # config.yaml still says r=4: the run can be resumed as it was
+
+
 def test_resume_and_overwrite_together_are_refused(unfinished, capsys):
     out, config = unfinished
     assert main(["train", str(config), "--resume", "--overwrite"]) == 2

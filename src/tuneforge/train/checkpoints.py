@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 MARKER = "COMPLETE"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
@@ -74,3 +75,51 @@ def rotate(folder: str | Path, keep: int | None, protect: str | Path | None = No
         if path not in protected:
             shutil.rmtree(path, ignore_errors=True)
             excess -= 1
+
+
+def _saved_shapes(checkpoint: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape of the weights saved in ``checkpoint`` (adapter or model safetensors, sharded or not),
+    read from the file headers only."""
+    from safetensors import safe_open
+
+    files = sorted(checkpoint.glob("adapter_model.safetensors")) or sorted(checkpoint.glob("model*.safetensors"))
+    shapes = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def _model_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape of what the Trainer would save of ``model`` (the adapter of a peft model)."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model)
+    else:
+        state = model.state_dict()
+    return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
+def checkpoint_mismatch(model: Any, checkpoint: Path) -> str | None:
+    """Why ``model`` cannot load ``checkpoint``'s weights (a tensor the model lacks, or of another shape), or None.
+
+    Only names both sides use the same way are compared: a checkpoint with no safetensors weights (another
+    format) gives None, and the load itself is left to the Trainer.
+    """
+    saved = _saved_shapes(Path(checkpoint))
+    if not saved:
+        return None
+    mine = _model_shapes(model)
+    for name, shape in saved.items():
+        if name not in mine:
+            return f"the checkpoint holds {name}, which this model does not have"
+        if mine[name] != shape:
+            return f"{name} has shape {list(shape)} in the checkpoint but {list(mine[name])} in this model"
+    missing = sorted(set(mine) - set(saved))
+    if missing and not (Path(checkpoint) / "adapter_model.safetensors").is_file():
+        return None  # a full model's checkpoint may leave out tied weights: only adapters must match exactly
+    if missing:
+        return f"this model has {missing[0]}, which the checkpoint does not hold"
+    return None

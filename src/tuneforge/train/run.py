@@ -154,6 +154,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
             progressive.stage_copy(stack, staged_stack)
         set_seed(cfg.seed)  # every rank initialises the adapter from the same state, whatever data building drew
         model = method.apply(model, cfg.method)
+        if resume:  # before anything is written: a checkpoint of other shapes would fail inside the Trainer
+            _check_checkpoint_fits(model, run_dir)
         from tuneforge.models.params import count_parameters
 
         trainable, total = count_parameters(model)
@@ -551,6 +553,18 @@ def _marked_trainer_class(base=None):
             checkpoints.rotate(self.args.output_dir, self.keep_checkpoints, self.state.best_model_checkpoint)
 
     return MarkedTrainer
+
+
+def _check_checkpoint_fits(model: Any, run_dir: Path) -> None:
+    """Refuse to resume from a checkpoint whose tensors this config's model cannot hold (``--allow-config-change``
+    after a change of ``method.r``, targets, method or model)."""
+    latest = checkpoints.latest_checkpoint(run_dir / "checkpoints")
+    problem = checkpoints.checkpoint_mismatch(model, latest) if latest is not None else None
+    if problem:
+        raise UserError(f"--resume: {latest} does not fit this config's model: {problem}. The change to the method "
+                        "or model (see --allow-config-change's list) changes the trained tensors; resume with the "
+                        f"settings in {run_dir / 'config.yaml'}, or start a new run (another run_name, or "
+                        "--overwrite)")
 
 
 def _resume_point(run_dir: Path, resume: bool, echo) -> Path | None:
