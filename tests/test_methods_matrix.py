@@ -23,6 +23,7 @@ import importlib
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -518,6 +519,16 @@ def test_lora_init_that_changes_the_base_saves_an_adapter_for_the_original_base(
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["init_lora_weights"] is True and saved["r"] == 2 * cfg.r
     torch.testing.assert_close(_logits(reloaded.merge_and_unload(), ids), trained, atol=PISSA_LOAD_ATOL, rtol=0)
+    # the step-0 adapter kept for that conversion lives in a temporary directory that goes with the model
+    from tuneforge.methods.lora import INIT_ATTR
+
+    init_root = Path(getattr(model, INIT_ATTR)).parent
+    assert init_root.is_dir()
+    del model
+    import gc
+
+    gc.collect()
+    assert not init_root.exists()
 
 
 def test_olora_on_conv1d_layers_is_refused_with_the_reason(tiny_gpt2):

@@ -19,7 +19,9 @@ needs it).
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,7 +128,10 @@ class LoraMethod(Method):
             )
         peft_model = get_peft_model(model, config)
         if mutating:
-            init_dir = Path(tempfile.mkdtemp(prefix="tuneforge-init-adapter-")) / "initial_adapter"
+            root = tempfile.mkdtemp(prefix="tuneforge-init-adapter-")
+            # removed with the model, or at interpreter exit, whichever comes first (save_adapter reads it last)
+            weakref.finalize(peft_model, shutil.rmtree, root, ignore_errors=True)
+            init_dir = Path(root) / "initial_adapter"
             peft_model.save_pretrained(str(init_dir))
             setattr(peft_model, INIT_ATTR, str(init_dir))
         return peft_model
