@@ -261,3 +261,39 @@ def test_adapter_on_a_tied_output_layer_is_refused_and_untied_one_merges(tiny_ll
         adapted = model(ids).logits
         merged = model.merge_and_unload()(ids).logits
     torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("resized", [False, True])
+def test_an_adapter_on_the_embeddings_saves_the_base_embedding_only_when_resized(tmp_path, tiny_llama, tiny_tokenizer,
+                                                                                resized):
+    """peft's "auto" would save the whole base embedding with every adapter that targets it; tuneforge saves it only
+    when the vocabulary differs from the base's, and the adapter reloads to the same logits either way."""
+    import torch
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import save_base
+    from tuneforge.methods import get_method
+
+    base_dir = save_base(tiny_llama, tiny_tokenizer, tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if resized:
+        model.resize_token_embeddings(model.get_input_embeddings().weight.shape[0] + 8)
+    adapted = get_method("lora").apply(model, _lora_cfg(r=4, target_modules=["q_proj", "embed_tokens"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    get_method("lora").save_adapter(adapted, tmp_path / "adapter")
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as handle:
+        base_layers = [k for k in handle.keys() if "base_layer" in k or k.endswith("embed_tokens.weight")]
+    assert bool(base_layers) == resized
+    reloaded_base = AutoModelForCausalLM.from_pretrained(base_dir)
+    if resized:
+        reloaded_base.resize_token_embeddings(reloaded_base.get_input_embeddings().weight.shape[0] + 8)
+    reloaded = PeftModel.from_pretrained(reloaded_base, tmp_path / "adapter").eval()
+    ids = _ids(tiny_tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, adapted.eval()(ids).logits, rtol=0, atol=1e-6)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from tuneforge.errors import UserError, did_you_mean
@@ -68,7 +69,28 @@ class Method:
 
     def save_adapter(self, model: Any, out_dir: Any) -> None:
         """Save the trained result (adapter or full model) so that it loads onto the original base model."""
-        model.save_pretrained(str(out_dir))
+        model.save_pretrained(str(out_dir), **adapter_save_kwargs(model))
+
+
+def adapter_save_kwargs(model: Any) -> dict:
+    """``save_pretrained`` keyword arguments for ``model``: for a peft model whose base is a local directory,
+    ``save_embedding_layers`` is True only when the embedding's size differs from that base's vocabulary.
+
+    Why: peft's ``"auto"`` saves the whole base embedding and output weights whenever an embedding layer is a LoRA
+    target, although they equal the base's (the quickstart's adapter was 6 MB instead of 1.6 MB). When the
+    vocabulary was resized they are needed, and they are kept; for hub bases peft's own rule stays.
+    """
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    base = getattr(config, "base_model_name_or_path", None)
+    if not base or not (Path(base) / "config.json").is_file() or not hasattr(model, "get_input_embeddings"):
+        return {}
+    from transformers import AutoConfig
+
+    base_config = AutoConfig.from_pretrained(base)
+    vocab = getattr(base_config, "vocab_size", None) or getattr(base_config.get_text_config(), "vocab_size", None)
+    if not vocab:
+        return {}
+    return {"save_embedding_layers": model.get_input_embeddings().weight.shape[0] != vocab}
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from tuneforge.config.strict import Strict
 from tuneforge.errors import UserError
-from tuneforge.methods.base import Method, TargetModules, register
+from tuneforge.methods.base import Method, TargetModules, adapter_save_kwargs, register
 
 # method.init → peft's init_lora_weights
 INIT_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
@@ -143,10 +143,8 @@ class LoraMethod(Method):
         adapter is converted on the way (see the module docstring).
         """
         init_dir = getattr(model, INIT_ATTR, None)
-        if init_dir is None:
-            model.save_pretrained(str(out_dir))
-        else:
-            model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=init_dir)
+        extra = {"path_initial_model_for_weight_conversion": init_dir} if init_dir is not None else {}
+        model.save_pretrained(str(out_dir), **adapter_save_kwargs(model), **extra)
 
 
 def _refuse_tied_output_layer(model: Any, targets: list[str]) -> None:
