@@ -116,14 +116,15 @@ def _tuneforge_arm(work: Path, args) -> dict:
 
     cfg = validate_config(_run_config(work, args, "tuneforge"))
     clock = _CpuClock()
-    result = run_training(cfg, overwrite=True, echo=lambda *_: None, callbacks=[clock.callback()])
+    result = run_training(cfg, overwrite=True, echo=lambda *_: None, callbacks=[clock.callback(), clock.steps()])
     stats = result.summary["data"]
     model = result.model
     computed = round(stats["tokens"] / (1 - stats["padding_share"]))
     # train.loss_chunk (auto by default) runs the LM head on supervised positions only
     head_share = stats["supervised_tokens"] / computed if resolve_loss_chunk(cfg, model) else 1.0
     return _figures("tuneforge_packed", result.summary["runtime_s"], computed, stats["tokens"],
-                    stats["supervised_tokens"], model, args.max_length, clock.seconds, head_share)
+                    stats["supervised_tokens"], model, args.max_length, clock.seconds, head_share,
+                    steady=clock.steady(args.warmup_steps))
 
 
 class _CpuClock:
@@ -136,6 +137,27 @@ class _CpuClock:
     def __init__(self):
         self.seconds = None
         self._start = None
+        self.per_step: list[tuple[float, int]] = []  # (wall seconds, real tokens) of each optimizer step
+
+    def steady(self, warmup: int) -> float | None:
+        """Real tokens/s over the steps after the first ``warmup`` (compilation, allocator and cache warm-up)."""
+        rest = self.per_step[warmup:]
+        return round(sum(t for _, t in rest) / sum(s for s, _ in rest), 1) if rest else None
+
+    def steps(self):
+        """A Trainer callback filling :attr:`per_step` (tokens from ``num_input_tokens_seen``, padding excluded)."""
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Steps(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                self.began, self.seen = time.perf_counter(), state.num_input_tokens_seen
+
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.per_step.append((time.perf_counter() - self.began, state.num_input_tokens_seen - self.seen))
+
+        return Steps()
 
     def start(self):
         self._start = time.process_time()
@@ -199,6 +221,7 @@ def _plain_loop_arm(work: Path, args) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     order = torch.randperm(len(rows)).tolist()
     for step in range(steps):
+        began = time.perf_counter()
         batch = [rows[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
         width = max(len(r["input_ids"]) for r in batch)
         fill = [width - len(r["input_ids"]) for r in batch]
@@ -213,12 +236,13 @@ def _plain_loop_arm(work: Path, args) -> dict:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        clock.per_step.append((time.perf_counter() - began, sum(len(r["input_ids"]) for r in batch)))
     clock.stop()
     runtime = time.time() - started
     stats = bundle.stats
     computed = round(stats["tokens"] / (1 - stats["padding_share"]))
     figures = _figures("plain_loop_packed", runtime, computed, stats["tokens"], stats["supervised_tokens"], model,
-                       args.max_length, clock.seconds)
+                       args.max_length, clock.seconds, steady=clock.steady(args.warmup_steps))
     figures["last_loss"] = round(float(loss), 4)
     return figures
 
@@ -291,7 +315,8 @@ def flops_per_token(model, row_width: int, head_share: float = 1.0) -> dict:
             "attention_flops_per_token": attention}
 
 
-def _figures(arm, runtime, computed, real, supervised, model, row_width, cpu_seconds, head_share=1.0) -> dict:
+def _figures(arm, runtime, computed, real, supervised, model, row_width, cpu_seconds, head_share=1.0,
+             steady=None) -> dict:
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     dtype = next(p.dtype for p in model.parameters() if not p.requires_grad)
     return {
@@ -307,6 +332,7 @@ def _figures(arm, runtime, computed, real, supervised, model, row_width, cpu_sec
         "tokens_per_s_computed": round(computed / runtime, 1),
         "tokens_per_s_real": round(real / runtime, 1),
         "tokens_per_s_supervised": round(supervised / runtime, 1),
+        "steady_tokens_per_s_real": steady,
         "peak_rss_mb": round(peak_kb / 1024, 1),
         **flops_per_token(model, row_width, head_share),
     }
@@ -361,11 +387,22 @@ def summarise(rounds: list[dict]) -> dict:
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "per_round_tokens_per_s_real": [r["tokens_per_s_real"] for r in runs],
         }
+        steady = [r["steady_tokens_per_s_real"] for r in runs if r.get("steady_tokens_per_s_real")]
+        if steady:  # after the warm-up steps: computed rate = real / (1 - padding share)
+            rate_steady = statistics.median(steady) / (1 - first["padding_share"])
+            achieved_steady = rate_steady * first["flops_per_token"] / 1e9
+            arms[name].update(steady_tokens_per_s_real=statistics.median(steady),
+                              steady_mfu=round(achieved_steady / peak[first["dtype"]], 3) if first["dtype"] in peak
+                              else None)
     ratios = [r["tuneforge_packed"]["tokens_per_s_real"] / r["plain_loop_packed"]["tokens_per_s_real"]
               for r in rounds if "tuneforge_packed" in r and "plain_loop_packed" in r]
     cpu_ratios = [r["tuneforge_packed"]["real_tokens_per_cpu_s"] / r["plain_loop_packed"]["real_tokens_per_cpu_s"]
                   for r in rounds if "tuneforge_packed" in r and "plain_loop_packed" in r]
+    steady_ratios = [r["tuneforge_packed"]["steady_tokens_per_s_real"] / r["plain_loop_packed"]["steady_tokens_per_s_real"]
+                     for r in rounds if r.get("tuneforge_packed", {}).get("steady_tokens_per_s_real")
+                     and r.get("plain_loop_packed", {}).get("steady_tokens_per_s_real")]
     out = {"matmul_peak_gflops": peak, "arms": arms,
+           "tuneforge_vs_plain_loop_steady_per_round": [round(x, 3) for x in steady_ratios],
            "tuneforge_vs_plain_loop_per_round": [round(x, 3) for x in ratios],
            "tuneforge_vs_plain_loop_median": round(statistics.median(ratios), 3) if ratios else None,
            "tuneforge_vs_plain_loop_cpu_time_per_round": [round(x, 3) for x in cpu_ratios],
@@ -379,18 +416,21 @@ def summarise(rounds: list[dict]) -> dict:
 def table(summary: dict) -> str:
     """The summary as a Markdown table."""
     lines = ["| arm | dtype | real tok/s | computed tok/s | padding | GFLOP/s | MFU | real tok/CPU-s | MFU by CPU time "
-             "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| steady real tok/s | steady MFU | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, a in summary["arms"].items():
         mfu = _pct(a["mfu"])
         lines.append(f"| {name} | {a['dtype']} | {a['tokens_per_s_real']:,.0f} | {a['tokens_per_s_computed']:,.0f} | "
                      f"{100 * a['padding_share']:.0f}% | {a['achieved_gflops']:.0f} | {mfu} | "
-                     f"{a['real_tokens_per_cpu_s']:,.0f} | {_pct(a['mfu_cpu_time'])} | {a['peak_rss_mb']:.0f} |")
+                     f"{a['real_tokens_per_cpu_s']:,.0f} | {_pct(a['mfu_cpu_time'])} | "
+                     f"{a.get('steady_tokens_per_s_real') or 0:,.0f} | {_pct(a.get('steady_mfu'))} | "
+                     f"{a['peak_rss_mb']:.0f} |")
     for dtype, value in summary["matmul_peak_gflops"].items():
-        lines.append(f"| matmul_peak | {dtype} | | | | {value:.0f} | 100% | | | |")
+        lines.append(f"| matmul_peak | {dtype} | | | | {value:.0f} | 100% | | | | | |")
     lines.append(f"\ntuneforge / plain loop (real tokens/s, per round): {summary['tuneforge_vs_plain_loop_per_round']}"
                  f" → median {summary['tuneforge_vs_plain_loop_median']}; by CPU time: "
                  f"{summary['tuneforge_vs_plain_loop_cpu_time_per_round']} → median "
-                 f"{summary['tuneforge_vs_plain_loop_cpu_time_median']}")
+                 f"{summary['tuneforge_vs_plain_loop_cpu_time_median']}; steady (after the warm-up steps): "
+                 f"{summary['tuneforge_vs_plain_loop_steady_per_round']}")
     return "\n".join(lines)
 
 
@@ -410,6 +450,8 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--peak-size", type=int, default=2048)
     parser.add_argument("--train-overrides", default="{}", help="JSON merged into tuneforge's train section")
+    parser.add_argument("--warmup-steps", type=int, default=3,
+                        help="steps left out of the steady figures (torch.compile, allocator and cache warm-up)")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -420,7 +462,7 @@ def main() -> None:
     passthrough = ["--samples", str(args.samples), "--tutorial-samples", str(args.tutorial_samples),
                    "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
                    "--precision", args.precision, "--peak-size", str(args.peak_size),
-                   "--train-overrides", args.train_overrides]
+                   "--train-overrides", args.train_overrides, "--warmup-steps", str(args.warmup_steps)]
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

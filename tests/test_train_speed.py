@@ -196,8 +196,6 @@ def test_loss_chunk_composes_with_a_retention_term(tmp_path, chat_data, chunk_ca
 def test_loss_chunk_refusals_name_the_keys(tmp_path, chat_data):
     with pytest.raises(UserError, match="train.loss_chunk with train.distill"):
         validate_config(_raw(tmp_path / "a", chat_data, loss_chunk=8, distill={"teacher": str(tmp_path)}))
-    with pytest.raises(UserError, match="train.loss_chunk with train.compile"):
-        validate_config(_raw(tmp_path / "b", chat_data, loss_chunk=8, compile=True))
 
 
 def test_kernels_are_refused_on_cpu_before_anything_is_written(tmp_path, chat_data):
@@ -207,19 +205,27 @@ def test_kernels_are_refused_on_cpu_before_anything_is_written(tmp_path, chat_da
     assert not out.exists()
 
 
-def test_compile_auto_is_off_and_true_reaches_the_trainer():
+def test_compile_auto_is_off_and_true_compiles_the_decoder_in_place(tiny_llama):
     from tuneforge.config.schema import TrainConfig
-    from tuneforge.train.loss import speed_trainer_args
+    from tuneforge.methods import get_method
+    from tuneforge.methods.lora import LoraMethodConfig
+    from tuneforge.train.loss import compile_model
 
-    assert speed_trainer_args(TrainConfig(), "cpu") == {"torch_compile": False}
-    assert speed_trainer_args(TrainConfig(compile=True), "cpu") == {"torch_compile": True}
-    assert speed_trainer_args(TrainConfig(compile=False), "cuda") == {"torch_compile": False}
+    model = get_method("lora").apply(tiny_llama, LoraMethodConfig(name="lora", r=4))
+    names = [name for name, _ in model.named_parameters()]
+    assert not compile_model(model, TrainConfig(), "cpu") and not compile_model(model, TrainConfig(compile=False), "cpu")
+    decoder = model.get_base_model().get_decoder()
+    assert decoder._compiled_call_impl is None
+    assert compile_model(model, TrainConfig(compile=True), "cpu")
+    assert decoder._compiled_call_impl is not None  # the decoder stack; the head and the loss stay eager
+    assert model.get_base_model().lm_head._compiled_call_impl is None
+    assert [name for name, _ in model.named_parameters()] == names  # no "_orig_mod." anywhere: saving is unchanged
 
 
 @pytest.mark.slow
 def test_compiled_and_eager_runs_log_the_same_losses(tmp_path, chat_data):
     eager = _train(_raw(tmp_path / "eager", chat_data, compile=False))
-    compiled = _train(_raw(tmp_path / "compiled", chat_data, compile=True))
+    compiled = _train(_raw(tmp_path / "compiled", chat_data, compile=True))  # with loss_chunk: auto, as by default
     # Inductor fuses and reorders float ops: equal within 1e-3 relative over 4 steps (fp32).
     assert _losses(compiled.run_dir) == pytest.approx(_losses(eager.run_dir), rel=1e-3)
     # Saved as the uncompiled module: the adapter's keys carry no "_orig_mod." prefix.
@@ -304,7 +310,7 @@ def test_loss_chunk_auto_resolves_per_stage_and_model_and_falls_back_quietly(tmp
     distill = validate_config(_raw(tmp_path / "d", chat_data, distill={"teacher": str(tmp_path)}))
     assert resolve_loss_chunk(distill, tiny_llama) is None
     compiled = validate_config(_raw(tmp_path / "e", chat_data, compile=True))
-    assert resolve_loss_chunk(compiled, tiny_llama) is None
+    assert resolve_loss_chunk(compiled, tiny_llama) == auto_loss_chunk(vocab)  # the head stays eager under compile
     fsdp = validate_config({**_raw(tmp_path / "h", chat_data), "distributed": {"strategy": "fsdp"}})
     assert resolve_loss_chunk(fsdp, tiny_llama) is None  # sharded heads are not gathered outside the forward
     with pytest.raises(UserError, match="train.loss_chunk with distributed.strategy 'deepspeed'"):

@@ -21,10 +21,13 @@ Granite's ``logits_scaling``, ...) are refused, as is ``train.distill`` (it need
 when nothing changes the loss computation); ``train/run.py`` passes it as ``base`` to the retention terms'
 Trainer (``train/retention``), whose ``compute_loss`` calls ``super()`` — this one — and adds its terms.
 
-**Compile** (``train.compile``): ``TrainingArguments.torch_compile`` (the Trainer compiles the model it steps and
-saves the uncompiled one, so checkpoints, resume, ``final/`` and merge see the same module names). ``auto`` is
-off on every device for now: on this project's CPU it was +7% after a ~50 s warm-up (a win only for runs longer
-than ~12 minutes), and no GPU measurement has been made.
+**Compile** (``train.compile``): the model's decoder stack (``get_decoder()``: embeddings, layers, final norm) is
+compiled in place (``nn.Module.compile(dynamic=True)``): parameter names and the state dict are unchanged, so
+checkpoints, resume, ``final/`` and merge see the same modules; the LM head and the loss stay eager, so the chunked
+loss still skips prompt positions; ``dynamic=True`` makes one graph serve packed rows of every width (the Trainer's
+own ``torch_compile`` recompiled per width). ``auto`` is off on every device for now: on this project's CPU it
+gives +11% per step after a ~23 s warm-up (a win for runs longer than ~4 minutes), and no GPU measurement has
+been made.
 
 **Kernels** (``train.kernels``): ``liger`` (Liger's Triton kernels) and ``flash_attention`` (FlashAttention-2,
 varlen over packed rows from their ``position_ids``) are CUDA-only; on any other device they are refused.
@@ -205,7 +208,7 @@ def resolve_loss_chunk(cfg: Any, model: Any) -> int | None:
     An explicit ``train.loss_chunk: N`` is checked (:func:`check_speed_options` raises where it cannot work);
     ``auto`` is :func:`tuneforge.config.schema.auto_loss_chunk` of the model's vocabulary where
     :func:`tuneforge.config.schema.loss_chunk_auto_applies`, and None (the model's own loss, silently) elsewhere:
-    other stages, ``train.distill``, ``compile: true``, FSDP/DeepSpeed, models whose logits it does not reproduce.
+    other stages, ``train.distill``, FSDP/DeepSpeed, models whose logits it does not reproduce.
     """
     from tuneforge.config.schema import auto_loss_chunk, loss_chunk_auto_applies
 
@@ -239,7 +242,7 @@ def loss_trainer_class(cfg: Any, model: Any, base: Any = None):
 def compile_enabled(setting: str | bool, device: str) -> bool:
     """Whether ``train.compile`` (``auto`` | ``true`` | ``false``) compiles the model on ``device``.
 
-    ``auto`` is off everywhere: measured on CPU (docs/performance.md) compile gains ~7% per step after a ~50 s
+    ``auto`` is off everywhere: measured on CPU (docs/performance.md) compile gains ~11% per step after a ~23 s
     warm-up, so short runs lose; on GPUs it has not been measured by this project yet.
     """
     if setting == "auto":
@@ -247,9 +250,24 @@ def compile_enabled(setting: str | bool, device: str) -> bool:
     return bool(setting)
 
 
-def speed_trainer_args(train_cfg: Any, device: str) -> dict:
-    """``TrainingArguments`` entries for ``train.compile``."""
-    return {"torch_compile": compile_enabled(getattr(train_cfg, "compile", "auto"), device)}
+def compile_model(model: Any, train_cfg: Any, device: str) -> bool:
+    """Compile ``model``'s decoder stack in place when ``train.compile`` asks for it; returns whether it did.
+
+    Only the decoder (``get_decoder()``) is compiled, with ``dynamic=True`` (one graph for every row width): the
+    LM head and the loss stay eager for ``train.loss_chunk``, and names, state dict and saving are unchanged.
+
+    Raises:
+        UserError: ``compile: true`` on a model without a decoder module to compile.
+    """
+    if not compile_enabled(getattr(train_cfg, "compile", "auto"), device):
+        return False
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    if decoder is None or decoder is inner:
+        raise UserError(f"train.compile: {type(inner).__name__} has no decoder module to compile; set "
+                        "train.compile: false")
+    decoder.compile(dynamic=True)
+    return True
 
 
 def check_kernels(train_cfg: Any, device: str) -> None:

@@ -452,9 +452,6 @@ def _training_arguments(cfg: RunConfig, method, run_dir: Path, has_eval: bool, p
     )
     if t.scheduler == "cosine_with_restarts":
         kwargs["lr_scheduler_kwargs"] = {"num_cycles": t.num_cycles}
-    from tuneforge.train.loss import speed_trainer_args
-
-    kwargs.update(speed_trainer_args(t, device))  # train.compile
     kwargs.update(method.trainer_args(cfg.method))
     engine = distributed.trainer_arguments(cfg, run_dir, distributed.world(), device)
     if engine.get("fsdp") and engine["fsdp_config"]["activation_checkpointing"]:
@@ -471,6 +468,10 @@ def _build_trainer(cfg, method, model, tokenizer, template, bundle, packing, run
     me = distributed.world()
     total_steps = _total_steps(len(bundle.train), cfg, me.world_size)
     args = _training_arguments(cfg, method, run_dir, bool(bundle.eval), packing, total_steps)
+    from tuneforge.models.device import resolve_device
+    from tuneforge.train.loss import compile_model
+
+    compile_model(model, cfg.train, resolve_device(cfg.model.device))  # train.compile: the decoder, in place
     collator = bundle.collator(tokenizer)
 
     callbacks = [MetricsFileCallback(run_dir)]
