@@ -44,12 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: device nodes of NVIDIA (nvidia0, nvidiactl), ROCm (kfd) and WSL's GPU (dxg) drivers
+GPU_DEVICE_NODES = ("nvidia0", "nvidiactl", "kfd", "dxg")
+
+
 def quiet_library_noise() -> None:
     """Silence warnings that say nothing to a tuneforge user (deprecations inside libraries, optional kernels)."""
     import logging
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # deepspeed (the `distributed` extra), imported by accelerate whenever a model is saved, probes for an accelerator
+    # and prints "Setting accelerator to CPU" on *stdout* when it finds none — ahead of `--json` output. On a Linux
+    # machine with no GPU device node at all, tell it the answer (an explicit DS_ACCELERATOR always wins).
+    if sys.platform == "linux" and not any(os.path.exists(f"/dev/{node}") for node in GPU_DEVICE_NODES):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # bitsandbytes' CPU backend looks for an optional `kernels` package and logs a warning when it is absent.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\b")
