@@ -215,6 +215,16 @@ def test_objectives_and_directions_are_the_metric_registry(tmp_path, data_dir):
         del tm.METRICS["tiny_score"]
 
 
+def test_an_objective_its_eval_records_cannot_give_is_refused_before_any_trial(tmp_path, data_dir):
+    from tuneforge.errors import UserError
+    from tuneforge.search.study import SearchOptions, prepare
+
+    options = SearchOptions(config=str(write_run(tmp_path, data_dir)), objective="reward_acc", sampler="grid",
+                            space=str(write_space(tmp_path, {"method.r": {"choice": [2, 4]}})), pruner="none")
+    with pytest.raises(UserError, match=r"reward_acc needs preference pairs"):
+        prepare(options)  # the eval file holds chat records: known at the door, not after a trained trial
+
+
 def test_a_generation_objective_scores_each_trial_with_tuneforge_eval(tmp_path, data_dir):
     """A generation metric as --objective: the trial's value is what `tuneforge eval` gives its run with greedy
     settings and --max-new-tokens (a registered test metric: mean answer length, which the budget changes)."""

@@ -155,7 +155,6 @@ def _eval_per_task(spec: str, args, metrics, gen, progress) -> None:
 
     from tuneforge.data.mix import task_of
     from tuneforge.evaluate import runner
-    from tuneforge.evaluate.metrics import GENERATION
     from tuneforge.models.reference import RUN_EVAL_RESULTS, per_task_runs, read_run_config
     from tuneforge.utils import atomic_write_json
 
@@ -171,8 +170,7 @@ def _eval_per_task(spec: str, args, metrics, gen, progress) -> None:
         if not records:
             where = f"no record of {args.data} has task {task!r}" if given is not None else "it has no eval split"
             raise UserError(f"{spec}: cannot evaluate task {task}: {where} (give --data with records of each task)")
-        refs = (runner.check_references(records, metrics, data) if any(m.needs == GENERATION for m in metrics)
-                else None)
+        refs = runner.check_records(records, metrics, data)
         if progress:
             progress(f"evaluating {run} on {len(records)} records of task {task} ...")
         row = runner.evaluate_model(str(run), records, metrics, gen, device=args.device, batch_size=args.batch_size,

@@ -147,6 +147,8 @@ class Metric:
         help: one line for ``--metrics`` help.
         aliases: other ``--metrics`` names that select it; several metrics may share one (``rouge``).
         shown_with: side values shown in their own columns after it (``ppl`` → ``tokens``).
+        check: ``check(records)`` raises ``UserError`` naming the first record the metric cannot score; called
+            before any model is loaded (``tuneforge eval``) or any trial trains (``tuneforge search``).
     """
 
     name: str
@@ -158,6 +160,7 @@ class Metric:
     help: str = ""
     aliases: tuple[str, ...] = ()
     shown_with: tuple[str, ...] = ()
+    check: Callable[[list[dict]], None] | None = None
 
     def result(self, *args, **kwargs) -> dict:
         """``score`` as result-row entries."""
@@ -257,6 +260,13 @@ def _reward_acc(loaded: Any, records: list[dict], *, max_length: int | None = No
     return reward_acc_metric(loaded, records, max_length=max_length, batch_size=batch_size)
 
 
+def _pairs_only(records: list[dict]) -> None:
+    for record in records:
+        if "chosen" not in record:
+            raise UserError(f"{record.get('source', '?')}: reward_acc needs preference pairs ({{prompt, chosen, "
+                            "rejected}}); this record is not one (docs/preference.md has the formats)")
+
+
 def _rouge(kind: str) -> Callable[[list[str], list[str]], float]:
     return lambda predictions, references: rouge(predictions, references, (kind,))[kind]
 
@@ -268,6 +278,6 @@ for _kind in ROUGE_TYPES:
     register(Metric(_kind, GENERATION, _rouge(_kind), aliases=("rouge",), help=f"ROUGE-{_kind[5:]} F1, 0-100"))
 register(Metric("exact", GENERATION, exact_match, unit="%", aliases=("em",), help="normalised exact match"))
 register(Metric("contains", GENERATION, contains_match, unit="%", help="reference contained in the answer"))
-register(Metric("reward_acc", MODEL, _reward_acc, fmt=".1f", unit="%", shown_with=("reward_margin",),
+register(Metric("reward_acc", MODEL, _reward_acc, fmt=".1f", unit="%", shown_with=("reward_margin",), check=_pairs_only,
                 help="preference pairs: chosen answer scored above the rejected one (adapters: against the adapter "
                      "disabled)"))

@@ -47,6 +47,20 @@ def load_eval_records(path: str, fmt: str = "auto", limit: int | None = None) ->
     return records[:limit] if limit else records
 
 
+def check_records(records: list[dict], metrics: list[Metric | str], data: str) -> list[str] | None:
+    """Check that every metric can score ``records`` before any model is loaded: the metrics' own ``check`` and,
+    for generation metrics, a reference per record. Returns the references (None without generation metrics).
+
+    Raises:
+        UserError: naming the first record a metric cannot use.
+    """
+    metrics = as_metrics(metrics)
+    for metric in metrics:
+        if metric.check is not None:
+            metric.check(records)
+    return check_references(records, metrics, data) if any(m.needs == GENERATION for m in metrics) else None
+
+
 def check_references(records: list[dict], metrics: list[Metric | str], data: str) -> list[str]:
     """References for the generation metrics; raises UserError naming the first record without one."""
     metrics = as_metrics(metrics)
@@ -105,7 +119,7 @@ def run_eval(specs: list[str], data: str, metrics: list[Metric], settings: Any, 
     """Evaluate every model of ``specs`` on the same records with the same settings (one model in memory at a
     time). References are checked before any model is loaded."""
     records = load_eval_records(data, fmt, limit)
-    refs = check_references(records, metrics, data) if any(m.needs == GENERATION for m in metrics) else None
+    refs = check_records(records, metrics, data)
     rows = []
     for spec in specs:
         if progress:

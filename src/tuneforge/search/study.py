@@ -203,14 +203,11 @@ def _objective_records(base: RunConfig, objective: str, options: SearchOptions) 
     if base.data.eval is None:
         raise UserError(f"{options.config}: objective {objective} is computed on the eval file's records, and the "
                         "config has data.eval_split instead; set data.eval to a file or use --objective eval_loss")
-    from tuneforge.evaluate.runner import check_references, load_eval_records
+    from tuneforge.evaluate.runner import check_records, load_eval_records
 
     paths = [base.data.eval] if isinstance(base.data.eval, str) else list(base.data.eval)
-    from tuneforge.evaluate.metrics import GENERATION, METRICS
-
     records = [r for path in paths for r in load_eval_records(path, base.data.format)]
-    if METRICS[objective].needs == GENERATION:
-        check_references(records, [objective], ", ".join(paths))
+    check_records(records, [objective], ", ".join(paths))  # before any trial trains
     return records
 
 
