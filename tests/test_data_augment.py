@@ -61,6 +61,7 @@ EXPECTED_COUNTS = {
     "kept": 2,
     "near_duplicate": 2,
     "bad_reply": 1,
+    "answer_changed": 0,
     "truncated": 1,
     "teacher_error": 0,
 }
@@ -312,6 +313,7 @@ BT_COUNTS = {
     "kept": 2,
     "near_duplicate": 1,
     "bad_reply": 0,
+    "answer_changed": 0,
     "truncated": 0,
     "teacher_error": 0,
 }
@@ -640,7 +642,7 @@ def tiny_run(tmp_path_factory, tiny_tokenizer):
 def _counts_add_up(counts: dict, inputs: int, n: int) -> None:
     assert counts["inputs"] == inputs and counts["requests"] == inputs * n
     assert counts["requests"] == sum(
-        counts[k] for k in ("kept", "near_duplicate", "bad_reply", "truncated", "teacher_error")
+        counts[k] for k in ("kept", "near_duplicate", "bad_reply", "answer_changed", "truncated", "teacher_error")
     )
 
 
@@ -708,3 +710,34 @@ def test_tuneforge_serve_as_teacher(tmp_path, tiny_run, capsys, monkeypatch):
     finally:
         engine.scheduler.close()
     _counts_add_up(state_of(out)["counts"], 3, 1)
+
+
+def test_answer_agrees_rule():
+    from tuneforge.data.augment import answer_agrees
+
+    assert answer_agrees("The result is 8.", "8") and answer_agrees("paris", "Paris.")
+    assert not answer_agrees("9", "8") and not answer_agrees("Lyon.", "Paris.") and not answer_agrees("", "8")
+    assert not answer_agrees("Red, green and blue.", "Red, blue and yellow.")  # short: 3 of 4 words is another answer
+    long = "Air scatters the short blue wavelengths of sunlight far more than the red ones."
+    assert answer_agrees("The air scatters short blue wavelengths far more than red ones, so the sky is blue.", long)
+    assert not answer_agrees("Because the ocean reflects its colour onto the sky above us.", long)
+
+
+def test_cot_drops_a_reasoned_answer_that_changes_the_original(tmp_path, teacher):
+    from tuneforge.data.augment import build_prompt, seed_of
+
+    src = write_inputs(tmp_path, INPUTS[:2])
+    prompts = [build_prompt("cot", seed_of({"source": "in.jsonl", "messages": [
+        {"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}))[-1]["content"]
+        for r in INPUTS[:2]]
+    teacher.by_prompt = {
+        prompts[0]: "REASONING:\nFrance's government sits in its capital.\nANSWER: Paris",  # keeps the answer: kept
+        prompts[1]: "REASONING:\nThe primaries of light.\nANSWER: Red, green and blue.",  # another answer: dropped
+    }
+    out = tmp_path / "aug.jsonl"
+    assert augment(src, out, teacher.url, "--mode", "cot", "--n", "1") == 0
+    (kept,) = read_out(out)
+    assert kept["messages"][-1]["content"] == "France's government sits in its capital.\n\nParis"
+    counts = state_of(out)["counts"]
+    assert counts["kept"] == 1 and counts["answer_changed"] == 1
+    _counts_add_up(counts, 2, 1)

@@ -305,6 +305,35 @@ def parse_reply(mode: str, text: str) -> dict | None:
     return {key: sections[key] for key in wanted}
 
 
+#: ``cot``: answers of at most this many words must reappear whole in the reasoned reply's final answer
+SHORT_ANSWER_WORDS = 8
+
+
+def _normalised(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
+
+
+def answer_agrees(final: str, original: str) -> bool:
+    """Whether a chain-of-thought reply's final answer keeps the original answer: one contains the other once case,
+    punctuation and spacing are ignored ("8" in "The result is 8."), or, for answers longer than
+    :data:`SHORT_ANSWER_WORDS` words, at least half of the original's words (``tuneforge.text`` tokens, counted
+    with repeats) are in the final one. A short answer must be kept as it is: "Red, green and blue" does not keep
+    "Red, blue and yellow" although three of its four words do."""
+    a, b = _normalised(final), _normalised(original)
+    if not a or not b:
+        return False
+    if b in a or a in b:
+        return True
+    from tuneforge.text import UnicodeTokenizer
+
+    tokenizer = UnicodeTokenizer()
+    final_words, original_words = Counter(tokenizer.tokenize(a)), Counter(tokenizer.tokenize(b))
+    total = sum(original_words.values())
+    if total <= SHORT_ANSWER_WORDS:
+        return False
+    return sum((final_words & original_words).values()) >= 0.5 * total
+
+
 def _clean(text: str) -> str:
     text = text.strip().strip("*").strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'“”":
@@ -383,6 +412,8 @@ def ask_drafts(
         parsed = None if failure else parse_reply(mode, reply.text)
         if parsed is None:
             drafts.append(Draft(variant, dropped=failure or "bad_reply"))
+        elif mode == "cot" and not answer_agrees(parsed["answer"], seed.answer):
+            drafts.append(Draft(variant, dropped="answer_changed"))
         else:
             drafts.append(Draft(variant, new_messages(mode, seed, parsed)))
     return drafts
@@ -548,7 +579,8 @@ class Plan:
         return self.done > 0 or self.out_bytes > 0
 
 
-COUNT_KEYS = ("inputs", "requests", "kept", "near_duplicate", "bad_reply", "truncated", "teacher_error")
+COUNT_KEYS = ("inputs", "requests", "kept", "near_duplicate", "bad_reply", "answer_changed", "truncated",
+              "teacher_error")
 
 
 def state_path(out: Path) -> Path:
@@ -761,7 +793,7 @@ def run_augment(
     """
     options = plan.options
     pool = RougePool(plan.pool_texts)
-    counts = dict(plan.counts)
+    counts = {**dict.fromkeys(COUNT_KEYS, 0), **plan.counts}
     options.out.parent.mkdir(parents=True, exist_ok=True)
     with open(options.out, "ab") as handle:
         _lock(handle, options.out)
@@ -948,7 +980,8 @@ class _Progress:
     def advance(self, counts: dict) -> None:
         if self.bar is not None:
             dropped = (
-                counts["near_duplicate"] + counts["bad_reply"] + counts["truncated"] + counts["teacher_error"]
+                counts["near_duplicate"] + counts["bad_reply"] + counts["answer_changed"] + counts["truncated"]
+                + counts["teacher_error"]
             )
             self.bar.update(self.task, advance=1, shown=f"kept {counts['kept']}, dropped {dropped}")
 

@@ -221,6 +221,7 @@ def _print_summary(result, console, mode: str) -> None:
         ("kept", counts["kept"]),
         ("near-duplicates dropped", counts["near_duplicate"]),
         ("unreadable replies", counts["bad_reply"]),
+        *([("final answer differs from the original (cot)", counts.get("answer_changed", 0))] if mode == "cot" else []),
         ("replies cut at --max-new-tokens", counts["truncated"]),
         ("failed requests", counts["teacher_error"]),
     ]
