@@ -99,14 +99,7 @@ class DPOStage(Stage):
         from tuneforge.data.preference import PairCollator, _pad_id
 
         pref = cfg.preference
-        is_peft = hasattr(model, "peft_config")
-        ref_model = None
-        disable_for_reference = False
-        if is_peft:
-            check_no_lm_head_adapter(model)
-            disable_for_reference = adapter_is_identity(model, bundle.train[0]["chosen_ids"])
-        elif not pref.precompute_ref:
-            ref_model = frozen_copy(model)
+        ref_model, disable_for_reference = choose_reference(model, pref.precompute_ref, bundle.train[0]["chosen_ids"])
         dpo_args = trl_args(
             args, DPOConfig,
             beta=pref.beta_for("dpo"),
@@ -118,6 +111,20 @@ class DPOStage(Stage):
         return build_reference_trainer(trainer_class(trainer_base()), model, ref_model, dpo_args,
                                        PairCollator(_pad_id(tokenizer)), bundle, tokenizer, callbacks, optimizers,
                                        disable_for_reference)
+
+
+def choose_reference(model: Any, precompute_ref: bool, probe_ids: list[int]) -> tuple[Any, bool]:
+    """``(ref_model, disable_for_reference)`` of a reference-based stage (DPO, KTO): an adapter model is its own
+    reference with the adapter disabled (no copy; ``disable_for_reference`` when the fresh adapter is not the
+    identity, checked on ``probe_ids``); full fine-tuning gets a frozen copy unless ``preference.precompute_ref``.
+
+    Raises:
+        UserError: an adapter on the LM head (the reference would not be the base).
+    """
+    if hasattr(model, "peft_config"):
+        check_no_lm_head_adapter(model)
+        return None, adapter_is_identity(model, probe_ids)
+    return (None if precompute_ref else frozen_copy(model)), False
 
 
 def build_reference_trainer(cls: Any, model: Any, ref_model: Any, args: Any, collator: Any, bundle: Any,

@@ -17,8 +17,8 @@ import random
 
 from tuneforge.errors import UserError
 from tuneforge.train.stages.base import Stage
-from tuneforge.train.stages.common import check_no_lm_head_adapter, trl_args
-from tuneforge.train.stages.dpo import adapter_is_identity, build_reference_trainer, frozen_copy
+from tuneforge.train.stages.common import trl_args
+from tuneforge.train.stages.dpo import build_reference_trainer, choose_reference
 
 
 def trainer_base():
@@ -60,15 +60,9 @@ class KTOStage(Stage):
         from tuneforge.data.preference import UnpairedCollator, _pad_id
 
         pref = cfg.preference
-        is_peft = hasattr(model, "peft_config")
-        ref_model = None
-        disable_for_reference = False
-        if is_peft:
-            check_no_lm_head_adapter(model)
-            first = bundle.train[0]
-            disable_for_reference = adapter_is_identity(model, first["prompt_ids"] + first["completion_ids"])
-        elif not pref.precompute_ref:
-            ref_model = frozen_copy(model)
+        first = bundle.train[0]
+        ref_model, disable_for_reference = choose_reference(model, pref.precompute_ref,
+                                                            first["prompt_ids"] + first["completion_ids"])
         kto_args = trl_args(
             args, KTOConfig,
             beta=pref.beta_for("kto"),
