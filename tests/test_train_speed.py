@@ -315,6 +315,17 @@ def test_loss_chunk_auto_resolves_per_stage_and_model_and_falls_back_quietly(tmp
     assert resolve_loss_chunk(fsdp, tiny_llama) is None  # sharded heads are not gathered outside the forward
     with pytest.raises(UserError, match="train.loss_chunk with distributed.strategy 'deepspeed'"):
         validate_config({**_raw(tmp_path / "i", chat_data, loss_chunk=32), "distributed": {"strategy": "deepspeed"}})
+    from tuneforge.methods import get_method
+    from tuneforge.methods.adalora import AdaLoraMethodConfig
+
+    adalora = get_method("adalora").apply(tiny_llama, AdaLoraMethodConfig(name="adalora"))
+    assert resolve_loss_chunk(auto, adalora) is None  # its orthogonality penalty lives in the model's own loss
+    with pytest.raises(UserError, match="AdaLoRA adds its orthogonality penalty"):
+        check_speed_options(validate_config(_raw(tmp_path / "j", chat_data, loss_chunk=32)), adalora)
+    tiny_llama = adalora.unload()
+    tiny_llama.config.output_router_logits = True  # an MoE model's router loss, likewise
+    assert resolve_loss_chunk(auto, tiny_llama) is None
+    tiny_llama.config.output_router_logits = False
     tiny_llama.config.logit_scale = 0.5
     assert resolve_loss_chunk(auto, tiny_llama) is None
     with pytest.raises(UserError, match="logit_scale"):

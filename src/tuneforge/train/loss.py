@@ -108,8 +108,8 @@ def output_head(model: Any) -> tuple[Any, Any]:
     """``(inner model, output embedding module)`` of ``model`` (a PeftModel or a transformers model).
 
     Raises:
-        UserError: the model has no output embedding module or changes its logits in ways the chunked loss does not
-            reproduce.
+        UserError: the model has no output embedding module, changes its logits in ways the chunked loss does not
+            reproduce, or adds terms to its own loss in its forward (MoE router loss, AdaLoRA's penalty).
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
@@ -117,6 +117,14 @@ def output_head(model: Any) -> tuple[Any, Any]:
         raise UserError(f"train.loss_chunk: {type(inner).__name__} has no output embedding (LM head) module to "
                         "chunk; remove train.loss_chunk")
     config = getattr(inner, "config", None)
+    # Terms the model's forward adds to its own loss only when it computes that loss (it gets no labels here).
+    if getattr(config, "output_router_logits", False):
+        raise UserError(f"train.loss_chunk: {type(inner).__name__} adds its router's auxiliary loss to its own loss "
+                        "(output_router_logits), which the chunked loss would leave out; remove train.loss_chunk")
+    peft_types = {str(getattr(c, "peft_type", "")).split(".")[-1] for c in getattr(model, "peft_config", {}).values()}
+    if "ADALORA" in peft_types:
+        raise UserError("train.loss_chunk: AdaLoRA adds its orthogonality penalty to the model's own loss, which the "
+                        "chunked loss would leave out; remove train.loss_chunk")
     for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
         if getattr(config, name, None) not in (None, 1, 1.0):
             raise UserError(f"train.loss_chunk: {type(inner).__name__} rescales its logits in its forward "
