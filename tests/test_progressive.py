@@ -254,3 +254,10 @@ def test_serve_keeps_a_progressive_run_off_the_plain_base_and_recipes_refuse_it(
         {"model": str(chain["second"]), "parameters": {"weight": 0.5}}]}))
     with pytest.raises(UserError, match="progressive run"):
         merge_recipe(recipe, tmp_path / "out")
+
+
+def test_inspect_lists_the_stack_in_merge_order(chain, capsys):
+    assert main(["inspect", str(chain["third"])]) == 0
+    out = capsys.readouterr().out
+    assert "stack: 2 earlier adapter(s) merged into the base first" in out
+    assert out.index(str(chain["third"] / "stack" / "00")) < out.index(str(chain["third"] / "stack" / "01"))

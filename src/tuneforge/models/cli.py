@@ -85,6 +85,8 @@ def inspect_model(source: str, method: str | None = None, trust_remote_code: boo
         adapter_config = resolved.adapter_config or {}
         info["adapter_type"] = adapter_config.get("peft_type")
         info["adapter_targets"] = adapter_config.get("target_modules")
+    if resolved.stack:  # progressive LoRA: merged into the base, in this order, before the adapter
+        info["stack"] = list(resolved.stack)
     if method:
         info["method"] = _method_targets(model, method)
     return info
@@ -128,6 +130,9 @@ def format_report(info: dict, show_paths: bool = False) -> str:
     if info.get("adapter"):
         lines.append(f"adapter: {info['adapter']} ({info.get('adapter_type')}, targets "
                      f"{_names(info.get('adapter_targets') or [])}) on base {info['base']}")
+    if info.get("stack"):
+        lines.append(f"stack: {len(info['stack'])} earlier adapter(s) merged into the base first (method.continue_from)")
+        lines.extend(f"  {i}. {path}" for i, path in enumerate(info["stack"], start=1))
     lines.append(f"parameters: {info['parameters']:,d}")
     total = sum(len(v) for v in info["paths"].values())
     lines.append(f"linear layers: {total} (lm_head excluded)")
