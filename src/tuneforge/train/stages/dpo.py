@@ -113,10 +113,11 @@ class DPOStage(Stage):
                                        disable_for_reference)
 
 
-def choose_reference(model: Any, precompute_ref: bool, probe_ids: list[int]) -> tuple[Any, bool]:
-    """``(ref_model, disable_for_reference)`` of a reference-based stage (DPO, KTO): an adapter model is its own
-    reference with the adapter disabled (no copy; ``disable_for_reference`` when the fresh adapter is not the
-    identity, checked on ``probe_ids``); full fine-tuning gets a frozen copy unless ``preference.precompute_ref``.
+def choose_reference(model: Any, no_copy: bool, probe_ids: list[int]) -> tuple[Any, bool]:
+    """``(ref_model, disable_for_reference)`` of a reference-based stage (DPO, KTO, GRPO's KL term): an adapter
+    model is its own reference with the adapter disabled (no copy; ``disable_for_reference`` when the fresh adapter
+    is not the identity, checked on ``probe_ids``); full fine-tuning gets a frozen copy unless ``no_copy`` (the
+    reference log-probs are precomputed, or there is no KL term).
 
     Raises:
         UserError: an adapter on the LM head (the reference would not be the base).
@@ -124,7 +125,7 @@ def choose_reference(model: Any, precompute_ref: bool, probe_ids: list[int]) -> 
     if hasattr(model, "peft_config"):
         check_no_lm_head_adapter(model)
         return None, adapter_is_identity(model, probe_ids)
-    return (None if precompute_ref else frozen_copy(model)), False
+    return (None if no_copy else frozen_copy(model)), False
 
 
 def build_reference_trainer(cls: Any, model: Any, ref_model: Any, args: Any, collator: Any, bundle: Any,

@@ -22,13 +22,8 @@ from typing import Any
 
 from tuneforge.errors import UserError
 from tuneforge.train.stages.base import Stage
-from tuneforge.train.stages.common import check_no_lm_head_adapter, to_dataset, trl_args
-from tuneforge.train.stages.dpo import (
-    adapter_is_identity,
-    finish_peft_reference,
-    frozen_copy,
-    frozen_reference_adapters,
-)
+from tuneforge.train.stages.common import to_dataset, trl_args
+from tuneforge.train.stages.dpo import choose_reference, finish_peft_reference, frozen_reference_adapters
 from tuneforge.train.stages.rewards import RESERVED_FIELDS, build_rewards
 
 
@@ -100,12 +95,8 @@ class GRPOStage(Stage):
         model.generation_config.eos_token_id = stop_token_ids(tokenizer, template, model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        is_peft = hasattr(model, "peft_config")
-        if is_peft:
-            check_no_lm_head_adapter(model)
-        disable_for_reference = is_peft and adapter_is_identity(
-            model, tokenizer(bundle.train[0]["prompt"], add_special_tokens=False)["input_ids"])
-        reference = frozen_copy(model) if g.beta > 0 and not is_peft else None
+        reference, disable_for_reference = choose_reference(
+            model, g.beta <= 0, tokenizer(bundle.train[0]["prompt"], add_special_tokens=False)["input_ids"])
         grpo_args = trl_args(
             args, GRPOConfig,
             num_generations=g.group_size,
