@@ -116,8 +116,7 @@ def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", d
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise UserError("export needs bitsandbytes: pip install 'tuneforge[quant]'") from None
-    from tuneforge.models.load import load_pretrained
-    from tuneforge.models.reference import load_for_inference
+    from tuneforge.models.reference import load_for_inference, load_model_dir
 
     texts = read_texts(data) if data else default_texts()
     if source.kind == "model" and source.quantization():
@@ -142,14 +141,13 @@ def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", d
         del model
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bitsandbytes warns on every CPU matmul that it casts inputs
-            quantized = load_pretrained(str(origin), quantization_config=quantization_config(quantize),
-                                        device_map="cpu")
+            quantized = load_model_dir(origin, quantization_config(quantize))
             with atomic_dir(out) as tmp:
                 quantized.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
                 copy_template_files(source, tmp)
-                # the check that matters: what was written loads again (load_pretrained is stock from_pretrained)
-                reloaded = load_pretrained(str(tmp), device_map="cpu")
+                # the check that matters: what was written loads again (stock from_pretrained underneath)
+                reloaded = load_model_dir(tmp)
                 reloaded.eval()
                 ppl_quantized = perplexity(reloaded, tokenizer, texts)
                 max_diff, mean_diff = logit_difference(logits_original, logits_on(reloaded, probes))

@@ -351,6 +351,16 @@ def load_base_model(ref: ModelRef, *, dtype: Any = None, **kwargs):
     return merge_stack(model, ref.stack)
 
 
+def load_model_dir(model_dir: str | Path, quantization_config: Any = None):
+    """A plain model directory (no adapter, no stack) on the CPU: quantized while loading when
+    ``quantization_config`` (a transformers ``BitsAndBytesConfig``) is given, else as stored — an already quantized
+    export loads quantized. For ``tuneforge export``, which quantizes a merged or full model and checks the result."""
+    from tuneforge.models.load import check_model_source, load_pretrained
+
+    return load_pretrained(check_model_source(str(model_dir), "the model directory"), quantization_config=quantization_config,
+                           device_map="cpu")
+
+
 def load_for_inference(ref: ModelRef | str, device: str = "auto", dtype: Any = None) -> Loaded:
     """Load a model, its tokenizer and chat template for generation or scoring.
 
