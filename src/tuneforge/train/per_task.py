@@ -147,14 +147,7 @@ def check_parent_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
     Raises:
         UserError: as ``check_start``.
     """
-    if resume and overwrite:
-        raise UserError("--resume continues a run and --overwrite replaces it: pass only one of them")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output_dir {run_dir} is a file; choose another run_name/output_dir")
-    exists = run_dir.is_dir() and any(run_dir.iterdir())
-    if exists and not rundir.is_tuneforge_run(run_dir):
-        raise UserError(f"output_dir {run_dir} is a non-empty directory that is not a tuneforge run; tuneforge "
-                        "neither writes into nor replaces it. Choose another run_name/output_dir")
+    exists = rundir.check_output_dir(run_dir, resume, overwrite)
     if resume:
         if not exists:
             raise UserError(f"--resume: {run_dir} holds no per-task run to continue; start it without --resume")

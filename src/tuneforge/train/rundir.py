@@ -66,18 +66,37 @@ def _non_empty(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def check_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a start that would lose work; writes nothing.
+def check_output_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """The checks every kind of run makes first (runs and per-task parents); returns whether ``run_dir`` is a
+    non-empty directory (then a tuneforge run).
 
     Raises:
-        UserError: ``--resume`` and ``--overwrite`` together; ``--resume`` without a complete checkpoint; an output
-            directory that is a file or not a tuneforge run; a finished run without ``--overwrite``; an unfinished
-            run without ``--resume`` or ``--overwrite``.
+        UserError: ``--resume`` and ``--overwrite`` together; an output directory that is a file, or non-empty and
+            not a tuneforge run.
     """
     if resume and overwrite:
         raise UserError("--resume continues a run and --overwrite replaces it: pass only one of them")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output_dir {run_dir} is a file; choose another run_name/output_dir")
+    if not _non_empty(run_dir):
+        return False
+    if not is_tuneforge_run(run_dir):
+        raise UserError(
+            f"output_dir {run_dir} is a non-empty directory that is not a tuneforge run (no {RUN_MANIFEST} or "
+            f"{RUN_CONFIG} with run files); tuneforge neither writes into nor replaces it. Choose another "
+            "run_name/output_dir"
+        )
+    return True
+
+
+def check_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a start that would lose work; writes nothing.
+
+    Raises:
+        UserError: :func:`check_output_dir`'s cases; ``--resume`` without a complete checkpoint; a finished run
+            without ``--overwrite``; an unfinished run without ``--resume`` or ``--overwrite``.
+    """
+    exists = check_output_dir(run_dir, resume, overwrite)
     if resume:
         if not checkpoints.latest_checkpoint(run_dir / "checkpoints"):
             raise UserError(
@@ -85,15 +104,7 @@ def check_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 "start the run without --resume (or set train.save_steps so checkpoints are written)"
             )
         return
-    if not _non_empty(run_dir):
-        return
-    if not is_tuneforge_run(run_dir):
-        raise UserError(
-            f"output_dir {run_dir} is a non-empty directory that is not a tuneforge run (no {RUN_MANIFEST} or "
-            f"{RUN_CONFIG} with run files); tuneforge neither writes into nor replaces it. Choose another "
-            "run_name/output_dir"
-        )
-    if overwrite:
+    if not exists or overwrite:
         return
     if (run_dir / RUN_FINAL).exists():
         raise UserError(
