@@ -249,7 +249,8 @@ def test_name_clashes_and_bad_routes_are_refused_at_start(layout):
 def test_prefix_matching_is_literal_and_longest_first():
     from types import SimpleNamespace
 
-    from tuneforge.serve.engine import PerTaskRun, UnknownTask, prefix_task
+    from tuneforge.data.mix import prefix_task
+    from tuneforge.serve.engine import PerTaskRun, UnknownTask
 
     assert prefix_task("[a b] hi", ["a", "a b"]) == "a b"
     assert prefix_task("[a]] hi", ["a]", "a"]) == "a]"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,23 @@ def task_of(record: dict) -> str | None:
     return str(task) if task is not None else None
 
 
+def task_prefix(task: str) -> str:
+    """What ``data.task_prefix`` puts before the first user turn: ``[task] ``."""
+    return f"[{task}] "
+
+
+def prefix_task(text: str, tasks: Iterable[str]) -> str | None:
+    """The task whose ``[task]`` prefix ``text`` starts with (the longest such name), else ``None`` — the inverse
+    of :func:`task_prefix`, for routing (``serve --route prefix``).
+
+    Task names are matched literally (a name may hold any character, ``]`` too), so ``[a b] hi`` is task ``a b``.
+    """
+    for task in sorted(tasks, key=len, reverse=True):
+        if text.startswith(task_prefix(task).rstrip()):
+            return task
+    return None
+
+
 def add_task_prefix(record: dict) -> dict:
     """The record with ``[task] `` prepended to its first user turn.
 
@@ -202,7 +220,7 @@ def add_task_prefix(record: dict) -> dict:
     if first is None:
         raise UserError(f"{source}: no user turn to put the task prefix [{task}] on")
     prefixed = [dict(m) for m in messages]
-    prefixed[first]["content"] = f"[{task}] {prefixed[first]['content']}"
+    prefixed[first]["content"] = task_prefix(task) + prefixed[first]["content"]
     return {**record, "messages": prefixed}
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuneforge.data.mix import prefix_task, task_prefix
 from tuneforge.errors import UserError
 from tuneforge.serve.scheduler import Scheduler
 
@@ -215,17 +216,6 @@ class UnknownTask(Exception):
         self.code = code
 
 
-def prefix_task(text: str, tasks: Iterable[str]) -> str | None:
-    """The task whose ``[task]`` prefix ``text`` starts with (the longest such name), else ``None``.
-
-    Task names are matched literally (a name may hold any character, ``]`` too), so ``[a b] hi`` is task ``a b``.
-    """
-    for task in sorted(tasks, key=len, reverse=True):
-        if text.startswith(f"[{task}]"):
-            return task
-    return None
-
-
 @dataclass(eq=False)
 class PerTaskRun:
     """A per-task run served as one adapter per task on one base.
@@ -261,9 +251,9 @@ class PerTaskRun:
             raise UnknownTask(f"the per-task run {self.name!r} routes by task prefix: start the first user message "
                               f"(or the prompt) with one of {known}, or ask for a model {self.served_names_hint()}",
                               "missing_task_prefix")
-        if not self.prefixed[task]:
-            rest = text[len(task) + 2:]
-            text = rest[1:] if rest.startswith(" ") else rest
+        if not self.prefixed[task]:  # drop "[task]" and the space after it, if any
+            tag = task_prefix(task)
+            text = text[len(tag):] if text.startswith(tag) else text[len(tag) - 1:]
         return self.tasks[task], text
 
     def served_names_hint(self) -> str:
