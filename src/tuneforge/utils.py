@@ -215,6 +215,21 @@ def prepare_output(out: str | Path, inputs: Iterable[str | Path | None], force: 
     return out_path
 
 
+def try_flock(fd: int) -> bool:
+    """Take an exclusive ``fcntl.flock`` on the open file ``fd`` without waiting: False when another process holds
+    it. The kernel releases it when the file is closed or the process exits, however it exits. Where ``fcntl``
+    does not exist (Windows) nothing is locked and the answer is True."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_path: str | Path, what: str) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``lock_path`` for the block; refuse at once if another process has it.
@@ -226,18 +241,11 @@ def exclusive_lock(lock_path: str | Path, what: str) -> Iterator[None]:
     Raises:
         UserError: another process holds the lock (its pid named when known).
     """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on POSIX
-        yield
-        return
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(str(lock_path), os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_flock(fd):
             owner = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
             raise UserError(f"{what} is in use by another tuneforge process{f' (pid {owner})' if owner else ''}; "
                             f"wait for it to finish or stop it (lock file {lock_path})") from None

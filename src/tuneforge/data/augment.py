@@ -906,17 +906,11 @@ def _filter(
 def _lock(handle, out: Path) -> None:
     """One augmentation per output file: an exclusive ``flock`` on the open file (released when the process
     ends, however it ends)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on POSIX
-        return
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UserError(
-            f"--out {out} is being written by another tuneforge data augment; wait for it to "
-            "finish or stop it"
-        ) from None
+    from tuneforge.utils import try_flock
+
+    if not try_flock(handle.fileno()):
+        raise UserError(f"--out {out} is being written by another tuneforge data augment; wait for it to finish "
+                        "or stop it")
 
 
 def _check_unchanged(plan: Plan) -> None:
