@@ -150,13 +150,10 @@ def _eval_per_task(spec: str, args, metrics, gen, progress) -> None:
     Raises:
         UserError: a task without eval records (no eval split and no ``--data`` record of that task).
     """
-    import time
-    from pathlib import Path
 
     from tuneforge.data.mix import task_of
     from tuneforge.evaluate import runner
-    from tuneforge.models.reference import RUN_EVAL_RESULTS, per_task_runs, read_run_config
-    from tuneforge.utils import atomic_write_json
+    from tuneforge.models.reference import per_task_runs, read_run_config
 
     given = runner.load_eval_records(args.data, args.format, None) if args.data else None
     rows = []
@@ -180,16 +177,9 @@ def _eval_per_task(spec: str, args, metrics, gen, progress) -> None:
         if not args.no_save:
             runner.save_to_run_dirs([row], data, metrics, gen)
         rows.append(row)
-    if not args.no_save:
-        path = Path(spec) / RUN_EVAL_RESULTS
-        try:
-            existing = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
-        except json.JSONDecodeError:
-            existing = []
-        entry = {"data": args.data or "each task's eval split", "metrics": [m.name for m in metrics],
-                 "generation": gen.to_dict(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                 "tasks": {r["task"]: {k: v for k, v in r.items() if k not in ("predictions", "task")} for r in rows}}
-        atomic_write_json(path, [*(existing if isinstance(existing, list) else []), entry])
+    if not args.no_save:  # the per-task table, in the parent
+        tasks = {r["task"]: {k: v for k, v in r.items() if k not in ("predictions", "task")} for r in rows}
+        runner.append_eval_result(spec, {"tasks": tasks}, args.data or "each task's eval split", metrics, gen)
     if args.json:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))

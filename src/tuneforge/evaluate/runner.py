@@ -130,26 +130,33 @@ def run_eval(specs: list[str], data: str, metrics: list[Metric], settings: Any, 
     return rows
 
 
-def save_to_run_dirs(rows: list[dict], data: str, metrics: list[Metric], settings: Any) -> list[Path]:
-    """Append each row to ``<run dir>/eval_results.json`` when the model is a run (or its ``final/``)."""
+def append_eval_result(run_dir: str | Path, entry: dict, data: str, metrics: list[Metric], settings: Any) -> Path:
+    """Append ``entry`` (with the data, metrics, generation settings and time) to ``<run_dir>/eval_results.json``
+    (atomically; an unreadable file is started afresh). Returns the file's path."""
     import json
 
-    from tuneforge.models.reference import RUN_EVAL_RESULTS, resolve
+    from tuneforge.models.reference import RUN_EVAL_RESULTS
     from tuneforge.utils import atomic_write_json
+
+    path = Path(run_dir) / RUN_EVAL_RESULTS
+    try:
+        existing = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    except json.JSONDecodeError:
+        existing = []
+    entry = {**entry, "data": str(data), "metrics": [m.name for m in metrics], "generation": settings.to_dict(),
+             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_json(path, [*(existing if isinstance(existing, list) else []), entry])
+    return path
+
+
+def save_to_run_dirs(rows: list[dict], data: str, metrics: list[Metric], settings: Any) -> list[Path]:
+    """Append each row to ``<run dir>/eval_results.json`` when the model is a run (or its ``final/``)."""
+    from tuneforge.models.reference import resolve
 
     written = []
     for row in rows:
         run_dir = resolve(row["model"]).run_dir
-        if run_dir is None:
-            continue
-        path = Path(run_dir) / RUN_EVAL_RESULTS
-        try:
-            existing = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
-        except json.JSONDecodeError:
-            existing = []
-        entry = {k: v for k, v in row.items() if k != "predictions"}
-        entry.update(data=str(data), metrics=[m.name for m in metrics], generation=settings.to_dict(),
-                     time=time.strftime("%Y-%m-%d %H:%M:%S"))
-        atomic_write_json(path, [*(existing if isinstance(existing, list) else []), entry])
-        written.append(path)
+        if run_dir is not None:
+            entry = {k: v for k, v in row.items() if k != "predictions"}
+            written.append(append_eval_result(run_dir, entry, data, metrics, settings))
     return written
