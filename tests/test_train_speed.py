@@ -330,3 +330,25 @@ def test_loss_chunk_auto_resolves_per_stage_and_model_and_falls_back_quietly(tmp
     assert resolve_loss_chunk(auto, tiny_llama) is None
     with pytest.raises(UserError, match="logit_scale"):
         check_speed_options(validate_config(_raw(tmp_path / "f", chat_data, loss_chunk=32)), tiny_llama)
+
+
+@pytest.mark.parametrize("by_auto", [True, False])
+def test_eval_that_needs_logits_uses_the_models_loss_under_auto_and_is_refused_when_explicit(tmp_path, tiny_llama,
+                                                                                           by_auto):
+    import torch
+    from transformers import TrainingArguments
+
+    from tuneforge.train.loss import chunked_loss_trainer_class
+
+    cls = chunked_loss_trainer_class(16, chosen_by_auto=by_auto)
+    trainer = cls(model=tiny_llama, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    ids = torch.randint(0, 500, (2, 12))
+    inputs = {"input_ids": ids, "labels": ids}
+    loss_only, _, _ = trainer.prediction_step(tiny_llama, inputs, prediction_loss_only=True)  # chunked: no logits
+    if not by_auto:
+        with pytest.raises(UserError, match="needs logits"):
+            trainer.prediction_step(tiny_llama, inputs, prediction_loss_only=False)
+        return
+    loss, logits, _ = trainer.prediction_step(tiny_llama, inputs, prediction_loss_only=False)
+    assert logits.shape == (2, 12, tiny_llama.config.vocab_size)  # the model's own forward, full logits
+    assert float(loss) == pytest.approx(float(loss_only), rel=1e-5)  # the same loss either way
