@@ -7,8 +7,10 @@ command line set the log level of every tuneforge logger at once (:func:`configu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 # verbosity (-q = -1, default 0, -v = 1, -vv = 2) → level of the tuneforge loggers
@@ -29,6 +31,27 @@ def err() -> Any:
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+_silenced = 0
+
+
+def say(message: Any = "") -> None:
+    """One plain line about the work (what ``echo=print`` parameters used to take): to stdout, without rich markup
+    or wrapping, so a log file gets it verbatim. Nothing is printed inside :func:`silenced`."""
+    if not _silenced:
+        print(message, flush=True)
+
+
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """Drop :func:`say` lines while the block runs (e.g. the training lines of a search trial)."""
+    global _silenced
+    _silenced += 1
+    try:
+        yield
+    finally:
+        _silenced -= 1
 
 
 def configure_logging(verbosity: int = 0) -> None:
