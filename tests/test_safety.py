@@ -407,3 +407,20 @@ def test_prepare_output_follows_symlinks(tmp_path):
     with pytest.raises(UserError, match="lies inside"):
         prepare_output(tmp_path / "alias" / "merged", [run], force=True)
     assert prepare_output(tmp_path / "new", [run]) == tmp_path / "new"
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_overwrite_removes_the_replaced_run_whatever_form_output_dir_has(tmp_path, monkeypatch, relative):
+    """issue 22: with a relative ``output_dir`` the hidden ``.<run>.replaced-*`` copy was left on every overwrite."""
+    from tuneforge.train import rundir
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = Path("runs/rel") if relative else tmp_path / "runs" / "rel"
+    first = rundir.begin(run_dir, "rel", resume=False, overwrite=False)
+    (run_dir / "final").mkdir()
+    first.finish(lambda *_: None)
+    again = rundir.begin(run_dir, "rel", resume=False, overwrite=True)
+    assert again.aside is not None and again.aside.is_dir()
+    again.finish(lambda *_: None)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["rel"]
+    assert rundir.read_manifest(run_dir)["replaces"] == []

@@ -197,8 +197,11 @@ class RunStart:
 
     def finish(self, echo) -> None:
         """After the new ``final/`` exists: delete the runs this one replaced, then forget them."""
+        # ``replaces`` holds absolute paths; ``run_dir`` may be relative (``output_dir: runs/x``): compare both
+        # resolved, or a relative run never deletes the run it replaced.
+        siblings = Path(os.path.abspath(self.run_dir)).parent.resolve()
         for path in map(Path, self.replaces):
-            if REPLACED_TAG in path.name and path.parent == self.run_dir.parent and is_tuneforge_run(path):
+            if REPLACED_TAG in path.name and path.parent.resolve() == siblings and is_tuneforge_run(path):
                 shutil.rmtree(path, ignore_errors=True)
                 echo(f"removed the replaced run {path}")
         if self.replaces:
