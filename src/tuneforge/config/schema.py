@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from tuneforge.config.stages import STAGES, GrpoConfig, PreferenceConfig, RewardConfig  # noqa: F401 (re-exported)
 from tuneforge.config.strict import Strict
 from tuneforge.methods.base import registrations
 
@@ -298,64 +299,12 @@ class TrainConfig(Strict):
         return self
 
 
-# --------------------------------------------------------------------------- preference / grpo (docs/preference.md)
+# --------------------------------------------------------------------------- stage sections (config/stages.py)
 
-PREFERENCE_STAGES = ("dpo", "orpo", "kto", "simpo")
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
-_DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
-PREFERENCE_KEYS = {"dpo": ("loss", "beta", "label_smoothing", "precompute_ref"),
-                   "kto": ("beta", "precompute_ref", "desirable_weight", "undesirable_weight"),
-                   "orpo": ("beta",), "simpo": ("beta", "gamma", "label_smoothing")}
-
-
-class PreferenceConfig(Strict):
-    """Keys of the preference stages; ``beta`` defaults per stage (dpo/kto/orpo 0.1, simpo 2.0)."""
-
-    loss: Literal[DPO_LOSSES] = "sigmoid"  # type: ignore[valid-type]
-    beta: float | None = Field(None, gt=0, description="dpo/kto: KL strength; orpo: lambda; simpo: reward scale")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo robust/exo_pair; simpo")
-    precompute_ref: bool = Field(False, description="full fine-tuning: reference log-probs computed once, no copy")
-    gamma: float = Field(0.5, ge=0, description="simpo: target reward margin")
-    desirable_weight: float = Field(1.0, gt=0, description="kto")
-    undesirable_weight: float = Field(1.0, gt=0, description="kto")
-
-    def beta_for(self, stage: str) -> float:
-        """``beta`` as given, else the stage's default."""
-        return self.beta if self.beta is not None else _DEFAULT_BETA[stage]
-
-
-class RewardConfig(Strict):
-    """One verifiable reward of a GRPO run (summed with ``weight``)."""
-
-    type: Literal["exact", "regex", "numeric", "format", "function"]
-    field: str = Field("answer", description="exact/numeric: the record field holding the expected answer")
-    pattern: str | None = Field(None, description="regex: must match the completion; format: must match it whole")
-    function: str | None = Field(None, description="function: 'package.module:name' called per completion")
-    tolerance: float = Field(1e-6, ge=0, description="numeric: allowed absolute difference")
-    weight: float = 1.0
-
-    @model_validator(mode="after")
-    def _needs(self) -> RewardConfig:
-        if self.type in ("regex", "format") and not self.pattern:
-            raise ValueError(f"reward type {self.type!r} needs 'pattern' (a Python regular expression)")
-        if self.type == "function" and not self.function:
-            raise ValueError("reward type 'function' needs 'function: package.module:name'")
-        return self
-
-
-class GrpoConfig(Strict):
-    """GRPO: sample ``group_size`` completions per prompt, score them, push towards the better ones."""
-
-    rewards: list[RewardConfig] = Field(min_length=1)
-    group_size: int = Field(4, ge=2)
-    beta: float = Field(0.0, ge=0, description="KL coefficient against the reference (0: no reference pass)")
-    epsilon: float = Field(0.2, gt=0, description="clipping range of the policy ratio")
-    max_new_tokens: int = Field(64, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    steps_per_generation: int | None = Field(None, gt=0, description="optimizer steps per generation batch")
+#: the stages that read a ``preference:`` section (from the stage registry)
+PREFERENCE_STAGES = tuple(name for name, spec in STAGES.items() if spec.section == "preference")
+#: ``stage:`` values, from the stage registry
+StageName = Literal[tuple(STAGES)]  # type: ignore[valid-type]
 
 
 # --------------------------------------------------------------------------- distributed (docs/distributed.md)
@@ -431,7 +380,7 @@ class RunConfig(Strict):
     run_name: str = "run"
     output_dir: str | None = None
     seed: int = 42
-    stage: Literal["pt", "sft", "dpo", "orpo", "kto", "simpo", "grpo"] = "sft"
+    stage: StageName = "sft"
     model: ModelConfig
     method: MethodConfig = Field(default_factory=lambda: _METHODS["lora"].config(name="lora"))
     data: DataConfig
@@ -442,21 +391,28 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _stage_sections(self) -> RunConfig:
-        if self.preference is not None and self.stage not in PREFERENCE_STAGES:
-            raise ValueError(f"preference: is for stages {', '.join(PREFERENCE_STAGES)}, not stage {self.stage!r}")
-        if self.stage in PREFERENCE_STAGES and self.preference is None:
-            self.preference = PreferenceConfig()
-        if self.preference is not None:
-            unused = sorted(self.preference.model_fields_set - set(PREFERENCE_KEYS[self.stage]))
-            if unused:
-                raise ValueError(f"preference.{unused[0]} has no effect in stage {self.stage!r}; its keys: "
-                                 f"{', '.join(PREFERENCE_KEYS[self.stage])}")
+        spec = STAGES[self.stage]
+        for section in sorted({s.section for s in STAGES.values() if s.section}):
+            users = [name for name, s in STAGES.items() if s.section == section]
+            value = getattr(self, section)
+            if section != spec.section:
+                if value is not None:
+                    raise ValueError(f"{section}: is for stage{'s' if len(users) > 1 else ''} {', '.join(users)}, "
+                                     f"not stage {self.stage!r}")
+                continue
+            if value is None:
+                if spec.required:
+                    raise ValueError(f"stage {self.stage!r} needs a {section}: section (see docs/preference.md)")
+                setattr(self, section, spec.config())
+            elif spec.keys:
+                unused = sorted(getattr(self, section).model_fields_set - set(spec.keys))
+                if unused:
+                    raise ValueError(f"{section}.{unused[0]} has no effect in stage {self.stage!r}; its keys: "
+                                     f"{', '.join(spec.keys)}")
         if isinstance(self.train.loss_chunk, int) and self.distributed.strategy != "ddp":
             raise ValueError(f"train.loss_chunk with distributed.strategy {self.distributed.strategy!r}: the chunked "
                              "loss calls the LM head outside the model's forward, where a sharded head is not "
                              "gathered; remove train.loss_chunk (or use strategy ddp)")
-        if (self.grpo is not None) != (self.stage == "grpo"):
-            raise ValueError("stage 'grpo' needs a grpo: section (with rewards), and grpo: needs stage 'grpo'")
         for key, used in (("data.mix", self.data.mix), ("data.task_prefix", self.data.task_prefix),
                           ("data.task_weights", self.data.task_weights), ("train.retention", self.train.retention),
                           ("train.distill", self.train.distill)):

@@ -21,13 +21,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuneforge.config.stages import STAGES
 from tuneforge.data.tokenize import IGNORE, encode_chat_samples
 from tuneforge.errors import UserError
 
-PAIRED_STAGES = ("dpo", "orpo", "simpo")
 KIND_OF = {"preference": "paired", "kto": "unpaired", "prompt": "prompt"}
-#: the record kind each stage reads (``stage`` → paired | unpaired | prompt)
-STAGE_KINDS = {**dict.fromkeys(PAIRED_STAGES, "paired"), "kto": "unpaired", "grpo": "prompt"}
 _NO_LIMIT = 10**9
 
 
@@ -382,7 +380,7 @@ def build_preference_data(data_cfg: Any, stage: str, tokenizer: Any, template: A
     Raises:
         UserError: bad records (see the readers), no sample left after truncation (with the counts and the fix).
     """
-    kind = "unpaired" if stage == "kto" else "paired"
+    kind = STAGES[stage].data
     records, eval_records, stats = load_stage_records(data_cfg, kind, seed)
     train, train_stats = _encode_all(records, kind, tokenizer, template, data_cfg.max_length, "training")
     stats.update(train_stats)

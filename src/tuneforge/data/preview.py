@@ -19,13 +19,13 @@ def run_preview(config_path: str, overrides: list[str] | None = None, n: int = 3
                 out: Any = None) -> int:
     """Print ``n`` samples and the stats of the data a run config describes. Returns the exit code (0)."""
     from tuneforge.config import load_config
+    from tuneforge.config.stages import STAGES
     from tuneforge.data.build import build_datasets, load_records, tokenizer_texts
-    from tuneforge.data.preference import STAGE_KINDS
     from tuneforge.data.templates import resolve_template
 
     out = out or sys.stdout
     cfg = load_config(config_path, overrides or [])
-    if cfg.stage in STAGE_KINDS:
+    if STAGES[cfg.stage].data not in ("text", "chat"):
         return _preview_stage(cfg, n, as_json, out)
     records, _, _ = load_records(cfg.data, cfg.seed)
     tokenizer = _tokenizer_for_config(cfg, lambda: tokenizer_texts(cfg.data))
@@ -48,8 +48,8 @@ def run_preview(config_path: str, overrides: list[str] | None = None, n: int = 3
 def _preview_stage(cfg: Any, n: int, as_json: bool, out: Any) -> int:
     """Preview of a preference stage (chosen/rejected or labelled completions, scored tokens marked) or of GRPO
     (prompts as the policy sees them: rendered with the generation prompt)."""
+    from tuneforge.config.stages import STAGES
     from tuneforge.data.preference import (
-        STAGE_KINDS,
         build_preference_data,
         load_stage_records,
         preview_rows,
@@ -57,7 +57,7 @@ def _preview_stage(cfg: Any, n: int, as_json: bool, out: Any) -> int:
     )
     from tuneforge.data.templates import resolve_template
 
-    kind = STAGE_KINDS[cfg.stage]
+    kind = STAGES[cfg.stage].data
     tokenizer = _tokenizer_for_config(cfg, lambda: stage_tokenizer_texts(cfg.data, kind))
     template = resolve_template(cfg.model.chat_template, tokenizer, cfg.model.chat_template_kwargs,
                                 cfg.data.system_message)

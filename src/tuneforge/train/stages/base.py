@@ -8,10 +8,12 @@ from typing import Any
 class Stage:
     """Base of the stage strategies (see :mod:`tuneforge.train.stages`)."""
 
-    kind = "paired"  # the record kind read (data/preference.py): paired | unpaired | prompt
-
     def __init__(self, name: str):
+        from tuneforge.config.stages import STAGES
+
         self.name = name
+        #: the record kind read (data/preference.py): paired | unpaired | prompt (the stage registry's ``data``)
+        self.kind = STAGES[name].data
 
     def tokenizer_texts(self, data_cfg: Any) -> list[str]:
         """Every message content (and, for prompts, every string field) of the training records."""

@@ -42,8 +42,6 @@ def trainer_base():
 class GRPOStage(Stage):
     """GRPO on prompts with verifiable rewards; see the module docstring."""
 
-    kind = "prompt"
-
     def build_data(self, cfg, tokenizer, template):
         from tuneforge.data.preference import PreferenceBundle, load_stage_records
         from tuneforge.models.generation import render_prompt

@@ -44,8 +44,6 @@ def trainer_base():
 class KTOStage(Stage):
     """KTO on unpaired examples; see the module docstring."""
 
-    kind = "unpaired"
-
     def build_data(self, cfg, tokenizer, template):
         if cfg.train.batch_size < 2:
             raise UserError("stage kto needs train.batch_size >= 2: its KL term pairs each prompt with another "
