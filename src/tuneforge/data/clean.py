@@ -32,6 +32,7 @@ _BLOCK_TAGS = re.compile(r"p|br|div|li|tr|h[1-6]|ul|ol|table|blockquote|pre|hr|s
 # Openers of the blocks dropped whole; each is closed by a plain search (str.find), never a backtracking regex,
 # so cleaning stays linear in the document size even when a block is never closed.
 _DROP_OPEN_RE = re.compile(r"<(script|style)\b[^<>]*>|<!--", re.IGNORECASE)
+_DROP_CLOSE_RE = {tag: re.compile(f"</{tag}", re.IGNORECASE | re.ASCII) for tag in ("script", "style")}
 _ENTITY_RE = re.compile(r"&(?:[a-zA-Z]{2,8}|#\d{1,6}|#x[0-9a-fA-F]{1,6});")
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -69,7 +70,6 @@ def strip_html(text: str) -> str:
 
 def _drop_blocks(text: str) -> str:
     """``text`` without script/style blocks and comments; an unclosed one runs to the end (as in a browser)."""
-    lowered = None
     parts, position = [], 0
     while True:
         match = _DROP_OPEN_RE.search(text, position)
@@ -78,9 +78,10 @@ def _drop_blocks(text: str) -> str:
             return "".join(parts)
         parts.append(text[position:match.start()])
         if match.group(1):
-            lowered = lowered if lowered is not None else text.lower()
-            close = lowered.find(f"</{match.group(1).lower()}", match.end())
-            end = -1 if close < 0 else lowered.find(">", close)
+            # Searched in ``text`` itself: offsets of ``text.lower()`` differ wherever lowering changes a length
+            # ('İ' becomes two characters), which cut the wrong span.
+            closing = _DROP_CLOSE_RE[match.group(1).lower()].search(text, match.end())
+            end = -1 if closing is None else text.find(">", closing.start())
         else:
             close = text.find("-->", match.end())
             end = -1 if close < 0 else close + 2
