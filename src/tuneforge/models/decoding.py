@@ -29,8 +29,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuneforge.models.generation import (
+from tuneforge.models.sampling import (
     GenerationSettings,
+    choose_token,
     cut_at_stop,
     held_back,
     stop_strings,
@@ -176,12 +177,8 @@ class _RowState:
         import torch
 
         if self.row.top_logprobs is not None:
-            logprobs = torch.log_softmax(logits, dim=-1)
-        scores = _penalise(logits, self.row.prompt_ids, self.ids, self.settings.repetition_penalty)
-        if self.sampling:
-            token = _sample(scores, self.settings, self.generator)
-        else:
-            token = int(torch.argmax(scores))
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+        token = choose_token(logits, self.settings, self.generator, self.row.prompt_ids, self.ids)
         if self.row.top_logprobs is not None:
             self.pending = TokenLogprob(token, float(logprobs[token]),
                                         top_alternatives(logprobs, self.row.top_logprobs))
@@ -253,34 +250,3 @@ class _Stop:
             if state.finish is None:
                 state.advance(last[i])
         return torch.tensor([state.finish is not None for state in self.states], device=input_ids.device)
-
-
-def _penalise(logits, prompt_ids: Sequence[int], generated: list[int], penalty: float):
-    """The CTRL repetition penalty (as transformers applies it) over the row's own prompt and generated ids."""
-    import torch
-
-    if penalty == 1.0:
-        return logits
-    seen = torch.tensor(sorted({*prompt_ids, *generated}), dtype=torch.long, device=logits.device)
-    values = logits[seen]
-    logits = logits.clone()
-    logits[seen] = torch.where(values < 0, values * penalty, values / penalty)
-    return logits
-
-
-def _sample(scores, settings: GenerationSettings, generator) -> int:
-    """Draw a token with temperature, top-k and top-p (nucleus), as transformers' warpers define them."""
-    import torch
-
-    scores = scores / settings.temperature
-    if settings.top_k and settings.top_k < scores.shape[-1]:
-        threshold = torch.topk(scores, settings.top_k).values[-1]
-        scores = scores.masked_fill(scores < threshold, float("-inf"))
-    if settings.top_p < 1.0:
-        ordered, order = torch.sort(scores, descending=False)
-        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - settings.top_p)
-        remove[-1] = False  # always keep the most likely token
-        scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -13,77 +13,24 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tuneforge.errors import UserError
+from tuneforge.models.decoding import DecodeRow, decode_rows
+
+# The settings type and the stop rules live in models.sampling (under decoding); re-exported: commands import
+# them from here.
+from tuneforge.models.sampling import (  # noqa: F401
+    MIN_SAMPLING_TEMPERATURE,
+    GenerationSettings,
+    cut_at_stop,
+    held_back,
+    stop_strings,
+    stop_token_ids,
+)
 
 Prompt = str | Sequence[dict]
-
-# Below this temperature, logits / T overflows float32 and sampling raises: such a request is greedy in effect.
-MIN_SAMPLING_TEMPERATURE = 1e-4
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How to generate: the one settings type of generate, eval, abtest, report, the monitor, serve and chat.
-
-    Attributes:
-        max_new_tokens: generation budget per prompt.
-        temperature: 0 = greedy (deterministic, the default); > 0 samples with ``top_p`` / ``top_k``.
-        top_p: nucleus sampling mass (1.0 = off).
-        top_k: keep the k most likely tokens (0 = off).
-        repetition_penalty: 1.0 = none.
-        seed: seeds the sampler: a generator of its own per answer, so a seeded answer does not depend on what
-            shares its batch (``None``: a fresh random seed). Irrelevant when greedy.
-        stop: extra stop strings (besides the template's end-of-turn and EOS).
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = 0
-    stop: tuple[str, ...] = ()
-
-    @property
-    def sampling(self) -> bool:
-        """Whether tokens are drawn (a temperature below ``MIN_SAMPLING_TEMPERATURE`` is greedy in effect)."""
-        return self.temperature >= MIN_SAMPLING_TEMPERATURE
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "stop": list(self.stop)}
-
-    @classmethod
-    def from_args(cls, args: Any, **overrides) -> GenerationSettings:
-        """Settings from the flags :func:`add_generation_args` declared (``overrides`` win).
-
-        Raises:
-            UserError: a flag out of range, named as the user typed it.
-        """
-        values = {name: getattr(args, name) for name in _FIELDS if getattr(args, name, None) is not None}
-        values.update(overrides)
-        settings = cls(**values)
-        problem = settings.problem()
-        if problem:
-            raise UserError(f"--{problem[0].replace('_', '-')} {problem[1]}")
-        return settings
-
-    def problem(self) -> tuple[str, str] | None:
-        """``(field, what is wrong)`` for the first out-of-range value, or ``None`` when every value is valid."""
-        checks = (
-            ("max_new_tokens", self.max_new_tokens > 0, "must be a positive number of tokens"),
-            ("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy)"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1.0 = none)"),
-        )
-        return next(((name, why) for name, ok, why in checks if not ok), None)
-
-
-_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
-
 
 def add_generation_args(parser: Any, *, max_new_tokens: int = GenerationSettings.max_new_tokens) -> None:
     """Declare the generation flags every command shares (same names, same defaults)."""
@@ -116,44 +63,6 @@ def render_prompt(tokenizer: Any, template: Any, prompt: Prompt) -> tuple[str, b
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
     raise UserError("chat messages were given but there is no chat template (model.chat_template) to render them")
-
-
-def stop_strings(tokenizer: Any, template: Any, extra: Sequence[str] = ()) -> list[str]:
-    """Strings at which generated text is cut: the template's stop strings, the EOS token text and ``extra``."""
-    stops = [*(getattr(template, "stop", None) or []), *extra]
-    if tokenizer.eos_token and tokenizer.eos_token not in stops:
-        stops.append(tokenizer.eos_token)
-    return [s for s in stops if s]
-
-
-def stop_token_ids(tokenizer: Any, template: Any, model: Any = None) -> list[int]:
-    """Token ids that end generation: EOS (tokenizer's and the model's generation config) and template stops."""
-    ids: list[int] = []
-
-    def add(value):
-        if value is None:
-            return
-        for item in value if isinstance(value, (list, tuple, set)) else [value]:
-            if item is not None and int(item) not in ids:
-                ids.append(int(item))
-
-    add(tokenizer.eos_token_id)
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        add(generation_config.eos_token_id)
-    if template is not None and hasattr(template, "stop_token_ids"):
-        add(template.stop_token_ids(tokenizer))
-    return ids
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    """``text`` up to (not including) the earliest stop string."""
-    cut = len(text)
-    for stop in stops:
-        index = text.find(stop)
-        if index != -1:
-            cut = min(cut, index)
-    return text[:cut]
 
 
 def _encode(tokenizer, template, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -227,8 +136,6 @@ def complete(model: Any, tokenizer: Any, template: Any, messages_or_prompts: Seq
         settings: how to generate (default: greedy, 128 new tokens).
         batch_size: prompts per batch.
     """
-    from tuneforge.models.decoding import DecodeRow, decode_rows
-
     if isinstance(messages_or_prompts, str):
         raise TypeError("messages_or_prompts must be a list of prompts or of message lists, not one string")
     settings = settings or GenerationSettings()
@@ -262,8 +169,6 @@ def stream_generate(model: Any, tokenizer: Any, template: Any, prompt: Prompt,
     a stop string is held back until it is known not to be one. Breaking out of the loop (or closing the
     generator) stops the generation thread at its next token.
     """
-    from tuneforge.models.decoding import DecodeRow, decode_rows
-
     settings = settings or GenerationSettings()
     pieces: queue.SimpleQueue = queue.SimpleQueue()
     row = DecodeRow(_encode(tokenizer, template, [prompt])[0], settings,
@@ -290,15 +195,3 @@ def stream_generate(model: Any, tokenizer: Any, template: Any, prompt: Prompt,
         thread.join()
     if failure:
         raise failure[0]
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """Trailing characters of ``text`` not to show yet: the start of a possible stop string, or an incomplete
-    character (the replacement character a partial UTF-8 sequence decodes to)."""
-    longest = len(text) - len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:size]):
-                longest = max(longest, size)
-                break
-    return longest
