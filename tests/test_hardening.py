@@ -3,6 +3,14 @@ stops promptly. One test (or a few) per item; each failed on the code before its
 
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tuneforge.errors import UserError
+
 # --------------------------------------------------------------------------- data: strip_html
 
 
@@ -13,3 +21,96 @@ def test_strip_html_cuts_blocks_at_their_offsets_in_the_original_text():
     assert strip_html("İİİ<script>x</script>keep me") == "İİİkeep me"
     assert strip_html("İ<STYLE>p {}</Style >after<!-- c -->end") == "İafterend"
     assert strip_html("ok<script>never closed") == "ok"
+
+
+# --------------------------------------------------------------------------- data: the HTTP teacher
+
+
+class _Recorder:
+    """A local HTTP server that records every request (method, path, headers) and answers with ``answer(handler)``."""
+
+    def __init__(self, host: str, answer) -> None:
+        self.seen: list[tuple[str, str, dict]] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                recorder.seen.append((self.command, self.path, dict(self.headers)))
+                answer(self)
+
+            do_GET = do_POST = _any  # noqa: N815 - http.server's names
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.url = f"http://{host}:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _send(handler, status: int, body: bytes = b"", headers: dict | None = None) -> None:
+    handler.send_response(status)
+    for key, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+        handler.send_header(key, value)
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def _completion(text: str) -> bytes:
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+                      ).encode()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_teacher_behind_a_redirect_to_another_host_never_shows_it_the_key(status):
+    from tuneforge.data.teacher import HttpTeacher
+
+    other = _Recorder("127.0.0.2", lambda h: _send(h, 200, _completion("stolen")))
+    first = _Recorder("127.0.0.1", lambda h: _send(
+        h, status, headers={"Location": f"{other.url}/v1/chat/completions"}))
+    try:
+        teacher = HttpTeacher(f"{first.url}/v1", api_key="sk-secret-key", retries=0)
+        with pytest.raises(UserError, match=r"redirects to http://127\.0\.0\.2.*give the URL it redirects to"):
+            teacher.probe()
+        from tuneforge.data.augment import TeacherUnavailable
+
+        with pytest.raises(TeacherUnavailable, match="redirect"):
+            teacher.ask([{"role": "user", "content": "hi"}], 1, seed=0)
+    finally:
+        first.close()
+        other.close()
+    assert [(method, path) for method, path, _ in first.seen] == [("POST", "/v1/chat/completions")] * 2
+    assert first.seen[0][2]["Authorization"] == "Bearer sk-secret-key"
+    assert other.seen == []  # the other host saw nothing at all: no key, no GET
+
+
+def test_a_key_over_plain_http_to_another_host_is_warned_about(capsys):
+    from tuneforge.data.teacher import HttpTeacher
+
+    HttpTeacher("http://teacher.example.com/v1", api_key="k")
+    assert "unencrypted" in capsys.readouterr().err
+    for url in ("https://teacher.example.com/v1", "http://127.0.0.1:8000/v1", "http://localhost:8000/v1",
+                "http://[::1]:8000/v1"):
+        HttpTeacher(url, api_key="k")
+    HttpTeacher("http://teacher.example.com/v1")  # no key, nothing to leak
+    assert "unencrypted" not in capsys.readouterr().err
+
+
+def test_an_oversized_teacher_answer_fails_its_request_without_being_read_whole(monkeypatch):
+    from tuneforge.data import teacher as teacher_module
+
+    monkeypatch.setattr(teacher_module, "MAX_RESPONSE_BYTES", 1000)
+    server = _Recorder("127.0.0.1", lambda h: _send(h, 200, _completion("x" * 5000)))
+    try:
+        (reply,) = teacher_module.HttpTeacher(f"{server.url}/v1", retries=0).ask(
+            [{"role": "user", "content": "hi"}], 1, seed=0)
+    finally:
+        server.close()
+    assert reply.text is None and "larger than" in reply.error

@@ -1,32 +1,38 @@
 """Teachers for ``tuneforge data augment``: an OpenAI-compatible server, or a local run / model directory.
 
 Both satisfy :class:`tuneforge.data.augment.Teacher`. :class:`HttpTeacher` speaks ``POST <base>/chat/completions``
-with the standard library only (``tuneforge serve``, vLLM, OpenAI...). :func:`load_run_teacher` loads a run once
-through ``tuneforge.models.reference.load_for_inference`` and generates through ``tuneforge.models.generation``
-(the one generation path, with the command's ``GenerationSettings``); that import of ``models`` is why this module
-is the one exception to "data imports no models" in pyproject.toml.
+with the standard library only (``tuneforge serve``, vLLM, OpenAI...). A local run as teacher loads a model, so it
+lives with the command: ``tuneforge.commands.data.RunTeacher`` (data imports no models).
 """
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from tuneforge.data.augment import Reply, TeacherUnavailable
 from tuneforge.errors import UserError
 
 # Seconds before the first retry; each retry waits twice as long (a server's Retry-After, up to a minute, wins).
 BACKOFF_SECONDS = 1.0
-_PROBE_PROMPT = [{"role": "user", "content": "Reply with the word OK."}]
+PROBE_PROMPT = [{"role": "user", "content": "Reply with the word OK."}]
 # Statuses that say "try again later" rather than "this request is wrong".
 _RETRY_STATUSES = (408, 409, 429, 500, 502, 503, 504)
-# Statuses that no other request will get past: stop the run (it can be resumed once fixed).
-_FATAL_STATUSES = (401, 403, 404)
+# Statuses that no other request will get past: stop the run (it can be resumed once fixed). Redirects are never
+# followed: urllib would resend the Authorization header to whatever host the Location names (and turn the POST into
+# a GET on 301/302/303), so a redirect stops the run with the URL to give instead.
+_REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+_FATAL_STATUSES = (401, 403, 404, *_REDIRECT_STATUSES)
+# The largest answer read (a chat completion is a few kB; an endless body must not fill the memory).
+MAX_RESPONSE_BYTES = 16 * 2**20
+_MAX_ERROR_BYTES = 64 * 2**10
 
 
 def is_url(spec: str) -> bool:
@@ -65,6 +71,27 @@ def read_key(path: Path | None) -> str | None:
     return key
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect: the 3xx reaches the caller as an ``HTTPError`` (with its ``Location``)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 - urllib's hook
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def is_loopback(url: str) -> bool:
+    """Whether ``url``'s host is this machine (``localhost`` or a loopback address)."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _Failure(Exception):
     """A request that got no usable answer: ``status`` is the HTTP status (0 = no response at all)."""
 
@@ -81,8 +108,9 @@ class HttpTeacher:
 
     One request per reply (``n`` is left at 1: not every server supports more), seeded ``seed + i``. Requests that
     get no response, a timeout, 408/409/429 or 5xx are retried ``retries`` times with exponential backoff; then,
-    and at once on 401/403/404, :class:`TeacherUnavailable` stops the run. Other refusals (400, 413, 422...) fail
-    that request only.
+    and at once on 401/403/404 or a redirect (never followed: the key stays with the host it was given for),
+    :class:`TeacherUnavailable` stops the run. Other refusals (400, 413, 422...) fail that request only. An answer
+    larger than ``MAX_RESPONSE_BYTES`` fails its request; a key sent over plain http to another host is warned about.
 
     Args:
         url: the API base, e.g. ``http://127.0.0.1:8000/v1`` (or the full ``.../chat/completions`` URL).
@@ -109,6 +137,11 @@ class HttpTeacher:
         self.name = teacher_name(url, model)
         self.model, self.api_key, self.timeout, self.retries = model, api_key, timeout, retries
         self.body = _sampling_body(sampling or {})
+        if api_key and urlsplit(self.endpoint).scheme == "http" and not is_loopback(self.endpoint):
+            from tuneforge.console import warn
+
+            warn(f"--teacher {self.endpoint}: the API key would travel unencrypted (plain http to another host)",
+                 "use an https:// URL, or a tunnel to 127.0.0.1")
 
     def probe(self) -> None:
         """One small request with the run's own settings (so a rejected setting shows now, not mid-run).
@@ -118,7 +151,7 @@ class HttpTeacher:
                 written.
         """
         try:
-            self._post(self._request(_PROBE_PROMPT, None, max_tokens=4))
+            self._post(self._request(PROBE_PROMPT, None, max_tokens=4))
         except _Failure as exc:
             raise UserError(f"--teacher {self.endpoint}: {_explain(exc)} (nothing was written)") from None
 
@@ -165,9 +198,12 @@ class HttpTeacher:
             self.endpoint, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST"
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
+            with _OPENER.open(request, timeout=self.timeout) as response:
+                raw = response.read(MAX_RESPONSE_BYTES + 1)
         except urllib.error.HTTPError as exc:
+            if exc.code in _REDIRECT_STATUSES:
+                where = exc.headers.get("Location") if exc.headers else None
+                raise _Failure(exc.code, f"the server redirects to {where or '(no Location)'}") from None
             retry_after = exc.headers.get("Retry-After") if exc.headers else None
             raise _Failure(exc.code, _error_message(exc), _seconds(retry_after)) from None
         except urllib.error.URLError as exc:
@@ -176,6 +212,8 @@ class HttpTeacher:
             ) from None
         except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, a cut-off body
             raise _Failure(0, f"no answer ({type(exc).__name__}: {exc})") from None
+        if len(raw) > MAX_RESPONSE_BYTES:
+            raise _Failure(200, f"the answer is larger than {MAX_RESPONSE_BYTES // 2**20} MiB (not read further)")
         try:
             data = json.loads(raw)
         except ValueError:
@@ -213,7 +251,7 @@ def _reply_of(data: dict) -> Reply:
 
 def _error_message(exc: urllib.error.HTTPError) -> str:
     try:
-        data = json.loads(exc.read() or b"{}")
+        data = json.loads(exc.read(_MAX_ERROR_BYTES) or b"{}")
         error = data.get("error") if isinstance(data, dict) else None
         message = error.get("message") if isinstance(error, dict) else data.get("detail") or error
         return str(message or exc.reason)
@@ -238,52 +276,7 @@ def _explain(exc: _Failure) -> str:
         return f"{exc}; the URL should be the API base, e.g. http://127.0.0.1:8000/v1"
     if exc.status in (401, 403):
         return f"{exc}; the server wants an API key: pass --api-key-file FILE"
+    if exc.status in _REDIRECT_STATUSES:
+        return (f"{exc}; tuneforge does not follow redirects (the API key would go to whatever host the server "
+                "names): give the URL it redirects to as --teacher")
     return f"the server refused the request ({exc}); check --teacher-model and the generation flags"
-
-
-class RunTeacher:
-    """A local run, adapter or model directory (or hub id) as teacher, loaded once.
-
-    Replies come from ``tuneforge.models.generation.complete`` with ``settings`` (the ``count`` replies of one
-    prompt are one batch, seeded ``seed, seed + 1, ...``), rendered with the run's own chat template.
-    """
-
-    def __init__(self, loaded: Any, settings: Any, name: str) -> None:
-        self.loaded, self.settings, self.name = loaded, settings, name
-
-    def probe(self) -> None:
-        from dataclasses import replace
-
-        from tuneforge.models.generation import complete
-
-        loaded = self.loaded
-        complete(
-            loaded.model,
-            loaded.tokenizer,
-            loaded.template,
-            [_PROBE_PROMPT],
-            replace(self.settings, max_new_tokens=1),
-        )
-
-    def ask(self, messages: list[dict], count: int, seed: int | None) -> list[Reply]:
-        from dataclasses import replace
-
-        from tuneforge.models.generation import complete
-
-        loaded = self.loaded
-        settings = replace(self.settings, seed=seed)
-        completions = complete(
-            loaded.model, loaded.tokenizer, loaded.template, [messages] * count, settings, batch_size=count
-        )
-        return [Reply(c.text, truncated=c.finish_reason == "length") for c in completions]
-
-
-def load_run_teacher(spec: str, settings: Any, device: str = "auto") -> RunTeacher:
-    """Load ``spec`` (run, adapter, model directory or hub id) once for generation.
-
-    Raises:
-        UserError: what ``load_for_inference`` reports (missing path, unfinished run...).
-    """
-    from tuneforge.models.reference import load_for_inference
-
-    return RunTeacher(load_for_inference(spec, device=device), settings, teacher_name(spec))
