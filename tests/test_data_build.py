@@ -165,7 +165,7 @@ def test_data_package_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, tuneforge.data.cli, tuneforge.data.build, tuneforge.data.preview; "
+    code = ("import sys, tuneforge.commands.data, tuneforge.data.build, tuneforge.commands.preview; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -59,7 +59,7 @@ def test_importing_config_and_validating_leaves_torch_out():
         "import sys\n"
         "from tuneforge.config import validate_config\n"
         "validate_config({'model': {'name_or_path': 'm'}, 'data': {'train': ['a.jsonl']}, 'method': {'name': 'vera'}})\n"
-        "import tuneforge.methods.lora, tuneforge.estimate.cli, tuneforge.models.cli\n"
+        "import tuneforge.methods.lora, tuneforge.estimate.cli, tuneforge.commands.inspect\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )

@@ -125,7 +125,7 @@ def test_data_preview_shows_the_task_prefix(tmp_path):
 
     import yaml
 
-    from tuneforge.data.preview import run_preview
+    from tuneforge.commands.preview import run_preview
 
     raw = {"model": {"from_config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "vocab_size": 512}},
            "data": {"train": [str(task_file(tmp_path / "t.jsonl"))], "max_length": 64, "task_prefix": True,

@@ -19,8 +19,8 @@ from tuneforge.errors import UserError
 # subcommand group → module with add_commands(subparsers). Order is the order of `tuneforge --help`.
 COMMAND_MODULES = (
     "tuneforge.train.cli",        # quickstart, validate, train, generate
-    "tuneforge.data.cli",         # data preview
-    "tuneforge.models.cli",       # inspect
+    "tuneforge.commands.data",    # data preview, data augment
+    "tuneforge.commands.inspect",  # inspect
     "tuneforge.estimate.cli",     # estimate
     "tuneforge.evaluate.cli",     # eval, abtest, report
     "tuneforge.merge.cli",        # merge, export

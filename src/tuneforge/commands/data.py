@@ -1,9 +1,18 @@
-"""``tuneforge data ...`` commands (light module: heavy imports happen inside the command)."""
+"""``tuneforge data ...`` commands (light module: heavy imports happen inside the command).
+
+They live here, above ``data``, because they load models on data's behalf: ``data preview`` loads the run's
+tokenizer (:mod:`tuneforge.commands.preview`) and ``data augment`` may take a run as teacher (:class:`RunTeacher`,
+generating through ``tuneforge.models.generation``).
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+from tuneforge.data.augment import Reply
+from tuneforge.data.teacher import PROBE_PROMPT, teacher_name
 
 
 def add_commands(subparsers) -> None:
@@ -123,7 +132,7 @@ def _options(parser: argparse.ArgumentParser) -> None:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from tuneforge.data.preview import run_preview
+    from tuneforge.commands.preview import run_preview
     from tuneforge.errors import UserError
 
     rest = argparse.ArgumentParser(prog="tuneforge data preview", add_help=False, exit_on_error=False)
@@ -193,7 +202,7 @@ def _augment(args: argparse.Namespace) -> int:
             retries=args.retries,
         )
     else:
-        source = teacher.load_run_teacher(args.teacher, settings, device=args.device)
+        source = load_run_teacher(args.teacher, settings, device=args.device)
     source.probe()
     if plan.done:
         out().print(f"continuing {args.out}: {plan.done} of {len(plan.seeds)} inputs already done")
@@ -228,3 +237,51 @@ def _print_summary(result, console, mode: str) -> None:
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)
+
+
+class RunTeacher:
+    """A local run, adapter or model directory (or hub id) as teacher, loaded once.
+
+    Replies come from ``tuneforge.models.generation.complete`` with ``settings`` (the ``count`` replies of one
+    prompt are one batch, seeded ``seed, seed + 1, ...``), rendered with the run's own chat template.
+    """
+
+    def __init__(self, loaded: Any, settings: Any, name: str) -> None:
+        self.loaded, self.settings, self.name = loaded, settings, name
+
+    def probe(self) -> None:
+        from dataclasses import replace
+
+        from tuneforge.models.generation import complete
+
+        loaded = self.loaded
+        complete(
+            loaded.model,
+            loaded.tokenizer,
+            loaded.template,
+            [PROBE_PROMPT],
+            replace(self.settings, max_new_tokens=1),
+        )
+
+    def ask(self, messages: list[dict], count: int, seed: int | None) -> list[Reply]:
+        from dataclasses import replace
+
+        from tuneforge.models.generation import complete
+
+        loaded = self.loaded
+        settings = replace(self.settings, seed=seed)
+        completions = complete(
+            loaded.model, loaded.tokenizer, loaded.template, [messages] * count, settings, batch_size=count
+        )
+        return [Reply(c.text, truncated=c.finish_reason == "length") for c in completions]
+
+
+def load_run_teacher(spec: str, settings: Any, device: str = "auto") -> RunTeacher:
+    """Load ``spec`` (run, adapter, model directory or hub id) once for generation.
+
+    Raises:
+        UserError: what ``load_for_inference`` reports (missing path, unfinished run...).
+    """
+    from tuneforge.models.reference import load_for_inference
+
+    return RunTeacher(load_for_inference(spec, device=device), settings, teacher_name(spec))
