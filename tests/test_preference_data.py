@@ -1,4 +1,4 @@
-"""Preference readers, masks and truncation (data/preference.py)."""
+"""Preference readers (data/readers.py), masks and truncation (data/preference.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ from tuneforge.data.preference import (
     UnpairedCollator,
     encode_pair,
     encode_unpaired,
-    kto_record,
-    preference_record,
-    prompt_record,
 )
-from tuneforge.data.readers import read_records
+from tuneforge.data.readers import kto_record, preference_record, prompt_record, read_records
 from tuneforge.data.templates import get_template
 from tuneforge.errors import UserError
 

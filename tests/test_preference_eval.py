@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuneforge.data.preference import encode_pair, preference_record
+from tuneforge.data.preference import encode_pair
+from tuneforge.data.readers import preference_record
 from tuneforge.data.templates import get_template
 from tuneforge.errors import UserError
 from tuneforge.evaluate.preference import preference_accuracy

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuneforge.data.preference import PairCollator, encode_pair, preference_record
+from tuneforge.data.preference import PairCollator, encode_pair
+from tuneforge.data.readers import preference_record
 from tuneforge.data.templates import ChatTemplate
 from tuneforge.models.scoring import sequence_logps
 from tuneforge.train.stages.common import to_dataset

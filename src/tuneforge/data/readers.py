@@ -22,7 +22,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tuneforge.data import preference
 from tuneforge.errors import UserError
 
 FORMATS = ("auto", "text", "alpaca", "chat")
@@ -239,7 +238,7 @@ def rows_to_records(rows: Iterable[tuple[str, Any]], fmt: str = "auto") -> list[
 
 def detect_format(row: dict, source: str) -> str:
     """``chat`` / ``alpaca`` / ``text`` (or ``preference`` / ``kto`` / ``prompt``: data/preference.py) from a row's keys."""
-    kind = preference.detect(row)
+    kind = detect_preference(row)
     if kind:
         return kind
     if "messages" in row or "conversations" in row:
@@ -378,8 +377,142 @@ def _tools(tools: Any, source: str) -> list[dict] | None:
     return tools or None
 
 
-_CONVERTERS = {"text": _text_record, "alpaca": _alpaca_record, "chat": _chat_record}
-_CONVERTERS.update(preference.CONVERTERS)
+# --------------------------------------------------------------------------- preference and prompt records (data/preference.py encodes them)
+
+
+def detect_preference(row: dict) -> str | None:
+    """``preference`` / ``kto`` / ``prompt`` when a row has that shape, else None (the row is text/alpaca/chat)."""
+    if "chosen" in row or "rejected" in row:
+        return "preference"
+    if "completion" in row and "label" in row:
+        return "kto"
+    if "prompt" in row and "messages" not in row and "text" not in row:
+        return "prompt"
+    return None
+
+
+def preference_record(row: dict, source: str) -> dict:
+    """A ``{prompt, chosen, rejected}`` row (or the chat form) → canonical paired record.
+
+    Raises:
+        UserError: a missing ``chosen``/``rejected``, chosen identical to rejected, an empty completion, a completion
+            without an assistant turn, or an empty prompt — each naming ``source``.
+    """
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise UserError(f"{source}: preference record has no {key!r} field; a pair needs 'chosen' and "
+                            f"'rejected' (and 'prompt' unless both are whole conversations); keys: {sorted(row)}")
+    if row.get("prompt") is not None:
+        prompt = _messages(row["prompt"], "prompt", source, default_role="user")
+        chosen = _messages(row["chosen"], "chosen", source, default_role="assistant")
+        rejected = _messages(row["rejected"], "rejected", source, default_role="assistant")
+    else:
+        prompt, chosen, rejected = _split_shared_prefix(
+            _messages(row["chosen"], "chosen", source, default_role="assistant"),
+            _messages(row["rejected"], "rejected", source, default_role="assistant"),
+            source,
+        )
+    prompt = _with_system(row, prompt, source)
+    if chosen == rejected:
+        raise UserError(f"{source}: 'chosen' and 'rejected' are identical; a preference pair needs two different "
+                        "answers (remove the record or fix the rejected answer)")
+    for key, completion in (("chosen", chosen), ("rejected", rejected)):
+        _check_completion(completion, key, source)
+    _check_prompt(prompt, source)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source}
+
+
+def kto_record(row: dict, source: str) -> dict:
+    """A ``{prompt, completion, label}`` row → canonical unpaired record (``label``: true = desirable)."""
+    for key in ("prompt", "completion", "label"):
+        if row.get(key) is None:
+            raise UserError(f"{source}: unpaired (KTO) record has no {key!r} field; it needs 'prompt', "
+                            f"'completion' and a true/false 'label'; keys: {sorted(row)}")
+    label = _label(row["label"], source)
+    prompt = _with_system(row, _messages(row["prompt"], "prompt", source, default_role="user"), source)
+    completion = _messages(row["completion"], "completion", source, default_role="assistant")
+    _check_completion(completion, "completion", source)
+    _check_prompt(prompt, source)
+    return {"prompt": prompt, "completion": completion, "label": label, "source": source}
+
+
+def prompt_record(row: dict, source: str) -> dict:
+    """A ``{prompt, <fields>}`` row → ``{"prompt": msgs, "fields": {other keys}}`` (GRPO rewards read the fields)."""
+    prompt = _with_system(row, _messages(row.get("prompt"), "prompt", source, default_role="user"), source)
+    _check_prompt(prompt, source)
+    fields = {k: v for k, v in row.items() if k not in ("prompt", "system")}
+    return {"prompt": prompt, "fields": fields, "source": source}
+
+
+def _messages(value: Any, key: str, source: str, default_role: str) -> list[dict]:
+    # The chat reader's role/content rules: one implementation.
+    if value is None:
+        raise UserError(f"{source}: record has no {key!r} field")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    if hasattr(value, "tolist"):  # parquet gives numpy arrays
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{source}: {key!r} must be a string or a non-empty list of {{role, content}} messages")
+    return _chat_record({"messages": value}, f"{source}: {key}")["messages"]
+
+
+def _split_shared_prefix(chosen: list[dict], rejected: list[dict], source: str):
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if chosen == rejected:
+        raise UserError(f"{source}: 'chosen' and 'rejected' are identical; a preference pair needs two different "
+                        "answers (remove the record or fix the rejected answer)")
+    if shared == 0:
+        raise UserError(f"{source}: no 'prompt' field and 'chosen'/'rejected' share no leading turn; give 'prompt' "
+                        "or make both whole conversations that start with the same user turn(s)")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _with_system(row: dict, prompt: list[dict], source: str) -> list[dict]:
+    system = row.get("system")
+    if system and prompt[0]["role"] != "system":
+        if not isinstance(system, str):
+            raise UserError(f"{source}: 'system' must be a string")
+        return [{"role": "system", "content": system}, *prompt]
+    return prompt
+
+
+def _check_completion(completion: list[dict], key: str, source: str) -> None:
+    if not completion:
+        raise UserError(f"{source}: {key!r} adds no turn after the shared prompt")
+    if len(completion) != 1 or completion[0]["role"] != "assistant":
+        raise UserError(f"{source}: {key!r} must be one assistant answer after the prompt (got roles "
+                        f"{[m['role'] for m in completion]}); put earlier turns into 'prompt'")
+    if not completion[0]["content"].strip():
+        raise UserError(f"{source}: {key!r} has an empty assistant answer; drop the record or write the answer")
+
+
+def _check_prompt(prompt: list[dict], source: str) -> None:
+    if not any(m["content"].strip() for m in prompt):
+        raise UserError(f"{source}: the prompt is empty")
+    if prompt[-1]["role"] == "assistant":
+        raise UserError(f"{source}: the prompt ends with an assistant turn; the completion must answer a user turn")
+
+
+def _label(value: Any, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "desirable"):
+        return True
+    if text in ("false", "0", "no", "undesirable"):
+        return False
+    raise UserError(f"{source}: 'label' must be true (desirable) or false (undesirable), got {value!r}")
+
+
+_CONVERTERS = {"text": _text_record, "alpaca": _alpaca_record, "chat": _chat_record,
+               "preference": preference_record, "kto": kto_record, "prompt": prompt_record}
 
 
 def record_text(record: dict) -> str:
