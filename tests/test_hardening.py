@@ -114,3 +114,46 @@ def test_an_oversized_teacher_answer_fails_its_request_without_being_read_whole(
     finally:
         server.close()
     assert reply.text is None and "larger than" in reply.error
+
+
+# --------------------------------------------------------------------------- data: augment's Ctrl-C
+
+
+def test_ctrl_c_stops_augment_within_seconds_while_teacher_requests_hang(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    release = threading.Event()
+
+    def answer(handler):
+        if handler.path.endswith("/chat/completions") and len(server.seen) > 1:
+            release.wait(60)  # a teacher that takes a minute per answer
+        _send(handler, 200, _completion("INSTRUCTION: Something else entirely.\nANSWER: Yes."))
+
+    server = _Recorder("127.0.0.1", answer)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"instruction": f"Question number {i}?", "output": "Yes."}) + "\n"
+                           for i in range(8)))
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge.cli", "data", "augment", str(src), "--out", str(tmp_path / "out.jsonl"),
+         "--teacher", f"{server.url}/v1", "--mode", "rewrite", "--n", "1", "--no-progress", "--concurrency", "4"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(server.seen) < 5:  # the probe, then four requests in flight
+            assert worker.poll() is None, worker.communicate()
+            assert time.time() < deadline, "the requests never arrived"
+            time.sleep(0.05)
+        os.kill(worker.pid, signal.SIGINT)
+        interrupted = time.time()
+        worker.wait(timeout=60)
+        took = time.time() - interrupted
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        release.set()
+        server.close()
+    assert worker.returncode == 130 and took < 5, (worker.returncode, took)

@@ -829,12 +829,16 @@ def run_augment(
 
 
 class _Requests:
-    """The teacher's drafts for each input position, asked ``concurrency`` inputs ahead in threads."""
+    """The teacher's drafts for each input position, asked ``concurrency`` inputs ahead in threads.
+
+    The threads are daemon threads, one per input in flight (at most ``concurrency``): on Ctrl-C the process exits
+    at once and abandons their requests (a rerun asks them again, with the same seeds). A ``ThreadPoolExecutor``'s
+    workers are joined at interpreter exit, which made Ctrl-C wait for every in-flight request (minutes).
+    """
 
     def __init__(self, plan: Plan, teacher: Teacher, concurrency: int) -> None:
         self.plan, self.teacher, self.concurrency = plan, teacher, max(1, concurrency)
         self.pending: dict = {}
-        self.executor = None
 
     def _ask(self, position: int) -> list[Draft]:
         options = self.plan.options
@@ -846,23 +850,33 @@ class _Requests:
     def drafts(self, position: int) -> list[Draft]:
         if self.concurrency == 1:
             return self._ask(position)
-        if self.executor is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="augment-teacher")
         last = min(position + self.concurrency, len(self.plan.seeds))
         for ahead in range(position, last):
             if ahead not in self.pending:
-                self.pending[ahead] = self.executor.submit(self._ask, ahead)
+                self.pending[ahead] = self._start(ahead)
         return self.pending.pop(position).result()
+
+    def _start(self, position: int):
+        import threading
+        from concurrent.futures import Future
+
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self._ask(position))
+            except BaseException as exc:  # handed to the main thread by result()
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name=f"augment-teacher-{position}", daemon=True).start()
+        return future
 
     def __enter__(self) -> _Requests:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.executor is not None:
-            # Requests still in flight are abandoned (a rerun asks them again, with the same seeds).
-            self.executor.shutdown(wait=False, cancel_futures=True)
+        # Requests still in flight are abandoned: their daemon threads end with the process.
+        self.pending.clear()
 
 
 def _filter(
