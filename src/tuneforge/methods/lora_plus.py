@@ -9,21 +9,13 @@ gets ``lr_embedding``). Mergeable like LoRA.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
+from tuneforge.config.methods import LoraPlusMethodConfig
 from tuneforge.methods.base import register
-from tuneforge.methods.lora import LoraMethod, LoraMethodConfig
 from tuneforge.methods.optim import optimizer_class
 
-
-class LoraPlusMethodConfig(LoraMethodConfig):
-    """LoRA+ (Hayou et al., 2024): B gets lr * lr_ratio."""
-
-    name: Literal["lora_plus"]  # type: ignore[assignment]
-    lr_ratio: float = Field(16.0, gt=0)
-    lr_embedding: float | None = Field(None, gt=0)
+from tuneforge.methods.lora import LoraMethod
 
 
 class LoraPlusMethod(LoraMethod):

@@ -13,19 +13,12 @@ adapter is converted into an ordinary LoRA adapter for the *original* base by
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
+from tuneforge.config.methods import PissaMethodConfig
 from tuneforge.methods.base import register
-from tuneforge.methods.lora import LoraMethod, LoraMethodConfig
 
-
-class PissaMethodConfig(LoraMethodConfig):
-    """PiSSA (Meng et al., 2024): LoRA initialised from the principal singular vectors."""
-
-    name: Literal["pissa"]  # type: ignore[assignment]
-    niter: int | None = Field(None, gt=0, description="fast SVD iterations; None = full SVD")
+from tuneforge.methods.lora import LoraMethod
 
 
 class PissaMethod(LoraMethod):

@@ -11,11 +11,13 @@ bitsandbytes 0.50 has a CPU backend (x86-64) besides CUDA, so this runs on CPU t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
+from tuneforge.config.methods import QLoraMethodConfig
 from tuneforge.errors import UserError
 from tuneforge.methods.base import register
-from tuneforge.methods.lora import LoraMethod, LoraMethodConfig
+
+from tuneforge.methods.lora import LoraMethod
 
 INSTALL_HINT = "pip install 'bitsandbytes==0.50.2' (or: pip install 'tuneforge[quant]')"
 
@@ -47,16 +49,6 @@ def compute_dtype(cfg: Any, run_dtype: Any):
     if cfg.compute_dtype == "auto":
         return run_dtype or torch.float32
     return names[cfg.compute_dtype]
-
-
-class QLoraMethodConfig(LoraMethodConfig):
-    """QLoRA (Dettmers et al., 2023): LoRA over a 4-bit NF4 base with double quantization."""
-
-    name: Literal["qlora"]  # type: ignore[assignment]
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    bits: Literal[4, 8] = 4
 
 
 class QLoraMethod(LoraMethod):
@@ -93,7 +85,6 @@ class QLoraMethod(LoraMethod):
             UserError: when ``model`` was not loaded quantized (load it with :meth:`model_load_kwargs`).
         """
         from peft import prepare_model_for_kbit_training
-
         from tuneforge.models.quant import keep_cpu_weights_trainable
 
         if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
