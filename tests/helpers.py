@@ -73,7 +73,19 @@ def make_run(run_dir: Path, base_dir: Path, *, method: str = "lora", seed: int =
               "method": {"name": method}, "data": {"train": ["x.jsonl"]}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     get_template("chatml").save(run_dir)
+    _write_manifest(run_dir, method)
     return run_dir
+
+
+def _write_manifest(run_dir: Path, method: str) -> None:
+    """The manifest training writes at commit: the method's declared capabilities (merge reads them)."""
+    import json
+
+    from tuneforge.methods import get_method
+
+    manifest = {"tuneforge_run": 1, "run_name": run_dir.name, "replaces": [],
+                "capabilities": get_method(method).capabilities().as_dict()}
+    (run_dir / "tuneforge_run.json").write_text(json.dumps(manifest), encoding="utf-8")
 
 
 def write_chat_items(folder: Path, count: int, seed: int, name: str = "train.jsonl") -> Path:

@@ -106,7 +106,7 @@ def load_base_and_adapter(ref: ModelRef):
             "saving them unquantized would bake the rounding error into every weight. Pass the original "
             "unquantized checkpoint with --base DIR"
         )
-    if ref.method == "qlora" or (ref.adapter_config or {}).get("use_qalora"):
+    if _trained_on_quantized_base(ref):
         notes.append("adapter trained on a 4-bit base: merged into the unquantized original weights from "
                      f"{ref.base} (dequantise-first); the merged model does not include the 4-bit rounding")
     if ref.stack:
@@ -114,6 +114,26 @@ def load_base_and_adapter(ref: ModelRef):
                      "into the base first, then its own adapter: the output holds the whole stack")
     loaded = load_for_inference(ref, device="cpu", dtype=torch.float32)  # merges ref.stack into the base
     return loaded.model, loaded.tokenizer, notes
+
+
+def _trained_on_quantized_base(ref: Any) -> bool:
+    """Whether the adapter was trained on a quantized base: the method's ``quantized_base`` capability, recorded in
+    the run's manifest when it was trained (merge reads run directories, it never imports methods), or a QA-LoRA
+    adapter config."""
+    import json
+
+    from tuneforge.models.reference import RUN_MANIFEST
+
+    if (ref.adapter_config or {}).get("use_qalora"):
+        return True
+    if not ref.run_dir:
+        return False
+    try:
+        manifest = json.loads((Path(ref.run_dir) / RUN_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    caps = manifest.get("capabilities") if isinstance(manifest, dict) else None
+    return bool(isinstance(caps, dict) and caps.get("quantized_base"))
 
 
 def probe_batches(tokenizer: Any, texts=PROBE_TEXTS) -> list:

@@ -2,6 +2,7 @@
 :mod:`tuneforge.methods.base`)."""
 
 from tuneforge.methods.base import (
+    Capabilities,
     Method,
     get_method,
     known_methods,
@@ -11,5 +12,5 @@ from tuneforge.methods.base import (
     registrations,
 )
 
-__all__ = ["Method", "get_method", "known_methods", "method_class", "priced_methods", "register",
+__all__ = ["Capabilities", "Method", "get_method", "known_methods", "method_class", "priced_methods", "register",
            "registrations"]

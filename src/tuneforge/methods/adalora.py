@@ -15,11 +15,36 @@ gradients), as peft's docstring requires.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from tuneforge.config.methods import AdaLoraMethodConfig
+from pydantic import Field, model_validator
+
+from tuneforge.config.strict import Strict
 from tuneforge.errors import UserError
-from tuneforge.methods.base import Method, register
+from tuneforge.methods.base import Method, TargetModules, register
+
+
+class AdaLoraMethodConfig(Strict):
+    """AdaLoRA (Zhang et al., 2023): SVD-form LoRA whose rank budget is reallocated during training."""
+
+    name: Literal["adalora"]
+    init_r: int = Field(12, gt=0)
+    target_r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    tinit: int = Field(0, ge=0, description="steps of warm-up before budget pruning")
+    tfinal: int = Field(0, ge=0, description="steps of final fine-tuning after pruning")
+    delta_t: int = Field(1, gt=0, description="steps between two budget allocations")
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    target_modules: TargetModules = "attention"
+
+    @model_validator(mode="after")
+    def _ranks(self) -> AdaLoraMethodConfig:
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
+        return self
 
 
 class AdaLoraMethod(Method):
@@ -28,10 +53,12 @@ class AdaLoraMethod(Method):
     reference = "Zhang et al., 2023 — AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning"
     mergeable = True
     is_adapter = True
+    shardable = False  # its budget callback reads every adapter's full weights and gradients
 
     def peft_config(self, cfg: Any, model: Any, total_steps: int | None = None):
         """The ``peft.AdaLoraConfig`` for ``cfg`` (a placeholder ``total_step`` until training sets the real one)."""
         from peft import AdaLoraConfig
+
         from tuneforge.models.targets import targets_conv1d
 
         total = total_steps or _placeholder_total(cfg)

@@ -1,11 +1,10 @@
 """The method registry and the contract every fine-tuning method fulfils.
 
-A method is its config class (pydantic, ``name: Literal["<name>"]``, in the pure module
-:mod:`tuneforge.config.methods`, which the config schema's ``method:`` union is built from) and one module of this
-package holding its implementation (a :class:`Method` subclass), made known by one call,
-``register(ConfigClass, MethodClass)``. The CLI choices and the estimator's method list are read from here; a test
-keeps this registry and ``config.methods.METHOD_CONFIGS`` in agreement. Method modules import torch/peft only
-inside functions, so listing the registry stays instant.
+A method is one module of this package holding its config class (pydantic, :class:`~tuneforge.config.strict.Strict`
+base, ``name: Literal["<name>"]``) and its implementation (a :class:`Method` subclass), made known by one call,
+``register(ConfigClass, MethodClass)``. The config schema's ``method:`` union, ``METHOD_NAMES``, the CLI choices
+and the estimator's method list are all read from here. Method modules import torch/peft only inside functions:
+the schema imports every one of them, and ``tuneforge validate`` must stay instant.
 
 The trainer calls, in order:
 
@@ -23,10 +22,32 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from tuneforge.config.methods import METHOD_CONFIGS
 from tuneforge.errors import UserError, did_you_mean
+from tuneforge.models.targets import GROUP_SPECS
+
+#: ``method.target_modules``: a group of :mod:`tuneforge.models.targets` or explicit module names
+TargetModules = Literal[GROUP_SPECS] | list[str]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method (with its config) can do; see the declarations on :class:`Method`.
+
+    Recorded in every run's manifest (``tuneforge_run.json``, key ``capabilities``) so that readers of run
+    directories (merge, evaluate, serve), which never import methods, know them too.
+    """
+
+    quantized_base: bool = False
+    changes_base: bool = False
+    owns_optimizer: bool = False
+    shardable: bool = True
+    mergeable: bool = False
+
+    def as_dict(self) -> dict[str, bool]:
+        """``{"quantized_base": ..., ...}`` (for the run manifest)."""
+        return dict(self.__dict__)
 
 
 class Method:
@@ -42,6 +63,26 @@ class Method:
     #: how ``tuneforge estimate`` prices the method: ``full``, ``galore``, ``lora``, ``dora``, ``qlora``, or
     #: ``None`` when the estimator has no model for it
     priced_as: ClassVar[str | None] = None
+    # What the method can do, declared here and read by the trainer, the distributed checks, progressive runs and
+    # (recorded in the run's manifest) merge — never inferred from the method's name. tests/test_methods_capabilities
+    # checks every declaration against what the method does.
+    #: the base model is loaded quantized (4/8-bit) and frozen under the adapter (QLoRA)
+    quantized_base: ClassVar[bool] = False
+    #: the method changes the base weights it trains against (PiSSA; LoRA's ``init: pissa``/``olora``), so its
+    #: adapter is converted for the original base when saved
+    changes_base: ClassVar[bool] = False
+    #: the method builds its own optimizer (GaLore, LoRA+) instead of the Trainer's
+    owns_optimizer: ClassVar[bool] = False
+    #: trains under FSDP / DeepSpeed, which shard parameters, gradients and optimizer state across processes
+    shardable: ClassVar[bool] = True
+
+    def capabilities(self, cfg: Any = None) -> Capabilities:
+        """The method's declared capabilities for its config ``cfg`` (the class declarations when ``None``).
+
+        A method whose abilities depend on an option overrides this (LoRA with ``init: pissa`` changes the base).
+        """
+        return Capabilities(quantized_base=self.quantized_base, changes_base=self.changes_base,
+                            owns_optimizer=self.owns_optimizer, shardable=self.shardable, mergeable=self.mergeable)
 
     def model_load_kwargs(self, cfg: Any, dtype: Any) -> dict:
         return {}
@@ -105,12 +146,8 @@ _discovered = False
 
 
 def register(config: type, method: type[Method] | None = None) -> None:
-    """Make a method available as ``method.name: <name>``; the name is the config class's ``name`` literal, and the
-    class must be the one :data:`tuneforge.config.methods.METHOD_CONFIGS` lists for it (the schema validates with
-    that one)."""
+    """Make a method available as ``method.name: <name>``; the name is the config class's ``name`` literal."""
     (name,) = config.model_fields["name"].annotation.__args__
-    if METHOD_CONFIGS.get(name) is not config:
-        raise ValueError(f"method {name!r}: its config class must be declared in tuneforge.config.methods")
     if method is not None:
         method.name = name
     _REGISTRY[name] = Registration(name, config, method)

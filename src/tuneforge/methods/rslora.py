@@ -7,12 +7,16 @@ keeps them stable, and larger ranks then help. Everything else is LoRA (peft ``u
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from tuneforge.config.methods import RsLoraMethodConfig
 from tuneforge.methods.base import register
+from tuneforge.methods.lora import LoraMethod, LoraMethodConfig
 
-from tuneforge.methods.lora import LoraMethod
+
+class RsLoraMethodConfig(LoraMethodConfig):
+    """rsLoRA (Kalajdzievski, 2023): scaling alpha/sqrt(r) instead of alpha/r."""
+
+    name: Literal["rslora"]  # type: ignore[assignment]
 
 
 class RsLoraMethod(LoraMethod):

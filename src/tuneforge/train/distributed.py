@@ -322,13 +322,13 @@ def report_status(code: int) -> None:
 def check_strategy(cfg: Any, method: Any, world_size: int) -> None:
     """Refuse a strategy the method or the machine cannot take, with the reason and what to use instead.
 
-    Raises:
-        UserError: a method that builds its own optimizer (GaLore, LoRA+) or reads full gradients (AdaLoRA)
-            under FSDP/DeepSpeed; a base-changing LoRA initialisation (PiSSA/OLoRA) under FSDP/DeepSpeed;
-            QLoRA under DeepSpeed ZeRO-3 or FSDP; DeepSpeed not installed.
-    """
-    from tuneforge.methods.base import Method
+    Decided by the method's declared capabilities (``Method.capabilities``), never by its name.
 
+    Raises:
+        UserError: a method that is not ``shardable`` under FSDP/DeepSpeed (it builds its own optimizer, like
+            GaLore and LoRA+; it changes the base, like PiSSA/OLoRA; or it reads full gradients, like AdaLoRA);
+            a ``quantized_base`` method under DeepSpeed ZeRO-3 or FSDP; DeepSpeed not installed.
+    """
     strategy = cfg.distributed.strategy
     if world_size <= 1:
         return
@@ -340,35 +340,44 @@ def check_strategy(cfg: Any, method: Any, world_size: int) -> None:
         return
     name = cfg.method.name
     engine = "FSDP" if strategy == "fsdp" else f"DeepSpeed ZeRO-{cfg.distributed.deepspeed.zero_stage}"
-    own_optimizer = type(method).create_optimizer is not Method.create_optimizer or \
-        "optim" in method.trainer_args(cfg.method)
-    if own_optimizer:
-        raise UserError(
+    caps = method.capabilities(cfg.method)
+    if not caps.shardable:
+        raise _unshardable(name, caps, strategy, engine)
+    if caps.quantized_base:
+        _check_quantized_base(name, strategy, cfg.distributed.deepspeed.zero_stage)
+    if strategy == "deepspeed":
+        _require_deepspeed()
+
+
+def _unshardable(name: str, caps: Any, strategy: str, engine: str) -> UserError:
+    """The refusal of a method that is not ``shardable``, with the reason its capabilities give."""
+    if caps.owns_optimizer:
+        return UserError(
             f"method {name!r} with distributed.strategy {strategy}: the method builds its own optimizer over whole, "
             f"unsharded parameters and gradients, and {engine} shards them (the Trainer does not let a ready-made "
             "optimizer wrap sharded parameters); use strategy: ddp, or another method")
-    if type(method).callbacks is not Method.callbacks:
-        raise UserError(
-            f"method {name!r} with distributed.strategy {strategy}: its training callback reads every adapter's full "
-            f"weights and gradients, which {engine} shards; use strategy: ddp")
-    if getattr(cfg.method, "init", "default") in ("pissa", "olora") or name == "pissa":
-        raise UserError(
+    if caps.changes_base:
+        return UserError(
             f"method {name!r} (a base-changing initialisation) with distributed.strategy {strategy}: the final "
             "adapter is converted for the original base from the unsharded model, which this engine does not "
             "keep; use strategy: ddp")
-    if method.priced_as == "qlora":
-        if strategy == "deepspeed" and cfg.distributed.deepspeed.zero_stage == 3:
-            raise UserError(
-                "method 'qlora' with DeepSpeed ZeRO-3: ZeRO-3 partitions every parameter, and bitsandbytes' 4-bit "
-                "weights can only be partitioned when stored in a float dtype (bnb_4bit_quant_storage), which "
-                "tuneforge's qlora does not set; use zero_stage: 2 (the frozen 4-bit base is small) or strategy: ddp")
-        if strategy == "fsdp":
-            raise UserError(
-                "method 'qlora' with FSDP: FSDP needs the 4-bit weights stored in the compute dtype "
-                "(bnb_4bit_quant_storage) and CUDA; tuneforge does not set that up: use strategy: ddp, or "
-                "deepspeed with zero_stage: 2")
-    if strategy == "deepspeed":
-        _require_deepspeed()
+    return UserError(
+        f"method {name!r} with distributed.strategy {strategy}: its training callback reads every adapter's full "
+        f"weights and gradients, which {engine} shards; use strategy: ddp")
+
+
+def _check_quantized_base(name: str, strategy: str, zero_stage: int) -> None:
+    """A method on a quantized base: DeepSpeed ZeRO-2 or DDP only."""
+    if strategy == "deepspeed" and zero_stage == 3:
+        raise UserError(
+            f"method {name!r} with DeepSpeed ZeRO-3: ZeRO-3 partitions every parameter, and bitsandbytes' 4-bit "
+            "weights can only be partitioned when stored in a float dtype (bnb_4bit_quant_storage), which "
+            "tuneforge's qlora does not set; use zero_stage: 2 (the frozen 4-bit base is small) or strategy: ddp")
+    if strategy == "fsdp":
+        raise UserError(
+            f"method {name!r} with FSDP: FSDP needs the 4-bit weights stored in the compute dtype "
+            "(bnb_4bit_quant_storage) and CUDA; tuneforge does not set that up: use strategy: ddp, or "
+            "deepspeed with zero_stage: 2")
 
 
 def _require_deepspeed() -> None:

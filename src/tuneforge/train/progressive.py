@@ -85,7 +85,7 @@ def resolve_stack(cfg: Any, method: Any, run_dir: Path, resume: bool) -> Stack |
 
 
 def _check_method(cfg: Any, method: Any) -> None:
-    if method.priced_as == "qlora":
+    if method.capabilities(cfg.method).quantized_base:
         raise UserError(f"{KEY} with method {cfg.method.name}: the earlier adapters are merged into the base weights, "
                         "which is exact only for an unquantized base; use method lora (or dora, rslora...) for the "
                         "continued run")
@@ -115,10 +115,24 @@ def _earlier_ref(origin: str, run_dir: Path):
         raise UserError(f"{KEY}: {origin} is a {earlier.method or earlier.peft_type} adapter, which cannot be merged "
                         "into the base weights (it adds virtual tokens rather than a weight delta), so it cannot "
                         "be frozen under a new adapter exactly")
-    if earlier.method == "qlora" or earlier.quantization():
+    if _quantized_base(earlier) or earlier.quantization():
         raise UserError(f"{KEY}: {origin} was trained on a quantized base; merging it into the unquantized weights "
                         "would not reproduce the model it was trained as, so it cannot be continued exactly")
     return earlier
+
+
+def _quantized_base(earlier: Any) -> bool:
+    """Whether the earlier run's method trains on a quantized base: its recorded capability (the run's manifest),
+    else the method registry's declaration for its method."""
+    from tuneforge.train.rundir import recorded_capabilities
+
+    recorded = recorded_capabilities(earlier.run_dir) if earlier.run_dir else None
+    if recorded is not None:
+        return bool(recorded.get("quantized_base"))
+    from tuneforge.methods import registrations
+
+    reg = registrations().get(earlier.method or "")
+    return bool(reg and reg.method and reg.method.quantized_base)
 
 
 def _check_same_base(name_or_path: str | None, earlier: Any, origin: str) -> None:

@@ -176,8 +176,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
             os.rename(staged_base, run_dir / RUN_BASE)
         if staged_stack is not None:
             os.rename(staged_stack, run_dir / RUN_STACK)
-        if stack is not None:
-            rundir.update_manifest(run_dir, stack.describe())
+        manifest = {rundir.CAPABILITIES: method.capabilities(cfg.method).as_dict()}  # merge reads them
+        rundir.update_manifest(run_dir, {**manifest, **(stack.describe() if stack is not None else {})})
         resume_from = _resume_point(run_dir, resume, echo)
         if me.distributed:
             _hand_over(cfg, run_dir, bundle, packing, resume_from, tokenizer, echo, me)

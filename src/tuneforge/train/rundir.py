@@ -247,6 +247,15 @@ def update_manifest(run_dir: Path, fields: dict) -> None:
     atomic_write_json(Path(run_dir) / RUN_MANIFEST, manifest)
 
 
+CAPABILITIES = "capabilities"  # the manifest key holding the method's declared capabilities (Method.capabilities)
+
+
+def recorded_capabilities(run_dir: Path | str) -> dict | None:
+    """The method capabilities recorded in the run's manifest at commit (``None`` for runs made before)."""
+    caps = read_manifest(Path(run_dir)).get(CAPABILITIES)
+    return caps if isinstance(caps, dict) else None
+
+
 def write_manifest(run_dir: Path, replaces: list[str], run_name: str | None = None) -> None:
     """``tuneforge_run.json``: marks the directory as a tuneforge run; ``replaces`` lists runs to delete at the end."""
     from tuneforge import __version__
