@@ -8,16 +8,11 @@ Trained: ``A``, ``B`` and ``m``. peft's ``use_dora=True``; mergeable like LoRA.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
+from tuneforge.config.methods import DoraMethodConfig
 from tuneforge.methods.base import register
-from tuneforge.methods.lora import LoraMethod, LoraMethodConfig
-
-
-class DoraMethodConfig(LoraMethodConfig):
-    """DoRA (Liu et al., 2024): weight-decomposed LoRA (magnitude + direction)."""
-
-    name: Literal["dora"]  # type: ignore[assignment]
+from tuneforge.methods.lora import LoraMethod
 
 
 class DoraMethod(LoraMethod):

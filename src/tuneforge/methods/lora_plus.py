@@ -9,29 +9,18 @@ gets ``lr_embedding``). Mergeable like LoRA.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
+from tuneforge.config.methods import LoraPlusMethodConfig
 from tuneforge.methods.base import register
-from tuneforge.methods.lora import LoraMethod, LoraMethodConfig
+from tuneforge.methods.lora import LoraMethod
 from tuneforge.methods.optim import optimizer_class
-
-
-class LoraPlusMethodConfig(LoraMethodConfig):
-    """LoRA+ (Hayou et al., 2024): B gets lr * lr_ratio."""
-
-    name: Literal["lora_plus"]  # type: ignore[assignment]
-    lr_ratio: float = Field(16.0, gt=0)
-    lr_embedding: float | None = Field(None, gt=0)
 
 
 class LoraPlusMethod(LoraMethod):
     """LoRA whose ``B`` matrices learn ``lr_ratio`` times faster than ``A``."""
 
     reference = "Hayou et al., 2024 — LoRA+: Efficient Low Rank Adaptation of Large Models"
-    owns_optimizer = True  # A and B in parameter groups of their own learning rates
-    shardable = False  # the optimizer is built over whole, unsharded parameters
 
     def create_optimizer(self, model: Any, cfg: Any, train_cfg: Any) -> Any:
         """The LoRA+ optimizer: ``train.optim``'s class with groups A at ``lr`` and B at ``lr * lr_ratio``."""

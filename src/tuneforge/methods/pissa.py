@@ -13,27 +13,17 @@ adapter is converted into an ordinary LoRA adapter for the *original* base by
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
+from tuneforge.config.methods import PissaMethodConfig
 from tuneforge.methods.base import register
-from tuneforge.methods.lora import LoraMethod, LoraMethodConfig
-
-
-class PissaMethodConfig(LoraMethodConfig):
-    """PiSSA (Meng et al., 2024): LoRA initialised from the principal singular vectors."""
-
-    name: Literal["pissa"]  # type: ignore[assignment]
-    niter: int | None = Field(None, gt=0, description="fast SVD iterations; None = full SVD")
+from tuneforge.methods.lora import LoraMethod
 
 
 class PissaMethod(LoraMethod):
     """LoRA initialised from the principal singular vectors; exported as a plain LoRA adapter."""
 
     reference = "Meng et al., 2024 — PiSSA: Principal Singular Values and Singular Vectors Adaptation"
-    changes_base = True  # the principal components move from the base weights into the adapter
-    shardable = False  # the final conversion for the original base needs the unsharded model
 
     def lora_options(self, cfg: Any, model: Any) -> dict:
         """LoRA's options for ``cfg`` with ``init_lora_weights`` = ``pissa`` or ``pissa_niter_<niter>``."""

@@ -11,11 +11,12 @@ bitsandbytes 0.50 has a CPU backend (x86-64) besides CUDA, so this runs on CPU t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
+from tuneforge.config.methods import QLoraMethodConfig
 from tuneforge.errors import UserError
 from tuneforge.methods.base import register
-from tuneforge.methods.lora import LoraMethod, LoraMethodConfig
+from tuneforge.methods.lora import LoraMethod
 
 INSTALL_HINT = "pip install 'bitsandbytes==0.50.2' (or: pip install 'tuneforge[quant]')"
 
@@ -49,23 +50,12 @@ def compute_dtype(cfg: Any, run_dtype: Any):
     return names[cfg.compute_dtype]
 
 
-class QLoraMethodConfig(LoraMethodConfig):
-    """QLoRA (Dettmers et al., 2023): LoRA over a 4-bit NF4 base with double quantization."""
-
-    name: Literal["qlora"]  # type: ignore[assignment]
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    bits: Literal[4, 8] = 4
-
-
 class QLoraMethod(LoraMethod):
     """LoRA on a 4-bit NF4 (or 8-bit) quantized, frozen base model."""
 
     reference = "Dettmers et al., 2023. QLoRA: Efficient Finetuning of Quantized LLMs. arXiv:2305.14314"
     mergeable = True  # into a de-quantized copy of the base
     priced_as = "qlora"
-    quantized_base = True
 
     def model_load_kwargs(self, cfg: Any, dtype: Any) -> dict:
         """``{"quantization_config": BitsAndBytesConfig(...)}``; ``load_model`` places it on the run's device.

@@ -7,16 +7,11 @@ keeps them stable, and larger ranks then help. Everything else is LoRA (peft ``u
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
+from tuneforge.config.methods import RsLoraMethodConfig
 from tuneforge.methods.base import register
-from tuneforge.methods.lora import LoraMethod, LoraMethodConfig
-
-
-class RsLoraMethodConfig(LoraMethodConfig):
-    """rsLoRA (Kalajdzievski, 2023): scaling alpha/sqrt(r) instead of alpha/r."""
-
-    name: Literal["rslora"]  # type: ignore[assignment]
+from tuneforge.methods.lora import LoraMethod
 
 
 class RsLoraMethod(LoraMethod):
