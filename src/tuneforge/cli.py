@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "tuneforge.merge.cli",        # merge, export
     "tuneforge.serve.cli",        # serve, chat
     "tuneforge.search.cli",       # search
+    "tuneforge.ui.cli",           # ui
 )
 
 
