@@ -27,11 +27,12 @@ def run_preview(config_path: str, overrides: list[str] | None = None, n: int = 3
     cfg = load_config(config_path, overrides or [])
     if STAGES[cfg.stage].data not in ("text", "chat"):
         return _preview_stage(cfg, n, as_json, out)
-    records, _, _ = load_records(cfg.data, cfg.seed)
     tokenizer = _tokenizer_for_config(cfg, lambda: tokenizer_texts(cfg.data))
     template = resolve_template(cfg.model.chat_template, tokenizer, cfg.model.chat_template_kwargs,
                                 cfg.data.system_message)
     bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, cfg.seed, batch_size=cfg.train.batch_size)
+    # prepared data keeps its cleaned records (the first n are read from the cache, not from the files again)
+    records = bundle.records if bundle.records is not None else load_records(cfg.data, cfg.seed)[0]
     from tuneforge.data.mix import prepare_task_records
 
     # the samples as training renders them ([task] prefixes included); mixed-in general data is counted in the stats

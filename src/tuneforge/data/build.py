@@ -1,8 +1,14 @@
-"""From a run's ``data`` config to trainable rows: read → clean → split → encode → pack, with statistics."""
+"""From a run's ``data`` config to trainable rows: read → clean → split → encode → pack, with statistics.
+
+:func:`build_datasets` gives rows over cached, memory-mapped Arrow files (``data/prepared.py``) or, with
+``data.streaming``, an iterable stream (``data/stream.py``). :func:`build_in_memory` is the original pipeline on
+Python lists, kept as the reference the prepared one is tested against (same rows, masks and statistics).
+"""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,18 +31,22 @@ class DataBundle:
     """What the trainer gets.
 
     Attributes:
-        train: rows (dicts of int lists: ``input_ids``, ``labels`` and, when packed, ``position_ids``).
+        train: a map-style sequence of rows (dicts of int lists: ``input_ids``, ``labels`` and, when packed,
+            ``position_ids`` and ``lengths``): a list (in memory) or Arrow-backed rows (``data/prepared.py``);
+            with ``data.streaming`` an iterable dataset (``data/stream.py``: no ``len``).
         eval: rows in the same shape, or None.
         stats: counts and distributions for the report (see :func:`build_datasets`).
         packed: True when rows are packed (use :class:`PackedCollator` and run the model with use_cache=False).
         eval_by_task: multi-task data: the eval rows of each task (records with a ``task`` field), else None.
     """
 
-    train: list[dict]
-    eval: list[dict] | None
+    train: Sequence[dict] | Any
+    eval: Sequence[dict] | None
     stats: dict[str, Any] = field(default_factory=dict)
     packed: bool = False
-    eval_by_task: dict[str, list[dict]] | None = None
+    eval_by_task: dict[str, Sequence[dict]] | None = None
+    records: Sequence[dict] | None = None  # prepared data: the cleaned training records (what the preview shows)
+    cache: str | None = None  # prepared data: the cache entry the rows come from
 
     def collator(self, tokenizer: Any):
         """The collator for these rows (packed or dynamic padding), padding with the tokenizer's pad id."""
@@ -119,7 +129,32 @@ def build_datasets(
     packing: bool | None = None,
     batch_size: int = 4,
 ) -> DataBundle:
-    """Build train (and eval) rows for stage ``pt`` or ``sft``.
+    """Build train (and eval) rows for stage ``pt`` or ``sft``: prepared (cached Arrow) or streamed.
+
+    The rows, masks and statistics are those of :func:`build_in_memory` (see there for the arguments and the
+    ``stats`` keys); ``train``/``eval`` are memory-mapped sequences from the cache entry ``data.cache_dir``
+    (``data.cache: false`` builds into a temporary directory), built with ``data.num_proc`` workers. With
+    ``data.streaming: true`` (stage ``pt``) ``train`` is a :class:`tuneforge.data.stream.StreamingBlocks`.
+    """
+    if getattr(data_cfg, "streaming", False):
+        from tuneforge.data.stream import build_streaming
+
+        return build_streaming(data_cfg, stage, tokenizer, template, seed, packing=packing, batch_size=batch_size)
+    from tuneforge.data.prepared import prepare
+
+    return prepare(data_cfg, stage, tokenizer, template, seed, packing=packing, batch_size=batch_size)
+
+
+def build_in_memory(
+    data_cfg: Any,
+    stage: str,
+    tokenizer: Any,
+    template: Any,
+    seed: int,
+    packing: bool | None = None,
+    batch_size: int = 4,
+) -> DataBundle:
+    """Build train (and eval) rows for stage ``pt`` or ``sft`` in memory (the reference pipeline).
 
     Args:
         data_cfg: a :class:`tuneforge.config.schema.DataConfig`.

@@ -29,11 +29,24 @@ def pack_rows(samples: Sequence[dict], max_length: int) -> list[dict]:
         Rows ``{"input_ids", "labels", "position_ids", "lengths"}``; ``position_ids`` restart at 0 for each
         sample, the first label of each sample is -100, ``lengths`` lists the packed samples' lengths.
     """
-    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["input_ids"]))
-    capacity = _FirstFit(len(samples), max_length)
+    plan = pack_plan([len(s["input_ids"]) for s in samples], max_length)
+    return [build_row([samples[i] for i in members]) for members in plan]
+
+
+def pack_plan(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """The rows :func:`pack_rows` builds, as lists of sample indices (in the order each row packs them).
+
+    Samples are placed longest first (ties in index order) into the first row with room; empty samples are
+    skipped. The prepared (Arrow) pipeline stores this plan and assembles rows on access.
+
+    Raises:
+        UserError: a sample longer than ``max_length``.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    capacity = _FirstFit(len(lengths), max_length)
     rows: list[list[int]] = []
     for index in order:
-        length = len(samples[index]["input_ids"])
+        length = lengths[index]
         if length > max_length:
             raise UserError(f"a sample of {length} tokens does not fit data.max_length={max_length}; truncate first")
         if length == 0:
@@ -42,10 +55,11 @@ def pack_rows(samples: Sequence[dict], max_length: int) -> list[dict]:
         if row == len(rows):
             rows.append([])
         rows[row].append(index)
-    return [_build_row([samples[i] for i in members]) for members in rows]
+    return rows
 
 
-def _build_row(members: list[dict]) -> dict:
+def build_row(members: Sequence[dict]) -> dict:
+    """One packed row from its samples (positions restart, first label of each sample -100)."""
     input_ids: list[int] = []
     labels: list[int] = []
     position_ids: list[int] = []
@@ -141,8 +155,13 @@ def padding_share(rows: Sequence[dict], batch_size: int, order: Sequence[int] | 
 
     Each batch is padded to its longest row (dynamic padding, as both collators do).
     """
-    lengths = [len(r["input_ids"]) for r in rows]
-    order = list(range(len(rows))) if order is None else list(order)
+    return padding_share_of_lengths([len(r["input_ids"]) for r in rows], batch_size, order)
+
+
+def padding_share_of_lengths(lengths: Sequence[int], batch_size: int, order: Sequence[int] | None = None) -> float:
+    """:func:`padding_share` from the rows' lengths alone."""
+    lengths = list(lengths)
+    order = list(range(len(lengths))) if order is None else list(order)
     real = computed = 0
     for start in range(0, len(order), batch_size):
         batch = [lengths[i] for i in order[start : start + batch_size]]
