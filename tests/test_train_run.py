@@ -231,3 +231,28 @@ def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path, chat_data
              if json.loads(line).get("event") == "eval"]
     assert result.summary["global_step"] < 60
     assert result.summary["best_eval_loss"] == min(evals)
+
+
+@pytest.mark.slow
+def test_a_run_whose_output_is_a_log_file_prints_a_progress_line_per_logging_step(tmp_path, chat_data):
+    """``tuneforge train x.yaml > log 2>&1``: not a terminal, so plain lines (step/total, loss, lr, tok/s, ETA)."""
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = _cfg(tmp_path / "runs" / "logged", chat_data,
+               train={"max_steps": 6, "logging_steps": 2, "eval_steps": None, "save_steps": None})
+    config = tmp_path / "logged.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    log = tmp_path / "log"
+    with open(log, "w") as handle:
+        done = subprocess.run([str(Path(sys.executable).parent / "tuneforge"), "train", str(config)],
+                              stdout=handle, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    steps = [int(m.group(1)) for m in re.finditer(
+        r"^sft step (\d+)/6 · loss [\d.]+ · lr [\d.]+e[-+]\d+ · [\d,]+ tok/s · ETA \d+:\d\d:\d\d$", text, re.M)]
+    assert steps == [1, 2, 4, 6], text  # the first step and every logging step (train.logging_steps: 2)
+    assert "\x1b[" not in text  # no terminal control codes in a log file

@@ -1,7 +1,9 @@
-"""Trainer callbacks of our own: metrics.jsonl logging and a concise console summary."""
+"""Trainer callbacks of our own: metrics.jsonl logging and the progress display (live on a terminal, plain lines in a
+log file)."""
 
 from __future__ import annotations
 
+import datetime
 import math
 import time
 from pathlib import Path
@@ -41,27 +43,44 @@ class MetricsFileCallback(TrainerCallback):
 
 
 class ProgressDisplay(TrainerCallback):
-    """One live progress line per training stage: step/total, loss, lr, tokens/s and ETA (rich, on stderr).
+    """Training progress: step/total, loss, lr, tokens/s and ETA, on stderr.
 
-    Replaces the Trainer's own tqdm bar and its raw dict printing; evaluations are printed as one line each.
-    Tokens/s counts the input tokens the Trainer saw (``include_num_input_tokens_seen``), padding excluded where
-    the batch has an attention mask.
+    On a terminal, one live rich line per training stage; otherwise (a log file, nohup, a batch job) one plain line
+    per logging step, e.g. ``sft step 20/100 · loss 1.234 · lr 2.00e-04 · 1,234 tok/s · ETA 0:01:05``, which a
+    log reader can follow. Replaces the Trainer's own tqdm bar and its raw dict printing; evaluations are printed
+    as one line each. Tokens/s counts the input tokens the Trainer saw (``include_num_input_tokens_seen``), padding
+    excluded where the batch has an attention mask.
+
+    Args:
+        stage: the label of the line (the run's stage).
+        live: the rich live line (``True``) or plain lines (``False``); ``None``: live only when stderr is a
+            terminal.
     """
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, live: bool | None = None):
         self.stage = stage
+        self.live = live
         self.progress = None
         self.task = None
+        self.plain = False
         self.started = 0.0
+        self.steps_at_start = 0
         self.tokens_at_start = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         from tuneforge.console import err
 
         if not state.is_world_process_zero:
             return
+        self.started = time.time()
+        self.steps_at_start = state.global_step
+        self.tokens_at_start = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        live = err().is_terminal if self.live is None else self.live
+        if not live:
+            self.plain = True
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[metrics]}"), TextColumn("ETA"), TimeRemainingColumn(),
@@ -71,8 +90,6 @@ class ProgressDisplay(TrainerCallback):
         )
         self.task = self.progress.add_task(self.stage, total=state.max_steps, completed=state.global_step,
                                            metrics="")
-        self.started = time.time()
-        self.tokens_at_start = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         self.progress.start()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -80,15 +97,29 @@ class ProgressDisplay(TrainerCallback):
             self.progress.update(self.task, completed=state.global_step, refresh=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is None or not logs:
+        if (self.progress is None and not self.plain) or not logs:
             return
         if any(key.startswith("eval_") for key in logs):
             shown = ", ".join(f"{k[5:]} {_short(v)}" for k, v in logs.items()
                               if k.startswith("eval_") and not k.endswith(("_runtime", "per_second")))
-            self.progress.console.print(f"  eval @ step {state.global_step}: {shown}")
+            self._say(f"  eval @ step {state.global_step}: {shown}")
             return
         if "loss" not in logs:
             return
+        metrics = " · ".join(self._metrics(state, logs))
+        if self.progress is not None:
+            self.progress.update(self.task, metrics=metrics, refresh=True)
+        else:
+            self._say(f"{self.stage} step {state.global_step}/{state.max_steps} · {metrics} · ETA {self._eta(state)}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+            self.progress.stop()
+            self.progress = None
+        self.plain = False
+
+    def _metrics(self, state, logs: dict) -> list[str]:
         elapsed = max(time.time() - self.started, 1e-9)
         tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0) - self.tokens_at_start
         parts = [f"loss {_short(logs['loss'])}"]
@@ -96,13 +127,29 @@ class ProgressDisplay(TrainerCallback):
             parts.append(f"lr {logs['learning_rate']:.2e}")
         if tokens > 0:
             parts.append(f"{tokens / elapsed:,.0f} tok/s")
-        self.progress.update(self.task, metrics=" · ".join(parts), refresh=True)
+        return parts
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def _eta(self, state) -> str:
+        done = state.global_step - self.steps_at_start
+        if done <= 0 or not state.max_steps:
+            return "?"
+        left = (time.time() - self.started) / done * max(state.max_steps - state.global_step, 0)
+        return str(datetime.timedelta(seconds=round(left)))
+
+    def _say(self, line: str) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step)
-            self.progress.stop()
-            self.progress = None
+            self.progress.console.print(line, markup=False, highlight=False)
+        else:
+            _plain_line(line)
+
+
+def _plain_line(line: str) -> None:
+    """One plain line on stderr, flushed at once (a log file shows it while the run goes on)."""
+    from tuneforge.console import err
+
+    console = err()
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.file.flush()
 
 
 def install_progress(trainer, stage: str) -> None:
