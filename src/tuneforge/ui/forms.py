@@ -383,11 +383,7 @@ def preview(config_yaml: str, folder: Path, n: int = 3) -> str:
     import html
     import tempfile
 
-    try:
-        from tuneforge.commands.data import run_preview  # where plumbing moves it (tuneforge.commands)
-    except ImportError:
-        from tuneforge.data.preview import run_preview
-    from tuneforge.data.preview import CLOSE, OPEN
+    from tuneforge.commands.preview import CLOSE, OPEN, run_preview
 
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=folder, delete=False, encoding="utf-8") as handle:
