@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tuneforge.cli import main
 from tuneforge.errors import UserError
 
 # --------------------------------------------------------------------------- data: strip_html
@@ -157,3 +158,52 @@ def test_ctrl_c_stops_augment_within_seconds_while_teacher_requests_hang(tmp_pat
         release.set()
         server.close()
     assert worker.returncode == 130 and took < 5, (worker.returncode, took)
+
+
+# --------------------------------------------------------------------------- evaluate: eval_results.json
+
+
+class _Settings:
+    def to_dict(self):
+        return {"temperature": 0.0}
+
+
+def test_concurrent_evaluations_of_one_run_all_keep_their_result(tmp_path, monkeypatch):
+    import time
+
+    from tuneforge import utils
+    from tuneforge.evaluate.runner import append_eval_result
+
+    slow_write = utils.atomic_write_json
+
+    def widened(path, data):  # read-modify-write takes a while: without a lock, writers overwrite each other
+        time.sleep(0.01)
+        slow_write(path, data)
+
+    monkeypatch.setattr(utils, "atomic_write_json", widened)
+
+    def evaluate(worker: int) -> None:
+        for i in range(5):
+            append_eval_result(tmp_path, {"model": f"w{worker}-{i}"}, "data.jsonl", [], _Settings())
+
+    threads = [threading.Thread(target=evaluate, args=(w,)) for w in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    saved = json.loads((tmp_path / "eval_results.json").read_text())
+    assert sorted(e["model"] for e in saved) == sorted(f"w{w}-{i}" for w in range(6) for i in range(5))
+
+
+@pytest.mark.parametrize("text", ["[{\"model\": \"a\"}, {\"mod", "{\"model\": \"a\"}"])
+def test_a_corrupt_eval_results_file_is_reported_and_kept(tmp_path, text, capsys):
+    from tuneforge.evaluate.runner import append_eval_result
+
+    results = tmp_path / "eval_results.json"
+    results.write_text(text)
+    with pytest.raises(UserError, match=r"eval_results\.json .*(not valid JSON|not the list).*move it aside"):
+        append_eval_result(tmp_path, {"model": "b"}, "data.jsonl", [], _Settings())
+    assert results.read_text() == text
+    # tuneforge eval says so before loading any model (the run here is not even a loadable one)
+    assert main(["eval", str(tmp_path), "--data", str(results)]) == 2
+    assert "eval_results.json" in capsys.readouterr().err and results.read_text() == text

@@ -23,7 +23,8 @@ def add_commands(subparsers) -> None:
                         "(method.per_task) each task's adapter is scored on the records of its own task (default: "
                         "each task's eval split)")
     p.add_argument("--format", default="auto", choices=["auto", "text", "alpaca", "chat"])
-    p.add_argument("--metrics", default="ppl", help=metrics_help())
+    p.add_argument("--metrics", default=None, help=metrics_help() + " (default ppl; with --retention and no --data: "
+                                                                    "none, only forgetting is scored)")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--json", action="store_true", help="print one JSON object per model instead of a table")
     p.add_argument("--out", default=None, help="also write all results to this JSON file")
@@ -101,7 +102,7 @@ def cmd_eval(args) -> int:
     from tuneforge.models.reference import per_task_runs
     from tuneforge.utils import atomic_write_json
 
-    metrics = parse_metrics(args.metrics)
+    metrics = parse_metrics(args.metrics or "ppl")
     gen = _generation_settings(args)
     _check_limit(args.limit)
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr))
@@ -113,23 +114,33 @@ def cmd_eval(args) -> int:
         for spec in parents:
             _eval_per_task(spec, args, metrics, gen, progress)
         return 0
-    if args.data is None:
-        raise UserError("eval needs --data FILE (the records to score the models on)")
+    if args.data is None and not args.retention:
+        raise UserError("eval needs --data FILE (the records to score the models on), or --retention GENERAL_DATA "
+                        "alone to score only forgetting")
+    if args.data is None and args.metrics is not None:
+        raise UserError(f"--metrics {args.metrics} scores the models on --data FILE: give --data, or leave --metrics "
+                        "out to score only forgetting (--retention)")
     general = None
     if args.retention:  # read (and checked) before any model is loaded
         from tuneforge.evaluate.retention import load_general
 
         general = load_general(args.retention, args.limit)
-    rows = runner.run_eval(args.models, args.data, metrics, gen, fmt=args.format, limit=args.limit,
-                           device=args.device, batch_size=args.batch_size, max_length=args.max_length,
-                           stride=args.stride, keep_predictions=args.predictions, progress=progress)
+    if not args.no_save:
+        runner.check_saved_results(args.models)  # a corrupt eval_results.json stops us now, not after the work
+    if args.data is None:  # --retention alone: only forgetting is scored
+        metrics = []
+        rows = [{"model": spec} for spec in args.models]
+    else:
+        rows = runner.run_eval(args.models, args.data, metrics, gen, fmt=args.format, limit=args.limit,
+                               device=args.device, batch_size=args.batch_size, max_length=args.max_length,
+                               stride=args.stride, keep_predictions=args.predictions, progress=progress)
     if general is not None:
         from tuneforge.evaluate.retention import add_retention
 
         add_retention(rows, args.retention, general, device=args.device, batch_size=args.batch_size,
                       max_length=args.max_length, stride=args.stride, progress=progress)
     if not args.no_save:
-        runner.save_to_run_dirs(rows, args.data, metrics, gen)
+        runner.save_to_run_dirs(rows, args.data or args.retention, metrics, gen)
     if args.out:
         atomic_write_json(args.out, {"data": args.data, "metrics": [m.name for m in metrics],
                                      "generation": gen.to_dict(),
@@ -219,7 +230,11 @@ def _print_table(rows, metrics, args, gen) -> None:
     from tuneforge.evaluate.metrics import GENERATION, columns, format_value
     from tuneforge.evaluate.retention import RETENTION_KEYS, retention_format
 
-    table = Table(title=f"{_short(args.data)} — {rows[0]['n'] if rows else 0} records")
+    if args.data is None:
+        title = f"forgetting on {_short(args.retention)} — {rows[0].get('retention_tokens', 0) if rows else 0} tokens"
+    else:
+        title = f"{_short(args.data)} — {rows[0]['n'] if rows else 0} records"
+    table = Table(title=title)
     table.add_column("model", overflow="fold")
     keys = columns(metrics)
     keys += [k for k in RETENTION_KEYS if rows and k in rows[0]]  # --retention: forgetting beside the task metric
@@ -237,8 +252,9 @@ def _print_table(rows, metrics, args, gen) -> None:
     if any(m.needs == GENERATION for m in metrics):
         tok = rows[0].get("bleu_tokenize") if rows else None
         console.print(f"generation: {gen.to_dict()}" + (f"; BLEU tokenizer: {tok}" if tok else ""))
-    console.print("; ".join(m.label for m in metrics) + " (best in bold). ppl: token-weighted over the set "
-                  "(answers only for chat data); scores 0-100")
+    if metrics:
+        console.print("; ".join(m.label for m in metrics) + " (best in bold). ppl: token-weighted over the set "
+                      "(answers only for chat data); scores 0-100")
     if rows and "retention_ppl" in rows[0]:
         console.print(f"general ppl on {args.retention}: start model (adapter disabled, or the run's starting "
                       "model) vs the model; increase = forgetting")

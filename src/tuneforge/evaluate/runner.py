@@ -132,21 +132,92 @@ def run_eval(specs: list[str], data: str, metrics: list[Metric], settings: Any, 
 
 def append_eval_result(run_dir: str | Path, entry: dict, data: str, metrics: list[Metric], settings: Any) -> Path:
     """Append ``entry`` (with the data, metrics, generation settings and time) to ``<run_dir>/eval_results.json``
-    (atomically; an unreadable file is started afresh). Returns the file's path."""
-    import json
+    under an exclusive lock (two evaluations of one run both keep their result) and atomically. Returns the
+    file's path.
 
+    Raises:
+        UserError: the file is not a JSON list (it is reported and left as it is, never started afresh), or
+            another process held the lock for ``EVAL_LOCK_WAIT_S`` seconds.
+    """
     from tuneforge.models.reference import RUN_EVAL_RESULTS
     from tuneforge.utils import atomic_write_json
 
     path = Path(run_dir) / RUN_EVAL_RESULTS
-    try:
-        existing = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
-    except json.JSONDecodeError:
-        existing = []
-    entry = {**entry, "data": str(data), "metrics": [m.name for m in metrics], "generation": settings.to_dict(),
-             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    atomic_write_json(path, [*(existing if isinstance(existing, list) else []), entry])
+    with _results_lock(path):
+        existing = read_eval_results(path)
+        entry = {**entry, "data": str(data), "metrics": [m.name for m in metrics],
+                 "generation": settings.to_dict(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_json(path, [*existing, entry])
     return path
+
+
+EVAL_LOCK_WAIT_S = 60.0
+
+
+def read_eval_results(path: str | Path) -> list:
+    """The entries of an ``eval_results.json`` (``[]`` when there is none).
+
+    Raises:
+        UserError: the file is unreadable, not JSON or not a list (naming the file and the fix).
+    """
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        return []
+    fix = ("tuneforge appends every evaluation to it and will not overwrite it: repair it, or move it aside to "
+           "start a new one")
+    try:
+        existing = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror})") from None
+    except ValueError as exc:
+        where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise UserError(f"{path} is not valid JSON{where}; {fix}") from None
+    if not isinstance(existing, list):
+        raise UserError(f"{path} holds a JSON {type(existing).__name__}, not the list of evaluations; {fix}")
+    return existing
+
+
+def _results_lock(path: Path):
+    """An exclusive ``flock`` on ``.<name>.lock`` beside ``path`` (waited for; the results file itself is replaced
+    by each write, so it cannot carry the lock)."""
+    import contextlib
+    import os
+
+    from tuneforge.utils import try_flock
+
+    @contextlib.contextmanager
+    def held():
+        lock = path.with_name(f".{path.name}.lock")
+        fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            deadline = time.monotonic() + EVAL_LOCK_WAIT_S
+            while not try_flock(fd):
+                if time.monotonic() > deadline:
+                    raise UserError(f"{path} has been locked by another tuneforge eval for {EVAL_LOCK_WAIT_S:.0f} s "
+                                    f"(lock file {lock}); wait for it, or stop it")
+                time.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    return held()
+
+
+def check_saved_results(specs: list[str]) -> None:
+    """Before any model loads: every run among ``specs`` has a readable ``eval_results.json`` (or none), so that a
+    corrupt file stops the command now rather than after the evaluation.
+
+    Raises:
+        UserError: see :func:`read_eval_results`.
+    """
+    from tuneforge.models.reference import RUN_EVAL_RESULTS
+
+    for spec in specs:
+        local = Path(spec).expanduser()
+        for folder in (local, local.parent) if local.is_dir() else ():  # a run, or its final/
+            read_eval_results(folder / RUN_EVAL_RESULTS)
 
 
 def save_to_run_dirs(rows: list[dict], data: str, metrics: list[Metric], settings: Any) -> list[Path]:
