@@ -90,3 +90,22 @@ def test_missing_general_data_exits_2_before_loading_and_writes_nothing(setup, c
     err = capsys.readouterr().err
     assert "nope.jsonl" in err and "evaluating" not in err
     assert not (run / "eval_results.json").exists()
+
+
+def test_retention_alone_needs_no_task_data(setup, capsys):
+    """`tuneforge eval RUN --retention GENERAL` scores forgetting only (issue 22: it demanded --data)."""
+    base, run, general, _ = setup
+    assert main(["eval", str(run), "--retention", str(general), "--json", "--device", "cpu"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["retention_ppl"] == pytest.approx(_ppl(str(run), general), rel=1e-5)
+    assert row["retention_start_ppl"] == pytest.approx(_ppl(str(base), general), rel=1e-5)
+    assert "ppl" not in row and "n" not in row  # no task metric without task data
+    saved = json.loads((run / "eval_results.json").read_text())[-1]
+    assert saved["retention_ppl"] == row["retention_ppl"] and saved["metrics"] == []
+    assert main(["eval", str(run), "--retention", str(general), "--no-save", "--device", "cpu"]) == 0
+    assert "general ppl (tuned)" in capsys.readouterr().out  # the table too
+    # a task metric without task data is a mistake, said before any model loads
+    assert main(["eval", str(run), "--retention", str(general), "--metrics", "bleu", "--device", "cpu"]) == 2
+    assert "give --data" in capsys.readouterr().err
+    assert main(["eval", str(run), "--device", "cpu"]) == 2
+    assert "--retention GENERAL_DATA alone" in capsys.readouterr().err

@@ -271,7 +271,14 @@ HI = [{"role": "user", "content": "hi"}]
     ({"model": "a", "messages": HI, "stop": "x" * 129}, 400, "stop"),
     ({"model": "a", "messages": HI * 257}, 400, "messages"),
     ({"model": "a", "messages": [{"role": "user", "content": "word " * 80}]}, 400, "limit of 60"),
-    ({"model": "a", "messages": HI, "frequency_penalty": 0.5}, 400, "unsupported field: frequency_penalty"),
+    ({"model": "a", "messages": HI, "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ({"model": "a", "messages": HI, "presence_penalty": -3}, 400, "presence_penalty"),
+    ({"model": "a", "messages": HI, "repetition_penalty": 1e-30}, 400, "repetition_penalty"),
+    ({"model": "a", "messages": HI, "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
+    ({"model": "a", "messages": HI, "repetition_penalty": 11}, 400, "repetition_penalty"),
+    ({"model": "a", "messages": HI, "top_k": -1}, 400, "top_k"),
+    ({"model": "a", "messages": HI, "top_p": 0}, 400, "top_p"),
+    ({"model": "a", "messages": HI, "temperature": 2.5}, 400, "temperature"),
     ({"model": "a", "messages": HI, "logit_bias": {"1": 5}, "suffix": "x"}, 400, "logit_bias, suffix"),
     ({"messages": HI}, 400, "'model' is required"),
     ({"model": "zzz", "messages": HI}, 404, "does not exist"),
@@ -285,6 +292,22 @@ def test_bad_requests_get_4xx_with_an_openai_error_body(server, body, status, ne
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert needle in error["message"] and error["type"]
+
+
+def test_a_request_larger_than_the_queue_is_413_not_429(server):
+    """80 rows (5 prompts x n 16) can never fit a queue of 64: waiting would not help, so no 429."""
+    response = post(server, "/v1/completions", {"model": "a", "prompt": ["a", "b", "c", "d", "e"], "n": 16,
+                                                "max_tokens": 2})
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert "--max-queue" in error["message"] and "80 rows" in error["message"] and "Retry-After" not in response.headers
+
+
+def test_extreme_sampling_values_in_range_answer_200(server):
+    body = {"model": "a", "prompt": "The for statement", "max_tokens": 6, "temperature": 1e-4, "seed": 3,
+            "repetition_penalty": 0.1, "presence_penalty": 2, "frequency_penalty": -2, "top_k": 1_000_000}
+    assert post(server, "/v1/completions", body).status_code == 200
+    assert post(server, "/v1/completions", {**body, "temperature": 2, "repetition_penalty": 10}).status_code == 200
 
 
 def test_tiny_positive_temperature_is_greedy_not_a_500(server, expected):

@@ -33,6 +33,16 @@ def test_parse_tool_calls_formats():
     assert parse_tool_calls("It is sunny.", {"get_weather"}) == ("It is sunny.", [])
 
 
+@pytest.mark.parametrize("text", ['{"name": ["get_weather"], "arguments": {}}', '{"name": {"a": 1}}',
+                                  '<tool_call>{"name": ["get_weather"]}</tool_call>', '{"name": null}',
+                                  '<tool_call>{"name": 3, "arguments": {}}</tool_call>', '[1, 2]'])
+def test_malformed_tool_call_json_is_returned_as_text(text):
+    """A model writing a call whose name is not a string used to raise TypeError (a 500): it is plain text."""
+    from tuneforge.serve.tools import parse_tool_calls
+
+    assert parse_tool_calls(text, {"get_weather"}) == (text, [])
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_tokenizer):
     import torch

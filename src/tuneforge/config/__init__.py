@@ -1,8 +1,8 @@
 """Run configuration: schema, YAML loading, dotted overrides. Pure Python (no torch).
 
-Names are re-exported lazily: the schema imports every method module (it builds the ``method:`` union from
-their registrations), and a method module imports :mod:`tuneforge.config.strict`, so importing this package must
-not import the schema.
+Names are re-exported lazily (importing this package does not build the schema). The package is the bottom layer:
+it imports no other tuneforge package; plug-ins whose options are part of a run config declare them here
+(:mod:`tuneforge.config.methods`, :mod:`tuneforge.config.stages`).
 """
 
 from tuneforge.utils import lazy_exports

@@ -9,9 +9,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tuneforge.config.methods import METHOD_CONFIGS
 from tuneforge.config.schema import METHOD_NAMES, RunConfig
 from tuneforge.errors import UserError, did_you_mean
-from tuneforge.methods.base import registrations
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -151,8 +151,7 @@ def _known_keys(parent: list[str], raw: dict) -> list[str]:
             return []
         if part == "method":
             name = raw.get("method", {}).get("name", "lora") if isinstance(raw.get("method"), dict) else "lora"
-            reg = registrations().get(name) if isinstance(name, str) else None
-            model = reg.config if reg else None
+            model = METHOD_CONFIGS.get(name) if isinstance(name, str) else None
             continue
         annotation = field.annotation
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None

@@ -10,9 +10,9 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from tuneforge.config.methods import METHOD_CONFIGS
 from tuneforge.config.stages import STAGES, GrpoConfig, PreferenceConfig, RewardConfig  # noqa: F401 (re-exported)
 from tuneforge.config.strict import Strict
-from tuneforge.methods.base import registrations
 
 # --------------------------------------------------------------------------- model
 
@@ -81,15 +81,14 @@ class ModelConfig(Strict):
 
 # --------------------------------------------------------------------------- methods
 
-# Each method module holds its config class (tuneforge.methods.<name>) and registers it; the union is read from the
-# registry so that a new method is one new file. Method modules import no torch at module level.
-_METHODS = registrations()
+# Each method's config class lives in tuneforge.config.methods (pure); tuneforge.methods pairs it with the
+# implementation. The union is read from there so that the config never imports the methods.
 
-#: the ``method:`` section: one config class per registered method, told apart by ``name``
-MethodConfig = Annotated[Union[tuple(reg.config for reg in _METHODS.values())], Field(discriminator="name")]  # noqa: UP007
+#: the ``method:`` section: one config class per method, told apart by ``name``
+MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]  # noqa: UP007
 
 #: every ``method.name`` (``auto`` included)
-METHOD_NAMES = tuple(_METHODS)
+METHOD_NAMES = tuple(sorted(METHOD_CONFIGS))
 
 
 # --------------------------------------------------------------------------- data
@@ -144,6 +143,16 @@ class DataConfig(Strict):
     task_prefix: bool = Field(False, description="prepend '[task] ' to the first user turn of each record")
     task_weights: dict[str, float] = Field(default_factory=dict,
                                            description="per-task sampling weights (task name -> weight)")
+    # Prepared data (data/prepared.py, data/stream.py; docs/data.md "Prepared data and the cache").
+    cache: bool = Field(True, description="reuse prepared data from data.cache_dir (false: build it every time)")
+    cache_dir: str | None = Field(None, description="prepared-data cache (default $TUNEFORGE_CACHE/data, "
+                                                    "~/.cache/tuneforge/data)")
+    num_proc: int | None = Field(None, gt=0, description="worker processes preparing data (default: the CPUs, "
+                                                         "for 20,000+ records)")
+    streaming: bool = Field(False, description="stage pt: read, tokenize and pack on the fly (corpora larger "
+                                               "than memory); needs train.max_steps")
+    shuffle_buffer: int = Field(1000, ge=1, description="streaming: rows shuffled together (a window permuted "
+                                                        "with the seed)")
 
     @field_validator("train", mode="before")
     @classmethod
@@ -382,7 +391,7 @@ class RunConfig(Strict):
     seed: int = 42
     stage: StageName = "sft"
     model: ModelConfig
-    method: MethodConfig = Field(default_factory=lambda: _METHODS["lora"].config(name="lora"))
+    method: MethodConfig = Field(default_factory=lambda: METHOD_CONFIGS["lora"](name="lora"))
     data: DataConfig
     train: TrainConfig = TrainConfig()
     preference: PreferenceConfig | None = None
@@ -413,6 +422,10 @@ class RunConfig(Strict):
             raise ValueError(f"train.loss_chunk with distributed.strategy {self.distributed.strategy!r}: the chunked "
                              "loss calls the LM head outside the model's forward, where a sharded head is not "
                              "gathered; remove train.loss_chunk (or use strategy ddp)")
+        if self.data.streaming and (self.stage != "pt" or not self.train.max_steps):
+            raise ValueError("data.streaming: true needs stage pt and train.max_steps (a stream has no length, so "
+                             "epochs cannot be counted); set train.max_steps, or drop data.streaming to use "
+                             "prepared (cached, memory-mapped) data")
         for key, used in (("data.mix", self.data.mix), ("data.task_prefix", self.data.task_prefix),
                           ("data.task_weights", self.data.task_weights), ("train.retention", self.train.retention),
                           ("train.distill", self.train.distill)):

@@ -1,5 +1,5 @@
-"""The base of every config section (its own module so that method modules can use it without importing the
-whole schema, which is built from their registrations)."""
+"""The base of every config section (its own module so that the plug-in declarations, config/methods.py and
+config/stages.py, can use it without importing the schema, which is built from them)."""
 
 from __future__ import annotations
 

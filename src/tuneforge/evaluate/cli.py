@@ -125,8 +125,6 @@ def cmd_eval(args) -> int:
         from tuneforge.evaluate.retention import load_general
 
         general = load_general(args.retention, args.limit)
-    if not args.no_save:
-        runner.check_saved_results(args.models)  # a corrupt eval_results.json stops us now, not after the work
     if args.data is None:  # --retention alone: only forgetting is scored
         metrics = []
         rows = [{"model": spec} for spec in args.models]

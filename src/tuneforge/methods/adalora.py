@@ -15,36 +15,11 @@ gradients), as peft's docstring requires.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
-
-from tuneforge.config.strict import Strict
+from tuneforge.config.methods import AdaLoraMethodConfig
 from tuneforge.errors import UserError
-from tuneforge.methods.base import Method, TargetModules, register
-
-
-class AdaLoraMethodConfig(Strict):
-    """AdaLoRA (Zhang et al., 2023): SVD-form LoRA whose rank budget is reallocated during training."""
-
-    name: Literal["adalora"]
-    init_r: int = Field(12, gt=0)
-    target_r: int = Field(8, gt=0)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    tinit: int = Field(0, ge=0, description="steps of warm-up before budget pruning")
-    tfinal: int = Field(0, ge=0, description="steps of final fine-tuning after pruning")
-    delta_t: int = Field(1, gt=0, description="steps between two budget allocations")
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    target_modules: TargetModules = "attention"
-
-    @model_validator(mode="after")
-    def _ranks(self) -> AdaLoraMethodConfig:
-        if self.target_r > self.init_r:
-            raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
-        return self
+from tuneforge.methods.base import Method, register
 
 
 class AdaLoraMethod(Method):

@@ -6,19 +6,7 @@ section (and its ``train:`` keys) before anything loads (``estimate.choose.recom
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
-
-from tuneforge.config.strict import Strict
+from tuneforge.config.methods import AutoMethodConfig
 from tuneforge.methods.base import register
-
-
-class AutoMethodConfig(Strict):
-    """Let ``tuneforge estimate`` choose the method that fits ``train.memory_budget_gb``."""
-
-    name: Literal["auto"]
-    r: int = Field(16, gt=0, description="LoRA/QLoRA rank, imposed only when written in the config")
-
 
 register(AutoMethodConfig)

@@ -1,10 +1,11 @@
 """The method registry and the contract every fine-tuning method fulfils.
 
-A method is one module of this package holding its config class (pydantic, :class:`~tuneforge.config.strict.Strict`
-base, ``name: Literal["<name>"]``) and its implementation (a :class:`Method` subclass), made known by one call,
-``register(ConfigClass, MethodClass)``. The config schema's ``method:`` union, ``METHOD_NAMES``, the CLI choices
-and the estimator's method list are all read from here. Method modules import torch/peft only inside functions:
-the schema imports every one of them, and ``tuneforge validate`` must stay instant.
+A method is its config class (pydantic, ``name: Literal["<name>"]``, in the pure module
+:mod:`tuneforge.config.methods`, which the config schema's ``method:`` union is built from) and one module of this
+package holding its implementation (a :class:`Method` subclass), made known by one call,
+``register(ConfigClass, MethodClass)``. The CLI choices and the estimator's method list are read from here; a test
+keeps this registry and ``config.methods.METHOD_CONFIGS`` in agreement. Method modules import torch/peft only
+inside functions, so listing the registry stays instant.
 
 The trainer calls, in order:
 
@@ -22,13 +23,10 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
+from tuneforge.config.methods import METHOD_CONFIGS
 from tuneforge.errors import UserError, did_you_mean
-from tuneforge.models.targets import GROUP_SPECS
-
-#: ``method.target_modules``: a group of :mod:`tuneforge.models.targets` or explicit module names
-TargetModules = Literal[GROUP_SPECS] | list[str]
 
 
 @dataclass(frozen=True)
@@ -146,8 +144,12 @@ _discovered = False
 
 
 def register(config: type, method: type[Method] | None = None) -> None:
-    """Make a method available as ``method.name: <name>``; the name is the config class's ``name`` literal."""
+    """Make a method available as ``method.name: <name>``; the name is the config class's ``name`` literal, and the
+    class must be the one :data:`tuneforge.config.methods.METHOD_CONFIGS` lists for it (the schema validates with
+    that one)."""
     (name,) = config.model_fields["name"].annotation.__args__
+    if METHOD_CONFIGS.get(name) is not config:
+        raise ValueError(f"method {name!r}: its config class must be declared in tuneforge.config.methods")
     if method is not None:
         method.name = name
     _REGISTRY[name] = Registration(name, config, method)

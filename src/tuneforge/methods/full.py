@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from tuneforge.config.strict import Strict
+from tuneforge.config.methods import FullMethodConfig
 from tuneforge.methods.base import Method, register
-
-
-class FullMethodConfig(Strict):
-    """Full fine-tuning: every parameter trains."""
-
-    name: Literal["full"]
 
 
 class FullMethod(Method):

@@ -16,26 +16,12 @@ on a machine without it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from tuneforge.config.strict import Strict
+from tuneforge.config.methods import GaloreMethodConfig
 from tuneforge.errors import UserError
-from tuneforge.methods.base import Method, TargetModules, register
+from tuneforge.methods.base import Method, register
 from tuneforge.methods.optim import matching_modules
-
-
-class GaloreMethodConfig(Strict):
-    """GaLore (Zhao et al., 2024): full-parameter training with low-rank projected optimizer states."""
-
-    name: Literal["galore"]
-    rank: int = Field(128, gt=0)
-    update_proj_gap: int = Field(200, gt=0)
-    scale: float = Field(0.25, gt=0)
-    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
-    target_modules: TargetModules = "all-linear"
-    layerwise: bool = False
 
 
 class GaloreMethod(Method):

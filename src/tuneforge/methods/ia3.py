@@ -13,20 +13,12 @@ input is the wide intermediate activation (in_features > out_features), unless `
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from tuneforge.config.strict import Strict
+from tuneforge.config.methods import Ia3MethodConfig
 from tuneforge.errors import UserError
-from tuneforge.methods.base import Method, TargetModules, register
+from tuneforge.methods.base import Method, register
 from tuneforge.methods.optim import in_out_features, matching_modules
-
-
-class Ia3MethodConfig(Strict):
-    """IA3 (Liu et al., 2022): learned rescaling vectors on keys, values and the MLP."""
-
-    name: Literal["ia3"]
-    target_modules: TargetModules | None = None
-    feedforward_modules: list[str] | None = None
 
 
 class Ia3Method(Method):

@@ -24,13 +24,11 @@ import tempfile
 import weakref
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from tuneforge.config.strict import Strict
+from tuneforge.config.methods import LoraMethodConfig
 from tuneforge.errors import UserError
-from tuneforge.methods.base import Capabilities, Method, TargetModules, adapter_save_kwargs, register
+from tuneforge.methods.base import Capabilities, Method, adapter_save_kwargs, register
 
 # method.init → peft's init_lora_weights
 INIT_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
@@ -38,32 +36,6 @@ INIT_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olor
 MUTATING_INITS = ("pissa", "olora")
 #: attribute set on the peft model by :meth:`LoraMethod.apply`: directory of the initial (step 0) adapter
 INIT_ATTR = "_tuneforge_init_adapter_dir"
-
-
-class LoraMethodConfig(Strict):
-    """LoRA (Hu et al., 2021) and the options of its LoRA-family variants (dora, rslora, pissa, lora_plus and qlora
-    inherit this class).
-
-    ``per_task`` and ``continue_from`` shape the run rather than the adapter and are handled by ``tuneforge.train``
-    (docs/multitask.md): one adapter per task of the data (``runs/<name>/tasks/<task>/``, ``train/per_task.py``),
-    and progressive LoRA (the earlier run's adapter stack merged, frozen, into the base; a new adapter trained on
-    top; the earlier adapters kept in ``runs/<name>/stack/NN/``). qlora refuses ``continue_from`` at training time
-    (a quantized base cannot hold an exact merge).
-    """
-
-    name: Literal["lora"]
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    bias: Literal["none", "all", "lora_only"] = "none"
-    target_modules: TargetModules = "all-linear"
-    modules_to_save: list[str] | None = None
-    use_rslora: bool = False
-    use_dora: bool = False
-    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
-    per_task: bool = Field(False, description="train one adapter per task (the records' `task` field) on one base")
-    continue_from: str | None = Field(
-        None, description="progressive LoRA: an earlier run whose adapter stack is frozen under the new adapter")
 
 
 class LoraMethod(Method):

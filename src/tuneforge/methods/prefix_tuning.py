@@ -11,20 +11,10 @@ The prefixes are extra keys/values, not a weight delta: the adapter cannot be me
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from tuneforge.config.strict import Strict
+from tuneforge.config.methods import PrefixTuningMethodConfig
 from tuneforge.methods.base import Method, register
-
-
-class PrefixTuningMethodConfig(Strict):
-    """Prefix tuning (Li & Liang, 2021): trained key/value prefixes in every layer."""
-
-    name: Literal["prefix_tuning"]
-    num_virtual_tokens: int = Field(16, gt=0)
-    prefix_projection: bool = False
 
 
 class PrefixTuningMethod(Method):

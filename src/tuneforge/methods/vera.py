@@ -14,29 +14,12 @@ matrices of the largest shape and slice them per layer; for targets the user cho
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from tuneforge.config.strict import Strict
+from tuneforge.config.methods import VeraMethodConfig
 from tuneforge.errors import UserError
-from tuneforge.methods.base import Method, TargetModules, register
+from tuneforge.methods.base import Method, register
 from tuneforge.methods.optim import in_out_features, matching_modules
-
-
-class VeraMethodConfig(Strict):
-    """VeRA (Kopiczko et al., 2024): shared frozen random matrices, trained scaling vectors."""
-
-    name: Literal["vera"]
-    r: int = Field(256, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    d_initial: float = 0.1
-    target_modules: TargetModules | None = Field(
-        None, description="default: the attention projections of the most common shape"
-    )
-    allow_unequal_shapes: bool = Field(
-        False, description="let peft share A/B of the largest target shape, sliced per module (not in the paper)"
-    )
 
 
 class VeraMethod(Method):

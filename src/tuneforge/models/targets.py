@@ -17,10 +17,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from tuneforge.config.methods import TARGET_GROUPS
 from tuneforge.errors import UserError
 
 GROUPS = ("attention", "mlp", "other")
-GROUP_SPECS = ("attention", "mlp", "all-linear")
+GROUP_SPECS = TARGET_GROUPS  # the values method.target_modules accepts besides explicit names
 
 # Expected targets per architecture (model_type). resolve_target_modules uses them when every name exists in
 # the model; discovery (below) handles everything else (BERT-style query/key/value, ChatGLM, unknown models), and

@@ -31,7 +31,7 @@ from fastapi import Request  # module level: FastAPI resolves endpoint annotatio
 
 from tuneforge.errors import UserError
 from tuneforge.serve.engine import Engine, PerTaskRun, Served, UnknownTask, check_route
-from tuneforge.serve.scheduler import QueueFull, Work
+from tuneforge.serve.scheduler import QueueFull, TooLarge, Work
 from tuneforge.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -43,6 +43,7 @@ from tuneforge.serve.schemas import (
 log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+DEFAULT_MAX_PROMPT_TOKENS = 4096  # --max-prompt-tokens when not given (the model's context when shorter)
 
 
 class APIError(Exception):
@@ -194,7 +195,8 @@ _ERRORS = {
     401: "missing or wrong API key",
     403: "Host/Origin refused (loopback bind without an API key)",
     404: "unknown model",
-    413: "request body too large",
+    413: "request body too large; more rows than the queue holds; a row above the token budget; more scored "
+         "tokens than --max-scored-tokens",
     415: "request body not sent as application/json",
     429: "queue full; retry after the Retry-After header's seconds",
     500: "server error",
@@ -231,7 +233,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
         engine: the loaded models and their scheduler.
         api_key: when set, every request except ``/health`` needs ``Authorization: Bearer <api_key>``.
         max_tokens_limit: the largest ``max_tokens`` a request may ask for.
-        max_prompt_tokens: the longest prompt accepted (tokens after the chat template); None = the model's context.
+        max_prompt_tokens: the longest prompt accepted (tokens after the chat template); None =
+            ``DEFAULT_MAX_PROMPT_TOKENS`` or the model's context when shorter.
         default_max_tokens: used when a request gives no ``max_tokens``.
         default_temperature: used when a request gives no ``temperature`` (0 = greedy).
         max_body_bytes: larger request bodies are refused (413).
@@ -350,16 +353,17 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
             max_new_tokens=max_tokens, temperature=default_temperature if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             seed=req.seed, stop=tuple(stops))
 
     def check_prompt(served: Served, ids: list[int], settings: GenerationSettings, param: str) -> None:
         if any(i >= served.vocab_size for i in ids):
             raise APIError(400, f"{param}: token ids must be below the vocabulary size {served.vocab_size}",
                            param=param)
-        limit = max_prompt_tokens or served.context_length
+        limit = max_prompt_tokens or min(DEFAULT_MAX_PROMPT_TOKENS, served.context_length or DEFAULT_MAX_PROMPT_TOKENS)
         if limit and len(ids) > limit:
-            raise APIError(400, f"the prompt is {len(ids)} tokens, above this server's limit of {limit}; shorten "
-                           "it", param=param, code="context_length_exceeded")
+            raise APIError(400, f"the prompt is {len(ids)} tokens, above this server's limit of {limit} "
+                           "(--max-prompt-tokens); shorten it", param=param, code="context_length_exceeded")
         context = served.context_length
         if context and len(ids) + settings.max_new_tokens > context:
             raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({settings.max_new_tokens}) "
@@ -513,6 +517,8 @@ class _Job:
                                            cancelled=decode_row.cancelled))
         try:
             scheduler.submit(self.items)
+        except TooLarge as exc:
+            raise APIError(413, str(exc), code="request_too_large") from None
         except QueueFull as exc:
             raise APIError(429, f"the server is busy ({exc.waiting} generations waiting); retry in "
                            f"{exc.retry_after} s", code="queue_full", kind="rate_limit_error",

@@ -36,7 +36,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      f"or ${KEY_ENV})")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="longest prompt accepted, in tokens (default: the model's context length)")
+                   help="longest prompt accepted, in tokens (default 4096, or the model's context when shorter)")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="most tokens one batch holds, rows x (prompt + max new tokens) (default: sized from the "
+                   "free memory once the models are loaded); a row above it gets 413")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of requests that give none")
     p.add_argument("--default-temperature", type=float, default=0.0,
                    help="temperature of requests that give none (default 0 = greedy)")
@@ -98,7 +101,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from tuneforge.errors import UserError
 
     for flag in ("max_tokens_limit", "max_prompt_tokens", "default_max_tokens", "max_batch_size", "max_queue",
-                 "max_body_bytes"):
+                 "max_body_bytes", "token_budget"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: choose a port between 1 and 65535")
@@ -119,7 +122,8 @@ def serve_command(args: argparse.Namespace) -> int:
     if not local and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the models "
                     "(set --api-key-file or $%s)", args.host, KEY_ENV)
-    engine = Engine(args.runs, device=args.device, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    engine = Engine(args.runs, device=args.device, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                    token_budget=args.token_budget)
     app = create_app(engine, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
                      max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
                      default_temperature=args.default_temperature, max_body_bytes=args.max_body_bytes,

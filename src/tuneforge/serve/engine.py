@@ -270,10 +270,12 @@ class Engine:
         dtype: a ``torch.dtype`` (default: ``load_for_inference``'s choice for the device).
         max_batch_size: most generations run together.
         max_queue: most generations waiting before requests are answered 429.
+        token_budget: most tokens (rows x (prompt + max new tokens)) one batch may hold; ``None``: sized from the
+            memory free once the models are loaded (:func:`token_budget_for`).
     """
 
     def __init__(self, specs: list[str], device: str = "auto", *, dtype: Any = None, max_batch_size: int = 16,
-                 max_queue: int = 64):
+                 max_queue: int = 64, token_budget: int | None = None):
         from tuneforge.models.reference import load_for_inference, load_template, load_tokenizer_of, resolve
 
         if not specs:
@@ -306,7 +308,10 @@ class Engine:
                 group.prefixed)
         if len(self.per_task) == 1:
             self._add_task_aliases(next(iter(self.per_task.values())))
-        self.scheduler = Scheduler(max_batch_size=max_batch_size, max_queue=max_queue)
+        if token_budget is None:
+            token_budget = min(token_budget_for(served.model) for served in self.models.values())
+        self.token_budget = token_budget
+        self.scheduler = Scheduler(max_batch_size=max_batch_size, max_queue=max_queue, token_budget=token_budget)
 
     def _add_task_aliases(self, run: PerTaskRun) -> None:
         """Serve each task of the only per-task run under its bare name too (the same adapter)."""
@@ -328,3 +333,44 @@ class Engine:
     def get(self, name: str) -> Served:
         """The served model ``name``; KeyError when unknown."""
         return self.models[name]
+
+
+# Share of the free memory the running batch's KV cache and activations may take (the rest: other processes, the
+# allocator's slack, logits of prefills).
+BUDGET_MEMORY_SHARE = 0.25
+MAX_TOKEN_BUDGET = 1 << 22
+
+
+def bytes_per_token(model: Any) -> int:
+    """Memory one token of a running row holds: its keys and values in every layer, plus a rough allowance for the
+    activations of a forward pass (8 x hidden size), in the model's dtype."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 1024)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 16)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 24)
+    size = next(model.parameters()).element_size()
+    return (2 * layers * kv_heads * head_dim + 8 * hidden) * size
+
+
+def free_memory(device: Any) -> int:
+    """Bytes free on ``device`` now (CUDA: the device's free memory; CPU: the system's available memory)."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def token_budget_for(model: Any, share: float = BUDGET_MEMORY_SHARE) -> int:
+    """Tokens a batch may hold so that its cache and activations take at most ``share`` of the free memory."""
+    device = next(model.parameters()).device
+    return max(1024, min(MAX_TOKEN_BUDGET, int(free_memory(device) * share) // bytes_per_token(model)))

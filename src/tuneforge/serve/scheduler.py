@@ -21,6 +21,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+BATCHING = ("dynamic",)
+
 
 class QueueFull(Exception):
     """The queue holds ``max_queue`` items already; ``retry_after`` is a rough wait in seconds."""
@@ -28,6 +30,11 @@ class QueueFull(Exception):
     def __init__(self, waiting: int, retry_after: int):
         super().__init__(f"{waiting} generations are waiting")
         self.waiting, self.retry_after = waiting, retry_after
+
+
+class TooLarge(Exception):
+    """Work that no amount of waiting lets in (more items than the whole queue holds, or one row above the token
+    budget of a batch): a client error (413), not a 429 the client would retry forever. The message says why."""
 
 
 @dataclass(eq=False)
@@ -52,6 +59,13 @@ class Work:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
+    def tokens(self) -> int:
+        """Tokens this item holds in a batch: prompt plus generation budget (scoring: its tokens)."""
+        if self.row is not None:
+            return len(self.row.prompt_ids) + self.row.settings.max_new_tokens
+        return len(self.score_ids or ())
+
+    @property
     def key(self) -> tuple:
         return ("generate" if self.row is not None else "score", id(self.served.model), self.served.adapter_name)
 
@@ -64,8 +78,12 @@ class Scheduler:
         max_queue: most items waiting (running ones not counted); more raise :class:`QueueFull`.
     """
 
-    def __init__(self, max_batch_size: int = 16, max_queue: int = 64):
-        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+    def __init__(self, max_batch_size: int = 16, max_queue: int = 64, *, token_budget: int | None = None,
+                 batching: str = "dynamic"):
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
+        self.max_batch_size, self.max_queue, self.token_budget = max_batch_size, max_queue, token_budget
+        self.batching = batching
         self._waiting: deque[Work] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -78,8 +96,17 @@ class Scheduler:
         """Queue all ``items`` or none.
 
         Raises:
-            QueueFull: they do not fit below ``max_queue``.
+            TooLarge: more items than the queue can ever hold, or an item above the token budget of a batch.
+            QueueFull: they do not fit below ``max_queue`` now.
         """
+        if len(items) > self.max_queue:
+            raise TooLarge(f"this request needs {len(items)} rows (prompts x n, plus one per scored prompt) but the "
+                           f"server queues at most {self.max_queue} (--max-queue): send fewer prompts or a smaller n")
+        for item in items:
+            if self.token_budget and item.tokens > self.token_budget:
+                raise TooLarge(f"one row needs {item.tokens} tokens (prompt + max_tokens) but a batch holds at most "
+                               f"{self.token_budget} (the token budget sized from free memory, --token-budget): "
+                               "shorten the prompt or lower max_tokens")
         with self._cond:
             self._drop_cancelled()
             if len(self._waiting) + len(items) > self.max_queue:
@@ -124,7 +151,7 @@ class Scheduler:
                 if self._waiting:
                     break
                 self._cond.wait()
-            batch = _fitting(self._waiting, self.max_batch_size)
+            batch = _fitting(self._waiting, self.max_batch_size, self.token_budget)
             chosen = set(map(id, batch))
             self._waiting = deque(item for item in self._waiting if id(item) not in chosen)
             self.running = len(batch)
@@ -134,10 +161,7 @@ class Scheduler:
         while (batch := self._next_batch()) is not None:
             started = time.perf_counter()
             try:
-                results = _run(batch)
-            except Exception as exc:  # every item of the batch gets the error (answered as a 500 or SSE error)
-                log.exception("generation failed")
-                results = [exc] * len(batch)
+                results = _run_isolated(batch)
             finally:
                 self.running = 0
             self.batches += 1
@@ -149,24 +173,86 @@ class Scheduler:
                     log.exception("result callback failed")
 
 
-def _fitting(waiting: Sequence[Work], max_batch_size: int) -> list[Work]:
+def _fitting(waiting: Sequence[Work], max_batch_size: int, token_budget: int | None = None) -> list[Work]:
     """The oldest item and the waiting items that can share its batch: same kind, model and adapter, and — for
     generation — the left-padded width plus the longest budget still inside the model's context (a long prompt and
-    a long answer of two different requests must not add up beyond it)."""
+    a long answer of two different requests must not add up beyond it) and rows x (width + budget) within
+    ``token_budget`` (scoring: rows x the longest row)."""
     first = waiting[0]
     context = first.served.context_length if first.row is not None else None
-    batch, width, budget = [], 0, 0
+    batch: list[Work] = []
+    width = budget = 0
     for item in waiting:
         if item.key != first.key or len(batch) == max_batch_size:
             continue
         if item.row is not None:
             item_width = max(width, len(item.row.prompt_ids))
             item_budget = max(budget, item.row.settings.max_new_tokens)
-            if context and batch and item_width + item_budget > context:
-                continue
-            width, budget = item_width, item_budget
+        else:
+            item_width, item_budget = max(width, len(item.score_ids or ())), 0
+        if batch and context and item_width + item_budget > context:
+            continue
+        if batch and token_budget and (len(batch) + 1) * (item_width + item_budget) > token_budget:
+            continue
+        width, budget = item_width, item_budget
         batch.append(item)
     return batch
+
+
+def _run_isolated(batch: list[Work]) -> list[Any]:
+    """Run a batch; when it fails, run each of its items alone so that only the item that fails on its own gets the
+    error (a bad row, or a batch too large for memory, no longer fails every request that shared it).
+
+    A streaming row retried alone has already sent some of its events: the retry skips that many (greedy and seeded
+    rows replay the same tokens)."""
+    sent = [_count_events(item) for item in batch]
+    try:
+        return _run(batch)
+    except Exception as exc:
+        if len(batch) == 1:
+            log.exception("generation failed")
+            return [exc]
+        log.warning("a batch of %d failed (%s: %s); retrying its rows one by one", len(batch), type(exc).__name__, exc)
+    results: list[Any] = []
+    for item, count in zip(batch, sent, strict=True):
+        if item.cancelled.is_set():
+            results.append(_cancelled_result())
+            continue
+        count.skip = count.seen
+        try:
+            results.append(_run([item])[0])
+        except Exception as exc:
+            log.exception("generation failed for one row (its batch was retried row by row)")
+            results.append(exc)
+    return results
+
+
+class _EventCount:
+    """Wraps a row's ``on_event``: counts events, and drops the first ``skip`` of a retry."""
+
+    def __init__(self, on_event):
+        self.on_event, self.seen, self.skip = on_event, 0, 0
+
+    def __call__(self, event) -> None:
+        if self.skip:
+            self.skip -= 1
+            return
+        self.seen += 1
+        self.on_event(event)
+
+
+def _count_events(item: Work) -> _EventCount:
+    if item.row is None or item.row.on_event is None:
+        return _EventCount(None)
+    if not isinstance(item.row.on_event, _EventCount):
+        item.row.on_event = _EventCount(item.row.on_event)
+    return item.row.on_event
+
+
+def _cancelled_result():
+    from tuneforge.models.decoding import RowResult
+
+    return RowResult("", (), "cancelled")
 
 
 def _run(batch: list[Work]) -> list[Any]:

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tuneforge.models.sampling import BOUNDS
+
 MAX_MESSAGES = 256
 MAX_PROMPTS = 64
 MAX_N = 16
@@ -19,13 +21,21 @@ MAX_STOP_CHARS = 128
 MAX_TOP_LOGPROBS = 20
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
+
+def _bounded(name: str, kind: type, description: str):
+    """A sampling field limited to its sane range (``models.sampling.BOUNDS``): outside it is a 400 naming it."""
+    low, high, inclusive = BOUNDS[name]
+    limits = {"ge": kind(low)} if inclusive else {"gt": kind(low)}
+    return Annotated[kind, Field(le=kind(high), strict=True, description=description, **limits)]
+
+
 # strict: a JSON boolean or string is not a number; not nullable: leave the field out for the server's default.
-Temperature = Annotated[float, Field(ge=0, le=2, strict=True,
-                                     description="0 = greedy; below 1e-4 generation is greedy too")]
-TopP = Annotated[float, Field(gt=0, le=1, strict=True)]
-TopK = Annotated[int, Field(ge=0, le=1_000_000, strict=True, description="0 = off (not an OpenAI field; vLLM's)")]
-RepetitionPenalty = Annotated[float, Field(gt=0, le=10, strict=True,
-                                           description="1 = none (not an OpenAI field; vLLM's)")]
+Temperature = _bounded("temperature", float, "0 = greedy; below 1e-4 generation is greedy too")
+TopP = _bounded("top_p", float, "nucleus sampling mass (1 = off)")
+TopK = _bounded("top_k", int, "0 = off (not an OpenAI field; vLLM's)")
+RepetitionPenalty = _bounded("repetition_penalty", float, "1 = none (not an OpenAI field; vLLM's)")
+PresencePenalty = _bounded("presence_penalty", float, "subtracted from the logit of each token already generated")
+FrequencyPenalty = _bounded("frequency_penalty", float, "subtracted per time a token was already generated")
 Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1], strict=True,
                             description="same seed, same request → same sample; leave out for an unseeded one")]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -96,6 +106,8 @@ class _Sampling(_Body):
     top_p: TopP = None
     top_k: TopK = None
     repetition_penalty: RepetitionPenalty = None
+    presence_penalty: PresencePenalty = None
+    frequency_penalty: FrequencyPenalty = None
     n: int = Field(1, ge=1, le=MAX_N, strict=True)
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions = None

@@ -45,7 +45,8 @@ def _call(raw: str, names: set[str]) -> dict | None:
         data = json.loads(raw)
     except json.JSONDecodeError:
         return None
-    if not isinstance(data, dict) or data.get("name") not in names:
+    # a name that is not a string (``{"name": ["f"]}``, a number, null) is not a call: the answer stays text
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or data["name"] not in names:
         return None
     arguments = data.get("arguments", data.get("parameters", {}))
     if isinstance(arguments, str):
