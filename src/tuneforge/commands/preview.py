@@ -141,9 +141,9 @@ def _print_human(samples: list[dict], stats: dict, template: Any, cfg: Any, out:
     colour = out is sys.stdout and sys.stdout.isatty()
     console = None
     if colour:
-        from rich.console import Console
+        from tuneforge.console import out as console_out
 
-        console = Console()
+        console = console_out()
     say = console.print if console else (lambda s="": out.write(f"{s}\n"))
     legend = "supervised tokens in green" if colour else f"supervised tokens between {OPEN} and {CLOSE}"
     say(f"template: {template.name}   stage: {cfg.stage}   ({legend})")

@@ -135,9 +135,9 @@ def run_estimate(args) -> int:
             print(json.dumps(rec.to_json(), default=str))
         else:
             _print_bill(rec.bill, budget, args.margin)
-            from rich.console import Console
+            from tuneforge.console import out as console_out
 
-            console = Console()
+            console = console_out()
             console.print(f"\n[bold]Recommendation[/bold]: method: {rec.method_section()}  train: {rec.train_overrides()}")
             console.print(rec.explanation)
         return 0
@@ -163,9 +163,9 @@ LABELS = {
 
 
 def _print_bill(bill, budget_gb: float | None, margin: float) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from tuneforge.console import out as console_out
     from tuneforge.estimate.bill import GiB
     from tuneforge.methods import method_class
 
@@ -185,7 +185,7 @@ def _print_bill(bill, budget_gb: float | None, margin: float) -> None:
             continue
         table.add_row(LABELS.get(name, name), f"{value / GiB:.3f}", f"{100 * value / bill.total_bytes:.0f}%")
     table.add_row("[bold]peak[/bold]", f"[bold]{bill.total_bytes / GiB:.3f}[/bold]", "100%")
-    console = Console()
+    console = console_out()
     console.print(table)
     console.print(f"parameters: {bill.total_params:,} total, {bill.trainable_params:,} trainable "
                   f"({100 * bill.trainable_params / max(bill.total_params, 1):.2f}%)")

@@ -63,8 +63,7 @@ def _generating() -> list[str]:
 def search_command(args: argparse.Namespace) -> int:
     import signal
 
-    from rich.console import Console
-
+    from tuneforge.console import out as console_out
     from tuneforge.search.results import best_row, counts, print_leaderboard, rows, write_best, write_html
     from tuneforge.search.study import SearchOptions, prepare, run_search
 
@@ -75,7 +74,7 @@ def search_command(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
     )
     search = prepare(options)
-    console = Console()
+    console = console_out()
 
     def interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: the running trial is queued again
         raise KeyboardInterrupt

@@ -99,10 +99,11 @@ def _fmt(value: Any) -> str:
 
 def print_leaderboard(table: list[Row], objective: str, console=None, limit: int = 30) -> None:
     """A rich table of the trials, best first."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from tuneforge.console import out as console_out
+
+    console = console or console_out()
     keys = list(dict.fromkeys(k for r in table for k in r.values))
     view = Table(title=f"leaderboard ({objective})")
     for name, justify in (("#", "right"), ("trial", "right"), ("state", "left"), (objective, "right")):

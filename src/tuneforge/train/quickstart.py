@@ -145,10 +145,11 @@ def _stage(text: str) -> None:
 
 
 def _print_results(result: dict, test: list[dict], out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from tuneforge.console import out as console_out
+
+    console = console_out()
     table = Table(title=f"quickstart: {result['heldout_items']} held-out objects, answer-only metrics")
     for column in ("model", "exact match", "perplexity", "answer tokens"):
         table.add_column(column)
