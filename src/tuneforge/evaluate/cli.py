@@ -199,9 +199,9 @@ def _eval_per_task(spec: str, args, metrics, gen, progress) -> None:
 
 
 def _print_task_table(spec: str, rows: list[dict], metrics) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from tuneforge.console import out as console_out
     from tuneforge.evaluate.metrics import columns, format_value
 
     table = Table(title=f"{_short(spec)} — one adapter per task, each on its own task's records")
@@ -212,7 +212,7 @@ def _print_task_table(spec: str, rows: list[dict], metrics) -> None:
         table.add_column(key, justify="right", no_wrap=True)
     for row in rows:
         table.add_row(row["task"], str(row.get("n")), *(format_value(k, row.get(k)) for k in keys))
-    Console().print(table)
+    console_out().print(table)
 
 
 def _short(spec: str, limit: int = 40) -> str:
@@ -224,9 +224,9 @@ def _short(spec: str, limit: int = 40) -> str:
 
 
 def _print_table(rows, metrics, args, gen) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from tuneforge.console import out as console_out
     from tuneforge.evaluate.metrics import GENERATION, columns, format_value
     from tuneforge.evaluate.retention import RETENTION_KEYS, retention_format
 
@@ -247,7 +247,7 @@ def _print_table(rows, metrics, args, gen) -> None:
         cells = [cell(k, row.get(k)) for k in keys]
         table.add_row(_short(row["model"]), *(f"[bold]{c}[/bold]" if k in best and row.get(k) == best[k] else c
                                               for k, c in zip(keys, cells, strict=True)))
-    console = Console()
+    console = console_out()
     console.print(table)
     if any(m.needs == GENERATION for m in metrics):
         tok = rows[0].get("bleu_tokenize") if rows else None
@@ -363,8 +363,9 @@ def _print_ab(result, as_json: bool) -> None:
     if as_json:
         print(json.dumps(data, ensure_ascii=False))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from tuneforge.console import out as console_out
 
     table = Table(title=f"A = {data['model_a']}   vs   B = {data['model_b']}   "
                         f"({data['votes']} votes, {data['raters']} rater file(s))")
@@ -373,7 +374,7 @@ def _print_ab(result, as_json: bool) -> None:
     for name in ("win", "tie", "loss"):
         lo, hi = data[f"{name}_ci"]
         table.add_row(name, str(data[name]), f"{100 * data[f'{name}_rate']:.1f}%", f"{100 * lo:.1f}–{100 * hi:.1f}%")
-    console = Console()
+    console = console_out()
     console.print(table)
     if data["a_win_rate_decisive"] is not None:
         lo, hi = data["a_win_rate_decisive_ci"]
