@@ -207,3 +207,33 @@ def test_a_corrupt_eval_results_file_is_reported_and_kept(tmp_path, text, capsys
     # tuneforge eval says so before loading any model (the run here is not even a loadable one)
     assert main(["eval", str(tmp_path), "--data", str(results)]) == 2
     assert "eval_results.json" in capsys.readouterr().err and results.read_text() == text
+
+
+# --------------------------------------------------------------------------- evaluate: abtest keeps earlier sheets
+
+
+def test_abtest_never_replaces_an_earlier_sheet_or_key_without_force(tmp_path, monkeypatch, capsys):
+    from tuneforge.evaluate import abtest
+
+    items = abtest.make_items(["q1", "q2"], ["a1", "a2"], ["b1", "b2"], seed=1)
+    sheet, key = abtest.write_sheet(tmp_path / "sheet.html", items, "a", "b", 1, {})
+    before = {p: p.read_bytes() for p in (sheet, key)}
+    with pytest.raises(UserError, match="already exist.*--force"):
+        abtest.write_sheet(sheet, items, "c", "d", 2, {})
+    assert {p: p.read_bytes() for p in (sheet, key)} == before
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"text": "hello"}) + "\n")
+    # the CLI refuses before loading any model (the models named here do not even exist), at --out ...
+    assert main(["abtest", "no_model_a", "no_model_b", "--prompts", str(prompts), "--out", str(sheet)]) == 2
+    assert "--force" in capsys.readouterr().err
+    # ... at the default path (abtest.html / abtest.key.json in the working directory) ...
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "abtest.key.json").write_text("{}")
+    assert main(["abtest", "no_model_a", "no_model_b", "--prompts", str(prompts)]) == 2
+    assert "abtest.key.json already exists" in capsys.readouterr().err
+    # ... and in terminal mode (its key and votes)
+    assert main(["abtest", "no_model_a", "no_model_b", "--prompts", str(prompts), "--terminal"]) == 2
+    assert "abtest.key.json already exists" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (sheet, key)} == before and (tmp_path / "abtest.key.json").read_text() == "{}"
+    replaced = abtest.write_sheet(sheet, items, "c", "d", 2, {}, force=True)
+    assert replaced == (sheet, key) and key.read_bytes() != before[key]

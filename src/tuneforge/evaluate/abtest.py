@@ -138,12 +138,31 @@ def build_key(items: list[dict], model_a: str, model_b: str, sheet_id: str, shee
     }
 
 
+def refuse_existing(paths: list[str | Path], force: bool = False) -> None:
+    """Refuse to replace an earlier sheet, key or votes file unless ``force``: a replaced key can no longer score
+    the votes raters send back for the old sheet.
+
+    Raises:
+        UserError: naming the existing files and the fix.
+    """
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not force:
+        raise UserError(f"abtest: {', '.join(existing)} already exist{'s' if len(existing) == 1 else ''} (an earlier "
+                        "sheet: votes on it are scored with its key); choose another --out, or pass --force to "
+                        "replace them")
+
+
 def write_sheet(out: str | Path, items: list[dict], model_a: str, model_b: str, seed: int,
-                generation: dict, title: str = "Blind comparison") -> tuple[Path, Path]:
-    """Write ``out`` (the HTML sheet) and its key file; returns ``(sheet_path, key_path)``."""
+                generation: dict, title: str = "Blind comparison", force: bool = False) -> tuple[Path, Path]:
+    """Write ``out`` (the HTML sheet) and its key file; returns ``(sheet_path, key_path)``.
+
+    Raises:
+        UserError: the sheet or its key exists already and ``force`` is not set (:func:`refuse_existing`).
+    """
     from tuneforge.utils import atomic_write_json, atomic_write_text
 
     out = Path(out)
+    refuse_existing([out, key_path_for(out)], force)
     sheet_id = secrets.token_hex(8)
     atomic_write_text(out, render_sheet(items, sheet_id, title))
     key_path = key_path_for(out)

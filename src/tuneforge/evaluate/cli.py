@@ -57,6 +57,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "text", "alpaca", "chat"])
     p.add_argument("--out", default="abtest.html", help="sheet path (its key goes to <name>.key.json)")
     p.add_argument("--terminal", action="store_true", help="vote here in the terminal instead of an HTML sheet")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing sheet, key (and --terminal votes) at --out's paths")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--shuffle-seed", type=int, default=None, help="seed of the left/right assignment (default: random)")
     p.add_argument("--device", default="auto")
@@ -273,7 +275,22 @@ def cmd_abtest(args) -> int:
     if not args.prompts:
         raise UserError("abtest A B needs --prompts FILE (a jsonl of chat/alpaca/text records)")
     _check_limit(args.limit)
+    from tuneforge.evaluate.abtest import refuse_existing
+
+    refuse_existing(_abtest_outputs(args), args.force)  # before any model is loaded
     return _abtest_make(args)
+
+
+def _abtest_outputs(args) -> list:
+    """The files ``abtest A B`` writes: the sheet and its key, or (``--terminal``) the key and the votes."""
+    from pathlib import Path
+
+    from tuneforge.evaluate.abtest import key_path_for
+
+    out = Path(args.out)
+    if args.terminal:
+        return [key_path_for(out), out.with_name(out.stem + ".votes.jsonl")]
+    return [out, key_path_for(out)]
 
 
 def _abtest_make(args) -> int:
@@ -298,7 +315,7 @@ def _abtest_make(args) -> int:
     items = abtest.make_items(prompts, answers[0], answers[1], seed)
     if args.terminal:
         return _abtest_terminal(args, abtest, items, model_a, model_b, seed, gen)
-    sheet, key = abtest.write_sheet(args.out, items, model_a, model_b, seed, gen.to_dict())
+    sheet, key = abtest.write_sheet(args.out, items, model_a, model_b, seed, gen.to_dict(), force=args.force)
     print(f"sheet: {sheet}  (give this to raters)\nkey:   {key}  (keep private)\n"
           f"score: tuneforge abtest score {key} votes.jsonl")
     return 0
