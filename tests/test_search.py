@@ -78,6 +78,7 @@ def test_grid_runs_every_combination_once_records_failures_and_writes_results(tm
 def test_a_pruned_trial_stops_early(tmp_path, data_dir):
     import optuna
 
+    from tuneforge.console import silenced
     from tuneforge.search.study import SearchOptions, open_storage, open_study, prepare, run_search
 
     run = write_run(tmp_path, data_dir, max_steps=8, eval_steps=2)
@@ -91,7 +92,8 @@ def test_a_pruned_trial_stops_early(tmp_path, data_dir):
         params={"train.lr": 3e-3}, distributions={"train.lr": optuna.distributions.CategoricalDistribution([3e-3, 1e-3])},
         value=0.01, intermediate_values={2: 0.01, 4: 0.01, 6: 0.01, 8: 0.01}))
     search.options.resume = True
-    result = run_search(search, echo=lambda *_: None)
+    with silenced():
+        result = run_search(search)
     assert result.ran == [1]
     trial = load_study(search.storage_url, "p").trials[1]
     assert trial.state.name == "PRUNED" and trial.user_attrs["prune_reason"].startswith("pruned at step 2")

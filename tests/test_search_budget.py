@@ -73,13 +73,13 @@ def test_resume_recovers_only_trials_whose_local_worker_is_gone(study):
     remote = study.ask()
     remote.suggest_float("train.lr", 1e-5, 1e-2, log=True)
     remote.set_user_attr(WORKER, "another-host:1:1")  # only its heartbeat can tell
-    assert recover_dead_local_trials(study, echo=lambda *_: None) == [0]
+    assert recover_dead_local_trials(study) == [0]
     trials = study.trials
     assert [t.state for t in trials[:3]] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
     retry = trials[3]
     assert retry.state == TrialState.WAITING and retry.user_attrs[RETRY_OF] == 0
     assert "interrupted" in retry.user_attrs["retry_reason"]
-    assert recover_dead_local_trials(study, echo=lambda *_: None) == []  # once only
+    assert recover_dead_local_trials(study) == []  # once only
 
 
 def test_passwords_never_reach_messages():

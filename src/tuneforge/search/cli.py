@@ -81,7 +81,7 @@ def search_command(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        result = run_search(search, echo=console.print, train_echo=print if args.train_log else None)
+        result = run_search(search, train_log=args.train_log)
     finally:
         signal.signal(signal.SIGTERM, previous)
     table = rows(result.study, search.direction)

@@ -14,6 +14,7 @@ process is gone, or by any worker once its heartbeat is stale; the failed origin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -28,6 +29,7 @@ from typing import Any
 
 from tuneforge.config import RunConfig, validate_config
 from tuneforge.config.load import read_yaml
+from tuneforge.console import say, silenced
 from tuneforge.errors import UserError, did_you_mean
 from tuneforge.search.space import Space, dump_values, load_space
 
@@ -404,7 +406,7 @@ def _requeue_stale(study, trial) -> None:
     requeue(study, trial, f"worker {trial.user_attrs.get(WORKER, '?')} stopped sending heartbeats")
 
 
-def recover_dead_local_trials(study, echo=print) -> list[int]:
+def recover_dead_local_trials(study) -> list[int]:
     """Fail and re-queue running trials whose worker process on this machine is gone (killed search).
 
     Marking a trial failed is atomic in the storage, so when two resuming workers find the same trial only one
@@ -425,7 +427,7 @@ def recover_dead_local_trials(study, echo=print) -> list[int]:
         requeue(study, trial, f"interrupted: its worker (pid {pid}) ended without finishing it")
         recovered.append(trial.number)
     if recovered:
-        echo(f"resume: trials {', '.join(map(str, recovered))} were interrupted; their parameters are queued again")
+        say(f"resume: trials {', '.join(map(str, recovered))} were interrupted; their parameters are queued again")
     return recovered
 
 
@@ -450,13 +452,13 @@ class SearchResult:
     notes: list[str]
 
 
-def run_search(search: Search, echo=print, train_echo=None) -> SearchResult:
+def run_search(search: Search, train_log: bool = False) -> SearchResult:
     """Run trials until the study has ``search.trials`` (or ``--timeout`` passes), then return.
 
     Args:
         search: from :func:`prepare`.
-        echo: where this worker's progress lines go.
-        train_echo: where each trial's training lines go (default: dropped).
+        train_log: show each trial's training lines too (default: only this worker's progress lines, through
+            :func:`tuneforge.console.say`).
     """
     import optuna
 
@@ -470,11 +472,11 @@ def run_search(search: Search, echo=print, train_echo=None) -> SearchResult:
     study.sampler = make_sampler(search, created)
     study.pruner = make_pruner(search)
     for note in search.notes:
-        echo(f"note: {note}")
+        say(f"note: {note}")
     if not created:
-        recover_dead_local_trials(study, echo)
+        recover_dead_local_trials(study)
     me = worker_id()
-    echo(f"study '{search.study_name}' ({'new' if created else 'resumed'}) in {redact(search.storage_url)}; "
+    say(f"study '{search.study_name}' ({'new' if created else 'resumed'}) in {redact(search.storage_url)}; "
          f"{search.options.sampler} sampler, {search.direction} {search.objective}, "
          f"budget {search.trials if search.trials is not None else 'unbounded'} trials")
     started = time.time()
@@ -485,13 +487,13 @@ def run_search(search: Search, echo=print, train_echo=None) -> SearchResult:
         if search.trials is not None and done >= search.trials:
             break
         if search.options.timeout is not None and time.time() - started >= search.options.timeout:
-            echo(f"--timeout {search.options.timeout:g}s reached: no new trial started")
+            say(f"--timeout {search.options.timeout:g}s reached: no new trial started")
             break
         numbers = []
 
         def objective(trial, numbers=numbers):
             numbers.append(trial.number)
-            return run_trial(search, study, trial, me, echo, train_echo)
+            return run_trial(search, study, trial, me, train_log)
 
         study.optimize(objective, n_trials=1, catch=(TrialFailed, TrialDiscarded))
         if numbers and not study.trials[numbers[0]].user_attrs.get(DISCARDED):
@@ -505,7 +507,7 @@ def _slot(study, number: int) -> int:
     return len([t for t in counted(trials, include_waiting=True) if t.number < number])
 
 
-def run_trial(search: Search, study, trial, me: str, echo=print, train_echo=None) -> float:
+def run_trial(search: Search, study, trial, me: str, train_log: bool = False) -> float:
     """One trial: sample, tie, validate, check memory, train in ``trial-<n>``, score on the eval split.
 
     Raises:
@@ -526,15 +528,15 @@ def run_trial(search: Search, study, trial, me: str, echo=print, train_echo=None
         ties = {p.key: values[p.key] for p in search.space.ties}
         if ties:
             trial.set_user_attr("ties", ties)
-        echo(f"{label}: {dump_values(values)}")
+        say(f"{label}: {dump_values(values)}")
         cfg = trial_config(search, trial.number, values)
         _check_memory(search, cfg, trial)
-        result, callback = _train(search, cfg, trial, train_echo)
+        result, callback = _train(search, cfg, trial, train_log)
         _record_run(trial, result, callback)
         if callback.pruned_at is not None:
             reason = f"pruned at step {callback.pruned_at}: eval_loss {callback.evals[-1][1]:.4f}"
             trial.set_user_attr(PRUNE_REASON, reason)
-            echo(f"{label}: {reason}")
+            say(f"{label}: {reason}")
             raise optuna.TrialPruned(reason)
         value = _score(search, result, callback)
     except optuna.TrialPruned:
@@ -546,13 +548,13 @@ def run_trial(search: Search, study, trial, me: str, echo=print, train_echo=None
     except Exception as exc:  # a failed trial is recorded and the study goes on
         reason = _reason(exc)
         trial.set_user_attr(FAIL_REASON, reason)
-        echo(f"{label}: failed — {reason}")
+        say(f"{label}: failed — {reason}")
         raise TrialFailed(reason) from exc
     if not math.isfinite(value):
         trial.set_user_attr(FAIL_REASON, f"{search.objective} is {value}")
-        echo(f"{label}: failed — {search.objective} is {value}")
+        say(f"{label}: failed — {search.objective} is {value}")
         raise TrialFailed(f"{search.objective} is {value}")
-    echo(f"{label}: {search.objective} {value:.4f}")
+    say(f"{label}: {search.objective} {value:.4f}")
     return value
 
 
@@ -599,16 +601,17 @@ def _check_memory(search: Search, cfg: RunConfig, trial) -> None:
         raise optuna.TrialPruned(reason)
 
 
-def _train(search: Search, cfg: RunConfig, trial, train_echo):
+def _train(search: Search, cfg: RunConfig, trial, train_log: bool):
     from tuneforge.search.callback import TrialCallback
-    from tuneforge.train.run import run_training
+    from tuneforge.train import train
 
     def report(step: int, value: float) -> bool:
         trial.report(value, step)
         return trial.should_prune()
 
     callback = TrialCallback(report if search.prunes else None)
-    result = run_training(cfg, echo=train_echo or (lambda *_: None), callbacks=[callback])
+    with contextlib.nullcontext() if train_log else silenced():  # the trial's own training lines
+        result = train(cfg, callbacks=[callback])
     return result, callback
 
 
