@@ -296,3 +296,22 @@ def lazy_exports(package: str, exports: dict[str, str]):
         return getattr(importlib.import_module(module), name)
 
     return __getattr__
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+               "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+
+
+def parse_size(text: str, option: str) -> int:
+    """Bytes of a size written as ``16GB``, ``512MiB``, ``1.5 GiB`` or a plain byte count.
+
+    Raises:
+        UserError: naming ``option`` and the accepted forms.
+    """
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise UserError(f"{option} {text!r}: write a positive size such as 16GB, 512MiB or 1.5GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])

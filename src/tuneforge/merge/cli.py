@@ -24,16 +24,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="saved precision (LoRA merge)")
     p.add_argument("--base", default=None, help="base model directory to merge into (default: the adapter's own)")
     p.add_argument("--max-shard-size", default="2GB", help="recipe merges: largest safetensors file")
+    p.add_argument("--strategy", default="auto", choices=["auto", "memory", "sharded"],
+                   help="LoRA merge: in memory with the logit check, or shard by shard for bases larger than memory "
+                        "(auto: in memory when the estimate fits --max-memory)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="LoRA merge: memory budget, e.g. 16GB or 512MiB (default: the RAM available now)")
     p.set_defaults(func=merge_command)
 
-    p = sub.add_parser("export", help="int8/int4 weight-only quantized export with its perplexity delta")
+    p = sub.add_parser(
+        "export", help="int8/int4 HF export with its perplexity delta, or one GGUF + Ollama Modelfile (--format gguf)",
+        description="--format hf (default): bitsandbytes int8/int4 weight-only HF directory, its perplexity delta "
+        "measured. --format gguf: merge the adapter, write one GGUF (f16 | bf16 | q8_0 | q4_0; llama and qwen2 "
+        "families) with the run's tokenizer and chat template, an Ollama Modelfile and a README; kept only when the "
+        "file, reloaded through transformers' GGUF loader, tokenizes and answers like the merged model.",
+    )
     p.add_argument("source", metavar="RUN_OR_MODEL")
-    p.add_argument("--quantize", required=True, choices=["int8", "int4"])
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf (int8/int4) or gguf")
+    p.add_argument("--quantize", required=True, metavar="TYPE",
+                   help="hf: int8 | int4; gguf: f16 | bf16 | q8_0 | q4_0")
     p.add_argument("--out", required=True,
                    help="new output model directory (never the source or a directory holding it; written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--data", default=None,
-                   help="text for the perplexity check (.txt paragraphs or .jsonl with text); default: stdlib docs")
+                   help="hf: text for the perplexity check (.txt paragraphs or .jsonl with text); default: stdlib docs")
+    p.add_argument("--base", default=None, help="gguf: base model to merge the adapter into (default: its own)")
     p.set_defaults(func=export_command)
 
 
@@ -85,15 +99,36 @@ def merge_command(args: argparse.Namespace) -> int:
             merge_recipe(args.source, args.out, max_shard_size=args.max_shard_size)
             return 0
         from tuneforge.merge.lora import merge_lora
+        from tuneforge.utils import parse_size
 
-        merge_lora(args.source, args.out, tolerance=args.tolerance, dtype=args.dtype, base=args.base)
+        budget = parse_size(args.max_memory, "--max-memory") if args.max_memory else None
+        merge_lora(args.source, args.out, tolerance=args.tolerance, dtype=args.dtype, base=args.base,
+                   strategy=args.strategy, max_memory=budget)
     return 0
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from tuneforge.merge.export import export_model
+    from tuneforge.errors import UserError
+    from tuneforge.merge.export import QUANTIZE, export_model
+    from tuneforge.merge.gguf import QUANT_TYPES
     from tuneforge.utils import sigterm_raises
 
+    allowed = QUANT_TYPES if args.format == "gguf" else QUANTIZE
+    if args.quantize not in allowed:
+        other = "hf" if args.format == "gguf" else "gguf"
+        hint = f" ({args.quantize} is a --format {other} type)" if args.quantize in (QUANTIZE if other == "hf"
+                                                                                       else QUANT_TYPES) else ""
+        raise UserError(f"--quantize {args.quantize!r} with --format {args.format}: choose one of "
+                        f"{', '.join(allowed)}{hint}")
+    if args.format == "gguf" and args.data:
+        raise UserError("--data is the perplexity text of --format hf; --format gguf gates on its own sample prompts")
     with sigterm_raises():  # SIGTERM unwinds through the temporary directories' cleanup
-        export_model(args.source, args.out, quantize=args.quantize, data=args.data, force=args.force)
+        if args.format == "gguf":
+            from tuneforge.merge.gguf import export_gguf
+
+            export_gguf(args.source, args.out, quantize=args.quantize, force=args.force, base=args.base)
+        else:
+            if args.base:
+                raise UserError("--base applies to --format gguf only")
+            export_model(args.source, args.out, quantize=args.quantize, data=args.data, force=args.force)
     return 0

@@ -98,14 +98,7 @@ def load_base_and_adapter(ref: ModelRef):
     from tuneforge.models.reference import load_for_inference
 
     notes: list[str] = []
-    quant = ref.quantization()
-    if quant:
-        method = quant.get("quant_method", "quantized")
-        raise UserError(
-            f"base model {ref.base} is stored {method}-quantized: folding an adapter into rounded weights and "
-            "saving them unquantized would bake the rounding error into every weight. Pass the original "
-            "unquantized checkpoint with --base DIR"
-        )
+    refuse_quantized_base(ref)
     if _trained_on_quantized_base(ref):
         notes.append("adapter trained on a 4-bit base: merged into the unquantized original weights from "
                      f"{ref.base} (dequantise-first); the merged model does not include the 4-bit rounding")
@@ -114,6 +107,18 @@ def load_base_and_adapter(ref: ModelRef):
                      "into the base first, then its own adapter: the output holds the whole stack")
     loaded = load_for_inference(ref, device="cpu", dtype=torch.float32)  # merges ref.stack into the base
     return loaded.model, loaded.tokenizer, notes
+
+
+def refuse_quantized_base(ref: ModelRef) -> None:
+    """Raise UserError when ``ref``'s base is stored quantized (its exact original weights are gone)."""
+    quant = ref.quantization()
+    if quant:
+        method = quant.get("quant_method", "quantized")
+        raise UserError(
+            f"base model {ref.base} is stored {method}-quantized: folding an adapter into rounded weights and "
+            "saving them unquantized would bake the rounding error into every weight. Pass the original "
+            "unquantized checkpoint with --base DIR"
+        )
 
 
 def _trained_on_quantized_base(ref: Any) -> bool:
@@ -158,7 +163,8 @@ def logit_difference(reference: list, other: list) -> tuple[float, float]:
 
 
 def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = None, dtype: str = "fp32",
-               base: str | None = None, echo=print) -> MergeReport:
+               base: str | None = None, echo=print, strategy: str = "auto",
+               max_memory: int | None = None) -> MergeReport:
     """Merge the adapter of a run (or adapter directory) into its base and save a plain HF model at ``out``.
 
     Args:
@@ -169,15 +175,21 @@ def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = N
         dtype: saved precision, ``fp32`` | ``bf16`` | ``fp16``.
         base: use this base model instead of the one recorded in the adapter.
         echo: where progress lines go.
+        strategy: ``auto`` (in memory when the estimate fits ``max_memory``, else shard by shard), ``memory`` or
+            ``sharded`` (:mod:`tuneforge.merge.sharded`: one safetensors shard at a time, no logit check).
+        max_memory: the memory budget in bytes (default: the RAM available now).
 
     Returns:
         A :class:`MergeReport`; ``out`` then holds ``config.json``, ``model.safetensors`` (or shards), the tokenizer,
         ``chat_template.jinja``/``template.json`` when the run had them, and ``merge_report.json``.
 
     Raises:
-        UserError: not an adapter, a non-mergeable method, a quantized base, or a logit difference above tolerance.
+        UserError: not an adapter, a non-mergeable method, a quantized base, a logit difference above tolerance, or
+            a model that fits the memory budget in neither strategy.
     """
     import torch
+
+    from tuneforge.merge.sharded import plan_merge
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of fp32, bf16, fp16")
@@ -189,6 +201,12 @@ def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = N
     if out.resolve() in (source.model_dir.resolve(), Path(source.base).resolve()):
         raise UserError(f"--out {out}: would overwrite the model being merged; choose another directory")
 
+    plan = plan_merge(source, torch.tensor([], dtype=getattr(torch, dtype_name)).element_size(), strategy,
+                      max_memory)
+    if plan.need:
+        echo(plan.describe())
+    if plan.strategy == "sharded":
+        return _merge_sharded(source, out, dtype_name, echo)
     model, tokenizer, notes = load_base_and_adapter(source)
     batches = probe_batches(tokenizer)
     unmerged = logits_on(model, batches)
@@ -213,6 +231,33 @@ def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = N
     for note in notes:
         echo(f"note: {note}")
     echo(f"merged model written to {out}")
+    return report
+
+
+def _merge_sharded(source: ModelRef, out: Path, dtype_name: str, echo) -> MergeReport:
+    """The shard-by-shard merge (:mod:`tuneforge.merge.sharded`) into ``out``, written atomically."""
+    import torch
+
+    from tuneforge.merge import sharded
+    from tuneforge.models.reference import load_tokenizer_of
+
+    refuse_quantized_base(source)
+    factors = sharded.lora_factors(Path(source.adapter), source.adapter_config or {})
+    notes = ["merged shard by shard: the whole model did not fit the memory budget, so no logit check was run; "
+             "each weight is W + scaling·BA exactly as peft's merge computes it"]
+    if _trained_on_quantized_base(source):
+        notes.append(f"adapter trained on a 4-bit base: merged into the unquantized original weights from {source.base}")
+    report = MergeReport(out, source.base, float("nan"), float("nan"), float("nan"), dtype_name, notes)
+    with atomic_dir(out) as tmp:
+        names, total = sharded.merge_shards(Path(source.base), factors, tmp, getattr(torch, dtype_name))
+        sharded.copy_model_files(Path(source.base), tmp, dtype_name, total)
+        load_tokenizer_of(source).save_pretrained(tmp)
+        copy_template_files(source, tmp)
+        atomic_write_json(tmp / "merge_report.json", {**report.to_dict(), "strategy": "sharded",
+                                                       "merged_weights": len(names)})
+    for note in notes:
+        echo(f"note: {note}")
+    echo(f"merged model written to {out} ({len(names)} weights folded, shard by shard)")
     return report
 
 
