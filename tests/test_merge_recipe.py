@@ -13,10 +13,6 @@ from tests.helpers import make_adapter, save_base
 from tuneforge.errors import UserError
 
 
-def _quiet(*_):
-    pass
-
-
 def tensors(folder: Path) -> dict:
     """Every tensor of a saved model directory (single file or shards)."""
     from safetensors.torch import load_file
@@ -55,7 +51,7 @@ def run(tmp_path: Path, recipe: dict, name: str = "out", **kwargs) -> dict:
 
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    merge_recipe(path, tmp_path / name, echo=_quiet, **kwargs)
+    merge_recipe(path, tmp_path / name, **kwargs)
     return tensors(tmp_path / name)
 
 
@@ -240,7 +236,7 @@ def test_bad_recipes_give_clear_errors(tmp_path, models, tiny_tokenizer):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump(recipe) if isinstance(recipe, dict) else recipe)
         with pytest.raises(UserError, match=match):
-            merge_recipe(path, tmp_path / "never", echo=_quiet)
+            merge_recipe(path, tmp_path / "never")
         assert not (tmp_path / "never").exists()
 
     fails({"merge_method": "tiess", "base_model": str(base), "models": [{"model": str(a)}]},
@@ -272,7 +268,7 @@ def test_adapters_of_different_bases_are_refused(tmp_path, models, tiny_llama, t
     path = tmp_path / "mixed.yaml"
     path.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(ad1)}, {"model": str(ad2)}]}))
     with pytest.raises(UserError, match="different bases"):
-        merge_recipe(path, tmp_path / "out", echo=_quiet)
+        merge_recipe(path, tmp_path / "out")
 
 
 @pytest.mark.parametrize("method", ["linear", "ties"])
@@ -329,8 +325,8 @@ def test_adapter_against_another_base_model_is_refused(tmp_path, models):
     path.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(a),
                                     "models": [{"model": str(adapter)}]}))
     with pytest.raises(UserError, match="different bases"):
-        merge_recipe(path, tmp_path / "out", echo=_quiet)
+        merge_recipe(path, tmp_path / "out")
     # a fine-tuned full model and an adapter of the shared base may be averaged
     path.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(adapter)}]}))
-    merge_recipe(path, tmp_path / "out", echo=_quiet)
+    merge_recipe(path, tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from tuneforge.console import say
 from tuneforge.errors import UserError, did_you_mean
 from tuneforge.merge.lora import copy_template_files, local_ref
 from tuneforge.merge.methods import MergeMethod, get_merge_method
@@ -153,8 +154,7 @@ class _Input:
         return Path(self.source.base)
 
 
-def merge_recipe(recipe_path: str | Path, out: str | Path, *, max_shard_size: str | int = "2GB",
-                 echo=print) -> dict:
+def merge_recipe(recipe_path: str | Path, out: str | Path, *, max_shard_size: str | int = "2GB") -> dict:
     """Run a merge recipe and write a standard HF model directory at ``out`` (atomically).
 
     Returns:
@@ -199,7 +199,7 @@ def merge_recipe(recipe_path: str | Path, out: str | Path, *, max_shard_size: st
     names = reference.reader.keys()
     seed = int(shared.pop("seed", 0))
     out_dtype = OUT_DTYPES[recipe.dtype] if recipe.dtype else None
-    echo(f"merging {len(merging)} model(s) with {method.name} over {len(names)} tensors")
+    say(f"merging {len(merging)} model(s) with {method.name} over {len(names)} tensors")
     shard_limit = _parse_size(max_shard_size)
     with atomic_dir(out) as tmp:
         writer = _ShardWriter(tmp, shard_limit)
@@ -225,7 +225,7 @@ def merge_recipe(recipe_path: str | Path, out: str | Path, *, max_shard_size: st
                    "models": [m.given for m in merging], "tensors": len(names),
                    "dtype": out_dtype or config.get("dtype") or config.get("torch_dtype"), "files": files}
         atomic_write_json(tmp / "merge_report.json", summary)
-    echo(f"merged model written to {out} ({len(files)} safetensors file(s))")
+    say(f"merged model written to {out} ({len(files)} safetensors file(s))")
     return summary
 
 
