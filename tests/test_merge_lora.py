@@ -37,7 +37,7 @@ def test_merged_run_loads_in_stock_transformers_and_matches_adapter(tmp_path, ba
 
     run = make_run(tmp_path / "runs" / "a", base_dir)
     out = tmp_path / "merged"
-    report = merge_lora(run, out, echo=lambda *_: None)
+    report = merge_lora(run, out)
 
     assert report.max_diff < 1e-4 and report.mean_diff <= report.max_diff
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
@@ -56,18 +56,18 @@ def test_merged_run_loads_in_stock_transformers_and_matches_adapter(tmp_path, ba
     assert saved["max_logit_diff"] == pytest.approx(report.max_diff)
 
 
-def test_adapter_dir_merge_and_template_from_adapter(tmp_path, base_dir):
+def test_adapter_dir_merge_and_template_from_adapter(tmp_path, base_dir, capsys):
     from tuneforge.merge.lora import merge_lora
 
     adapter = make_adapter(base_dir, tmp_path / "adapter", seed=3, target_modules=("q_proj", "down_proj"))
-    report = merge_lora(adapter, tmp_path / "out", echo=lambda *_: None)
+    report = merge_lora(adapter, tmp_path / "out")
     assert report.base == str(base_dir.resolve())
     assert (tmp_path / "out" / "chat_template.jinja").is_file()
     # a run's final/ is the run (models.reference.resolve): its qlora method is known, so the note appears
-    lines = []
     run = make_run(tmp_path / "runs" / "q", base_dir, method="qlora")
-    merge_lora(run / "final", tmp_path / "out2", echo=lines.append)
-    assert any("dequantise-first" in line for line in lines)
+    capsys.readouterr()
+    merge_lora(run / "final", tmp_path / "out2")
+    assert "dequantise-first" in capsys.readouterr().out
 
 
 def test_merge_above_tolerance_fails_and_writes_nothing(tmp_path, base_dir, capsys):
@@ -120,17 +120,17 @@ def test_quantized_base_is_refused_with_reason(tmp_path, base_dir):
     with pytest.raises(UserError, match="quantized.*--base"):
         merge_lora(adapter, tmp_path / "out", base=str(qbase))
     # the dequantise-first route: the original unquantized base is given explicitly
-    merge_lora(adapter, tmp_path / "out", base=str(base_dir), echo=lambda *_: None)
+    merge_lora(adapter, tmp_path / "out", base=str(base_dir))
     assert (tmp_path / "out" / "config.json").is_file()
 
 
-def test_qlora_run_merges_into_unquantized_base_with_a_note(tmp_path, base_dir):
+def test_qlora_run_merges_into_unquantized_base_with_a_note(tmp_path, base_dir, capsys):
     from tuneforge.merge.lora import merge_lora
 
-    lines = []
     run = make_run(tmp_path / "q", base_dir, method="qlora")
-    merge_lora(run, tmp_path / "out", echo=lines.append)
-    assert any("dequantise-first" in line for line in lines)
+    capsys.readouterr()
+    merge_lora(run, tmp_path / "out")
+    assert "dequantise-first" in capsys.readouterr().out
 
 
 def test_missing_and_wrong_paths_are_user_errors(tmp_path):

@@ -33,10 +33,6 @@ def _tensors(folder: Path) -> dict:
     return out
 
 
-def _quiet(*_):
-    return None
-
-
 def test_sharded_merge_equals_the_in_memory_merge(tmp_path, sharded_base):
     import torch
     from transformers import AutoModelForCausalLM
@@ -44,9 +40,9 @@ def test_sharded_merge_equals_the_in_memory_merge(tmp_path, sharded_base):
     from tuneforge.merge.lora import merge_lora
 
     run = make_run(tmp_path / "run", sharded_base, target_modules=("q_proj", "v_proj", "down_proj"))
-    memory = merge_lora(run, tmp_path / "memory", strategy="memory", echo=_quiet)
+    memory = merge_lora(run, tmp_path / "memory", strategy="memory")
     assert memory.max_diff <= memory.tolerance
-    merge_lora(run, tmp_path / "sharded", strategy="sharded", echo=_quiet)
+    merge_lora(run, tmp_path / "sharded", strategy="sharded")
 
     in_memory, by_shard = _tensors(tmp_path / "memory"), _tensors(tmp_path / "sharded")
     base = _tensors(sharded_base)
@@ -67,7 +63,7 @@ def test_sharded_merge_equals_the_in_memory_merge(tmp_path, sharded_base):
     assert (tmp_path / "sharded" / "chat_template.jinja").is_file() or (tmp_path / "sharded" / "template.json").is_file()
 
 
-def test_auto_goes_shard_by_shard_when_the_model_exceeds_the_budget(tmp_path, sharded_base):
+def test_auto_goes_shard_by_shard_when_the_model_exceeds_the_budget(tmp_path, sharded_base, capsys):
     from tuneforge.merge.lora import local_ref
     from tuneforge.merge.sharded import estimate_merge_bytes, plan_merge
 
@@ -82,11 +78,11 @@ def test_auto_goes_shard_by_shard_when_the_model_exceeds_the_budget(tmp_path, sh
     with pytest.raises(UserError, match="--max-memory"):
         plan_merge(ref, 4, "auto", max_memory=need["sharded"] // 2)
 
-    lines: list[str] = []
     from tuneforge.merge.lora import merge_lora
 
-    merge_lora(run, tmp_path / "out", max_memory=budget, echo=lines.append)
-    assert any("→ sharded" in line for line in lines)
+    capsys.readouterr()
+    merge_lora(run, tmp_path / "out", max_memory=budget)
+    assert "→ sharded" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "merge_report.json").read_text())["strategy"] == "sharded"
 
 
@@ -95,7 +91,7 @@ def test_adapters_that_do_not_fold_tensor_by_tensor_are_refused_before_writing(t
 
     dora = make_adapter(sharded_base, tmp_path / "dora", use_dora=True)
     with pytest.raises(UserError, match="in memory"):
-        merge_lora(dora, tmp_path / "out", strategy="sharded", echo=_quiet)
+        merge_lora(dora, tmp_path / "out", strategy="sharded")
     assert not (tmp_path / "out").exists()
 
 
@@ -116,8 +112,8 @@ def test_single_file_base_merges_shard_by_shard_too(tmp_path, tiny_llama, tiny_t
 
     base = save_base(tiny_llama, tiny_tokenizer, tmp_path / "base")
     run = make_run(tmp_path / "run", base)
-    merge_lora(run, tmp_path / "a", strategy="memory", echo=_quiet)
-    merge_lora(run, tmp_path / "b", strategy="sharded", dtype="bf16", echo=_quiet)
+    merge_lora(run, tmp_path / "a", strategy="memory")
+    merge_lora(run, tmp_path / "b", strategy="sharded", dtype="bf16")
     a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
     assert all(t.dtype == torch.bfloat16 for t in b.values())
     for name in a:

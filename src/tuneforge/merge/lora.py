@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneforge.console import say
 from tuneforge.errors import UserError
 from tuneforge.models.reference import TEMPLATE_FILES, ModelRef
 from tuneforge.utils import atomic_dir, atomic_write_json
@@ -163,7 +164,7 @@ def logit_difference(reference: list, other: list) -> tuple[float, float]:
 
 
 def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = None, dtype: str = "fp32",
-               base: str | None = None, echo=print, strategy: str = "auto",
+               base: str | None = None, strategy: str = "auto",
                max_memory: int | None = None) -> MergeReport:
     """Merge the adapter of a run (or adapter directory) into its base and save a plain HF model at ``out``.
 
@@ -174,7 +175,6 @@ def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = N
             default by ``dtype`` (1e-3 for fp32).
         dtype: saved precision, ``fp32`` | ``bf16`` | ``fp16``.
         base: use this base model instead of the one recorded in the adapter.
-        echo: where progress lines go.
         strategy: ``auto`` (in memory when the estimate fits ``max_memory``, else shard by shard), ``memory`` or
             ``sharded`` (:mod:`tuneforge.merge.sharded`: one safetensors shard at a time, no logit check).
         max_memory: the memory budget in bytes (default: the RAM available now).
@@ -204,9 +204,9 @@ def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = N
     plan = plan_merge(source, torch.tensor([], dtype=getattr(torch, dtype_name)).element_size(), strategy,
                       max_memory)
     if plan.need:
-        echo(plan.describe())
+        say(plan.describe())
     if plan.strategy == "sharded":
-        return _merge_sharded(source, out, dtype_name, echo)
+        return _merge_sharded(source, out, dtype_name)
     model, tokenizer, notes = load_base_and_adapter(source)
     batches = probe_batches(tokenizer)
     unmerged = logits_on(model, batches)
@@ -214,7 +214,7 @@ def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = N
     merged = merged.to(getattr(torch, dtype_name))
     after = logits_on(merged, batches)
     max_diff, mean_diff = logit_difference(unmerged, after)
-    echo(f"logit difference adapter vs merged on {len(batches)} probes: max {max_diff:.3g}, mean {mean_diff:.3g} "
+    say(f"logit difference adapter vs merged on {len(batches)} probes: max {max_diff:.3g}, mean {mean_diff:.3g} "
          f"(tolerance {tolerance:g})")
     if not max_diff <= tolerance:  # also catches NaN
         raise UserError(
@@ -229,12 +229,12 @@ def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = N
         copy_template_files(source, tmp)
         atomic_write_json(tmp / "merge_report.json", report.to_dict())
     for note in notes:
-        echo(f"note: {note}")
-    echo(f"merged model written to {out}")
+        say(f"note: {note}")
+    say(f"merged model written to {out}")
     return report
 
 
-def _merge_sharded(source: ModelRef, out: Path, dtype_name: str, echo) -> MergeReport:
+def _merge_sharded(source: ModelRef, out: Path, dtype_name: str) -> MergeReport:
     """The shard-by-shard merge (:mod:`tuneforge.merge.sharded`) into ``out``, written atomically."""
     import torch
 
@@ -256,8 +256,8 @@ def _merge_sharded(source: ModelRef, out: Path, dtype_name: str, echo) -> MergeR
         atomic_write_json(tmp / "merge_report.json", {**report.to_dict(), "strategy": "sharded",
                                                        "merged_weights": len(names)})
     for note in notes:
-        echo(f"note: {note}")
-    echo(f"merged model written to {out} ({len(names)} weights folded, shard by shard)")
+        say(f"note: {note}")
+    say(f"merged model written to {out} ({len(names)} weights folded, shard by shard)")
     return report
 
 
