@@ -16,7 +16,7 @@ from tuneforge.data.teacher import PROBE_PROMPT, teacher_name
 
 
 def add_commands(subparsers) -> None:
-    """Add ``data preview`` and ``data augment`` to the top-level subparsers."""
+    """Add ``data preview``, ``data prepare`` and ``data augment`` to the top-level subparsers."""
     data = subparsers.add_parser(
         "data",
         help="inspect a run's data (rendered samples, masks, statistics); "
@@ -38,7 +38,53 @@ def add_commands(subparsers) -> None:
         "overrides", nargs=argparse.REMAINDER, help="dotted overrides, e.g. data.max_length=512"
     )
     preview.set_defaults(func=_preview)
+    _add_prepare(sub)  # data prepare (tuneforge/commands/prepare.py, the data helper's)
     _add_augment(sub)
+
+
+def _prepare_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-cache", action="store_true", help="build into a temporary directory, reuse nothing")
+    parser.add_argument("--cache-dir", default=None, help="cache location (default data.cache_dir, else "
+                        "$TUNEFORGE_CACHE/data or ~/.cache/tuneforge/data)")
+    parser.add_argument("--num-proc", type=int, default=None, help="worker processes (default data.num_proc, "
+                        "else the CPUs for 20,000+ records)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object: cache entry, time, statistics")
+
+
+def _add_prepare(sub) -> None:
+    prepare = sub.add_parser(
+        "prepare",
+        help="read, clean, render, tokenize, mask and pack a run's data into the cache (Arrow, memory-mapped)",
+        description="Prepare the data a run config describes into the data cache, in parallel, with progress "
+        "(records/s, ETA). train, data preview, eval and search trials reuse the entry; a changed data file, "
+        "setting, tokenizer or template builds a new one. See docs/data.md, 'Prepared data and the cache'.",
+    )
+    _prepare_options(prepare)
+    prepare.add_argument("config", help="run config (YAML)")
+    prepare.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides, e.g. data.max_length=512")
+    prepare.set_defaults(func=_prepare)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from tuneforge.commands.prepare import run_prepare
+    from tuneforge.errors import UserError
+
+    rest = argparse.ArgumentParser(prog="tuneforge data prepare", add_help=False, exit_on_error=False)
+    _prepare_options(rest)
+    rest.add_argument("overrides", nargs="*")
+    rest.set_defaults(no_cache=args.no_cache, cache_dir=args.cache_dir, num_proc=args.num_proc, json=args.json)
+    try:
+        more = rest.parse_intermixed_args(args.overrides)
+    except argparse.ArgumentError as exc:
+        raise UserError(f"data prepare: {exc}") from None
+    unknown = [o for o in more.overrides if o.startswith("-")]
+    if unknown:
+        raise UserError(f"data prepare: unknown option {unknown[0]!r} (options: --no-cache, --cache-dir DIR, "
+                        "--num-proc N, --json)")
+    if more.num_proc is not None and more.num_proc < 1:
+        raise UserError("data prepare: --num-proc must be at least 1")
+    return run_prepare(args.config, more.overrides, no_cache=more.no_cache, cache_dir=more.cache_dir,
+                       num_proc=more.num_proc, as_json=more.json)
 
 
 def _add_augment(sub) -> None:

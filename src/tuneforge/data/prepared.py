@@ -280,9 +280,9 @@ def _records(data_cfg, sources: list[str], folder: Path, name: str, num_proc, pr
     del dataset
     raw_path.unlink(missing_ok=True)
     table = _open_table(folder, files, columns=["source", "short", "html", "norm", "k1", "k2", "task"])
-    short = table.column("short").to_numpy(zero_copy_only=False).astype(bool)
-    html = table.column("html").to_numpy(zero_copy_only=False).astype(bool)
-    norm = table.column("norm").to_numpy(zero_copy_only=False).astype(bool)
+    short = _np(table.column("short")).astype(bool)
+    html = _np(table.column("html")).astype(bool)
+    norm = _np(table.column("norm")).astype(bool)
     candidates = np.flatnonzero(~short)
     report = {"records_in": n, "records_out": 0, "html_changed": int(html.sum()),
               "normalize_changed": int(norm.sum()), "dropped_min_length": int(short.sum()),
@@ -291,8 +291,7 @@ def _records(data_cfg, sources: list[str], folder: Path, name: str, num_proc, pr
     if short.any():
         firsts.append((int(np.flatnonzero(short)[0]), "min_length", 0))
     if clean["dedup"] and len(candidates):
-        keys = np.stack([table.column("k1").to_numpy(zero_copy_only=False)[candidates],
-                         table.column("k2").to_numpy(zero_copy_only=False)[candidates]], axis=1)
+        keys = np.stack([_np(table.column("k1"))[candidates], _np(table.column("k2"))[candidates]], axis=1)
         _, first = np.unique(keys, axis=0, return_index=True)
         is_first = np.zeros(len(candidates), dtype=bool)
         is_first[first] = True
@@ -424,8 +423,8 @@ def _jsonl_lines(path: Path, fmt: str, bar):
 def _canon_features():
     from datasets import Features, Value
 
-    return Features({"record": Value("large_string"), "source": Value("string"), "short": Value("bool"),
-                     "html": Value("bool"), "norm": Value("bool"), "k1": Value("int64"), "k2": Value("int64"),
+    return Features({"record": Value("large_string"), "source": Value("string"), "short": Value("int8"),
+                     "html": Value("int8"), "norm": Value("int8"), "k1": Value("int64"), "k2": Value("int64"),
                      "task": Value("string")})
 
 
@@ -598,7 +597,7 @@ def _sft_stats(table, n_records: int, data_cfg, template, what: str) -> dict:
             f"turn). Raise data.max_length, shorten the prompts, or check the chat template ({template.name!r}) "
             "with `tuneforge data preview`"
         )
-    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+    lengths = _lengths(table)
     tokens = int(lengths.sum())
     supervised = int(pc.sum(table.column("sup")).as_py())
     distinct = len(pc.unique(table.column("rec")))
@@ -759,7 +758,19 @@ def _lengths(table, column: str = "input_ids"):
 
     if table is None:
         return np.zeros(0, dtype=np.int64)
-    return pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False).astype(np.int64)
+    return _np(pc.list_value_length(table.column(column))).astype(np.int64)
+
+
+def _np(values):
+    """A numpy view of an Arrow integer column without nulls (``to_numpy`` would import pandas: ~2 s)."""
+    import numpy as np
+    import pyarrow as pa
+
+    array = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if isinstance(array, pa.ChunkedArray):  # no chunks at all
+        return np.zeros(0, dtype=np.int64)
+    dtype = np.dtype(array.type.to_pandas_dtype())
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
 
 
 def _write_rows(folder: Path, name: str, rows: list[dict]) -> str:
@@ -960,8 +971,8 @@ class PackedRows(_ArrowRows):
         if not len(self.plan):
             return np.zeros(0, dtype=np.int64)
         plan = self.plan.combine_chunks()
-        offsets = plan.offsets.to_numpy()
-        members = plan.flatten().to_numpy()
+        offsets = _np(plan.offsets)
+        members = _np(plan.flatten())
         return np.add.reduceat(self.samples.lengths()[members], offsets[:-1]).astype(np.int64)
 
 

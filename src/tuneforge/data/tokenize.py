@@ -71,7 +71,7 @@ def plan_turns(messages: list[dict], template: Any, tokenizer: Any = None,
         if message["role"] != "assistant":
             continue
         prompt = template.render(messages[:i], add_generation_prompt=True, tokenizer=tokenizer, tools=tools)
-        answer, rule = _rendered_answer(messages, i, prompt, template, tokenizer, tools, ends)
+        answer, rule = _rendered_answer(messages, i, prompt, template, tokenizer, tools, ends, full)
         if answer is None:
             answer, rule = _rebuilt_answer(messages, i, prompt, template, tokenizer, tools, ends), "rebuilt"
         appended = False
@@ -86,10 +86,12 @@ def plan_turns(messages: list[dict], template: Any, tokenizer: Any = None,
     return full, turns
 
 
-def _rendered_answer(messages, i, prompt, template, tokenizer, tools, ends) -> tuple[str | None, str]:
+def _rendered_answer(messages, i, prompt, template, tokenizer, tools, ends, full=None) -> tuple[str | None, str]:
     if template.has_generation_markers:
         upto, spans = template.render_with_spans(messages[: i + 1], tokenizer=tokenizer, tools=tools)
         rule = "markers"
+    elif full is not None and i == len(messages) - 1:  # the last turn: the whole conversation, rendered already
+        upto, spans, rule = full, [], "prefix"
     else:
         upto, spans, rule = template.render(messages[: i + 1], tokenizer=tokenizer, tools=tools), [], "prefix"
     if not upto.startswith(prompt):
@@ -236,13 +238,39 @@ def _sample(text, ids, offsets, labels, max_length, rule, turns, extra, stop_app
 
 
 def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    backend = _backend(tokenizer)
+    if backend is not None:
+        encoding = backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
 
 
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    backend = _backend(tokenizer)
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=False).ids
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _backend(tokenizer: Any):
+    """The ``tokenizers`` object under a fast tokenizer when calling it directly gives exactly the ids and offsets
+    ``tokenizer(text, add_special_tokens=False)`` gives (no truncation/padding configured on it, special tokens
+    not split), else None. Calling it directly skips ~0.5 ms of transformers' wrapping per call."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "split_special_tokens", False):
+        return None
+    try:
+        if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens:
+            return None
+    except AttributeError:
+        return None
+    return backend
+
+
 def _same_prefix(tokenizer: Any, prompt: str, ids: list[int], offsets: list[tuple[int, int]]) -> bool:
     """True when the whole conversation's ids start with exactly the ids generation builds for ``prompt``."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = _ids(tokenizer, prompt)
     n = len(prompt_ids)
     return ids[:n] == list(prompt_ids) and (n == len(ids) or offsets[n][0] >= len(prompt))
 
@@ -255,7 +283,7 @@ def _encode_continuation(tokenizer, prompt: str, answer: str, prompt_ids: list[i
         return ids[n:], offsets[n:]
     # The boundary tokenises differently in context: encode the answer alone (after a newline, so that a
     # SentencePiece tokenizer adds no word-start space), keeping the prompt's ids exactly as generation sees them.
-    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    newline = _ids(tokenizer, "\n")
     ids, offsets = _encode(tokenizer, "\n" + answer)
     if ids[: len(newline)] == list(newline):
         ids, offsets = ids[len(newline):], offsets[len(newline):]
