@@ -47,6 +47,11 @@ def add_commands(subparsers) -> None:
     p.add_argument("--recommend", action="store_true", help="choose method, rank, batch, accumulation, checkpointing")
     p.add_argument("--target-batch", type=int, help="effective batch for --recommend (default 16, the guide's)")
     p.add_argument("--margin", type=float, default=0.10, help="safety margin of the budget (default 0.10)")
+    p.add_argument("--phase", choices=["train", "merge", "export", "eval", "serve"], default="train",
+                   help="which phase to bill: training (default), the LoRA merge, an export (--quantize), evaluation "
+                        "(--batch-size x --seq-len) or serving (--token-budget)")
+    p.add_argument("--quantize", default="q8_0", help="--phase export: int8 | int4 | f16 | bf16 | q8_0 | q4_0")
+    p.add_argument("--token-budget", type=int, default=32768, help="--phase serve: KV cache budget in tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_estimate)
 
@@ -123,6 +128,8 @@ def run_estimate(args) -> int:
         if isinstance(value, int) and value <= 0:
             raise UserError(f"--{key.replace('_', '-')} must be positive (got {value})")
     spec = model_spec(source)
+    if args.phase != "train":
+        return _print_phase(spec, args)
     budget = args.gpu_mem if args.gpu_mem is not None else extras.get("budget_gb")
     if args.recommend or extras.get("auto"):
         if budget is None:
@@ -199,6 +206,39 @@ def _print_bill(bill, budget_gb: float | None, margin: float) -> None:
         else:
             console.print(f"[red]does not fit[/red] in {budget_gb:g} GiB with a {margin:.0%} margin: "
                           f"{(bill.total_bytes - usable) / GiB:.2f} GiB over; try --recommend")
+
+
+def _print_phase(spec, args) -> int:
+    """``estimate --phase merge|export|eval|serve``: the phase's bill, as a table or one JSON object."""
+    from rich.table import Table
+
+    from tuneforge.console import out as console_out
+    from tuneforge.estimate.bill import GiB
+    from tuneforge.estimate.phases import phase_bill
+
+    bill = phase_bill(spec, args.phase, precision=args.precision or "fp32", r=args.r or DEFAULTS["r"],
+                      quantize=args.quantize, batch_size=args.batch_size or 8, seq_len=args.seq_len or 2048,
+                      token_budget=args.token_budget)
+    if args.json:
+        data = bill.to_json()
+        if args.gpu_mem is not None:
+            data["fits"] = bill.total_bytes <= args.gpu_mem * GiB * (1 - args.margin)
+        print(json.dumps(data))
+        return 0
+    table = Table(title=f"{bill.model}: {args.phase}")
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    for name, value in bill.components.items():
+        table.add_row(name, f"{value / GiB:.3f}")
+    table.add_row("peak", f"{bill.total_bytes / GiB:.3f}")
+    console = console_out()
+    console.print(table)
+    for note in bill.notes:
+        console.print(f"  {note}", markup=False)
+    if args.gpu_mem is not None:
+        fits = bill.total_bytes <= args.gpu_mem * GiB * (1 - args.margin)
+        console.print(f"{'fits' if fits else 'does not fit'} in {args.gpu_mem:g} GiB with a {args.margin:.0%} margin")
+    return 0
 
 
 # argparse type hint for tests/tools that build the parser alone

@@ -63,13 +63,15 @@ def base_shards(base_dir: Path) -> list[Path]:
 def shard_elements(base_dir: Path) -> list[int]:
     """The number of floating-point elements in each safetensors file of the base, read from the file headers
     (no tensor is loaded)."""
+    return [file_elements(shard) for shard in base_shards(base_dir)]
+
+
+def file_elements(path: Path) -> int:
+    """The number of elements stored in one safetensors file, from its header."""
     from safetensors import safe_open
 
-    counts = []
-    for shard in base_shards(base_dir):
-        with safe_open(str(shard), framework="pt") as handle:
-            counts.append(sum(_numel(handle.get_slice(name).get_shape()) for name in handle.keys()))
-    return counts
+    with safe_open(str(path), framework="pt") as handle:
+        return sum(_numel(handle.get_slice(name).get_shape()) for name in handle.keys())
 
 
 def _numel(shape: list[int]) -> int:
@@ -229,7 +231,7 @@ def estimate_merge_bytes(base_dir: Path, adapter_dir: Path, dtype_size: int) -> 
     """
     elements = shard_elements(base_dir)
     adapter_file = adapter_dir / "adapter_model.safetensors"
-    adapter = 2 * adapter_file.stat().st_size if adapter_file.is_file() else 0  # fp32 copies of bf16/fp16 factors
+    adapter = 4 * file_elements(adapter_file) if adapter_file.is_file() else 0  # the factors in fp32
     total = sum(elements)
     cast = total * dtype_size if dtype_size != 4 else 0
     return {"memory": 4 * total + cast + total * dtype_size + adapter,
