@@ -346,15 +346,7 @@ def rows_per_step(args: Any) -> int:
     return int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps) * int(args.world_size)
 
 
-def _callback_base():
-    try:
-        from transformers import TrainerCallback
-    except ImportError:  # pragma: no cover
-        return object
-    return TrainerCallback
-
-
-class StreamStateCallback(_callback_base()):
+class _StreamState:
     """Saves the stream's position with every checkpoint and restores it when training resumes.
 
     Add it to the Trainer (``callbacks=[StreamStateCallback(bundle.train)]``). It sets
@@ -386,6 +378,22 @@ class StreamStateCallback(_callback_base()):
             from tuneforge.utils import atomic_write_json
 
             atomic_write_json(folder / STATE_FILE, self.dataset.state(state.global_step * rows_per_step(args)))
+
+
+_CALLBACK: list = []
+
+
+def __getattr__(name: str):
+    # StreamStateCallback subclasses transformers' TrainerCallback, built on first use (importing transformers
+    # takes seconds; `import tuneforge.data.stream` stays light).
+    if name == "StreamStateCallback":
+        if not _CALLBACK:
+            from transformers import TrainerCallback
+
+            _CALLBACK.append(type("StreamStateCallback", (_StreamState, TrainerCallback),
+                                  {"__doc__": _StreamState.__doc__, "__module__": __name__}))
+        return _CALLBACK[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_state(checkpoint: Path) -> dict | None:
