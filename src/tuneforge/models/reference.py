@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuneforge.data.templates import TEMPLATE_FILE, TEMPLATE_JINJA
 from tuneforge.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,10 @@ RUN_METRICS = "metrics.jsonl"       # every logged step, eval and warning
 RUN_SUMMARY = "summary.json"        # final metrics, parameter counts, data statistics
 RUN_EVAL_RESULTS = "eval_results.json"
 RUN_REPORT = "report.html"
-RUN_TEMPLATE = "template.json"      # the chat template (name, jinja, stop strings)
+RUN_TEMPLATE = TEMPLATE_FILE        # the chat template (name, jinja, stop strings)
 RUN_MANIFEST = "tuneforge_run.json"  # written first into every run directory: tuneforge made it (train/rundir.py)
 RUN_TASKS = "tasks"                 # per-task runs (method.per_task): tasks/<task>/ is each task's own run
 RUN_STACK = "stack"                 # progressive LoRA (method.continue_from): stack/NN/ earlier adapters, in order
-TEMPLATE_JINJA = "chat_template.jinja"
 TEMPLATE_FILES = (RUN_TEMPLATE, TEMPLATE_JINJA)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Files that only a tuneforge run writes beside its config.yaml (one of them is enough).

@@ -27,6 +27,7 @@ EVAL_PER_MODULE = 5
 TRAIN_PER_MODULE = 150
 PRETRAIN_STEPS = 300
 SFT_STEPS = 150
+from tuneforge.models.reference import RUN_FINAL
 SAMPLES_SHOWN = 8
 METRICS = ("exact", "ppl")
 
@@ -59,7 +60,7 @@ def quickstart_configs(out: Path, pretrain_steps: int, sft_steps: int, small: bo
         "output_dir": str(out / "sft"),
         "seed": 42,
         "stage": "sft",
-        "model": {"name_or_path": str(out / "pretrain" / "final"), "chat_template": "auto"},
+        "model": {"name_or_path": str(out / "pretrain" / RUN_FINAL), "chat_template": "auto"},
         # All linear layers, the output layer and the input embeddings. Measured on this task (8 modules, 150
         # steps, same base): without the embeddings the adapter learns little more than the label prior (held-out
         # exact 8.8%, majority 12.5%) — the cue words' embeddings must move; with them 73%. The output layer is
