@@ -65,6 +65,22 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
     revision: str | None = None
     attn_implementation: str | None = None
+    gguf_file: str | None = Field(
+        None, description="a .gguf file inside the model.name_or_path directory (the directory plus this name is the "
+        "model; or give the .gguf file itself as name_or_path)")
+    untrained_tokens: Literal["train", "refuse", "ignore"] = Field(
+        "train", description="chat-template tokens whose embedding rows look untrained: train those rows (LoRA: peft "
+        "trainable_token_indices), refuse to start, or ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_file_in_directory(cls, data: Any) -> Any:
+        # name_or_path + gguf_file name one file: every consumer sees the file path (idempotent for resolved configs)
+        if isinstance(data, dict) and data.get("gguf_file") and data.get("name_or_path"):
+            name, file = str(data["name_or_path"]), str(data["gguf_file"])
+            if not name.rstrip("/").endswith(file):
+                data = {**data, "name_or_path": f"{name.rstrip('/')}/{file}"}
+        return data
 
     @field_validator("chat_template_kwargs")
     @classmethod

@@ -180,6 +180,11 @@ def resolve(path_or_id: str | Path, what: str | None = None, *, base_override: s
     if not path.exists():
         check_model_source(given, what)  # raises for local-looking paths
         return ModelRef(given, "hub", given, tokenizer=given)
+    from tuneforge.models.gguf import gguf_path_of
+
+    gguf = gguf_path_of(path)  # a GGUF file is a model: loaders convert it once into a cached HF directory
+    if gguf is not None:
+        return ModelRef(given, "model", str(gguf), tokenizer=str(gguf))
     run_dir, final = _run_and_final(path)
     method = (read_run_config(run_dir).get("method") or {}).get("name") if run_dir else None
     if is_adapter_dir(final):
@@ -261,8 +266,10 @@ def _base_of_adapter(adapter: Path, config: dict, run_dir: Path | None, base_ove
     if run_dir is not None:
         candidates += [run_dir / base] if base else []
         candidates.append(run_dir / RUN_BASE)
+    from tuneforge.models.gguf import is_gguf_file
+
     for candidate in candidates:
-        if (candidate / "config.json").is_file():
+        if (candidate / "config.json").is_file() or is_gguf_file(candidate):
             return str(candidate.resolve())
     if not base:
         raise UserError(f"{adapter}/adapter_config.json names no base_model_name_or_path: cannot find the base "
