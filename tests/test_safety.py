@@ -150,7 +150,7 @@ def test_overwrite_replaces_the_run_only_once_the_new_one_finished(tmp_path, cha
 
 
 def test_overwrite_that_fails_before_training_puts_the_old_run_back(tmp_path, chat_data, monkeypatch):
-    from tuneforge.train import run as run_module
+    from tuneforge.train import trainer as trainer_module
 
     out = tmp_path / "runs" / "back"
     raw = _cfg(out, chat_data, max_steps=2, save_steps=None)
@@ -161,7 +161,7 @@ def test_overwrite_that_fails_before_training_puts_the_old_run_back(tmp_path, ch
         assert not (out / "final").exists()  # the old run is aside by now
         raise RuntimeError("trainer could not be built")
 
-    monkeypatch.setattr(run_module, "_build_trainer", broken)
+    monkeypatch.setattr(trainer_module, "build_trainer", broken)
     with pytest.raises(RuntimeError, match="could not be built"):
         _train(raw, overwrite=True)
     assert _snapshot(out.parent) == before

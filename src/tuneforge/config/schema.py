@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-from tuneforge.config.formats import FORMAT_CHOICES
 from tuneforge.config.methods import METHOD_CONFIGS
-from tuneforge.config.retention import RetentionConfig
 from tuneforge.config.stages import STAGES, GrpoConfig, PreferenceConfig, RewardConfig  # noqa: F401 (re-exported)
 from tuneforge.config.strict import Strict
 
@@ -65,22 +63,6 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
     revision: str | None = None
     attn_implementation: str | None = None
-    gguf_file: str | None = Field(
-        None, description="a .gguf file inside the model.name_or_path directory (the directory plus this name is the "
-        "model; or give the .gguf file itself as name_or_path)")
-    untrained_tokens: Literal["train", "refuse", "ignore"] = Field(
-        "train", description="chat-template tokens whose embedding rows look untrained: train those rows (LoRA: peft "
-        "trainable_token_indices), refuse to start, or ignore")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _gguf_file_in_directory(cls, data: Any) -> Any:
-        # name_or_path + gguf_file name one file: every consumer sees the file path (idempotent for resolved configs)
-        if isinstance(data, dict) and data.get("gguf_file") and data.get("name_or_path"):
-            name, file = str(data["name_or_path"]), str(data["gguf_file"])
-            if not name.rstrip("/").endswith(file):
-                data = {**data, "name_or_path": f"{name.rstrip('/')}/{file}"}
-        return data
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -142,8 +124,7 @@ class DataConfig(Strict):
     train: list[str]
     eval: str | list[str] | None = None
     eval_split: float | None = Field(None, gt=0, lt=1)
-    format: Literal[FORMAT_CHOICES] = Field("auto", description="auto (detected from the first row) or a data "  # type: ignore[valid-type]
-                                            "format of config/formats.py")
+    format: Literal["auto", "text", "alpaca", "chat"] = "auto"
     text_separator: str = Field("\n\n\n", description="document separator inside .txt files")
     max_length: int = Field(1024, gt=8)
     packing: bool = True
@@ -206,6 +187,46 @@ class MonitorConfig(Strict):
     grad_spike_ratio: float = Field(5.0, gt=1)
     window: int = Field(20, gt=1)
     sample_every: int | None = Field(None, gt=0, description="steps between degeneration-check generations")
+
+
+class RetentionConfig(Strict):
+    """A loss term that keeps the model close to where it started (docs/forgetting.md).
+
+    ``ewc``: ``lambda/2 * sum F_i (theta_i - theta*_i)^2`` with a diagonal Fisher ``F`` from ``reference`` data;
+    ``l2sp``: ``lambda/2 * sum (theta_i - theta*_i)^2``; ``kd``: ``alpha * T^2 * KL(start || model)`` on
+    ``reference`` batches (the start model is the same model with the adapter disabled).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, serialize_by_alias=True,
+                              validate_by_name=True, validate_by_alias=True)
+
+    method: Literal["ewc", "l2sp", "kd"]
+    lambda_: float | None = Field(None, alias="lambda", ge=0, description="ewc/l2sp: penalty strength")
+    alpha: float | None = Field(None, ge=0, description="kd: weight of the distillation term")
+    temperature: float = Field(2.0, gt=0, description="kd: softmax temperature")
+    reference: str | list[str] | None = Field(None, description="ewc/kd: general data (files or a built-in corpus "
+                                                                 "name such as pydoc)")
+    samples: int = Field(64, gt=0, description="ewc: reference samples for the Fisher; kd: reference samples cycled")
+    batch_size: int | None = Field(None, gt=0, description="kd: reference samples per step (default train.batch_size)")
+
+    @model_validator(mode="after")
+    def _method_keys(self) -> RetentionConfig:
+        m = self.method
+        if m in ("ewc", "kd") and not self.reference:
+            raise ValueError(f"method {m!r} needs train.retention.reference (general data: a file or 'pydoc')")
+        if m == "kd" and self.lambda_ is not None:
+            raise ValueError("method 'kd' is weighted by train.retention.alpha, not lambda")
+        if m in ("ewc", "l2sp") and self.alpha is not None:
+            raise ValueError(f"method {m!r} is weighted by train.retention.lambda, not alpha")
+        if m == "l2sp" and self.reference:
+            raise ValueError("method 'l2sp' uses no reference data (drop train.retention.reference)")
+        if m in ("ewc", "l2sp") and self.lambda_ is None:
+            # No default: the right strength depends on the Fisher's (ewc) or the parameter count's (l2sp) scale.
+            raise ValueError(f"method {m!r} needs train.retention.lambda (its strength; docs/forgetting.md has "
+                             "measured values)")
+        if m == "kd" and self.alpha is None:
+            self.alpha = 1.0
+        return self
 
 
 class DistillConfig(Strict):
@@ -413,9 +434,6 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
-        if self.data.streaming and self.train.dataloader_workers:
-            raise ValueError("data.streaming reads in the training process (its position is saved with each "
-                             "checkpoint): set train.dataloader_workers: 0")
     def _defaults(self) -> RunConfig:
         if self.output_dir is None:
             self.output_dir = f"runs/{self.run_name}"

@@ -64,6 +64,16 @@ def register_stage(spec: StageSpec) -> StageSpec:
     return spec
 
 
+def stage_names() -> tuple[str, ...]:
+    """Every ``stage:`` value, in registration order."""
+    return tuple(STAGES)
+
+
+def stages_reading(kind: str) -> tuple[str, ...]:
+    """The stages whose records are of ``kind``."""
+    return tuple(name for name, spec in STAGES.items() if spec.data == kind)
+
+
 def section_value(section: Any, stage: str, key: str) -> Any:
     """``section.<key>`` as written, else the stage's default for it (e.g. ``beta``: dpo 0.1, simpo 2.0)."""
     value = getattr(section, key)

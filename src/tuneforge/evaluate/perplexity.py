@@ -19,8 +19,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tuneforge.data.tokenize import IGNORE
 from tuneforge.errors import UserError
+
+IGNORE = -100
 
 
 @dataclass

@@ -49,8 +49,7 @@ def preference_accuracy(model: Any, tokenizer: Any, template: Any, records: list
     """
     import torch
 
-    from tuneforge.data.preference import PairCollator, encode_pair
-    from tuneforge.data.tokenize import pad_id
+    from tuneforge.data.preference import PairCollator, _pad_id, encode_pair
     from tuneforge.models.scoring import sequence_logps
 
     rows, dropped = [], 0
@@ -67,7 +66,7 @@ def preference_accuracy(model: Any, tokenizer: Any, template: Any, records: list
         raise UserError(f"reward_acc: all {len(records)} pairs are longer than max_length={max_length}")
     if reference and not hasattr(model, "disable_adapter"):
         raise UserError("reward_acc with a reference needs an adapter model (the reference is the adapter disabled)")
-    collate = PairCollator(pad_id(tokenizer))
+    collate = PairCollator(_pad_id(tokenizer))
     device = next(model.parameters()).device
     wins, margins = 0.0, []
     was_training = model.training

@@ -21,6 +21,8 @@ class LoraPlusMethod(LoraMethod):
     """LoRA whose ``B`` matrices learn ``lr_ratio`` times faster than ``A``."""
 
     reference = "Hayou et al., 2024 — LoRA+: Efficient Low Rank Adaptation of Large Models"
+    owns_optimizer = True  # A and B in parameter groups of their own learning rates
+    shardable = False  # the optimizer is built over whole, unsharded parameters
 
     def create_optimizer(self, model: Any, cfg: Any, train_cfg: Any) -> Any:
         """The LoRA+ optimizer: ``train.optim``'s class with groups A at ``lr`` and B at ``lr * lr_ratio``."""

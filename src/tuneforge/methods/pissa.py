@@ -24,6 +24,8 @@ class PissaMethod(LoraMethod):
     """LoRA initialised from the principal singular vectors; exported as a plain LoRA adapter."""
 
     reference = "Meng et al., 2024 — PiSSA: Principal Singular Values and Singular Vectors Adaptation"
+    changes_base = True  # the principal components move from the base weights into the adapter
+    shardable = False  # the final conversion for the original base needs the unsharded model
 
     def lora_options(self, cfg: Any, model: Any) -> dict:
         """LoRA's options for ``cfg`` with ``init_lora_weights`` = ``pissa`` or ``pissa_niter_<niter>``."""

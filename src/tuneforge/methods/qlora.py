@@ -56,6 +56,7 @@ class QLoraMethod(LoraMethod):
     reference = "Dettmers et al., 2023. QLoRA: Efficient Finetuning of Quantized LLMs. arXiv:2305.14314"
     mergeable = True  # into a de-quantized copy of the base
     priced_as = "qlora"
+    quantized_base = True
 
     def model_load_kwargs(self, cfg: Any, dtype: Any) -> dict:
         """``{"quantization_config": BitsAndBytesConfig(...)}``; ``load_model`` places it on the run's device.

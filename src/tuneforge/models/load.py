@@ -44,13 +44,8 @@ def check_model_source(name: str, what: str = "model.name_or_path") -> str:
         shown = f"{name} ({path})" if name.startswith("~") else name
         raise UserError(f"local model path does not exist: {shown} (given as {what}; give a model directory "
                         "or a hub id)")
-    from tuneforge.models.gguf import gguf_path_of, materialize
-
-    gguf = gguf_path_of(path)  # a .gguf file (or a folder holding one): its cached plain HF conversion
-    if gguf is not None:
-        return str(materialize(gguf, what))
     if path.is_dir() and not any((path / f).exists() for f in ("config.json", "adapter_config.json")):
-        raise UserError(f"{path} (from {what}) is not a model directory: it has no config.json (or one .gguf file)")
+        raise UserError(f"{path} (from {what}) is not a model directory: it has no config.json")
     return str(path)
 
 
@@ -197,17 +192,11 @@ def load_pretrained(name: str, **kwargs):
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs, **hub_kwargs(name))
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs, **hub_kwargs(name))
     except OSError as exc:
         if looks_local(name):
             raise UserError(f"could not load a model from {name}: {exc}") from exc
         raise hub_error(name, exc) from exc
-    from tuneforge.models.gguf import source_of_dir
-
-    gguf = source_of_dir(name) if looks_local(name) else None
-    if gguf is not None:  # converted from a GGUF file: adapters and runs name the file, not the cache directory
-        model.name_or_path = model.config._name_or_path = gguf["gguf_file"]
-    return model
 
 
 def _from_config_tokenizer(model_cfg: Any, texts: Iterable[str] | None):

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneforge.data.templates import TEMPLATE_FILE, TEMPLATE_JINJA
 from tuneforge.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -31,10 +30,11 @@ RUN_METRICS = "metrics.jsonl"       # every logged step, eval and warning
 RUN_SUMMARY = "summary.json"        # final metrics, parameter counts, data statistics
 RUN_EVAL_RESULTS = "eval_results.json"
 RUN_REPORT = "report.html"
-RUN_TEMPLATE = TEMPLATE_FILE        # the chat template (name, jinja, stop strings)
+RUN_TEMPLATE = "template.json"      # the chat template (name, jinja, stop strings)
 RUN_MANIFEST = "tuneforge_run.json"  # written first into every run directory: tuneforge made it (train/rundir.py)
 RUN_TASKS = "tasks"                 # per-task runs (method.per_task): tasks/<task>/ is each task's own run
 RUN_STACK = "stack"                 # progressive LoRA (method.continue_from): stack/NN/ earlier adapters, in order
+TEMPLATE_JINJA = "chat_template.jinja"
 TEMPLATE_FILES = (RUN_TEMPLATE, TEMPLATE_JINJA)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Files that only a tuneforge run writes beside its config.yaml (one of them is enough).
@@ -180,11 +180,6 @@ def resolve(path_or_id: str | Path, what: str | None = None, *, base_override: s
     if not path.exists():
         check_model_source(given, what)  # raises for local-looking paths
         return ModelRef(given, "hub", given, tokenizer=given)
-    from tuneforge.models.gguf import gguf_path_of
-
-    gguf = gguf_path_of(path)  # a GGUF file is a model: loaders convert it once into a cached HF directory
-    if gguf is not None:
-        return ModelRef(given, "model", str(gguf), tokenizer=str(gguf))
     run_dir, final = _run_and_final(path)
     method = (read_run_config(run_dir).get("method") or {}).get("name") if run_dir else None
     if is_adapter_dir(final):
@@ -266,10 +261,8 @@ def _base_of_adapter(adapter: Path, config: dict, run_dir: Path | None, base_ove
     if run_dir is not None:
         candidates += [run_dir / base] if base else []
         candidates.append(run_dir / RUN_BASE)
-    from tuneforge.models.gguf import is_gguf_file
-
     for candidate in candidates:
-        if (candidate / "config.json").is_file() or is_gguf_file(candidate):
+        if (candidate / "config.json").is_file():
             return str(candidate.resolve())
     if not base:
         raise UserError(f"{adapter}/adapter_config.json names no base_model_name_or_path: cannot find the base "

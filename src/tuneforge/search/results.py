@@ -16,7 +16,6 @@ from typing import Any
 
 import yaml
 
-from tuneforge.models.reference import RUN_CONFIG
 from tuneforge.search.study import (
     FAIL_REASON,
     PRUNE_REASON,
@@ -136,7 +135,7 @@ def counts(table: list[Row]) -> dict[str, int]:
 
 def write_best(search: Search, row: Row) -> Path:
     """``<study_dir>/best.yaml``: the best trial's run config, renamed so that training it makes a new run."""
-    source = Path(row.run_dir or search.study_dir / f"trial-{row.number}") / RUN_CONFIG
+    source = Path(row.run_dir or search.study_dir / f"trial-{row.number}") / "config.yaml"
     raw = yaml.safe_load(source.read_text(encoding="utf-8")) if source.is_file() else None
     if raw is None:  # the trial ran on another machine: rebuild it from the study's parameters
         from tuneforge.search.study import trial_config

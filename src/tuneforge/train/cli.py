@@ -93,11 +93,10 @@ def train_command(args) -> int:
 
 def _train(cfg, args) -> int:
     from tuneforge.errors import UserError
-    from tuneforge.train import distributed
-    from tuneforge.train.run import run_training
+    from tuneforge.train import distributed, train
 
     try:
-        run_training(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+        train(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     except UserError as exc:
         distributed.report_status(exc.exit_code)
         raise

@@ -35,6 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from tuneforge.console import say
 from tuneforge.errors import UserError
 
 #: environment variable naming a file where rank 0 leaves its exit code for the launcher
@@ -231,7 +232,7 @@ def torchrun_command(plan: LaunchPlan, train_argv: list[str], shutdown_timeout_s
     return [*cmd, "-m", "tuneforge", "train", *train_argv]
 
 
-def launch(plan: LaunchPlan, train_argv: list[str], cfg: Any, echo=print) -> int:
+def launch(plan: LaunchPlan, train_argv: list[str], cfg: Any) -> int:
     """Check the launch, start torchrun, wait for it and return rank 0's exit code.
 
     ``train_argv`` is the ``tuneforge train`` command line without the launch flags. SIGTERM and SIGINT are passed
@@ -249,8 +250,8 @@ def launch(plan: LaunchPlan, train_argv: list[str], cfg: Any, echo=print) -> int
     if plan.master_addr and plan.nnodes > 1:
         check_master(plan.master_addr, plan.master_port or DEFAULT_PORT, plan.node_rank, dist.connect_timeout_s)
     if plan.from_slurm:
-        echo("launch: from SLURM's environment: " + ", ".join(plan.from_slurm))
-    echo(f"launch: {plan.nproc} process(es) on node {plan.node_rank} of {plan.nnodes} "
+        say("launch: from SLURM's environment: " + ", ".join(plan.from_slurm))
+    say(f"launch: {plan.nproc} process(es) on node {plan.node_rank} of {plan.nnodes} "
          f"(world size {plan.world_size}, strategy {dist.strategy})")
     status = Path(_status_file())
     env = {**os.environ, STATUS_ENV: str(status)}
@@ -582,8 +583,9 @@ def send_failure(message: str, exit_code: int) -> None:
         pass
 
 
-def receive_setup(echo=print) -> Handoff:
-    """Other ranks: wait for rank 0's setup — without a timeout — and load it.
+def receive_setup(echo=None) -> Handoff:
+    """Other ranks: wait for rank 0's setup — without a timeout — and load it (``echo``: where to say every
+    ten minutes that this rank is still waiting; nothing by default, rank 0 speaks for the run).
 
     Raises:
         SetupFailed: rank 0 failed (its message and exit code).
@@ -598,7 +600,7 @@ def receive_setup(echo=print) -> Handoff:
             if "timeout" not in str(exc).lower() and "timed out" not in str(exc).lower():
                 raise
             waited += 60
-            if waited % 600 == 0:
+            if waited % 600 == 0 and echo is not None:
                 echo(f"rank {world().rank}: still waiting for rank 0 to prepare the data ({waited // 60} min)")
     message = json.loads(store.get(_SETUP_KEY).decode("utf-8"))
     if "error" in message:

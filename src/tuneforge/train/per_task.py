@@ -5,8 +5,9 @@ The records' ``task`` field (``data/mix.py``) splits the data. ``runs/<name>/`` 
 after the parent's cleaning, ``max_samples`` and ``eval_split``, so train and eval are split exactly as one
 multi-task run would split them), ``base/`` (for a from-config model: the one random base every task adapter is
 trained on) and ``summary.json`` with a per-task table. ``runs/<name>/tasks/<task>/`` is each task's complete
-run (``tuneforge.models.reference.per_task_runs``), trained by :func:`tuneforge.train.run.run_training` with the
-parent's settings on that task's records only.
+run (``tuneforge.models.reference.per_task_runs``), trained by :func:`tuneforge.train.phases.run` with the
+parent's settings on that task's records only. The front door :func:`tuneforge.train.train` sends a
+``method.per_task`` config here.
 
 ``--resume`` skips finished tasks, resumes the one with a checkpoint, and restarts a task that stopped before its
 first checkpoint. Refused (``UserError``, before anything is written): a record without ``task``, a task name
@@ -24,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.config import RunConfig, dump_config, validate_config
+from tuneforge.console import say
 from tuneforge.errors import UserError
 from tuneforge.models.reference import RUN_BASE, RUN_CONFIG, RUN_FINAL, RUN_SUMMARY, RUN_TASKS
 from tuneforge.train import checkpoints, distributed, rundir
+from tuneforge.train.results import TrainingInterrupted, TrainingStopped, TrainResult
 from tuneforge.utils import atomic_write_json, atomic_write_text
 
 KEY = "method.per_task"
@@ -34,11 +37,11 @@ DATA_DIR = "data"  # the parent's per-task record files
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-def run_per_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, echo=print,
-                 callbacks: list | None = None, allow_config_change: bool = False):
+def run_per_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, callbacks: list | None = None,
+                 allow_config_change: bool = False):
     """Train one adapter per task of ``cfg``'s data, task by task, into ``<output_dir>/tasks/<task>/``.
 
-    Args: as :func:`tuneforge.train.run.run_training` (``resume`` and ``overwrite`` act on the parent run).
+    Args: as :func:`tuneforge.train.train` (``resume`` and ``overwrite`` act on the parent run).
 
     Returns:
         ``TrainResult(run_dir=<parent>, final_dir=<parent>/tasks, summary=<parent summary>, model=None)``.
@@ -47,70 +50,81 @@ def run_per_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         UserError: see the module docstring; also what a task run raises (``TrainingInterrupted`` on SIGTERM,
             exit 75: ``--resume`` continues that task).
     """
-    from transformers import set_seed
-
-    from tuneforge.train.run import TrainingInterrupted, TrainingStopped, TrainResult
-
     run_dir = Path(cfg.output_dir)
     check_options(cfg)
     with rundir.run_lock(run_dir):
-        check_parent_start(run_dir, resume, overwrite)
-        if resume:
-            rundir.check_same_setup(cfg.model_dump(mode="json"), run_dir, allow_config_change, echo)
-        train, evaluation = split_by_task(cfg)
-        set_seed(cfg.seed)
-        reuse_base = resume and _has_base(run_dir)  # the base the finished tasks were trained on
-        staged_base = _stage_base(cfg, run_dir) if cfg.model.from_config and not reuse_base else None
-        try:
-            start = rundir.begin(run_dir, cfg.run_name, resume, overwrite)
-        except BaseException:
-            _remove(staged_base)
-            raise
-        try:
-            atomic_write_text(run_dir / RUN_CONFIG, dump_config(cfg))
-            if staged_base is not None:
-                staged_base.rename(run_dir / RUN_BASE)
-            files = _write_task_data(run_dir, train, evaluation)
-        except BaseException:
-            start.undo()
-            _remove(staged_base)
-            raise
-        echo(f"per-task: {len(train)} tasks ({', '.join(f'{t}: {len(r)}' for t, r in train.items())} training "
-             f"records) → {run_dir / RUN_TASKS}/<task>")
+        start, train, evaluation, files = _begin_parent(cfg, run_dir, resume, overwrite, allow_config_change)
+        say(f"per-task: {len(train)} tasks ({', '.join(f'{t}: {len(r)}' for t, r in train.items())} training "
+            f"records) → {run_dir / RUN_TASKS}/<task>")
         rows: dict[str, dict] = {}
         for task in train:
             task_dir = run_dir / RUN_TASKS / task
-            state = task_state(task_dir)
-            if state == "done":
-                echo(f"per-task: {task}: finished, skipped")
-            else:
-                echo(f"per-task: training {task} ({state})")
-                task_cfg = task_config(cfg, task, files[task], run_dir)
-                try:
-                    run_training_of(task_cfg, resume=state == "resumable", overwrite=state == "restart",
-                                    echo=echo, callbacks=callbacks, allow_config_change=allow_config_change)
-                except (TrainingInterrupted, TrainingStopped) as exc:
-                    status = "interrupted" if isinstance(exc, TrainingInterrupted) else "stopped"
-                    atomic_write_json(run_dir / RUN_SUMMARY, {"status": status, "task": task, **_done(rows)})
-                    raise
-                except UserError:
-                    if not _task_dirs(run_dir):  # nothing trained yet: leave no half-made parent behind
-                        start.undo()
-                    raise
+            _train_task(cfg, task, task_dir, files[task], start, rows, callbacks, allow_config_change)
             rows[task] = task_row(task_dir, len(train[task]), len(evaluation.get(task, [])))
         summary = {"status": "completed", "run_name": cfg.run_name, "stage": cfg.stage, "method": cfg.method.name,
                    "per_task": True, "tasks": rows}
         atomic_write_json(run_dir / RUN_SUMMARY, summary)
-        start.finish(echo)
-    echo(f"done: {run_dir} ({len(rows)} task adapters in {run_dir / RUN_TASKS})")
+        start.finish(say)
+    say(f"done: {run_dir} ({len(rows)} task adapters in {run_dir / RUN_TASKS})")
     return TrainResult(run_dir=run_dir, final_dir=run_dir / RUN_TASKS, summary=summary, model=None)
 
 
-def run_training_of(task_cfg: RunConfig, **kwargs):
-    """One task's run (a seam for tests)."""
-    from tuneforge.train.run import run_training
+def _begin_parent(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, allow_config_change: bool):
+    """The parent's checks (nothing written), then its files: ``(start, train, evaluation, task files)``."""
+    from transformers import set_seed
 
-    return run_training(task_cfg, **kwargs)
+    check_parent_start(run_dir, resume, overwrite)
+    if resume:
+        rundir.check_same_setup(cfg.model_dump(mode="json"), run_dir, allow_config_change, say)
+    train, evaluation = split_by_task(cfg)
+    set_seed(cfg.seed)
+    reuse_base = resume and _has_base(run_dir)  # the base the finished tasks were trained on
+    staged_base = _stage_base(cfg, run_dir) if cfg.model.from_config and not reuse_base else None
+    try:
+        start = rundir.begin(run_dir, cfg.run_name, resume, overwrite)
+    except BaseException:
+        _remove(staged_base)
+        raise
+    try:
+        atomic_write_text(run_dir / RUN_CONFIG, dump_config(cfg))
+        if staged_base is not None:
+            staged_base.rename(run_dir / RUN_BASE)
+        files = _write_task_data(run_dir, train, evaluation)
+    except BaseException:
+        start.undo()
+        _remove(staged_base)
+        raise
+    return start, train, evaluation, files
+
+
+def _train_task(cfg: RunConfig, task: str, task_dir: Path, files, start, rows: dict, callbacks,
+                allow_config_change: bool) -> None:
+    """One task's run (skipped when finished); a stop records the parent's state and re-raises."""
+    run_dir = Path(cfg.output_dir)
+    state = task_state(task_dir)
+    if state == "done":
+        say(f"per-task: {task}: finished, skipped")
+        return
+    say(f"per-task: training {task} ({state})")
+    task_cfg = task_config(cfg, task, files, run_dir)
+    try:
+        run_training_of(task_cfg, resume=state == "resumable", overwrite=state == "restart", callbacks=callbacks,
+                        allow_config_change=allow_config_change)
+    except (TrainingInterrupted, TrainingStopped) as exc:
+        status = "interrupted" if isinstance(exc, TrainingInterrupted) else "stopped"
+        atomic_write_json(run_dir / RUN_SUMMARY, {"status": status, "task": task, **_done(rows)})
+        raise
+    except UserError:
+        if not _task_dirs(run_dir):  # nothing trained yet: leave no half-made parent behind
+            start.undo()
+        raise
+
+
+def run_training_of(task_cfg: RunConfig, **kwargs):
+    """One task's run: a plain run through the phases (a seam for tests)."""
+    from tuneforge.train.phases import run
+
+    return run(task_cfg, **kwargs)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -213,12 +227,13 @@ def _stage_base(cfg: RunConfig, run_dir: Path) -> Path:
 
     from tuneforge.data.build import tokenizer_texts
     from tuneforge.models.load import load_model
-    from tuneforge.train.run import _save_base, _template
+    from tuneforge.train.outputs import save_base
+    from tuneforge.train.phases import resolve_template
 
     model, tokenizer = load_model(cfg.model, texts=tokenizer_texts(cfg.data), device="cpu", dtype=torch.float32)
     staged = rundir.stage_dir(run_dir, RUN_BASE)
     try:
-        _save_base(model, tokenizer, _template(cfg, tokenizer), staged)
+        save_base(model, tokenizer, resolve_template(cfg, tokenizer), staged)
     except BaseException:
         _remove(staged)
         raise

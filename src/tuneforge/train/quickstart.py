@@ -27,7 +27,6 @@ EVAL_PER_MODULE = 5
 TRAIN_PER_MODULE = 150
 PRETRAIN_STEPS = 300
 SFT_STEPS = 150
-from tuneforge.models.reference import RUN_FINAL
 SAMPLES_SHOWN = 8
 METRICS = ("exact", "ppl")
 
@@ -60,7 +59,7 @@ def quickstart_configs(out: Path, pretrain_steps: int, sft_steps: int, small: bo
         "output_dir": str(out / "sft"),
         "seed": 42,
         "stage": "sft",
-        "model": {"name_or_path": str(out / "pretrain" / RUN_FINAL), "chat_template": "auto"},
+        "model": {"name_or_path": str(out / "pretrain" / "final"), "chat_template": "auto"},
         # All linear layers, the output layer and the input embeddings. Measured on this task (8 modules, 150
         # steps, same base): without the embeddings the adapter learns little more than the label prior (held-out
         # exact 8.8%, majority 12.5%) — the cue words' embeddings must move; with them 73%. The output layer is
@@ -97,7 +96,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", pretrain_steps: int | No
     ``majority_class_exact`` is the percentage of held-out items whose answer is the most frequent one.
     """
     from tuneforge.config import validate_config
-    from tuneforge.train.run import run_training
+    from tuneforge.train import train
 
     out = Path(out)
     started = time.time()
@@ -109,9 +108,9 @@ def run_quickstart(out: str | Path = "runs/quickstart", pretrain_steps: int | No
         atomic_write_text(out / "configs" / f"{name}.yaml", yaml.safe_dump(raw, sort_keys=False))
 
     _stage("1/3 pretraining a small Llama-style model on the Python documentation (stage pt, full)")
-    run_training(validate_config(raw_pt, "quickstart pretrain"), overwrite=True)
+    train(validate_config(raw_pt, "quickstart pretrain"), overwrite=True)
     _stage("2/3 LoRA fine-tuning: which standard-library module defines this? (stage sft, answer-only loss)")
-    run_training(validate_config(raw_sft, "quickstart sft"), overwrite=True)
+    train(validate_config(raw_sft, "quickstart sft"), overwrite=True)
     _stage(f"3/3 evaluating base vs tuned on {len(test)} held-out objects (tuneforge eval: exact, ppl)")
     base, tuned = evaluate_runs([out / "pretrain", out / "sft"], out / "data" / "heldout.jsonl", test)
     gold = [item["messages"][-1]["content"] for item in test]
