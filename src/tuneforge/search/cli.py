@@ -21,7 +21,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--objective", default="eval_loss", help=_objective_help())
     p.add_argument("--direction", choices=["minimize", "maximize"], help=_direction_help())
     p.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
-    p.add_argument("--storage", help="SQLAlchemy URL, e.g. postgresql://user:pw@host/db (default: SQLite file)")
+    p.add_argument("--storage", help="SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite file), or "
+                                     "env:NAME to read it from the environment variable NAME; keep passwords off the "
+                                     "command line (PGPASSWORD / ~/.pgpass, or env:NAME)")
     p.add_argument("--study", help="study name (default <run_name>-search); also the folder of its trials")
     p.add_argument("--out", help="study folder (default: beside the config's output_dir, named after the study)")
     p.add_argument("--pruner", default="median", help="median | halving | none (default median)")
@@ -66,6 +68,7 @@ def search_command(args: argparse.Namespace) -> int:
     from tuneforge.console import out as console_out
     from tuneforge.search.results import best_row, counts, print_leaderboard, rows, write_best, write_html
     from tuneforge.search.study import SearchOptions, prepare, run_search
+    from tuneforge.utils import raise_terminated
 
     options = SearchOptions(
         config=args.config, space=args.space, trials=args.trials, sampler=args.sampler, objective=args.objective,
@@ -76,10 +79,9 @@ def search_command(args: argparse.Namespace) -> int:
     search = prepare(options)
     console = console_out()
 
-    def interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: the running trial is queued again
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # SIGTERM stops the worker like Ctrl-C: the running trial is queued again, no next trial starts (exit 143).
+    # During training the run's own handler takes over (checkpoint, then TrainingInterrupted); run_trial handles both.
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         result = run_search(search, train_log=args.train_log)
     finally:
@@ -87,11 +89,11 @@ def search_command(args: argparse.Namespace) -> int:
     table = rows(result.study, search.direction)
     print_leaderboard(table, search.objective, console)
     summary = ", ".join(f"{v} {k}" for k, v in counts(table).items())
-    console.print(f"study '{search.study_name}': {summary}; this worker ran {len(result.ran)}")
+    console.print(f"study '{search.study_name}': {summary}; this worker ran {len(result.ran)}", markup=False, highlight=False)
     best = best_row(table)
     if best is not None:
-        console.print(f"best: trial {best.number}, {search.objective} {best.value:.6g} → {write_best(search, best)}")
+        console.print(f"best: trial {best.number}, {search.objective} {best.value:.6g} → {write_best(search, best)}", markup=False, highlight=False)
     else:
-        console.print("no completed trial yet: no best.yaml")
-    console.print(f"report: {write_html(search, result.study, table)}")
+        console.print("no completed trial yet: no best.yaml", markup=False, highlight=False)
+    console.print(f"report: {write_html(search, result.study, table)}", markup=False, highlight=False)
     return 0

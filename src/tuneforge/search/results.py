@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from tuneforge.models.reference import RUN_CONFIG
 from tuneforge.search.study import (
     FAIL_REASON,
     PRUNE_REASON,
@@ -98,14 +99,16 @@ def _fmt(value: Any) -> str:
 
 
 def print_leaderboard(table: list[Row], objective: str, console=None, limit: int = 30) -> None:
-    """A rich table of the trials, best first."""
+    """A rich table of the trials, best first. Cells are plain text (no rich markup): a value or a failure reason
+    with brackets (``[q_proj, v_proj]``, ``'[/x]'``) is shown as it is, never interpreted."""
     from rich.table import Table
+    from rich.text import Text
 
     from tuneforge.console import out as console_out
 
     console = console or console_out()
     keys = list(dict.fromkeys(k for r in table for k in r.values))
-    view = Table(title=f"leaderboard ({objective})")
+    view = Table(title=Text(f"leaderboard ({objective})"))
     for name, justify in (("#", "right"), ("trial", "right"), ("state", "left"), (objective, "right")):
         view.add_column(name, justify=justify)
     for key in keys:
@@ -114,13 +117,13 @@ def print_leaderboard(table: list[Row], objective: str, console=None, limit: int
         view.add_column(name, justify="left" if name == "note" else "right")
     colours = {"complete": "green", "pruned": "yellow", "failed": "red", "interrupted": "magenta"}
     for rank, row in enumerate(table[:limit], 1):
-        state = f"[{colours.get(row.state, 'white')}]{row.state}[/]"
-        view.add_row(str(rank), str(row.number), state, _fmt(row.value), *(_fmt(row.values.get(k)) for k in keys),
-                     _fmt(row.steps), _fmt(row.tokens), _fmt(round(row.seconds, 1) if row.seconds else None),
-                     row.note)
+        state = Text(row.state, style=colours.get(row.state, "white"))
+        cells = [_fmt(row.value), *(_fmt(row.values.get(k)) for k in keys), _fmt(row.steps), _fmt(row.tokens),
+                 _fmt(round(row.seconds, 1) if row.seconds else None), row.note]
+        view.add_row(str(rank), str(row.number), state, *map(Text, cells))
     console.print(view)
     if len(table) > limit:
-        console.print(f"... and {len(table) - limit} more trials (all of them in search.html)")
+        console.print(f"... and {len(table) - limit} more trials (all of them in search.html)", markup=False)
 
 
 def counts(table: list[Row]) -> dict[str, int]:
@@ -135,7 +138,7 @@ def counts(table: list[Row]) -> dict[str, int]:
 
 def write_best(search: Search, row: Row) -> Path:
     """``<study_dir>/best.yaml``: the best trial's run config, renamed so that training it makes a new run."""
-    source = Path(row.run_dir or search.study_dir / f"trial-{row.number}") / "config.yaml"
+    source = Path(row.run_dir or search.study_dir / f"trial-{row.number}") / RUN_CONFIG
     raw = yaml.safe_load(source.read_text(encoding="utf-8")) if source.is_file() else None
     if raw is None:  # the trial ran on another machine: rebuild it from the study's parameters
         from tuneforge.search.study import trial_config

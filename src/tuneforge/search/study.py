@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import time
 import warnings
@@ -57,7 +58,7 @@ class SearchOptions:
     objective: str = "eval_loss"
     direction: str | None = None
     timeout: float | None = None
-    storage: str | None = None
+    storage: str | None = field(default=None, repr=False)  # may hold a password
     study: str | None = None
     pruner: str = "median"
     pruner_startup: int = 2
@@ -80,7 +81,7 @@ class Search:
     trials: int | None
     study_name: str
     study_dir: Path
-    storage_url: str
+    storage_url: str = field(repr=False)  # may hold a password: print redact(storage_url)
     eval_records: list[dict] | None = None
     notes: list[str] = field(default_factory=list)
     _specs: dict = field(default_factory=dict, repr=False)
@@ -145,7 +146,7 @@ def prepare(options: SearchOptions) -> Search:
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise UserError(f"--study {name!r}: use letters, digits, '-', '_' and '.' (it names a folder)")
     study_dir = Path(options.out) if options.out else Path(base.output_dir).parent / name
-    url = options.storage or f"sqlite:///{(study_dir / 'study.db').resolve()}"
+    url = storage_url(options.storage) or f"sqlite:///{(study_dir / 'study.db').resolve()}"
     return Search(options=options, base_raw=base_raw, base=base, space=space, objective=objective,
                   direction=direction, trials=trials, study_name=name, study_dir=study_dir, storage_url=url,
                   eval_records=records, notes=notes)
@@ -216,13 +217,41 @@ def _objective_records(base: RunConfig, objective: str, options: SearchOptions) 
 # --------------------------------------------------------------------------- storage and study
 
 
-def redact(url: str) -> str:
-    """``url`` without its password (for messages)."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in creds:
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+")
+# key=value secrets: URL query parameters (?password=, &sslpassword=) and libpq-style "password=..." in messages
+_SECRET_RE = re.compile(r"(?i)\b([a-z_]*(?:password|passwd|pwd|secret|token|api_?key)\s*=\s*)('[^']*'|\"[^\"]*\"|[^\s&;,'\"]+)")
+
+
+def redact(text: str) -> str:
+    """``text`` (a storage URL, or a message that may quote one) with every secret replaced by ``***``: the password
+    of ``dialect://user:password@host`` and the value of any ``password=`` / ``secret=`` / ``token=`` parameter."""
+    return _SECRET_RE.sub(r"\1***", _URL_RE.sub(lambda m: _redact_userinfo(m.group(0)), str(text)))
+
+
+def _redact_userinfo(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    main, query_mark, query = rest.partition("?")
+    creds, at, host = main.rpartition("@")  # the last '@' before the query: a password may contain '@'
+    if not at or ":" not in creds:
         return url
-    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}{query_mark}{query}"
+
+
+def storage_url(value: str | None) -> str | None:
+    """``--storage``'s URL: as given, or ``env:NAME`` — the URL in the environment variable ``NAME`` (so that a
+    password never appears on the command line, where ``ps`` and shell histories show it).
+
+    Raises:
+        UserError: ``env:NAME`` with ``NAME`` unset or empty.
+    """
+    if value is None or not value.startswith("env:"):
+        return value
+    name = value.removeprefix("env:")
+    url = os.environ.get(name, "").strip()
+    if not url:
+        raise UserError(f"--storage {value}: the environment variable {name} is not set (or empty); export the "
+                        f"storage URL in it, e.g. {name}=postgresql://user:password@host/db")
+    return url
 
 
 def open_storage(url: str):
@@ -255,9 +284,9 @@ def open_storage(url: str):
             if attempt + 1 < CREATE_ATTEMPTS and _creation_race(exc):
                 time.sleep(0.5 + random.random())
                 continue
-            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            detail = redact(str(getattr(exc, "orig", None) or exc)).strip().splitlines()
             raise UserError(f"--storage {redact(url)}: cannot open the study storage: "
-                            f"{detail[0] if detail else exc}\ncheck the URL (dialect://user:password@host:port/"
+                            f"{detail[0] if detail else type(exc).__name__}\ncheck the URL (dialect://user:password@host:port/"
                             "database), that the server runs and accepts this user") from None
     raise AssertionError("unreachable")
 
@@ -442,6 +471,15 @@ class TrialDiscarded(Exception):
     """The budget was already full when this trial was numbered (a concurrent worker took the last slot)."""
 
 
+class SearchInterrupted(UserError):
+    """Ctrl-C or SIGTERM stopped this worker: its running trial was queued again (it does not count towards the
+    budget) and no further trial was started. Exit code 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 @dataclass
 class SearchResult:
     """What one worker's ``run_search`` did, and where the study's files are."""
@@ -514,9 +552,12 @@ def run_trial(search: Search, study, trial, me: str, train_log: bool = False) ->
         optuna.TrialPruned: pruned by an intermediate eval or by the memory estimate.
         TrialFailed: anything else that went wrong (the reason is in the trial's ``fail_reason``).
         TrialDiscarded: the budget was full when this trial was numbered.
-        KeyboardInterrupt: after queueing the trial's parameters again.
+        SearchInterrupted: Ctrl-C or SIGTERM, after queueing the trial's parameters again (the worker stops).
     """
     import optuna
+
+    from tuneforge.train.run import TrainingInterrupted
+    from tuneforge.utils import Terminated
 
     if search.trials is not None and _slot(study, trial.number) >= search.trials:
         trial.set_user_attr(DISCARDED, "the budget was full when this trial was numbered")
@@ -541,10 +582,17 @@ def run_trial(search: Search, study, trial, me: str, train_log: bool = False) ->
         value = _score(search, result, callback)
     except optuna.TrialPruned:
         raise
-    except KeyboardInterrupt:
-        # Ctrl-C or SIGTERM: optuna marks the trial failed; queue its parameters for whoever continues the study.
+    except (KeyboardInterrupt, Terminated, TrainingInterrupted) as exc:
+        # Ctrl-C, or SIGTERM: during training the run's own handler saves a checkpoint and raises
+        # TrainingInterrupted (a UserError, which the clause below would record as an ordinary failure that counts,
+        # and the loop would start the next trial); elsewhere search's or the run's handler raises Terminated. Optuna marks the trial failed; its parameters are queued again (the retry supersedes it, so it
+        # does not count) and this worker stops.
         requeue(study, trial, "interrupted (Ctrl-C / SIGTERM)")
-        raise
+        sigterm = not isinstance(exc, KeyboardInterrupt)
+        raise SearchInterrupted(
+            f"{'SIGTERM' if sigterm else 'Ctrl-C'}: {label} was stopped and its parameters are queued again (it does "
+            f"not count towards the budget); no further trial was started. Run the same command with --resume to "
+            "continue the study", exit_code=143 if sigterm else 130) from None
     except Exception as exc:  # a failed trial is recorded and the study goes on
         reason = _reason(exc)
         trial.set_user_attr(FAIL_REASON, reason)
