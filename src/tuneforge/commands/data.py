@@ -11,7 +11,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from tuneforge.data.augment import Reply
+from tuneforge.config.formats import DATA_FORMATS
+from tuneforge.data.augment import AUGMENT_MODES, Reply
 from tuneforge.data.teacher import PROBE_PROMPT, teacher_name
 
 
@@ -87,6 +88,10 @@ def _prepare(args: argparse.Namespace) -> int:
                        num_proc=more.num_proc, as_json=more.json)
 
 
+#: ``data augment --format``: the formats of instruction data (they become chat records)
+INSTRUCTION_FORMATS = ("auto", *(name for name, spec in DATA_FORMATS.items() if spec.selectable and spec.record == "chat"))
+
+
 def _add_augment(sub) -> None:
     # models.generation is light (no torch at import): the sampling flags are generate's and eval's own.
     from tuneforge.models.generation import add_generation_args
@@ -118,10 +123,7 @@ def _add_augment(sub) -> None:
     augment.add_argument(
         "--mode",
         required=True,
-        help="backtranslate: the instruction round-tripped through --pivot (translated there and back: 2 teacher "
-        "calls), original answer kept | rewrite: the instruction reworded, answered by the teacher | cot: the "
-        "answer worked out step by step | reverse: an instruction written for the answer (Li et al. 2023), "
-        "original answer kept",
+        help=" | ".join(f"{mode.name}: {mode.help}" for mode in AUGMENT_MODES.values()),
     )
     augment.add_argument(
         "--n",
@@ -142,7 +144,8 @@ def _add_augment(sub) -> None:
         default="0.7",
         help="keep a new record only if its ROUGE-L F1 to every existing one is below this (default 0.7)",
     )
-    augment.add_argument("--format", default="auto", help="IN's format: auto (default), alpaca, chat")
+    augment.add_argument("--format", default="auto", choices=INSTRUCTION_FORMATS,
+                         help=f"IN's format: {', '.join(INSTRUCTION_FORMATS)} (default auto: from the first row)")
     augment.add_argument(
         "--overwrite",
         action="store_true",
@@ -224,7 +227,7 @@ def _augment(args: argparse.Namespace) -> int:
         raise UserError("--teacher-model and --api-key-file are for a teacher server (--teacher http://...)")
     plan = augment.prepare(options, teacher.teacher_name(args.teacher, args.teacher_model))
     if n > 1 and not settings.sampling and len(pivots) < n:
-        if mode == "backtranslate":
+        if AUGMENT_MODES[mode].pivots:
             routes = f"--pivot {','.join(pivots)}" if pivots else "one pivot per record (--pivot auto)"
             names = ["English", "Japanese", "French", "German", "Spanish", "Russian"]
             example = ",".join(names[:n]) if n <= len(names) else ",".join(names) + ",..."
@@ -272,11 +275,12 @@ def _print_summary(result, console, mode: str) -> None:
     table = Table(title=f"augment → {result.out}", show_header=False)
     rows = [
         ("inputs done", f"{counts['inputs']} of {result.total_inputs}"),
-        ("round trips (2 teacher calls each)" if mode == "backtranslate" else "requests", counts["requests"]),
+        ("round trips (2 teacher calls each)" if AUGMENT_MODES[mode].pivots else "requests", counts["requests"]),
         ("kept", counts["kept"]),
         ("near-duplicates dropped", counts["near_duplicate"]),
         ("unreadable replies", counts["bad_reply"]),
-        *([("final answer differs from the original (cot)", counts.get("answer_changed", 0))] if mode == "cot" else []),
+        *([(f"final answer differs from the original ({mode})", counts.get("answer_changed", 0))]
+          if AUGMENT_MODES[mode].reasoned else []),
         ("replies cut at --max-new-tokens", counts["truncated"]),
         ("failed requests", counts["teacher_error"]),
     ]

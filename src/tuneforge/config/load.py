@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tuneforge.config.methods import METHOD_CONFIGS
+from tuneforge.config.retention import RETENTION_CONFIGS
 from tuneforge.config.schema import METHOD_NAMES, RunConfig
 from tuneforge.errors import UserError, did_you_mean
 
@@ -29,19 +30,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_dotted(raw: dict, key: str | list[str], value: Any) -> None:
+    """Set the dotted ``key`` (``"train.lr"`` or its parts) of the mapping ``raw`` in place to a copy of ``value``,
+    creating sections as needed (a non-mapping on the way is replaced by one). Overrides and search trials share it."""
+    path = key.split(".") if isinstance(key, str) else list(key)
+    node = raw
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = copy.deepcopy(value)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Return a copy of ``raw`` with every ``a.b.c=value`` override set (creating sections as needed)."""
     data = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[path[-1]] = value
+        set_dotted(data, path, value)
     return data
 
 
@@ -88,21 +96,37 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
         raise UserError(f"{source}: invalid config\n" + "\n".join(f"  - {line}" for line in unique)) from None
 
 
+#: discriminated unions of the schema: path → (the tag key, what a tag names, the tags)
+UNIONS = {
+    ("method",): ("name", "method", METHOD_NAMES),
+    ("train", "retention"): ("method", "retention term", tuple(sorted(RETENTION_CONFIGS))),
+}
+
+
+_UNION_CLASSES = {"method": METHOD_CONFIGS, "retention term": RETENTION_CONFIGS}
+
+
 def explain_error(err: dict, raw: dict) -> str:
     """One line for one pydantic error: key path, bad value, what is allowed."""
     loc = [str(p) for p in err["loc"]]
-    # Discriminated unions put the tag in the path ('method.lora.r'): drop it.
-    if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHOD_NAMES:
-        loc = [loc[0], *loc[2:]]
+    union = None
+    for path, spec in UNIONS.items():
+        if tuple(loc[:len(path)]) == path:
+            union = (path, *spec)
+            # Discriminated unions put the tag in the path ('method.lora.r'): drop it.
+            if len(loc) > len(path) and loc[len(path)] in spec[2]:
+                loc = [*loc[:len(path)], *loc[len(path) + 1:]]
     key = ".".join(loc)
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"unknown key '{key}'{_suggest_key(loc[-1], _known_keys(loc[:-1], raw))}"
-    if kind == "union_tag_invalid":
-        given = err.get("input", {}).get("name") if isinstance(err.get("input"), dict) else err.get("input")
-        return f"method.name: unknown method {given!r}{did_you_mean(str(given), METHOD_NAMES)}; known: {', '.join(METHOD_NAMES)}"
-    if kind == "union_tag_not_found":
-        return f"{key or 'method'}: missing 'name'; known methods: {', '.join(METHOD_NAMES)}"
+    if kind in ("union_tag_invalid", "union_tag_not_found") and union is not None:
+        path, tag, what, tags = union
+        where = ".".join((*path, tag))
+        if kind == "union_tag_not_found":
+            return f"{where}: missing; known {what}s: {', '.join(tags)}"
+        given = err.get("input", {}).get(tag) if isinstance(err.get("input"), dict) else err.get("input")
+        return f"{where}: unknown {what} {given!r}{did_you_mean(str(given), tags)}; known: {', '.join(tags)}"
     if kind == "literal_error":
         allowed = err.get("ctx", {}).get("expected", "")
         return f"{key}: {err.get('input')!r} is not allowed; expected {allowed}{did_you_mean(str(err.get('input')), _literal_options(allowed))}"
@@ -143,15 +167,18 @@ def _literal_options(expected: str) -> list[str]:
 def _known_keys(parent: list[str], raw: dict) -> list[str]:
     """The field names allowed at ``parent`` (a path into the RunConfig)."""
     model: type[BaseModel] | None = RunConfig
-    for part in parent:
+    node: Any = raw
+    for i, part in enumerate(parent):
+        node = node.get(part) if isinstance(node, dict) else None
         if model is None:
             return []
         field = model.model_fields.get(part)
         if field is None:
             return []
-        if part == "method":
-            name = raw.get("method", {}).get("name", "lora") if isinstance(raw.get("method"), dict) else "lora"
-            model = METHOD_CONFIGS.get(name) if isinstance(name, str) else None
+        union = UNIONS.get(tuple(parent[:i + 1]))
+        if union is not None:  # the class the tag picks (a method section defaults to lora)
+            tag = node.get(union[0], "lora" if union[1] == "method" else None) if isinstance(node, dict) else None
+            model = _UNION_CLASSES[union[1]].get(tag) if isinstance(tag, str) else None
             continue
         annotation = field.annotation
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None

@@ -42,7 +42,6 @@ from typing import Any, Protocol
 
 from tuneforge.errors import UserError, did_you_mean
 
-MODES = ("backtranslate", "rewrite", "cot", "reverse")
 DEFAULT_MAX_ROUGE = 0.7
 STATE_SUFFIX = ".augment-state"
 # Bumped when the prompts or the output change: a resume across versions would mix two kinds of records.
@@ -111,6 +110,68 @@ _THINK_RE = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
 # hold lines of its own that look like labels ("Answer: ...", "Language: Python").
 _LANGUAGE_RE = re.compile(r"^[ \t>#*_-]*language[ \t*_]*[:：][ \t*_]*(.*)$", re.IGNORECASE | re.MULTILINE)
 _TRANSLATION_RE = re.compile(r"^[ \t>#*_-]*translation[ \t*_]*[:：][ \t*_]*", re.IGNORECASE | re.MULTILINE)
+
+
+# --------------------------------------------------------------------------- the mode registry
+
+
+@dataclass(frozen=True)
+class AugmentMode:
+    """One ``--mode`` of ``tuneforge data augment``.
+
+    Attributes:
+        name: the ``--mode`` value.
+        help: one line for ``--mode``'s help and docs/data.md.
+        prompt: the one request per new record (``{instruction}`` and ``{answer}`` filled from the input); ``None``
+            for a mode that drafts its own way (backtranslate's round trip through ``--pivot``).
+        reply: the sections a usable reply has (``instruction``, ``reasoning``, ``answer``; see
+            :func:`parse_reply`).
+        bare_reply: the section a reply without any label is taken as (``None``: such a reply is unusable).
+        keeps_answer: the input's answer is the new record's answer (only its instruction is new).
+        reasoned: the new answer is the reply's reasoning and final answer, kept only when the final answer agrees
+            with the input's (:func:`answer_agrees`).
+        compare: the role whose last turn the ROUGE-L filter compares (``user`` or ``assistant``).
+        pivots: takes ``--pivot`` (the languages of a round trip).
+    """
+
+    name: str
+    help: str
+    prompt: str | None = None
+    reply: tuple[str, ...] = ()
+    bare_reply: str | None = None
+    keeps_answer: bool = False
+    reasoned: bool = False
+    compare: str = "user"
+    pivots: bool = False
+
+
+AUGMENT_MODES: dict[str, AugmentMode] = {}
+
+
+def register_mode(mode: AugmentMode) -> AugmentMode:
+    """Make ``mode`` available as ``--mode <name>`` (``--mode`` help, checks and docs read the registry)."""
+    if mode.name in AUGMENT_MODES:
+        raise ValueError(f"augment mode {mode.name!r} is registered twice")
+    if (mode.prompt is None) != mode.pivots:
+        raise ValueError(f"augment mode {mode.name!r}: a prompt, or the pivot round trip, not both or neither")
+    AUGMENT_MODES[mode.name] = mode
+    return mode
+
+
+register_mode(AugmentMode(
+    "backtranslate", "the instruction round-tripped through --pivot (translated there and back: 2 teacher calls), "
+    "original answer kept", keeps_answer=True, pivots=True))
+register_mode(AugmentMode(
+    "rewrite", "the instruction reworded, answered by the teacher", PROMPTS["rewrite"], ("instruction", "answer")))
+register_mode(AugmentMode(
+    "cot", "the answer worked out step by step (kept when its final answer agrees with the original)",
+    PROMPTS["cot"], ("reasoning", "answer"), reasoned=True, compare="assistant"))
+register_mode(AugmentMode(
+    "reverse", "an instruction written for the answer (Li et al. 2023), original answer kept", PROMPTS["reverse"],
+    ("instruction",), bare_reply="instruction", keeps_answer=True))
+
+#: every ``--mode``, in registration order
+MODES = tuple(AUGMENT_MODES)
 
 
 # --------------------------------------------------------------------------- teacher interface
@@ -186,7 +247,8 @@ def build_prompt(mode: str, seed: Seed) -> list[dict]:
     """The chat prompt (one user message) asking the teacher for one new record of ``mode`` from ``seed``
     (``rewrite``, ``cot``, ``reverse``; ``backtranslate`` asks :func:`pivot_prompt` then :func:`return_prompt`)."""
     return [
-        {"role": "user", "content": PROMPTS[mode].format(instruction=seed.instruction, answer=seed.answer)}
+        {"role": "user",
+         "content": AUGMENT_MODES[mode].prompt.format(instruction=seed.instruction, answer=seed.answer)}
     ]
 
 
@@ -209,7 +271,7 @@ def check_pivots(mode: str, spec: str | None) -> tuple[str, ...]:
     """
     if spec is None:
         return ()
-    if mode != "backtranslate":
+    if not AUGMENT_MODES[mode].pivots:
         raise UserError(
             f"--pivot is the language a backtranslate round trip goes through; --mode {mode} has none (drop --pivot)"
         )
@@ -293,13 +355,10 @@ def parse_reply(mode: str, text: str) -> dict | None:
     for i, label in enumerate(labels):
         end = labels[i + 1].start() if i + 1 < len(labels) else len(text)
         sections.setdefault(label.group(1).lower(), _clean(text[label.end() : end]))
-    if mode == "reverse" and not labels:
-        sections["instruction"] = _clean(text)
-    wanted = {
-        "rewrite": ("instruction", "answer"),
-        "reverse": ("instruction",),
-        "cot": ("reasoning", "answer"),
-    }[mode]
+    spec = AUGMENT_MODES[mode]
+    if spec.bare_reply and not labels:
+        sections[spec.bare_reply] = _clean(text)
+    wanted = spec.reply
     if not all(sections.get(key) for key in wanted):
         return None
     return {key: sections[key] for key in wanted}
@@ -344,21 +403,25 @@ def _clean(text: str) -> str:
 
 
 def new_messages(mode: str, seed: Seed, parsed: dict) -> list[dict]:
-    """The new record's messages: the seed's system message (if any), the user turn and the answer (the seed's
-    own for ``backtranslate`` and ``reverse``)."""
-    if mode == "rewrite":
-        user, answer = parsed["instruction"], parsed["answer"]
-    elif mode in ("backtranslate", "reverse"):
-        user, answer = parsed["instruction"], seed.answer
+    """The new record's messages: the seed's system message (if any), the user turn (the reply's instruction, else
+    the seed's) and the answer (the seed's own for modes that keep it, reasoning + final answer for reasoned ones,
+    else the reply's)."""
+    spec = AUGMENT_MODES[mode]
+    user = parsed.get("instruction") or seed.instruction
+    if spec.keeps_answer:
+        answer = seed.answer
+    elif spec.reasoned:
+        answer = f"{parsed['reasoning']}\n\n{parsed['answer']}"
     else:
-        user, answer = seed.instruction, f"{parsed['reasoning']}\n\n{parsed['answer']}"
+        answer = parsed["answer"]
     system = [{"role": "system", "content": seed.system}] if seed.system else []
     return [*system, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
 def compared_text(mode: str, messages: Sequence[dict]) -> str:
-    """The text the ROUGE-L filter compares: the last answer for ``cot``, else the last user turn."""
-    role = "assistant" if mode == "cot" else "user"
+    """The text the ROUGE-L filter compares: the last turn of the mode's ``compare`` role (the answer for ``cot``,
+    else the user turn)."""
+    role = AUGMENT_MODES[mode].compare
     return next((m["content"] for m in reversed(messages) if m["role"] == role and m.get("content")), "")
 
 
@@ -393,7 +456,7 @@ def ask_drafts(
     Raises:
         TeacherUnavailable: the teacher stopped answering.
     """
-    if mode == "backtranslate":
+    if AUGMENT_MODES[mode].pivots:
         return [
             _round_trip(
                 teacher,
@@ -412,7 +475,7 @@ def ask_drafts(
         parsed = None if failure else parse_reply(mode, reply.text)
         if parsed is None:
             drafts.append(Draft(variant, dropped=failure or "bad_reply"))
-        elif mode == "cot" and not answer_agrees(parsed["answer"], seed.answer):
+        elif AUGMENT_MODES[mode].reasoned and not answer_agrees(parsed["answer"], seed.answer):
             drafts.append(Draft(variant, dropped="answer_changed"))
         else:
             drafts.append(Draft(variant, new_messages(mode, seed, parsed)))
@@ -624,7 +687,7 @@ def prepare(options: AugmentOptions, teacher_name: str) -> Plan:
     from tuneforge.data.readers import read_records
 
     check_options(options.mode, options.n, options.max_rouge)
-    if options.pivots and options.mode != "backtranslate":
+    if options.pivots and not AUGMENT_MODES[options.mode].pivots:
         check_pivots(options.mode, ",".join(options.pivots))  # raises: pivots are backtranslate's
     _check_paths(options.input, options.out)
     records = read_records(options.input, options.format)
@@ -648,7 +711,7 @@ def prepare(options: AugmentOptions, teacher_name: str) -> Plan:
         "input_sha256": _fingerprint(Path(options.input)),
         "format": options.format,
         "mode": options.mode,
-        "pivot": (",".join(options.pivots) or AUTO_PIVOT) if options.mode == "backtranslate" else None,
+        "pivot": (",".join(options.pivots) or AUTO_PIVOT) if AUGMENT_MODES[options.mode].pivots else None,
         "n": options.n,
         "max_rouge": options.max_rouge,
         "teacher": teacher_name,

@@ -22,7 +22,7 @@ from tuneforge.data.packing import (
     padding_share,
 )
 from tuneforge.data.readers import read_records, record_text
-from tuneforge.data.tokenize import IGNORE, encode_chat_samples, pretrain_blocks
+from tuneforge.data.tokenize import IGNORE, encode_chat_samples, pad_id, pretrain_blocks
 from tuneforge.errors import UserError
 
 
@@ -50,9 +50,7 @@ class DataBundle:
 
     def collator(self, tokenizer: Any):
         """The collator for these rows (packed or dynamic padding), padding with the tokenizer's pad id."""
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        pad = pad_id(tokenizer)
         return PackedCollator(pad) if self.packed else PaddingCollator(pad)
 
 

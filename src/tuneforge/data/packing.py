@@ -13,9 +13,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from tuneforge.data.tokenize import IGNORE
 from tuneforge.errors import UserError
-
-IGNORE = -100
 
 
 def pack_rows(samples: Sequence[dict], max_length: int) -> list[dict]:

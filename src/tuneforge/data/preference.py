@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuneforge.config.stages import STAGES
-from tuneforge.data.tokenize import IGNORE, encode_chat_samples
+from tuneforge.data.tokenize import IGNORE, encode_chat_samples, pad_id
 from tuneforge.errors import UserError
 
 KIND_OF = {"preference": "paired", "kto": "unpaired", "prompt": "prompt"}
@@ -162,7 +162,7 @@ class PreferenceBundle:
 
     def collator(self, tokenizer: Any):
         """The collator for these rows."""
-        pad = _pad_id(tokenizer)
+        pad = pad_id(tokenizer)
         if self.train and "chosen_ids" in self.train[0]:
             return PairCollator(pad)
         return UnpairedCollator(pad)
@@ -281,13 +281,6 @@ def _encode_all(records, kind, tokenizer, template, max_length, what):
 
 
 # --------------------------------------------------------------------------- collators
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return int(pad)
 
 
 def _pad(rows: list[list[int]], value: int):

@@ -39,7 +39,6 @@ from typing import Any
 
 from tuneforge.errors import UserError
 
-IGNORE = -100
 _BATCH = 1000  # rows per map batch
 _SCAN_BATCH = 20000  # rows per Arrow record batch written by the scan
 #: below this many records the default is one process (spawning workers costs more than it saves)

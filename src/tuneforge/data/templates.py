@@ -19,6 +19,10 @@ from typing import Any
 
 from tuneforge.errors import UserError, did_you_mean
 
+#: the files a saved template is (``ChatTemplate.save``): the run directory's names (``models.reference.RUN_TEMPLATE``)
+TEMPLATE_FILE = "template.json"
+TEMPLATE_JINJA = "chat_template.jinja"
+
 CHATML = (
     r"{% for message in messages %}"
     r"{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -207,20 +211,20 @@ class ChatTemplate:
         from tuneforge.utils import atomic_write_json, atomic_write_text
 
         directory = Path(directory)
-        atomic_write_json(directory / "template.json", self.to_dict())
-        atomic_write_text(directory / "chat_template.jinja", self.jinja)
+        atomic_write_json(directory / TEMPLATE_FILE, self.to_dict())
+        atomic_write_text(directory / TEMPLATE_JINJA, self.jinja)
 
     @classmethod
     def load(cls, directory: str | Path) -> ChatTemplate | None:
         """Read a template saved by :meth:`save`; a bare ``chat_template.jinja`` also works. None if neither."""
         directory = Path(directory)
-        meta = directory / "template.json"
+        meta = directory / TEMPLATE_FILE
         if meta.is_file():
             try:
                 return cls.from_dict(json.loads(meta.read_text(encoding="utf-8")))
             except (json.JSONDecodeError, KeyError) as exc:
                 raise UserError(f"{meta}: not a valid template file ({exc})") from None
-        jinja_file = directory / "chat_template.jinja"
+        jinja_file = directory / TEMPLATE_JINJA
         if jinja_file.is_file():
             jinja = jinja_file.read_text(encoding="utf-8")
             return cls(name="file", jinja=jinja, stop=_guess_stop(jinja))

@@ -30,6 +30,8 @@ from typing import Any
 from tuneforge.data.templates import SENTINEL as SENTINEL_TEXT
 from tuneforge.errors import UserError
 
+#: THE label of a position that is not trained (torch's cross-entropy ``ignore_index``): prompts, padding, packing
+#: boundaries. Every package that masks or scores labels imports it from here.
 IGNORE = -100
 _THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
@@ -359,3 +361,12 @@ def pretrain_blocks(texts: list[str], tokenizer: Any, block_size: int) -> list[d
         ids = stream[start : start + block_size]
         blocks.append({"input_ids": ids, "labels": list(ids)})
     return blocks
+
+
+def pad_id(tokenizer: Any) -> int:
+    """THE padding id of ``tokenizer``: its pad token, else its EOS (padding is masked with :data:`IGNORE` and
+    excluded by the attention mask, so it never hides a trained EOS), else 0."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return int(pad)

@@ -19,9 +19,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tuneforge.data.tokenize import IGNORE
 from tuneforge.errors import UserError
-
-IGNORE = -100
 
 
 @dataclass

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tuneforge.config.load import KEY_ALIASES, read_yaml
+from tuneforge.config.load import KEY_ALIASES, read_yaml, set_dotted
 from tuneforge.config.schema import METHOD_NAMES, RunConfig
 from tuneforge.errors import UserError, did_you_mean
 
@@ -302,23 +302,22 @@ def _method_class(name: str) -> type[BaseModel] | None:
 
 
 def _leaf_keys(prefix: str, annotation: Any) -> list[str]:
-    model = _model_in(annotation)
-    if model is None:
+    models = _models_in(annotation)
+    if not models:
         return [prefix]
     keys = []
-    for name, fld in model.model_fields.items():
-        keys.extend(_leaf_keys(f"{prefix}.{name}", fld.annotation))
-    return keys
+    for model in models:  # a discriminated union (train.retention): the keys of every member
+        for name, fld in model.model_fields.items():
+            keys.extend(_leaf_keys(f"{prefix}.{name}", fld.annotation))
+    return list(dict.fromkeys(keys))
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside ``annotation`` (``X`` or ``X | None``), or None for a plain value."""
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models inside ``annotation`` (``X``, ``X | None``, an annotated union of models), or [] for a
+    plain value."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
 
 
 def _suggest(key: str, keys: list[str]) -> str:
@@ -341,15 +340,7 @@ def set_keys(raw: dict, values: dict[str, Any]) -> dict:
     """A copy of ``raw`` with each dotted key of ``values`` set (creating sections as needed)."""
     data = copy.deepcopy(raw)
     for key, value in values.items():
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[parts[-1]] = copy.deepcopy(value)
+        set_dotted(data, key, value)
     return data
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from tuneforge.data.mix import prefix_task, task_prefix
 from tuneforge.errors import UserError
+from tuneforge.models.reference import RUN_FINAL
 from tuneforge.serve.scheduler import Scheduler
 
 
@@ -120,7 +121,7 @@ def served_names(specs: list[str]) -> list[tuple[str, str]]:
         else:
             path = spec
             folder = Path(spec)
-            base = folder.parent.name if folder.name == "final" else (folder.name or folder.resolve().name)
+            base = folder.parent.name if folder.name == RUN_FINAL else (folder.name or folder.resolve().name)
             name, number = base, 2
             while name in taken:
                 name, number = f"{base}-{number}", number + 1

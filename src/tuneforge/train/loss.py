@@ -38,9 +38,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any
 
+from tuneforge.data.tokenize import IGNORE
 from tuneforge.errors import UserError
-
-IGNORE = -100
 
 # Config attributes of models whose forward changes the logits after the head in a way the chunked loss does not
 # reproduce (applied in the model's own forward, not in its head module).

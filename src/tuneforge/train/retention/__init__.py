@@ -2,7 +2,9 @@
 
 One small module per term, registered by name (``@register("ewc")``): ``ewc`` (elastic weight consolidation),
 ``l2sp`` (L2 towards the start weights), ``kd`` (distillation to the start model on general data) and ``distill``
-(a teacher model on the SFT data, ``train.distill``). ``train/run.py`` asks :func:`build_retention` for a
+(a teacher model on the SFT data, ``train.distill``). A ``train.retention`` term's options are its config class in
+:mod:`tuneforge.config.retention` (pure; the schema's discriminated union is built from it), registered under the
+same name; ``register`` refuses a name the config does not declare. ``train/run.py`` asks :func:`build_retention` for a
 :class:`Retention` before anything is written (bad input fails there), and trains with
 :meth:`Retention.trainer_class`, a Trainer subclass whose ``compute_loss`` adds the terms; with neither
 ``train.retention`` nor ``train.distill`` the Trainer is untouched.
@@ -25,6 +27,11 @@ _TERMS: dict[str, type[RetentionTerm]] = {}
 
 def register(name: str):
     """Class decorator: make a :class:`RetentionTerm` available as ``train.retention.method: <name>``."""
+
+    from tuneforge.config.retention import RETENTION_CONFIGS
+
+    if name not in RETENTION_CONFIGS and name != "distill":  # distill's options are train.distill
+        raise ValueError(f"retention term {name!r} has no config class in tuneforge.config.retention")
 
     def wrap(cls):
         cls.name = name
@@ -195,13 +202,6 @@ def batches(samples: list[dict], batch_size: int, pad_id: int):
 
     collate = PaddingCollator(pad_id)
     return [collate(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return int(pad)
 
 
 def trainable_parameters(model: Any) -> dict[str, Any]:

@@ -20,10 +20,9 @@ import random
 from pathlib import Path
 from typing import Any
 
+from tuneforge.data.tokenize import IGNORE, pad_id
 from tuneforge.errors import UserError
-from tuneforge.train.retention import RetentionTerm, batches, pad_id_of, reference_samples, register
-
-IGNORE = -100
+from tuneforge.train.retention import RetentionTerm, batches, reference_samples, register
 
 
 def kd_loss(student_logits, teacher_logits, mask, temperature: float):
@@ -104,7 +103,7 @@ class StartModelKD(RetentionTerm):
         r = cfg.train.retention
         samples = reference_samples(r.reference, "train.retention.reference", cfg, tokenizer, template, r.samples,
                                     cfg.seed)
-        return cls(r.alpha, r.temperature, samples, r.batch_size or cfg.train.batch_size, pad_id_of(tokenizer),
+        return cls(r.alpha, r.temperature, samples, r.batch_size or cfg.train.batch_size, pad_id(tokenizer),
                    cfg.seed)
 
     def prepare(self, model: Any, run_dir: Path, echo) -> None:

@@ -96,7 +96,8 @@ class DPOStage(Stage):
     def build_trainer(self, cfg, model, tokenizer, template, bundle, args, callbacks, optimizers, trainer_class):
         from trl import DPOConfig
 
-        from tuneforge.data.preference import PairCollator, _pad_id
+        from tuneforge.data.preference import PairCollator
+        from tuneforge.data.tokenize import pad_id
 
         pref = cfg.preference
         ref_model, disable_for_reference = choose_reference(model, pref.precompute_ref, bundle.train[0]["chosen_ids"])
@@ -109,7 +110,7 @@ class DPOStage(Stage):
             max_length=None,  # data/preference.py truncated the prompts; a completion is never cut
         )
         return build_reference_trainer(trainer_class(trainer_base()), model, ref_model, dpo_args,
-                                       PairCollator(_pad_id(tokenizer)), bundle, tokenizer, callbacks, optimizers,
+                                       PairCollator(pad_id(tokenizer)), bundle, tokenizer, callbacks, optimizers,
                                        disable_for_reference)
 
 

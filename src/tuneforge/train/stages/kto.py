@@ -55,7 +55,8 @@ class KTOStage(Stage):
     def build_trainer(self, cfg, model, tokenizer, template, bundle, args, callbacks, optimizers, trainer_class):
         from trl import KTOConfig
 
-        from tuneforge.data.preference import UnpairedCollator, _pad_id
+        from tuneforge.data.preference import UnpairedCollator
+        from tuneforge.data.tokenize import pad_id
 
         pref = cfg.preference
         first = bundle.train[0]
@@ -71,7 +72,7 @@ class KTOStage(Stage):
             train_sampling_strategy="sequential",
         )
         return build_reference_trainer(trainer_class(trainer_base()), model, ref_model, kto_args,
-                                       UnpairedCollator(_pad_id(tokenizer)), bundle, tokenizer, callbacks, optimizers,
+                                       UnpairedCollator(pad_id(tokenizer)), bundle, tokenizer, callbacks, optimizers,
                                        disable_for_reference)
 
 

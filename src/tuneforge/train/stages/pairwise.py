@@ -113,13 +113,14 @@ class PairwiseStage(Stage):
     def build_trainer(self, cfg, model, tokenizer, template, bundle, args, callbacks, optimizers, trainer_class):
         from transformers import TrainingArguments
 
-        from tuneforge.data.preference import PairCollator, _pad_id
+        from tuneforge.data.preference import PairCollator
+        from tuneforge.data.tokenize import pad_id
 
         pref = cfg.preference
         trainer = trainer_class(trainer_base())(
             model=model,
             args=trl_args(args, TrainingArguments),
-            data_collator=PairCollator(_pad_id(tokenizer)),
+            data_collator=PairCollator(pad_id(tokenizer)),
             train_dataset=bundle.train,
             eval_dataset=bundle.eval or None,
             processing_class=tokenizer,

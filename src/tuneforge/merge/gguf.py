@@ -1,0 +1,731 @@
+"""Export a run or model as one GGUF file (llama.cpp, Ollama, LM Studio), checked by reloading it first.
+
+``tuneforge export RUN --format gguf --quantize f16|bf16|q8_0|q4_0 --out DIR`` merges a LoRA-family adapter into
+its base (``merge.lora``'s parity check: merged vs adapter logits), then writes with the ``gguf`` package alone (no
+compiled llama.cpp; these four types are quantized in numpy, Q8_0 bit-exact with llama.cpp):
+
+- architecture metadata (``llama`` or ``qwen2``): block count, context and embedding length, feed-forward length,
+  head counts, key/value length, RMS-norm epsilon, rope base (and linear / YaRN rope scaling), vocabulary size;
+- tensors under llama.cpp's names (the ``gguf`` package's tensor-name map); for ``llama`` the q/k projection rows
+  are permuted from Hugging Face's rotate-half order into llama.cpp's interleaved rope order (transformers' GGUF
+  reader undoes the same permutation); 1-D tensors (norms, biases) stay F32; a tied output head is omitted (the
+  runtime reuses ``token_embd``); a row length not divisible by the 32-wide quant block falls back to F16;
+  ``q4_0`` keeps the token embedding (and an untied output head) at Q8_0, because that matrix is also the output
+  layer of a tied model and 4-bit logits lose far more than 4-bit hidden layers;
+- the byte-level BPE tokenizer (tokens, merges, token types, special ids, ``tokenizer.ggml.pre`` when the
+  pre-tokenizer is a known one) and the run's own chat template (the one used in training).
+
+Beside it go an Ollama ``Modelfile`` (``FROM``, ``TEMPLATE`` in Ollama's Go-template syntax derived from the run's
+template, ``PARAMETER stop`` for every end-of-turn token, default sampling) and a ``README.md`` with llama.cpp and
+Ollama commands.
+
+The round-trip gate: everything is written into a temporary sibling of ``--out`` and renamed into place only when
+the file, reloaded through transformers' GGUF loader (an independent reader), tokenizes sample prompts identically,
+has the same EOS / stop ids and chat template, and its logits agree with the merged model within the tolerance of
+the quant type (greedy next-token agreement and max/mean logit error are printed). Otherwise nothing is left.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneforge.errors import UserError
+
+#: quant types written by ``--quantize``; each maps to (GGML tensor type name, llama.cpp file type name)
+QUANT_TYPES = {"f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+               "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
+#: Hugging Face ``model_type`` → llama.cpp architecture, for the families whose layout is written and gated here
+FAMILIES = {"llama": "llama", "qwen2": "qwen2"}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What the gate accepts for one quant type.
+
+    Attributes:
+        agreement: least share of positions where the reloaded file's greedy next token equals the merged model's.
+        mean_rel: largest mean |logit difference| as a fraction of the merged model's logit standard deviation.
+    """
+
+    agreement: float
+    mean_rel: float
+
+
+# Measured on SmolLM2-135M-Instruct and the tiny test models (docs/gguf.md): f16 agrees at ~100%, mean error
+# ~0.1% of the logit spread; q8_0 ~99% / ~1-2%; q4_0 ~90% / ~10%. The bounds leave room for other models.
+TOLERANCES = {"f16": Tolerance(0.99, 0.01), "bf16": Tolerance(0.97, 0.03), "q8_0": Tolerance(0.95, 0.05),
+              "q4_0": Tolerance(0.75, 0.25)}
+
+SAMPLE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b  # 42 apples, 3.14 pies",
+    "Question: which module defines OrderedDict?\nAnswer: collections",
+    "  leading spaces, UPPER lower MiXeD, tabs\tand unicode: café, naïve, 東京 🚀",
+)
+SAMPLE_CHATS = (
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one word."},
+     {"role": "user", "content": "Which module defines OrderedDict?"},
+     {"role": "assistant", "content": "collections"},
+     {"role": "user", "content": "And deque?"}],
+)
+
+# BPE pre-tokenizers llama.cpp knows by name (``tokenizer.ggml.pre``), recognised from a tokenizer.json's
+# ``pre_tokenizer``: the split regex (or the structure) that decides how text is cut before the merges apply.
+_LLAMA3_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+_QWEN2_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}|"
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def export_gguf(path: str | Path, out: str | Path, *, quantize: str = "q8_0", force: bool = False,
+                base: str | None = None, echo=print) -> dict:
+    """Merge (for adapters), write one GGUF + ``Modelfile`` + ``README.md`` into ``out`` and gate it.
+
+    Args:
+        path: a run directory, adapter directory, plain HF model directory or a ``.gguf`` file.
+        out: the output directory; replaced (only with ``force``) once the new export passed the gate.
+        quantize: ``f16``, ``bf16``, ``q8_0`` or ``q4_0``.
+        base: an adapter's base instead of the recorded one.
+        echo: where progress lines go.
+
+    Returns:
+        The gate report (also written to ``out/export_report.json``): ``file``, ``quantize``, ``sha256``,
+        ``bytes``, ``agreement``, ``logit_max_diff``, ``logit_mean_diff``, ``logit_std``, ``tolerance``,
+        ``tokenization_ok``, ``eos_ok``, ``template_ok``, ``seconds`` ...
+
+    Raises:
+        UserError: an unknown quant type, an unsupported family or tokenizer, a failed merge parity check or a
+            failed gate (then nothing is left in ``out``).
+    """
+    import torch
+
+    from tuneforge.merge.lora import check_mergeable, load_base_and_adapter, local_ref
+    from tuneforge.models.reference import load_for_inference
+    from tuneforge.utils import atomic_dir, atomic_write_json, prepare_output
+
+    if quantize not in QUANT_TYPES:
+        raise UserError(f"--quantize {quantize!r}: for --format gguf choose one of {', '.join(QUANT_TYPES)}")
+    started = time.perf_counter()
+    source = local_ref(path, base=base)
+    prepare_output(out, [path, source.model_dir, source.run_dir, source.base], force=force)
+    notes: list[str] = []
+    if source.kind == "adapter":
+        check_mergeable(source)
+        peft_model, tokenizer, notes = load_base_and_adapter(source)
+        model = _merge_with_parity(peft_model, tokenizer, echo)
+        template = _template_of(source, tokenizer)
+    else:
+        loaded = load_for_inference(source, device="cpu", dtype=torch.float32)
+        model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
+    model.eval()
+    check_exportable(model, tokenizer)
+    if template is None:
+        raise UserError(f"{path}: no chat template (run template.json, the tokenizer's own, or a built-in): GGUF "
+                        "export writes the run's template into the file and the Modelfile; train with a template")
+    out = Path(out)
+    name = f"model-{quantize}.gguf"
+    with atomic_dir(out) as tmp:
+        write_gguf(model, tokenizer, template, tmp / name, quantize, model_name=_display_name(source))
+        report = gate(model, tokenizer, template, tmp / name, quantize, echo=echo)
+        sampling = default_sampling(source)
+        modelfile = write_modelfile(tmp, name, tokenizer, template, sampling)
+        write_readme(tmp, name, quantize, report, modelfile)
+        report.update(source=str(path), base=source.base, notes=notes, modelfile_template=modelfile["template"],
+                      seconds=round(time.perf_counter() - started, 2), sampling=sampling)
+        atomic_write_json(tmp / "export_report.json", report)
+    for note in notes:
+        echo(f"note: {note}")
+    echo(f"GGUF {quantize} written to {out / name} ({report['bytes'] / 1e6:.1f} MB) with Modelfile and README.md")
+    return report
+
+
+def _merge_with_parity(peft_model: Any, tokenizer: Any, echo) -> Any:
+    """``merge_and_unload`` with ``merge.lora``'s parity check (fp32: max |logit| difference ≤ 1e-3)."""
+    from tuneforge.merge.lora import DEFAULT_TOLERANCE, logit_difference, logits_on, probe_batches
+
+    batches = probe_batches(tokenizer)
+    unmerged = logits_on(peft_model, batches)
+    merged = peft_model.merge_and_unload()
+    max_diff, mean_diff = logit_difference(unmerged, logits_on(merged, batches))
+    tolerance = DEFAULT_TOLERANCE["float32"]
+    echo(f"merge parity: adapter vs merged max logit diff {max_diff:.3g}, mean {mean_diff:.3g} (tolerance "
+         f"{tolerance:g})")
+    if not max_diff <= tolerance:
+        raise UserError(f"merged model differs from adapter inference by up to {max_diff:.3g} in the logits "
+                        f"(tolerance {tolerance:g}); nothing was exported")
+    return merged
+
+
+def _template_of(ref: Any, tokenizer: Any):
+    from tuneforge.models.reference import load_template
+
+    return load_template(ref.template_dir, tokenizer)
+
+
+def _display_name(ref: Any) -> str:
+    if ref.run_dir:
+        return Path(ref.run_dir).name
+    return Path(str(ref.given)).stem
+
+
+def default_sampling(ref: Any) -> dict:
+    """The sampling a served run uses by default: the run's ``generation`` section when its config has one,
+    else the model's ``generation_config.json`` (temperature / top_p / top_k), else greedy-like defaults."""
+    from tuneforge.models.reference import read_run_config
+
+    sampling: dict[str, Any] = {}
+    gen_dir = Path(ref.base) if Path(str(ref.base)).is_dir() else None
+    if gen_dir is not None and (gen_dir / "generation_config.json").is_file():
+        try:
+            data = json.loads((gen_dir / "generation_config.json").read_text(encoding="utf-8"))
+        except ValueError:
+            data = {}
+        if data.get("do_sample"):
+            sampling.update({k: data[k] for k in ("temperature", "top_p", "top_k") if data.get(k) is not None})
+    run = read_run_config(ref.run_dir) if ref.run_dir else {}
+    for key in ("generation", "serve"):
+        section = run.get(key) if isinstance(run.get(key), dict) else {}
+        sampling.update({k: section[k] for k in ("temperature", "top_p", "top_k", "repeat_penalty")
+                         if isinstance(section.get(k), (int, float))})
+    sampling.setdefault("temperature", 0.0)  # tuneforge generate/eval decode greedily unless told otherwise
+    return sampling
+
+
+# ----------------------------------------------------------------------------- what can be exported
+
+
+def check_exportable(model: Any, tokenizer: Any) -> str:
+    """The llama.cpp architecture of ``model``, after checking the family and tokenizer can be written and gated.
+
+    Raises:
+        UserError: naming the supported families and tokenizers.
+    """
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UserError(f"GGUF export supports the model families {', '.join(FAMILIES)} (written and verified "
+                        f"by the round-trip gate); this model is {model_type!r}. Export it with --format hf "
+                        "(int8/int4) or convert the merged directory with llama.cpp's own converter")
+    rope = _rope_of(model.config)
+    if rope.get("rope_type", "default") not in ("default", "linear", "yarn"):
+        raise UserError(f"GGUF export: rope type {rope.get('rope_type')!r} is not written here; supported: "
+                        "default, linear, yarn")
+    if getattr(model.config, "attention_bias", False) and model_type == "llama":
+        raise UserError("GGUF export: a llama model with attention biases is not supported (llama.cpp's llama "
+                        "graph has none); supported: llama without biases, qwen2")
+    pre_tokenizer_name(tokenizer)  # raises for tokenizers that are not byte-level BPE
+    return FAMILIES[model_type]
+
+
+def _rope_of(config: Any) -> dict:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope = dict(rope)
+    if "rope_theta" not in rope and getattr(config, "rope_theta", None) is not None:
+        rope["rope_theta"] = config.rope_theta
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope["type"]
+    return rope
+
+
+def _tokenizer_json(tokenizer: Any) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError("GGUF export needs a fast (tokenizers) byte-level BPE tokenizer; this tokenizer is "
+                        f"{type(tokenizer).__name__} without one")
+    return json.loads(backend.to_str())
+
+
+def pre_tokenizer_name(tokenizer: Any) -> str:
+    """llama.cpp's name (``tokenizer.ggml.pre``) for the tokenizer's BPE pre-tokenizer.
+
+    A tokenizer converted from a GGUF file keeps the name that file gave (its ``gguf_source.json``); otherwise it is
+    recognised from ``tokenizer.json``: plain GPT-2 byte-level (``gpt-2``), digits split one by one then byte-level
+    (``smollm``), Llama 3's split regex (``llama-bpe``), Qwen2's (``qwen2``).
+
+    Raises:
+        UserError: not a byte-level BPE tokenizer, or a pre-tokenizer with no llama.cpp name (naming the known ones).
+    """
+    from tuneforge.models.gguf import source_of_dir
+
+    data = _tokenizer_json(tokenizer)
+    if (data.get("model") or {}).get("type") != "BPE":
+        raise UserError("GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM style); this "
+                        f"tokenizer's model is {(data.get('model') or {}).get('type')!r}")
+    source = source_of_dir(getattr(tokenizer, "name_or_path", "") or "")
+    if source and source.get("tokenizer_pre"):
+        return str(source["tokenizer_pre"])
+    pre = data.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm"
+    if kinds and kinds[0] == "Split":
+        regex = ((parts[0].get("pattern") or {}).get("Regex") or "")
+        if regex.startswith(_QWEN2_REGEX_START):
+            return "qwen2"
+        if regex.startswith(_LLAMA3_REGEX_START):
+            return "llama-bpe"
+    raise UserError(f"GGUF export: the tokenizer's pre-tokenizer ({kinds}) has no llama.cpp name this exporter "
+                    "knows; known: gpt-2 (ByteLevel), smollm (Digits + ByteLevel), llama-bpe (Llama 3 split), "
+                    "qwen2 (Qwen2 split). Without the right name llama.cpp would split text differently than "
+                    "training did")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_gguf(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *,
+               model_name: str = "model") -> Path:
+    """Write ``model`` (a plain llama / qwen2 causal LM) with tokenizer and chat template as one GGUF file."""
+    import gguf
+    import numpy as np
+
+    arch = check_exportable(model, tokenizer)
+    config = model.config
+    tensor_type, file_type = QUANT_TYPES[quantize]
+    writer = gguf.GGUFWriter(str(file), arch)
+    _write_hparams(writer, config, arch, getattr(gguf.LlamaFileType, file_type), model_name)
+    _write_tokenizer(writer, tokenizer, template, config)
+
+    n_blocks = config.num_hidden_layers
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_blocks)
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    state = {k: v.detach().to("cpu").float() for k, v in model.state_dict().items()}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, tensor in state.items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        if hf_name == "lm_head.weight" and tied:
+            continue  # llama.cpp reuses token_embd.weight when output.weight is absent
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UserError(f"GGUF export: no llama.cpp name for tensor {hf_name} ({arch}); the model has parts "
+                            "this exporter does not know")
+        data = tensor.numpy()
+        if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
+            data = _permute_rope_rows(data, heads, heads)
+        elif arch == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
+            data = _permute_rope_rows(data, heads, kv_heads)
+        qtype = _tensor_type(gguf_name, data, tensor_type)
+        writer.add_tensor(gguf_name, _encode(np.ascontiguousarray(data, dtype=np.float32), qtype),
+                          raw_dtype=qtype if qtype.name not in ("F32", "F16") else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return file
+
+
+def _permute_rope_rows(weight: Any, n_head: int, n_head_kv: int) -> Any:
+    """Reorder q/k projection rows from HF's rotate-half rope layout to llama.cpp's interleaved pairs.
+
+    Per head, HF keeps the first halves of all rotary pairs, then the second halves; llama.cpp expects each pair
+    adjacent. Row ``h*d + i`` (``i < d/2``) goes to ``h*d + 2i`` and row ``h*d + d/2 + i`` to ``h*d + 2i + 1``.
+    """
+    heads = n_head_kv if n_head_kv and n_head_kv != n_head else n_head
+    rows = weight.shape[0]
+    half = rows // heads // 2
+    return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _tensor_type(gguf_name: str, data: Any, wanted: str):
+    import gguf
+
+    types = gguf.GGMLQuantizationType
+    if data.ndim <= 1 or gguf_name.endswith("_norm.weight"):
+        return types.F32
+    if wanted == "Q4_0" and gguf_name.startswith(("token_embd", "output.")):
+        wanted = "Q8_0"  # the (tied) output layer: 4-bit logits cost far more than 4-bit hidden layers
+    qtype = getattr(types, wanted)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if data.shape[-1] % block:
+        return types.F16  # rows that do not fill whole quant blocks (llama.cpp falls back the same way)
+    return qtype
+
+
+def _encode(data: Any, qtype: Any) -> Any:
+    import gguf
+
+    if qtype.name == "F32":
+        return data
+    if qtype.name == "F16":
+        return data.astype("float16")
+    return gguf.quants.quantize(data, qtype)
+
+
+def _write_hparams(writer: Any, config: Any, arch: str, file_type: Any, model_name: str) -> None:
+    import gguf
+
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_name(model_name)
+    writer.add_type("model")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    if head_dim != config.hidden_size // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    rope = _rope_of(config)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope_type == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        if rope.get("original_max_position_embeddings"):
+            writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_tokenizer(writer: Any, tokenizer: Any, template: Any, config: Any) -> None:
+    import gguf
+
+    data = _tokenizer_json(tokenizer)
+    vocab = tokenizer.get_vocab()
+    size = max(int(config.vocab_size), len(vocab))
+    by_id = {i: t for t, i in vocab.items()}
+    added = {int(a["id"]): a for a in data.get("added_tokens") or []}
+    tokens, types = [], []
+    for i in range(size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")  # rows past the tokenizer (embedding padding): never produced
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    merges = (data.get("model") or {}).get("merges") or []
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for key, setter in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                        ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+        value = getattr(tokenizer, key, None)
+        if value is not None:
+            setter(int(value))
+    writer.add_add_bos_token(_adds_bos(tokenizer))
+    writer.add_add_eos_token(False)
+    eot = end_of_turn_ids(tokenizer, template)
+    eos = tokenizer.eos_token_id
+    extra = [i for i in eot if i != eos]
+    if extra:
+        writer.add_eot_token_id(extra[0])
+    writer.add_chat_template(template.jinja)
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def end_of_turn_ids(tokenizer: Any, template: Any) -> list[int]:
+    """Token ids that end an assistant turn: EOS, and every template stop string that is a single token."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for stop in list(getattr(template, "stop", None) or []) + ([template.turn_end] if getattr(template, "turn_end", None) else []):
+        encoded = tokenizer(stop, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1 and encoded[0] not in ids:
+            ids.append(encoded[0])
+    return ids
+
+
+def stop_strings(tokenizer: Any, template: Any) -> list[str]:
+    """Every end-of-turn string: EOS and the template's stop strings, in that order, without repeats."""
+    out = []
+    for s in [tokenizer.eos_token, *(getattr(template, "stop", None) or [])]:
+        if s and s not in out:
+            out.append(s)
+    return out
+
+
+# ----------------------------------------------------------------------------- the round-trip gate
+
+
+def sample_prompts(tokenizer: Any, template: Any) -> list[str]:
+    """Plain texts plus chat prompts rendered with the run's template (with and without a generation prompt)."""
+    prompts = list(SAMPLE_TEXTS)
+    for chat in SAMPLE_CHATS:
+        try:
+            prompts.append(template.render(chat, add_generation_prompt=True, tokenizer=tokenizer))
+            prompts.append(template.render([*chat, {"role": "assistant", "content": "collections"}],
+                                           tokenizer=tokenizer))
+        except UserError:
+            continue
+    return prompts
+
+
+def gate(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *, echo=print) -> dict:
+    """Reload ``file`` through transformers' GGUF loader and compare it with ``model``; raise unless it passes.
+
+    Checks: identical token ids for every sample prompt, the same EOS id and end-of-turn ids, the same chat
+    template text, and logits within :data:`TOLERANCES` ``[quantize]`` (greedy next-token agreement over every
+    position of every prompt; mean |logit error| relative to the merged model's logit spread).
+
+    Raises:
+        UserError: naming every failed check and the figures.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.utils import sigterm_raises
+
+    folder, name = str(file.parent), file.name
+    with sigterm_raises():
+        try:
+            reloaded_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            reloaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        except Exception as exc:  # any failure to read back is a failed gate  # noqa: BLE001
+            raise UserError(f"GGUF gate: transformers could not load the written file back ({exc}); nothing was "
+                            "exported") from exc
+    reloaded.eval()
+    failures: list[str] = []
+    prompts = sample_prompts(tokenizer, template)
+    token_mismatch = []
+    for prompt in prompts:
+        a = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        b = reloaded_tok(prompt, add_special_tokens=False)["input_ids"]
+        if a != b:
+            token_mismatch.append(prompt[:40])
+    if token_mismatch:
+        failures.append(f"tokenization differs on {len(token_mismatch)}/{len(prompts)} sample prompts "
+                        f"(first: {token_mismatch[0]!r})")
+    eos_ok = reloaded_tok.eos_token_id == tokenizer.eos_token_id
+    if not eos_ok:
+        failures.append(f"EOS id {reloaded_tok.eos_token_id} in the file, {tokenizer.eos_token_id} in the model")
+    stops = end_of_turn_ids(tokenizer, template)
+    stops_reloaded = [reloaded_tok.convert_tokens_to_ids(tokenizer.convert_ids_to_tokens(i)) for i in stops]
+    if stops_reloaded != stops:
+        failures.append(f"end-of-turn ids {stops_reloaded} in the file, {stops} in the model")
+    template_ok = (getattr(reloaded_tok, "chat_template", None) or "") == template.jinja
+    if not template_ok:
+        failures.append("the chat template read back differs from the run's template")
+
+    agree = total = 0
+    max_diff = sum_diff = count = 0.0
+    spread = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :256]
+            a = model(input_ids=ids).logits.float()
+            b = reloaded(input_ids=ids).logits.float()
+            if a.shape != b.shape:
+                failures.append(f"logit shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+                break
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            total += a.shape[1]
+            diff = (a - b).abs()
+            max_diff = max(max_diff, float(diff.max()))
+            sum_diff += float(diff.sum())
+            count += diff.numel()
+            spread.append(float(a.std()))
+    agreement = agree / max(total, 1)
+    mean_diff = sum_diff / max(count, 1)
+    std = sum(spread) / max(len(spread), 1)
+    tol = TOLERANCES[quantize]
+    echo(f"gate {quantize}: greedy next-token agreement {agreement:.2%} over {total} positions (≥ {tol.agreement:.0%}); "
+         f"logit error max {max_diff:.4g}, mean {mean_diff:.4g} = {mean_diff / max(std, 1e-12):.2%} of the logit "
+         f"spread {std:.3g} (≤ {tol.mean_rel:.0%}); tokenization {'same' if not token_mismatch else 'DIFFERS'} on "
+         f"{len(prompts)} prompts; EOS {'same' if eos_ok else 'DIFFERS'}; template {'same' if template_ok else 'DIFFERS'}")
+    if agreement < tol.agreement:
+        failures.append(f"greedy next-token agreement {agreement:.2%} < {tol.agreement:.0%}")
+    if not mean_diff <= tol.mean_rel * std:
+        failures.append(f"mean logit error {mean_diff:.4g} > {tol.mean_rel:.0%} of the logit spread {std:.3g}")
+    if failures:
+        raise UserError(f"GGUF round-trip gate failed for {quantize}: " + "; ".join(failures)
+                        + ". Nothing was exported")
+    from tuneforge.models.gguf import file_sha256
+
+    return {"file": name, "quantize": quantize, "bytes": file.stat().st_size, "sha256": file_sha256(file),
+            "agreement": agreement, "positions": total, "logit_max_diff": max_diff, "logit_mean_diff": mean_diff,
+            "logit_std": std, "tolerance": {"agreement": tol.agreement, "mean_rel": tol.mean_rel},
+            "tokenization_ok": not token_mismatch, "prompts": len(prompts), "eos_ok": eos_ok,
+            "stop_ids": stops, "template_ok": template_ok}
+
+
+# ----------------------------------------------------------------------------- Ollama Modelfile and README
+
+_MARK = "\x00{}\x00"
+
+
+def _between(text: str, a: str | None, b: str | None) -> str:
+    """The text after marker ``a`` (from the start when None) and before marker ``b`` (to the end when None)."""
+    start = text.index(_MARK.format(a)) + len(_MARK.format(a)) if a else 0
+    end = text.index(_MARK.format(b), start) if b else len(text)
+    return text[start:end]
+
+
+def _strip_suffix(text: str, suffix: str) -> str:
+    if not text.endswith(suffix):
+        raise ValueError("the measured pieces do not line up")
+    return text[:len(text) - len(suffix)] if suffix else text
+
+
+def _strip_prefix(text: str, prefix: str) -> str:
+    if not text.startswith(prefix):
+        raise ValueError("the measured pieces do not line up")
+    return text[len(prefix):]
+
+
+def ollama_template(tokenizer: Any, template: Any) -> tuple[str | None, str | None, str]:
+    """``(go_template, default_system, why)``: the run's chat template in Ollama's Go-template syntax.
+
+    Jinja cannot be translated in general, so the template is *measured*: short conversations with marker contents
+    are rendered, and each role's prefix and suffix around its content, the text before the first message, the
+    generation prompt and a default system prompt (one the template inserts when none is given) are read off. The
+    result is verified by re-assembling sample conversations from those pieces and comparing with the Jinja
+    rendering; when they differ (a template whose output depends on content or position beyond this),
+    ``go_template`` is None and ``why`` says so.
+    """
+    def render(*roles: str, gen: bool = False) -> str:
+        messages = [{"role": r, "content": _MARK.format(f"{r}{i}")} for i, r in enumerate(roles)]
+        return template.render(messages, add_generation_prompt=gen, tokenizer=tokenizer)
+
+    try:
+        u = render("user")
+        ua = render("user", "assistant")
+        uau = render("user", "assistant", "user")
+        user_suffix = _between(u, "user0", None)
+        asst_prefix = _strip_prefix(_between(ua, "user0", "assistant1"), user_suffix)
+        asst_suffix = _between(ua, "assistant1", None)
+        user_prefix = _strip_prefix(_between(uau, "assistant1", "user2"), asst_suffix)
+        before_user = _strip_suffix(_between(u, None, "user0"), user_prefix)
+        gen = render("user", gen=True)[len(u):]
+        system = None
+        try:
+            su = render("system", "user")
+            sys_head = _between(su, None, "system0")
+            sys_suffix = _strip_suffix(_between(su, "system0", "user1"), user_prefix)
+            system = (sys_head, sys_suffix)
+        except UserError:
+            pass  # the template refuses a system role
+        lead, default_system = before_user, None
+        if system is not None and before_user:
+            sys_head, sys_suffix = system
+            # a default system prompt: the system block with some content appears when no system message is given
+            if before_user.startswith(sys_head) and before_user.endswith(sys_suffix) and len(before_user) >= len(
+                    sys_head) + len(sys_suffix):
+                default_system = before_user[len(sys_head):len(before_user) - len(sys_suffix)]
+                lead = ""
+        if system is not None:
+            system = (_strip_prefix(system[0], lead), system[1])
+    except (ValueError, UserError) as exc:
+        return None, None, f"could not measure the template ({exc})"
+
+    pieces = {"user": (user_prefix, user_suffix), "assistant": (asst_prefix, asst_suffix)}
+    if system is not None:
+        pieces["system"] = system
+
+    def assemble(messages: list[dict], add_gen: bool) -> str:
+        if default_system is not None and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": default_system}, *messages]
+        text = lead
+        for m in messages:
+            prefix, suffix = pieces[m["role"]]
+            text += prefix + m["content"] + suffix
+        return text + (gen if add_gen else "")
+
+    checked = 0
+    for chat in SAMPLE_CHATS:
+        for add_gen in (True, False):
+            try:
+                expected = template.render(chat, add_generation_prompt=add_gen, tokenizer=tokenizer)
+            except UserError:
+                continue
+            checked += 1
+            if any(m["role"] not in pieces for m in chat) or assemble(chat, add_gen) != expected:
+                return None, None, ("re-assembling sample conversations from the measured pieces does not "
+                                    "reproduce the Jinja rendering")
+    if not checked:
+        return None, None, "the template rendered none of the sample conversations"
+
+    def go(text: str) -> str:  # literal text inside a Go template: only "{{" needs quoting
+        return text.replace("{{", '{{ "{{" }}')
+
+    # no "{{-" trim markers: they would eat the newlines the template's own text ends with
+    parts = [go(lead), "{{ range .Messages }}"]
+    for i, (role, (prefix, suffix)) in enumerate(pieces.items()):
+        parts.append(("{{ if" if i == 0 else "{{ else if") + f' eq .Role "{role}" }}}}'
+                     f"{go(prefix)}{{{{ .Content }}}}{go(suffix)}")
+    parts.append("{{ end }}{{ end }}")
+    parts.append(go(gen))
+    return "".join(parts), default_system, f"verified against the Jinja rendering of {checked} sample conversations"
+
+
+def write_modelfile(folder: Path, gguf_name: str, tokenizer: Any, template: Any, sampling: dict) -> dict:
+    """Write ``folder/Modelfile``; returns ``{"template": "verified" | reason, "stops": [...]}``."""
+    go_template, default_system, why = ollama_template(tokenizer, template)
+    stops = stop_strings(tokenizer, template)
+    lines = ["# Ollama Modelfile written by tuneforge: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}", ""]
+    if go_template is not None:
+        lines += [f'TEMPLATE """{go_template}"""', ""]
+        if default_system:
+            lines += [f'SYSTEM """{default_system}"""', ""]
+    else:
+        lines += [f"# TEMPLATE omitted: {why}. Ollama falls back to the chat template stored in the GGUF file.", ""]
+    for stop in stops:
+        lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
+    names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "repeat_penalty": "repeat_penalty"}
+    for key, value in sampling.items():
+        if key in names:
+            lines.append(f"PARAMETER {names[key]} {value}")
+    (folder / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"template": "verified" if go_template is not None else why, "stops": stops}
+
+
+def write_readme(folder: Path, gguf_name: str, quantize: str, report: dict, modelfile: dict) -> None:
+    """Write ``folder/README.md``: what the file is, the gate's figures, and how to run it."""
+    stops = " ".join(f"-r {json.dumps(s)}" for s in modelfile["stops"])
+    text = f"""# {gguf_name}
+
+Exported by `tuneforge export --format gguf --quantize {quantize}`; checked before it was kept: reloaded through
+transformers' GGUF loader, it tokenizes {report['prompts']} sample prompts identically, has the same EOS and
+end-of-turn ids ({report['stop_ids']}) and chat template, and its greedy next token agrees with the merged model at
+{report['agreement']:.2%} of {report['positions']} positions (logit error max {report['logit_max_diff']:.4g}, mean
+{report['logit_mean_diff']:.4g}).
+
+SHA-256: `{report['sha256']}`
+
+## llama.cpp
+
+```bash
+llama-cli -m {gguf_name} -cnv --jinja          # chat with the run's own template (stored in the file)
+llama-server -m {gguf_name} --jinja --port 8080 # OpenAI-compatible server
+llama-cli -m {gguf_name} -p "Hello" -n 64 {stops}
+```
+
+## Ollama
+
+```bash
+ollama create my-model -f Modelfile
+ollama run my-model
+```
+
+The Modelfile's TEMPLATE: {modelfile['template']}.
+"""
+    (folder / "README.md").write_text(text, encoding="utf-8")
