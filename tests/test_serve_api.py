@@ -40,7 +40,8 @@ def server(runs):
     from tuneforge.serve.engine import Engine
 
     engine = Engine([str(runs["a"]), str(runs["b"])], device="cpu")
-    app = create_app(engine, api_key=KEY, max_tokens_limit=64, max_prompt_tokens=60, max_body_bytes=20_000)
+    app = create_app(engine, api_key=KEY, max_tokens_limit=64, max_prompt_tokens=60, max_body_bytes=20_000,
+                     max_scored_tokens=400)
     with serve_in_thread(app) as url:
         yield {"url": url, "engine": engine}
     engine.scheduler.close()
@@ -301,6 +302,16 @@ def test_a_request_larger_than_the_queue_is_413_not_429(server):
     assert response.status_code == 413, response.text
     error = response.json()["error"]
     assert "--max-queue" in error["message"] and "80 rows" in error["message"] and "Retry-After" not in response.headers
+
+
+def test_scoring_more_tokens_than_the_cap_is_413_naming_it(server):
+    prompts = [[5] * 50] * 9  # 450 scored tokens > 400
+    body = {"model": "a", "prompt": prompts, "echo": True, "logprobs": 20, "max_tokens": 0}
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 413 and "--max-scored-tokens" in response.json()["error"]["message"]
+    assert post(server, "/v1/completions", {**body, "prompt": prompts[:8]}).status_code == 200
+    assert post(server, "/v1/completions", {**body, "echo": False, "max_tokens": 1}
+                ).status_code == 200  # generation alone scores nothing
 
 
 def test_extreme_sampling_values_in_range_answer_200(server):

@@ -177,3 +177,44 @@ def test_stream_generate_closed_early_cancels_its_decoding_thread(lm):
     first = next(stream)
     stream.close()  # joins the thread, which the cancelled row lets end at its next token
     assert first and threading.active_count() == before
+
+
+def test_scoring_a_row_gives_what_scoring_it_alone_gives_whatever_shares_its_batch(lm):
+    """Right padding with explicit positions: a short row beside long ones, any chunk size, the same log-probs and
+    alternatives as the row alone (and as a plain forward pass with log_softmax)."""
+    import math
+
+    import torch
+
+    from tuneforge.models.scoring import score_tokens
+
+    model, tok = lm
+    rows = [ids_of(tok, p) for p in PROMPTS] + [ids_of(tok, " ".join(PROMPTS) * 3)]
+    batched = score_tokens(model, rows, top_logprobs=4, pad_id=0, batch_size=8, chunk=7)
+    for row, scored in zip(rows, batched, strict=True):
+        alone = score_tokens(model, [row], top_logprobs=4, pad_id=0, batch_size=1, chunk=1024)[0]
+        with torch.no_grad():
+            reference = model(input_ids=torch.tensor([row])).logits[0].float().log_softmax(-1)
+        assert [t.token_id for t in scored] == row and scored[0].logprob is None
+        for position in range(1, len(row)):
+            assert math.isclose(scored[position].logprob, alone[position].logprob, abs_tol=1e-5)
+            assert math.isclose(scored[position].logprob, float(reference[position - 1, row[position]]),
+                                abs_tol=1e-4)
+            assert [i for i, _ in scored[position].top] == [i for i, _ in alone[position].top]
+            assert scored[position].top[0][0] == int(reference[position - 1].argmax())
+
+
+def test_scoring_never_holds_full_float32_logits(lm, monkeypatch):
+    """The head runs on chunks of positions: no [rows, length, vocab] block reaches the log-softmax."""
+    from tuneforge.models import scoring
+
+    model, tok = lm
+    shapes = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    try:
+        row = ids_of(tok, " ".join(PROMPTS) * 4)
+        scoring.score_tokens(model, [row, row[:10]], top_logprobs=2, chunk=16)
+    finally:
+        handle.remove()
+    assert len(row) > 40 and shapes and all(shape[1] <= 16 for shape in shapes)

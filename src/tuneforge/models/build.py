@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+#: ``head`` of ``load_model`` / ``load_pretrained`` / :func:`build_model` → the transformers auto class and its
+#: extra kwargs: the language model, or a reward model (sequence-classification head with one output)
+HEADS = {"causal_lm": ("AutoModelForCausalLM", {}), "reward": ("AutoModelForSequenceClassification", {"num_labels": 1})}
 
-def build_model(fc: Any, tokenizer: Any, dtype: Any = None):
+
+def build_model(fc: Any, tokenizer: Any, dtype: Any = None, rope_scaling: Any = None, head: str = "causal_lm"):
     """Instantiate a fresh model described by ``fc`` (a :class:`tuneforge.config.schema.FromConfig`).
 
     The vocabulary is taken from the tokenizer (``len(tokenizer)``) so that every special token has an
-    embedding; pad/bos/eos ids are written into the model config.
+    embedding; pad/bos/eos ids are written into the model config. ``rope_scaling``: a resolved
+    ``model.rope_scaling`` (:mod:`tuneforge.models.rope`); ``head``: ``causal_lm`` or ``reward`` (a
+    sequence-classification head with one output).
     """
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    import transformers
+    from transformers import GPT2Config, LlamaConfig
+
+    from tuneforge.models.rope import apply_rope_scaling
 
     vocab = len(tokenizer)
     ids = dict(
@@ -44,7 +53,11 @@ def build_model(fc: Any, tokenizer: Any, dtype: Any = None):
             use_cache=False,
             **ids,
         )
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    apply_rope_scaling(config, rope_scaling)
+    class_name, head_kwargs = HEADS[head]
+    for key, value in head_kwargs.items():
+        setattr(config, key, value)
+    model = getattr(transformers, class_name).from_config(config, dtype=dtype or torch.float32)
     model.config.use_cache = True  # cache for generation; the trainer turns it off while training
     return model
 

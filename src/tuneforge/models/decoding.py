@@ -97,12 +97,18 @@ class RowResult:
         token_ids: the tokens generated (without the stop token; a stop string's own tokens included).
         finish_reason: ``"stop"``, ``"length"`` or ``"cancelled"``.
         logprobs: one :class:`TokenLogprob` per generated token when the row asked for them, else ``None``.
+        stop_token: the stop token that ended the row with its log-probs, when the row asked for log-probs and a
+            stop token (not a stop string or the budget) ended it. It is not part of ``text`` or ``token_ids``;
+            an OpenAI completion lists it last among the log-probs (lm-evaluation-harness drops the last listed
+            token of an ``echo`` + ``max_tokens: 1`` answer as the generated one: without it, it dropped a token
+            of the prompt whenever the model's next token was EOS).
     """
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str
     logprobs: tuple[TokenLogprob, ...] | None = None
+    stop_token: TokenLogprob | None = None
 
 
 def top_alternatives(logprobs_row: Any, k: int) -> tuple[tuple[int, float], ...]:
@@ -168,6 +174,7 @@ class _RowState:
         self.ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.pending: TokenLogprob | None = None  # the chosen token's log-probs, until the stop check takes it
+        self.stop_token: TokenLogprob | None = None
         self.text = ""
         self.shown = 0
         self.finish: str | None = None
@@ -192,6 +199,8 @@ class _RowState:
         logprob, self.pending = self.pending or TokenLogprob(token, None), None
         if token in self.stop_ids:
             self.finish = "stop"
+            if self.row.top_logprobs is not None:
+                self.stop_token = logprob
             if len(self.text) > self.shown:  # nothing more can follow: release the held-back text
                 self._emit(None, self.text[self.shown:])
             return
@@ -217,7 +226,7 @@ class _RowState:
     def result(self) -> RowResult:
         finish = self.finish or ("length" if len(self.ids) >= self.settings.max_new_tokens else "stop")
         return RowResult(self.text, tuple(self.ids), finish,
-                         tuple(self.logprobs) if self.row.top_logprobs is not None else None)
+                         tuple(self.logprobs) if self.row.top_logprobs is not None else None, self.stop_token)
 
 
 class _Choose:

@@ -44,8 +44,13 @@ def check_model_source(name: str, what: str = "model.name_or_path") -> str:
         shown = f"{name} ({path})" if name.startswith("~") else name
         raise UserError(f"local model path does not exist: {shown} (given as {what}; give a model directory "
                         "or a hub id)")
+    from tuneforge.models.gguf import gguf_path_of, materialize
+
+    gguf = gguf_path_of(path)  # a .gguf file (or a folder holding one): its cached plain HF conversion
+    if gguf is not None:
+        return str(materialize(gguf, what))
     if path.is_dir() and not any((path / f).exists() for f in ("config.json", "adapter_config.json")):
-        raise UserError(f"{path} (from {what}) is not a model directory: it has no config.json")
+        raise UserError(f"{path} (from {what}) is not a model directory: it has no config.json (or one .gguf file)")
     return str(path)
 
 
@@ -130,7 +135,8 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
 
 
 def load_model(model_cfg: Any, *, texts: Iterable[str] | None = None, extra_kwargs: dict | None = None,
-               device: str | None = None, dtype: Any = None):
+               device: str | None = None, dtype: Any = None, max_length: int | None = None,
+               head: str = "causal_lm"):
     """Load (or build) the model and tokenizer described by ``model_cfg`` (a ``ModelConfig``).
 
     Args:
@@ -141,6 +147,10 @@ def load_model(model_cfg: Any, *, texts: Iterable[str] | None = None, extra_kwar
             ``quantization_config`` and no ``device_map``, the whole model is placed on the resolved device.
         device: overrides ``model_cfg.device``.
         dtype: overrides ``model_cfg.precision``.
+        max_length: ``data.max_length``, for an unresolved ``model.rope_scaling: auto`` (a run resolves it first:
+            :func:`tuneforge.models.rope.resolve_run_rope`).
+        head: ``causal_lm`` (the language model) or ``reward`` (a sequence-classification head with one output on
+            the same base: the ``rm`` stage).
 
     Returns:
         ``(model, tokenizer)``: the model on the resolved device and dtype (quantized layers keep their
@@ -158,9 +168,14 @@ def load_model(model_cfg: Any, *, texts: Iterable[str] | None = None, extra_kwar
     if quantized:
         extra.setdefault("device_map", {"": device})
 
+    rope = model_cfg.rope_scaling
+    if rope == "auto":
+        from tuneforge.models.rope import resolve_rope_scaling
+
+        rope = resolve_rope_scaling(model_cfg, max_length, model_config_of(model_cfg))
     if model_cfg.from_config is not None:
         tokenizer = _from_config_tokenizer(model_cfg, texts)
-        model = _build_from_config(model_cfg, tokenizer, dtype, extra)
+        model = _build_from_config(model_cfg, tokenizer, dtype, extra, rope, head)
     else:
         name = check_model_source(model_cfg.name_or_path)
         tokenizer = load_tokenizer(model_cfg.tokenizer or name, revision=model_cfg.revision,
@@ -168,8 +183,13 @@ def load_model(model_cfg: Any, *, texts: Iterable[str] | None = None, extra_kwar
                                    what="model.tokenizer" if model_cfg.tokenizer else "model.name_or_path")
         model = load_pretrained(name, dtype=dtype, revision=model_cfg.revision,
                                  trust_remote_code=model_cfg.trust_remote_code,
-                                 attn_implementation=model_cfg.attn_implementation, **extra)
+                                 attn_implementation=model_cfg.attn_implementation, rope_scaling=rope,
+                                 head=head, **extra)
 
+    if model_cfg.add_tokens is not None:
+        from tuneforge.models.vocab import add_tokens
+
+        add_tokens(model, tokenizer, model_cfg.add_tokens, resizable=not quantized)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0] and not quantized:
         model.resize_token_embeddings(len(tokenizer))
     if model.config.pad_token_id is None:
@@ -185,18 +205,96 @@ def load_model(model_cfg: Any, *, texts: Iterable[str] | None = None, extra_kwar
     return model, tokenizer
 
 
-def load_pretrained(name: str, **kwargs):
+def load_pretrained(name: str, *, head: str = "causal_lm", rope_scaling: Any = None, **kwargs):
     """THE weights loader: ``AutoModelForCausalLM.from_pretrained(name, **kwargs)`` (``None`` values dropped; the
-    local cache only when the hub is unreachable), with failures turned into a :class:`UserError`."""
-    from transformers import AutoModelForCausalLM
+    local cache only when the hub is unreachable), with failures turned into a :class:`UserError`.
 
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    ``head="reward"`` loads ``AutoModelForSequenceClassification`` with one output (a reward model; a causal LM's
+    directory gets a new, random score head). ``rope_scaling``: a resolved ``model.rope_scaling``
+    (:mod:`tuneforge.models.rope`) written into the config before the weights load.
+    """
+    import transformers
+
+    from tuneforge.models.build import HEADS
+
+    class_name, head_kwargs = HEADS[head]
+    kwargs = {k: v for k, v in {**head_kwargs, **kwargs}.items() if v is not None}
     try:
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs, **hub_kwargs(name))
+        if rope_scaling not in (None, "none"):
+            from tuneforge.models.rope import apply_rope_scaling
+
+            config = transformers.AutoConfig.from_pretrained(
+                name, **{k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code", "num_labels")},
+                **hub_kwargs(name))
+            kwargs["config"] = apply_rope_scaling(config, rope_scaling)
+            kwargs.pop("num_labels", None)
+        model = getattr(transformers, class_name).from_pretrained(name, **kwargs, **hub_kwargs(name))
     except OSError as exc:
         if looks_local(name):
             raise UserError(f"could not load a model from {name}: {exc}") from exc
         raise hub_error(name, exc) from exc
+    from tuneforge.models.gguf import source_of_dir
+
+    gguf = source_of_dir(name) if looks_local(name) else None
+    if gguf is not None:  # converted from a GGUF file: adapters and runs name the file, not the cache directory
+        model.name_or_path = model.config._name_or_path = gguf["gguf_file"]
+    return model
+
+
+def model_config_of(model_cfg: Any) -> Any:
+    """The transformers config a run's ``model`` section describes, without loading weights (``from_config``:
+    built from its numbers; a path or hub id: ``AutoConfig``).
+
+    Raises:
+        UserError: the config cannot be read (missing path, unreachable hub id).
+    """
+    from pathlib import Path
+
+    from transformers import AutoConfig, GPT2Config, LlamaConfig
+
+    fc = model_cfg.from_config
+    if fc is not None:
+        if fc.architecture == "gpt2":
+            return GPT2Config(n_positions=fc.max_position_embeddings)
+        return LlamaConfig(max_position_embeddings=fc.max_position_embeddings)
+    name = check_model_source(model_cfg.name_or_path)
+    kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **hub_kwargs(name))
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        if name.endswith(".gguf"):
+            return AutoConfig.from_pretrained(str(Path(name).parent), gguf_file=Path(name).name, **kwargs)
+        return AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        if looks_local(name):
+            raise UserError(f"could not read the model config of {name} (model.name_or_path): {exc}") from exc
+        raise hub_error(name, exc) from exc
+
+
+def resolve_run_rope(cfg: Any, echo: Any = None) -> Any:
+    """``cfg`` (a ``RunConfig``) with ``model.rope_scaling`` resolved (:func:`resolve_rope_scaling`), so that the
+    run's ``config.yaml`` records the scaling it trained with and ``--resume`` compares like with like."""
+    from tuneforge.models.rope import resolve_rope_scaling, scaled_context
+
+    if cfg.model.rope_scaling == "none":
+        return cfg
+    resolved = resolve_rope_scaling(cfg.model, cfg.data.max_length, model_config_of(cfg.model))
+    if resolved == cfg.model.rope_scaling:
+        return cfg
+    if echo is not None and resolved != "none":
+        echo(f"rope scaling: {resolved['type']} x{resolved['factor']:g} (context "
+             f"{resolved['original_max_position_embeddings']} -> {scaled_context(resolved)}) for data.max_length "
+             f"{cfg.data.max_length}")
+    model = cfg.model.model_copy(update={"rope_scaling": _rope_field(cfg, resolved)})
+    return cfg.model_copy(update={"model": model})
+
+
+def _rope_field(cfg: Any, resolved: str | dict) -> Any:
+    if resolved == "none":
+        return "none"
+    field_type = type(cfg.model).model_fields["rope_scaling"].annotation
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(field_type).validate_python(resolved)
 
 
 def _from_config_tokenizer(model_cfg: Any, texts: Iterable[str] | None):
@@ -217,14 +315,15 @@ def _from_config_tokenizer(model_cfg: Any, texts: Iterable[str] | None):
     return ensure_pad_token(train_tokenizer(texts, vocab_size=fc.vocab_size))
 
 
-def _build_from_config(model_cfg: Any, tokenizer: Any, dtype: Any, extra: dict):
+def _build_from_config(model_cfg: Any, tokenizer: Any, dtype: Any, extra: dict, rope: Any = None,
+                       head: str = "causal_lm"):
     from tuneforge.models.build import build_model
 
+    model = build_model(model_cfg.from_config, tokenizer, dtype=dtype, rope_scaling=rope, head=head)
     if extra.get("quantization_config") is None:
-        return build_model(model_cfg.from_config, tokenizer, dtype=dtype)
+        return model
     # Quantized loading only exists in from_pretrained: save the fresh model, then reload it quantized.
-    model = build_model(model_cfg.from_config, tokenizer, dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="tuneforge-build-") as tmp:
         model.save_pretrained(tmp)
         del model
-        return load_pretrained(tmp, dtype=dtype, **extra)
+        return load_pretrained(tmp, dtype=dtype, head=head, **extra)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuneforge.data.templates import TEMPLATE_FILE, TEMPLATE_JINJA
 from tuneforge.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,10 @@ RUN_METRICS = "metrics.jsonl"       # every logged step, eval and warning
 RUN_SUMMARY = "summary.json"        # final metrics, parameter counts, data statistics
 RUN_EVAL_RESULTS = "eval_results.json"
 RUN_REPORT = "report.html"
-RUN_TEMPLATE = "template.json"      # the chat template (name, jinja, stop strings)
+RUN_TEMPLATE = TEMPLATE_FILE        # the chat template (name, jinja, stop strings)
 RUN_MANIFEST = "tuneforge_run.json"  # written first into every run directory: tuneforge made it (train/rundir.py)
 RUN_TASKS = "tasks"                 # per-task runs (method.per_task): tasks/<task>/ is each task's own run
 RUN_STACK = "stack"                 # progressive LoRA (method.continue_from): stack/NN/ earlier adapters, in order
-TEMPLATE_JINJA = "chat_template.jinja"
 TEMPLATE_FILES = (RUN_TEMPLATE, TEMPLATE_JINJA)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Files that only a tuneforge run writes beside its config.yaml (one of them is enough).
@@ -108,6 +108,10 @@ class ModelRef:
         adapter_config: the parsed ``adapter_config.json`` for adapters.
         stack: progressive LoRA (``method.continue_from``): the earlier adapters of the run (``<run>/stack/NN``),
             in the order they are merged into ``base`` before ``adapter`` goes on top; ``()`` otherwise.
+        head: ``causal_lm``, or ``reward`` for a reward model (``stage: rm``: a sequence-classification head with
+            one output), loaded by :func:`load_for_inference` / :func:`tuneforge.models.reward.load_scorer`.
+        rope_scaling: the run's resolved ``model.rope_scaling`` (``{type, factor, original_max_position_embeddings}``)
+            applied to the base under an adapter (a full model's ``config.json`` carries its own), else ``None``.
     """
 
     given: str
@@ -120,6 +124,8 @@ class ModelRef:
     method: str | None = None
     adapter_config: dict | None = field(default=None, compare=False)
     stack: tuple[str, ...] = ()
+    head: str = "causal_lm"
+    rope_scaling: dict | None = field(default=None, compare=False)
 
     @property
     def is_adapter(self) -> bool:
@@ -131,7 +137,8 @@ class ModelRef:
 
         Two references may share one loaded base (serve) only when their ``base_key`` is equal.
         """
-        return "|".join((self.base, *self.stack))
+        rope = [f"rope={json.dumps(self.rope_scaling, sort_keys=True)}"] if self.rope_scaling else []
+        return "|".join((self.base, *self.stack, *rope))
 
     @property
     def model_dir(self) -> Path:
@@ -180,8 +187,14 @@ def resolve(path_or_id: str | Path, what: str | None = None, *, base_override: s
     if not path.exists():
         check_model_source(given, what)  # raises for local-looking paths
         return ModelRef(given, "hub", given, tokenizer=given)
+    from tuneforge.models.gguf import gguf_path_of
+
+    gguf = gguf_path_of(path)  # a GGUF file is a model: loaders convert it once into a cached HF directory
+    if gguf is not None:
+        return ModelRef(given, "model", str(gguf), tokenizer=str(gguf))
     run_dir, final = _run_and_final(path)
-    method = (read_run_config(run_dir).get("method") or {}).get("name") if run_dir else None
+    run_config = read_run_config(run_dir) if run_dir else {}
+    method = (run_config.get("method") or {}).get("name")
     if is_adapter_dir(final):
         config = _read_json(final / "adapter_config.json")
         base = _base_of_adapter(final, config, run_dir, base_override)
@@ -194,8 +207,22 @@ def resolve(path_or_id: str | Path, what: str | None = None, *, base_override: s
     template_dir = next((str(d) for d in (final, run_dir) if d is not None
                          and any((d / f).is_file() for f in TEMPLATE_FILES)), None)
     stack = tuple(str(d) for d in run_stack(run_dir)) if run_dir is not None and adapter is not None else ()
+    rope = (run_config.get("model") or {}).get("rope_scaling") if adapter is not None else None
     return ModelRef(given, kind, base, adapter, tokenizer, template_dir, str(run_dir) if run_dir else None,
-                    method if isinstance(method, str) else None, config, stack)
+                    method if isinstance(method, str) else None, config, stack, _head_of(final, config, run_config),
+                    rope if isinstance(rope, dict) else None)
+
+
+def _head_of(final: Path, adapter_config: dict | None, run_config: dict) -> str:
+    """``reward`` for a reward model (an ``rm`` run, a SEQ_CLS adapter, a ``*ForSequenceClassification``
+    directory), else ``causal_lm``."""
+    if run_config.get("stage") == "rm" or (adapter_config or {}).get("task_type") == "SEQ_CLS":
+        return "reward"
+    if adapter_config is None and (final / "config.json").is_file():
+        architectures = _read_json(final / "config.json").get("architectures") or [""]
+        if str(architectures[0]).endswith("ForSequenceClassification"):
+            return "reward"
+    return "causal_lm"
 
 
 def run_stack(run_dir: str | Path) -> list[Path]:
@@ -261,8 +288,10 @@ def _base_of_adapter(adapter: Path, config: dict, run_dir: Path | None, base_ove
     if run_dir is not None:
         candidates += [run_dir / base] if base else []
         candidates.append(run_dir / RUN_BASE)
+    from tuneforge.models.gguf import is_gguf_file
+
     for candidate in candidates:
-        if (candidate / "config.json").is_file():
+        if (candidate / "config.json").is_file() or is_gguf_file(candidate):
             return str(candidate.resolve())
     if not base:
         raise UserError(f"{adapter}/adapter_config.json names no base_model_name_or_path: cannot find the base "
@@ -347,6 +376,8 @@ def load_base_model(ref: ModelRef, *, dtype: Any = None, **kwargs):
 
     from tuneforge.models.load import check_model_source, load_pretrained
 
+    kwargs.setdefault("head", ref.head)
+    kwargs.setdefault("rope_scaling", ref.rope_scaling)
     model = load_pretrained(check_model_source(ref.base, ref.given), dtype=dtype or torch.float32, **kwargs)
     return merge_stack(model, ref.stack)
 
@@ -386,6 +417,8 @@ def load_for_inference(ref: ModelRef | str, device: str = "auto", dtype: Any = N
     model = load_base_model(ref, dtype=dtype)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None:  # a reward model finds each row's last token by the pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
     if ref.adapter is not None:
         from peft import PeftModel
 

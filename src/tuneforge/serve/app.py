@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 DEFAULT_MAX_PROMPT_TOKENS = 4096  # --max-prompt-tokens when not given (the model's context when shorter)
+DEFAULT_MAX_SCORED_TOKENS = 32768  # --max-scored-tokens: prompt tokens scored (echo + logprobs) per request
 
 
 class APIError(Exception):
@@ -224,7 +225,8 @@ _GENERATE_ERRORS = (400, 401, 403, 404, 413, 415, 429, 500)
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: int = 1024,
-               max_prompt_tokens: int | None = None, default_max_tokens: int = 256,
+               max_prompt_tokens: int | None = None, max_scored_tokens: int = DEFAULT_MAX_SCORED_TOKENS,
+               default_max_tokens: int = 256,
                default_temperature: float = 0.0, max_body_bytes: int = 1 << 20, local_only: bool = False,
                route: str = "name"):
     """Build the FastAPI application serving ``engine``'s models.
@@ -235,6 +237,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
         max_tokens_limit: the largest ``max_tokens`` a request may ask for.
         max_prompt_tokens: the longest prompt accepted (tokens after the chat template); None =
             ``DEFAULT_MAX_PROMPT_TOKENS`` or the model's context when shorter.
+        max_scored_tokens: most prompt tokens one ``echo`` + ``logprobs`` request may have scored (413 beyond).
         default_max_tokens: used when a request gives no ``max_tokens``.
         default_temperature: used when a request gives no ``temperature`` (0 = greedy).
         max_body_bytes: larger request bodies are refused (413).
@@ -402,6 +405,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
         for row in ids:
             check_prompt(served, row, settings, "prompt")
         top = req.logprobs
+        scored = sum(len(row) for row in ids) if req.echo and top is not None else 0
+        if scored > max_scored_tokens:
+            raise APIError(413, f"echo + logprobs would score {scored} prompt tokens, above this server's cap of "
+                           f"{max_scored_tokens} per request (--max-scored-tokens); send fewer or shorter prompts "
+                           "per request", param="prompt", code="too_many_scored_tokens")
         job = _Job(engine.scheduler, served, ids, req.n, settings, top, score=req.echo and top is not None,
                    stream=req.stream)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -414,7 +422,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_limit: 
             prompt_index = index // req.n
             logprobs = None
             if top is not None:
-                tokens = (job.scores[prompt_index] if req.echo else []) + list(result.logprobs or ())
+                # the stop token that ended the choice is listed last, as OpenAI and vLLM do (module docstring)
+                tokens = ((job.scores[prompt_index] if req.echo else []) + list(result.logprobs or ())
+                          + ([result.stop_token] if getattr(result, "stop_token", None) else []))
                 logprobs = _completion_logprobs(served, tokens)
             return {"index": index, "text": echoes[prompt_index] + result.text, "logprobs": logprobs,
                     "finish_reason": result.finish_reason}
@@ -674,7 +684,10 @@ class _CompletionChunks:
             yield self._chunk(index, event.text, None, None)
 
     def finish(self, index: int, result):
-        yield self._chunk(index, "", None, result.finish_reason)
+        stop = getattr(result, "stop_token", None)
+        logprobs = _completion_logprobs(self.served, [stop]) if stop is not None and self.req.logprobs is not None \
+            else None
+        yield self._chunk(index, "", logprobs, result.finish_reason)
 
     def usage_chunk(self, usage: dict) -> dict:
         return {"id": self.ident, "object": "text_completion", "created": self.created, "model": self.served.name,

@@ -37,6 +37,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted, in tokens (default 4096, or the model's context when shorter)")
+    p.add_argument("--max-scored-tokens", type=int, default=32768,
+                   help="most prompt tokens one echo + logprobs request may have scored (default 32768; 413 beyond)")
     p.add_argument("--token-budget", type=int, default=None,
                    help="most tokens one batch holds, rows x (prompt + max new tokens) (default: sized from the "
                    "free memory once the models are loaded); a row above it gets 413")
@@ -101,7 +103,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from tuneforge.errors import UserError
 
     for flag in ("max_tokens_limit", "max_prompt_tokens", "default_max_tokens", "max_batch_size", "max_queue",
-                 "max_body_bytes", "token_budget"):
+                 "max_body_bytes", "token_budget", "max_scored_tokens"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: choose a port between 1 and 65535")
@@ -125,7 +127,8 @@ def serve_command(args: argparse.Namespace) -> int:
     engine = Engine(args.runs, device=args.device, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                     token_budget=args.token_budget)
     app = create_app(engine, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
-                     max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
+                     max_prompt_tokens=args.max_prompt_tokens, max_scored_tokens=args.max_scored_tokens,
+                     default_max_tokens=args.default_max_tokens,
                      default_temperature=args.default_temperature, max_body_bytes=args.max_body_bytes,
                      local_only=local and not api_key, route=args.route)
     names = engine.names() + (list(engine.per_task) if args.route == "prefix" else [])
