@@ -80,6 +80,12 @@ def load_config_dict(source: str) -> tuple[dict, str]:
         UserError: unreadable file, or a name that is neither local, built in, nor on a reachable hub.
     """
     path = Path(source).expanduser()
+    if path.exists():
+        from tuneforge.models.gguf import gguf_path_of, materialize
+
+        gguf = gguf_path_of(path)
+        if gguf is not None:  # a GGUF file: the config of its cached plain conversion (made on first use)
+            path = materialize(gguf, source)
     if path.is_dir() or path.name == "config.json" or path.suffix == ".json":
         file = path / "config.json" if path.is_dir() else path
         return _read_json(file), str(file)
