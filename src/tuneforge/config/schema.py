@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
+from tuneforge.config.formats import FORMAT_CHOICES
 from tuneforge.config.methods import METHOD_CONFIGS
-from tuneforge.config.stages import STAGES, GrpoConfig, PreferenceConfig, RewardConfig  # noqa: F401 (re-exported)
+from tuneforge.config.retention import RetentionConfig
+from tuneforge.config.stages import STAGES, GrpoConfig, PreferenceConfig, RewardConfig, RmConfig  # noqa: F401
 from tuneforge.config.strict import Strict
 
 # --------------------------------------------------------------------------- model
@@ -46,6 +48,40 @@ class FromConfig(Strict):
         return self
 
 
+class RopeScaling(Strict):
+    """An explicit RoPE scaling (models/rope.py); ``original_max_position_embeddings``: the pre-trained context
+    (default: the model's ``max_position_embeddings``)."""
+
+    type: Literal["linear", "dynamic", "yarn", "llama3"]
+    factor: float = Field(gt=1)
+    original_max_position_embeddings: int | None = Field(None, gt=0)
+
+
+class AddTokens(Strict):
+    """New vocabulary entries (models/vocab.py): added to the tokenizer, embedding rows initialised, saved with the
+    run (a list of strings is short for ``tokens``)."""
+
+    tokens: list[str] = Field(default_factory=list, description="plain tokens (split out of normal text)")
+    special_tokens: list[str] = Field(default_factory=list, description="special tokens (never split, skippable)")
+    init: Literal["pieces", "mean"] = Field("pieces", description="pieces: the mean of the rows of the sub-tokens "
+                                            "the text was split into before; mean: the mean of all existing rows")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_is_tokens(cls, value: Any) -> Any:
+        return {"tokens": value} if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _some_distinct(self) -> AddTokens:
+        every = self.tokens + self.special_tokens
+        if not every:
+            raise ValueError("model.add_tokens lists no token")
+        dup = sorted({t for t in every if every.count(t) > 1})
+        if dup or any(not t for t in every):
+            raise ValueError(f"model.add_tokens: {'token ' + repr(dup[0]) + ' is listed twice' if dup else 'empty token'}")
+        return self
+
+
 class ModelConfig(Strict):
     """Which model to train and how to place it."""
 
@@ -63,6 +99,26 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
     revision: str | None = None
     attn_implementation: str | None = None
+    rope_scaling: Literal["auto", "none"] | RopeScaling = Field(
+        "none", description="longer context than the model's: auto (type of the family, factor ceil(data.max_length "
+        "/ context), only when data.max_length exceeds it) | none | {type: linear|dynamic|yarn|llama3, factor}")
+    add_tokens: AddTokens | None = None
+    gguf_file: str | None = Field(
+        None, description="a .gguf file inside the model.name_or_path directory (the directory plus this name is the "
+        "model; or give the .gguf file itself as name_or_path)")
+    untrained_tokens: Literal["train", "refuse", "ignore"] = Field(
+        "train", description="chat-template tokens whose embedding rows look untrained: train those rows (LoRA: peft "
+        "trainable_token_indices), refuse to start, or ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_file_in_directory(cls, data: Any) -> Any:
+        # name_or_path + gguf_file name one file: every consumer sees the file path (idempotent for resolved configs)
+        if isinstance(data, dict) and data.get("gguf_file") and data.get("name_or_path"):
+            name, file = str(data["name_or_path"]), str(data["gguf_file"])
+            if not name.rstrip("/").endswith(file):
+                data = {**data, "name_or_path": f"{name.rstrip('/')}/{file}"}
+        return data
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -111,6 +167,11 @@ class MixSource(Strict):
     weight: float = Field(1.0, gt=0, description="share of training samples (or, with data.mix_ratio, relative "
                                                  "weight between mix sources)")
 
+    @field_validator("path", mode="after")
+    @classmethod
+    def _home(cls, value):
+        return home(value)
+
     @model_validator(mode="after")
     def _one_source(self) -> MixSource:
         if (self.path is None) == (self.name is None):
@@ -124,7 +185,8 @@ class DataConfig(Strict):
     train: list[str]
     eval: str | list[str] | None = None
     eval_split: float | None = Field(None, gt=0, lt=1)
-    format: Literal["auto", "text", "alpaca", "chat"] = "auto"
+    format: Literal[FORMAT_CHOICES] = Field("auto", description="auto (detected from the first row) or a data "  # type: ignore[valid-type]
+                                            "format of config/formats.py")
     text_separator: str = Field("\n\n\n", description="document separator inside .txt files")
     max_length: int = Field(1024, gt=8)
     packing: bool = True
@@ -159,6 +221,11 @@ class DataConfig(Strict):
     def _one_or_many(cls, value):
         return [value] if isinstance(value, str) else value
 
+    @field_validator("train", "eval", mode="after")
+    @classmethod
+    def _home(cls, value):
+        return [home(p) for p in value] if isinstance(value, list) else home(value)
+
     @model_validator(mode="after")
     def _eval_source(self) -> DataConfig:
         if not self.train:
@@ -176,6 +243,13 @@ class DataConfig(Strict):
         return self
 
 
+def home(path: str | None) -> str | None:
+    """``~`` / ``~user`` at the start of a path expanded (as a shell would); other values unchanged."""
+    import os
+
+    return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -187,46 +261,6 @@ class MonitorConfig(Strict):
     grad_spike_ratio: float = Field(5.0, gt=1)
     window: int = Field(20, gt=1)
     sample_every: int | None = Field(None, gt=0, description="steps between degeneration-check generations")
-
-
-class RetentionConfig(Strict):
-    """A loss term that keeps the model close to where it started (docs/forgetting.md).
-
-    ``ewc``: ``lambda/2 * sum F_i (theta_i - theta*_i)^2`` with a diagonal Fisher ``F`` from ``reference`` data;
-    ``l2sp``: ``lambda/2 * sum (theta_i - theta*_i)^2``; ``kd``: ``alpha * T^2 * KL(start || model)`` on
-    ``reference`` batches (the start model is the same model with the adapter disabled).
-    """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, serialize_by_alias=True,
-                              validate_by_name=True, validate_by_alias=True)
-
-    method: Literal["ewc", "l2sp", "kd"]
-    lambda_: float | None = Field(None, alias="lambda", ge=0, description="ewc/l2sp: penalty strength")
-    alpha: float | None = Field(None, ge=0, description="kd: weight of the distillation term")
-    temperature: float = Field(2.0, gt=0, description="kd: softmax temperature")
-    reference: str | list[str] | None = Field(None, description="ewc/kd: general data (files or a built-in corpus "
-                                                                 "name such as pydoc)")
-    samples: int = Field(64, gt=0, description="ewc: reference samples for the Fisher; kd: reference samples cycled")
-    batch_size: int | None = Field(None, gt=0, description="kd: reference samples per step (default train.batch_size)")
-
-    @model_validator(mode="after")
-    def _method_keys(self) -> RetentionConfig:
-        m = self.method
-        if m in ("ewc", "kd") and not self.reference:
-            raise ValueError(f"method {m!r} needs train.retention.reference (general data: a file or 'pydoc')")
-        if m == "kd" and self.lambda_ is not None:
-            raise ValueError("method 'kd' is weighted by train.retention.alpha, not lambda")
-        if m in ("ewc", "l2sp") and self.alpha is not None:
-            raise ValueError(f"method {m!r} is weighted by train.retention.lambda, not alpha")
-        if m == "l2sp" and self.reference:
-            raise ValueError("method 'l2sp' uses no reference data (drop train.retention.reference)")
-        if m in ("ewc", "l2sp") and self.lambda_ is None:
-            # No default: the right strength depends on the Fisher's (ewc) or the parameter count's (l2sp) scale.
-            raise ValueError(f"method {m!r} needs train.retention.lambda (its strength; docs/forgetting.md has "
-                             "measured values)")
-        if m == "kd" and self.alpha is None:
-            self.alpha = 1.0
-        return self
 
 
 class DistillConfig(Strict):
@@ -293,6 +327,8 @@ class TrainConfig(Strict):
         "allows it, chunks of <= 256 MiB of logits; null: the model's own loss")
     kernels: list[Literal["liger", "flash_attention"]] = Field(
         default_factory=list, description="CUDA kernels (refused on other devices)")
+    embedding_lr: float | None = Field(None, gt=0, description="learning rate of the trainable embedding and "
+                                       "output rows (new tokens: model.add_tokens); default: lr")
 
     @model_validator(mode="after")
     def _early_stopping_needs_eval(self) -> TrainConfig:
@@ -396,7 +432,13 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     preference: PreferenceConfig | None = None
     grpo: GrpoConfig | None = None
+    rm: RmConfig | None = None
     distributed: DistributedConfig = DistributedConfig()
+
+    @field_validator("output_dir", mode="after")
+    @classmethod
+    def _home(cls, value):
+        return home(value)  # `~/runs/x` made a literal ./~ directory
 
     @model_validator(mode="after")
     def _stage_sections(self) -> RunConfig:
@@ -426,6 +468,9 @@ class RunConfig(Strict):
             raise ValueError("data.streaming: true needs stage pt and train.max_steps (a stream has no length, so "
                              "epochs cannot be counted); set train.max_steps, or drop data.streaming to use "
                              "prepared (cached, memory-mapped) data")
+        if self.data.streaming and self.train.dataloader_workers:
+            raise ValueError("data.streaming reads in the training process (its position is saved with each "
+                             "checkpoint): set train.dataloader_workers: 0")
         for key, used in (("data.mix", self.data.mix), ("data.task_prefix", self.data.task_prefix),
                           ("data.task_weights", self.data.task_weights), ("train.retention", self.train.retention),
                           ("train.distill", self.train.distill)):

@@ -64,16 +64,6 @@ def register_stage(spec: StageSpec) -> StageSpec:
     return spec
 
 
-def stage_names() -> tuple[str, ...]:
-    """Every ``stage:`` value, in registration order."""
-    return tuple(STAGES)
-
-
-def stages_reading(kind: str) -> tuple[str, ...]:
-    """The stages whose records are of ``kind``."""
-    return tuple(name for name, spec in STAGES.items() if spec.data == kind)
-
-
 def section_value(section: Any, stage: str, key: str) -> Any:
     """``section.<key>`` as written, else the stage's default for it (e.g. ``beta``: dpo 0.1, simpo 2.0)."""
     value = getattr(section, key)
@@ -102,18 +92,35 @@ class PreferenceConfig(Strict):
         return section_value(self, stage, "beta")
 
 
-class RewardConfig(Strict):
-    """One verifiable reward of a GRPO run (summed with ``weight``)."""
+class RmConfig(Strict):
+    """Reward-model training (``stage: rm``): Bradley–Terry loss ``-log σ(r_chosen - r_rejected - margin)``."""
 
-    type: Literal["exact", "regex", "numeric", "format", "function"]
+    margin: Literal["none", "record"] | float = Field(
+        "none", description="none | record (each pair's numeric 'margin' field) | a number (the same for every pair)")
+    center_rewards: float | None = Field(None, ge=0, description="coefficient of the mean squared reward added to "
+                                         "the loss (keeps rewards centred on 0; TRL's center_rewards_coefficient)")
+
+
+class RewardConfig(Strict):
+    """One reward of a GRPO run (summed with ``weight``): a verifiable rule, a function, or a trained reward model."""
+
+    type: Literal["exact", "regex", "numeric", "format", "function", "model"] | None = Field(
+        None, description="may be left out when 'model' is given")
     field: str = Field("answer", description="exact/numeric: the record field holding the expected answer")
     pattern: str | None = Field(None, description="regex: must match the completion; format: must match it whole")
     function: str | None = Field(None, description="function: 'package.module:name' called per completion")
     tolerance: float = Field(1e-6, ge=0, description="numeric: allowed absolute difference")
+    model: str | None = Field(None, description="model: a reward-model run (stage rm) scoring prompt + completion")
     weight: float = 1.0
 
     @model_validator(mode="after")
     def _needs(self) -> RewardConfig:
+        if self.type is None:
+            if self.model is None:
+                raise ValueError("a reward needs 'type' (exact, regex, numeric, format, function) or 'model: RUN'")
+            self.type = "model"
+        if (self.type == "model") != (self.model is not None):
+            raise ValueError("'model: RUN' (a reward model trained with stage rm) goes with type 'model' only")
         if self.type in ("regex", "format") and not self.pattern:
             raise ValueError(f"reward type {self.type!r} needs 'pattern' (a Python regular expression)")
         if self.type == "function" and not self.function:
@@ -154,6 +161,9 @@ register_stage(StageSpec(
     "simpo", data="paired", trainer="tuneforge.train.stages.pairwise", section="preference", config=PreferenceConfig,
     keys=("beta", "gamma", "label_smoothing"), defaults={"beta": 2.0},
     help="simple preference optimisation (length-normalised, reference-free)"))
+register_stage(StageSpec(
+    "rm", data="paired", trainer="tuneforge.train.stages.rm", section="rm", config=RmConfig,
+    help="reward model: a one-output score head trained on pairs with the Bradley-Terry loss (TRL's RewardTrainer)"))
 register_stage(StageSpec(
     "grpo", data="prompt", trainer="tuneforge.train.stages.grpo", section="grpo", config=GrpoConfig, required=True,
     help="group relative policy optimisation with verifiable rewards (TRL's GRPOTrainer)"))

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from tuneforge.config.formats import DATA_FORMATS, FORMAT_CHOICES
 from tuneforge.errors import UserError
 
-FORMATS = ("auto", "text", "alpaca", "chat")
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 ROLE_MAP = {
     "system": "system",
@@ -50,7 +50,8 @@ def read_records(path: str | Path, format: str = "auto", text_separator: str = "
         path: a local file (``.txt``, ``.jsonl``, ``.json``, ``.csv``, ``.parquet``), a directory of such
             files (read in sorted order), or a hub dataset name (``owner/name``; split ``train``) when no local
             path of that name exists.
-        format: ``auto`` (detected from the first record's keys), ``text``, ``alpaca`` or ``chat``.
+        format: ``auto`` (detected from the first record's keys) or a selectable format of
+            :data:`tuneforge.config.formats.DATA_FORMATS` (``text``, ``alpaca``, ``chat``).
         text_separator: the document separator inside ``.txt`` files.
 
     Returns:
@@ -61,8 +62,8 @@ def read_records(path: str | Path, format: str = "auto", text_separator: str = "
             line), a missing field (field name and record), an unknown role (role, record, allowed roles), an
             unreachable hub.
     """
-    if format not in FORMATS:
-        raise UserError(f"data.format {format!r} is not known; expected one of {', '.join(FORMATS)}")
+    if format not in FORMAT_CHOICES:
+        raise UserError(f"data.format {format!r} is not known; expected one of {', '.join(FORMAT_CHOICES)}")
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in FILE_SUFFIXES)
@@ -222,7 +223,7 @@ def rows_to_records(rows: Iterable[tuple[str, Any]], fmt: str = "auto") -> list[
         if detected is None:
             detected = detect_format(row, source)
         try:
-            record = _CONVERTERS[detected](row, source)
+            record = _CONVERTERS[detected][0](row, source)
             if row.get("task") is not None:  # multi-task data (data/mix.py): the task name travels with the record
                 record["task"] = _string(row["task"], "task", source)
             records.append(record)
@@ -237,16 +238,11 @@ def rows_to_records(rows: Iterable[tuple[str, Any]], fmt: str = "auto") -> list[
 
 
 def detect_format(row: dict, source: str) -> str:
-    """``chat`` / ``alpaca`` / ``text`` (or ``preference`` / ``kto`` / ``prompt``: data/preference.py) from a row's keys."""
-    kind = detect_preference(row)
-    if kind:
-        return kind
-    if "messages" in row or "conversations" in row:
-        return "chat"
-    if "instruction" in row and "output" in row:
-        return "alpaca"
-    if "text" in row:
-        return "text"
+    """The first registered format (detection order of :data:`tuneforge.config.formats.DATA_FORMATS`) whose detector
+    accepts the row's keys: ``preference`` / ``kto`` / ``prompt`` / ``chat`` / ``alpaca`` / ``text``."""
+    for name, (_, detect) in _CONVERTERS.items():
+        if detect(row):
+            return name
     raise UserError(
         f"{source}: cannot tell the data format from the keys {sorted(row)}; expected 'text' (plain text), "
         "'instruction'/'input'/'output' (Alpaca) or 'messages'/'conversations' (chat). "
@@ -380,17 +376,6 @@ def _tools(tools: Any, source: str) -> list[dict] | None:
 # --------------------------------------------------------------------------- preference and prompt records (data/preference.py encodes them)
 
 
-def detect_preference(row: dict) -> str | None:
-    """``preference`` / ``kto`` / ``prompt`` when a row has that shape, else None (the row is text/alpaca/chat)."""
-    if "chosen" in row or "rejected" in row:
-        return "preference"
-    if "completion" in row and "label" in row:
-        return "kto"
-    if "prompt" in row and "messages" not in row and "text" not in row:
-        return "prompt"
-    return None
-
-
 def preference_record(row: dict, source: str) -> dict:
     """A ``{prompt, chosen, rejected}`` row (or the chat form) → canonical paired record.
 
@@ -419,7 +404,8 @@ def preference_record(row: dict, source: str) -> dict:
     for key, completion in (("chosen", chosen), ("rejected", rejected)):
         _check_completion(completion, key, source)
     _check_prompt(prompt, source)
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source}
+    margin = {"margin": row["margin"]} if row.get("margin") is not None else {}  # stage rm: rm.margin: record
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **margin, "source": source}
 
 
 def kto_record(row: dict, source: str) -> dict:
@@ -511,8 +497,31 @@ def _label(value: Any, source: str) -> bool:
     raise UserError(f"{source}: 'label' must be true (desirable) or false (undesirable), got {value!r}")
 
 
-_CONVERTERS = {"text": _text_record, "alpaca": _alpaca_record, "chat": _chat_record,
-               "preference": preference_record, "kto": kto_record, "prompt": prompt_record}
+# --------------------------------------------------------------------------- the format registry
+
+#: format name → (converter: row, source → canonical record; detector: row → bool), in detection order
+_CONVERTERS: dict[str, tuple[Callable[[dict, str], dict], Callable[[dict], bool]]] = {}
+
+
+def register_format(name: str, convert: Callable[[dict, str], dict], detect: Callable[[dict], bool]) -> None:
+    """Make data format ``name`` readable: ``convert(row, source)`` gives its canonical record (raising
+    :class:`UserError` naming ``source``), ``detect(row)`` says whether a row has its shape (``data.format:
+    auto``). The name must be declared in :data:`tuneforge.config.formats.DATA_FORMATS`, whose order is the
+    detection order."""
+    if name not in DATA_FORMATS:
+        raise ValueError(f"data format {name!r} is not declared in tuneforge.config.formats.DATA_FORMATS")
+    _CONVERTERS[name] = (convert, detect)
+    order = list(DATA_FORMATS)
+    for key in sorted(_CONVERTERS, key=order.index):  # keep detection order whatever the registration order
+        _CONVERTERS[key] = _CONVERTERS.pop(key)
+
+
+register_format("preference", preference_record, lambda row: "chosen" in row or "rejected" in row)
+register_format("kto", kto_record, lambda row: "completion" in row and "label" in row)
+register_format("prompt", prompt_record, lambda row: "prompt" in row and "messages" not in row and "text" not in row)
+register_format("chat", _chat_record, lambda row: "messages" in row or "conversations" in row)
+register_format("alpaca", _alpaca_record, lambda row: "instruction" in row and "output" in row)
+register_format("text", _text_record, lambda row: "text" in row)
 
 
 def record_text(record: dict) -> str:

@@ -9,6 +9,8 @@ r(y_w) > r(y_l); ties count half.
   is DPO's implicit-reward accuracy, ``rewards/accuracies`` on held-out data; a model at its reference scores 50%.
 - Without one, r = log π(y|x): which answer the model itself finds more likely. Comparable across any models, but
   it favours short answers (the reference term is what cancels length in DPO).
+- A reward model (``stage: rm``; ``models.reward``) is scored by its own output r(x, y), read at the answer's
+  end-of-turn token of the same encoding: the Bradley–Terry accuracy the rm stage logs as ``eval_accuracy``.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ def preference_accuracy(model: Any, tokenizer: Any, template: Any, records: list
     """
     import torch
 
-    from tuneforge.data.preference import PairCollator, _pad_id, encode_pair
+    from tuneforge.data.preference import PairCollator, encode_pair
+    from tuneforge.data.tokenize import pad_id
+    from tuneforge.models.reward import is_reward_model, reward_scores
     from tuneforge.models.scoring import sequence_logps
 
     rows, dropped = [], 0
@@ -64,9 +68,11 @@ def preference_accuracy(model: Any, tokenizer: Any, template: Any, records: list
             rows.append(row)
     if not rows:
         raise UserError(f"reward_acc: all {len(records)} pairs are longer than max_length={max_length}")
+    scorer = is_reward_model(model)
+    reference = reference and not scorer
     if reference and not hasattr(model, "disable_adapter"):
         raise UserError("reward_acc with a reference needs an adapter model (the reference is the adapter disabled)")
-    collate = PairCollator(_pad_id(tokenizer))
+    collate = PairCollator(pad_id(tokenizer))
     device = next(model.parameters()).device
     wins, margins = 0.0, []
     was_training = model.training
@@ -75,7 +81,10 @@ def preference_accuracy(model: Any, tokenizer: Any, template: Any, records: list
         with torch.no_grad():
             for start in range(0, len(rows), batch_size):
                 batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
-                logps = sequence_logps(model, batch)[0]
+                if scorer:
+                    logps = reward_scores(model, batch["input_ids"], batch["attention_mask"])
+                else:
+                    logps = sequence_logps(model, batch)[0]
                 if reference:
                     with model.disable_adapter():
                         logps = logps - sequence_logps(model, batch)[0]
@@ -93,11 +102,15 @@ def reward_acc_metric(loaded: Any, records: list[dict], *, max_length: int | Non
                       **_) -> dict:
     """The metric-registry form (``needs=MODEL``): ``{"reward_acc", "reward_margin", "pairs", "reward_reference"}``.
 
-    An adapter model is scored against its base (adapter disabled); any other model by its own log-probs.
+    A reward model by its score; an adapter model against its base (adapter disabled); any other model by its own
+    log-probs.
     """
-    with_reference = hasattr(loaded.model, "disable_adapter")
+    from tuneforge.models.reward import is_reward_model
+
+    scorer = is_reward_model(loaded.model)
+    with_reference = hasattr(loaded.model, "disable_adapter") and not scorer
     result = preference_accuracy(loaded.model, loaded.tokenizer, loaded.template, records,
                                  max_length=max_length or 2048, batch_size=batch_size, reference=with_reference)
     row = {"reward_acc": result.accuracy, "reward_margin": result.margin, "pairs": result.pairs,
-           "reward_reference": "adapter disabled" if with_reference else "none"}
+           "reward_reference": "reward model" if scorer else "adapter disabled" if with_reference else "none"}
     return {**row, "pairs_dropped": result.dropped} if result.dropped else row
