@@ -312,6 +312,8 @@ def create_app(runs_dir: str | Path, *, data_roots: list[str | Path] = (), host:
         args = ["abtest", a[1], b[1], "--prompts", str(prompts), "--out", str(folder / "sheet.html")]
         if body.get("limit") not in (None, ""):
             args += ["--limit", str(int(body["limit"]))]
+        if body.get("max_new_tokens") not in (None, ""):
+            args += ["--max-new-tokens", str(int(body["max_new_tokens"]))]
         job = jobs.start_job(roots.runs_dir, "abtest", args, title=f"A/B {a[0]} vs {b[0]}",
                              extra={"sheet": sheet_id})
         return {"job": job, "sheet": sheet_id}
@@ -394,17 +396,21 @@ def create_app(runs_dir: str | Path, *, data_roots: list[str | Path] = (), host:
         run_id = body.get("id", "")
         source = run_dir_of(run_id)
         action = body.get("action", "export")
-        name = body.get("name") or f"{source.name}-{body.get('quantize') or 'merged'}"
+        name = body.get("name") or f"{source.name}-{(body.get('quantize') or 'merged').replace(':', '-')}"
         out = roots.confine(str(roots.runs_dir / name), "name", runs_only=True)
         args: list[str]
         if action == "merge":
             args = ["merge", str(source), "--out", str(out)]
         elif action == "export":
-            quantize = body.get("quantize")
-            if quantize not in export_choices():
-                raise UserError(f"quantize: {quantize!r} is not one of {', '.join(export_choices())}")
+            choice = body.get("quantize") or ""
+            allowed = [c["value"] for c in export_choices()]
+            if choice not in allowed:
+                raise UserError(f"quantize: {choice!r} is not one of {', '.join(allowed)}")
+            fmt, _, quantize = choice.partition(":")
             args = ["export", str(source), "--quantize", quantize, "--out", str(out)]
-            if body.get("data"):
+            if fmt != "hf":
+                args += ["--format", fmt]
+            if body.get("data") and fmt == "hf":
                 args += ["--data", str(roots.confine(body["data"], "data", must_exist=True))]
         else:
             raise UserError(f"action: {action!r} (merge or export)")
@@ -484,17 +490,27 @@ def _serve_name(target: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", target).strip("-")
 
 
-def export_choices() -> list[str]:
-    """``tuneforge export --quantize`` choices, read from the command's own parser (GGUF types appear when the
-    export command offers them)."""
+def export_choices() -> list[dict]:
+    """What ``tuneforge export`` can write, as ``{"value": "FORMAT:TYPE", "label"}``: the HF int8/int4 types and,
+    when the command has ``--format gguf``, the GGUF types (read from the command's own parser and modules, so the
+    form follows the command)."""
     import argparse
 
     from tuneforge.merge.cli import add_commands
+    from tuneforge.merge.export import QUANTIZE
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_commands(sub)
     export = sub.choices.get("export")
+    formats = ["hf"]
     for option in export._actions if export else []:
-        if "--quantize" in option.option_strings:
-            return list(option.choices or [])
-    return ["int8", "int4"]
+        if "--format" in option.option_strings:
+            formats = list(option.choices or formats)
+    out = [{"value": f"hf:{q}", "label": f"{q} (HF, bitsandbytes; perplexity delta)"} for q in QUANTIZE]
+    if "gguf" in formats:
+        try:
+            from tuneforge.merge.gguf import QUANT_TYPES
+        except ImportError:  # pragma: no cover - a tree without the GGUF writer
+            QUANT_TYPES = ()
+        out += [{"value": f"gguf:{q}", "label": f"{q} (GGUF + Ollama Modelfile; reload gate)"} for q in QUANT_TYPES]
+    return out

@@ -230,9 +230,11 @@
       }
       return {values, widgets, extra: $("#extra-yaml").value};
     }
+    const methodRows = {};
     function showMethod() {
       const m = $("#f-method-name").value;
-      document.querySelectorAll(".field[data-method]").forEach(row => { row.hidden = row.dataset.method !== m; });
+      // only the chosen method's own fields are in the page (each method has its own r, alpha, ...)
+      $("#method-fields").replaceChildren(...(methodRows[m] || []));
       const fc = document.querySelector("input[name=source]:checked").value === "from_config";
       document.querySelectorAll(".field").forEach(row => {
         if (row.dataset.key.startsWith("model.from_config.")) row.hidden = !fc;
@@ -270,7 +272,9 @@
           "train.logging_steps", "train.report_to"];
         for (const f of fields) {
           const row = fieldRow(f);
-          (main.includes(f.key) || f.key.startsWith("model.from_config.") || f.method ? fs : advanced).append(row);
+          if (f.method) { (methodRows[f.method] = methodRows[f.method] || []).push(row); continue; }
+          (main.includes(f.key) || f.key.startsWith("model.from_config.") ? fs : advanced).append(row);
+          if (f.key === "method.name") fs.append(h("div", {id: "method-fields"}));
         }
         if (advanced.children.length > 1) fs.append(advanced);
         holder.append(fs);
@@ -407,7 +411,8 @@
     }
     $("#ab-sheet").addEventListener("change", items);
     $("#btn-ab").addEventListener("click", async () => {
-      const d = await api("/api/abtest", {a: $("#ab-a").value, b: $("#ab-b").value, prompts: $("#ab-prompts").value, limit: $("#ab-limit").value});
+      const d = await api("/api/abtest", {a: $("#ab-a").value, b: $("#ab-b").value, prompts: $("#ab-prompts").value, limit: $("#ab-limit").value,
+        max_new_tokens: $("#ab-max-tokens").value});
       if (d.error) { flash(d.error, "error"); return; }
       jobBox($("#ab-job"), d.job, j => { if (j.returncode === 0) sheets(d.sheet); });
     });
@@ -454,7 +459,7 @@
       $("#ex-run").replaceChildren(...targets.targets.filter(t => t.id.startsWith("run:")).map(t => h("option", {value: t.id.slice(4), text: t.id.slice(4)})));
       if (q.get("id")) $("#ex-run").value = q.get("id");
       const opts = await api("/api/export/options");
-      $("#ex-quantize").replaceChildren(...opts.quantize.map(c => h("option", {value: c, text: c})));
+      $("#ex-quantize").replaceChildren(...opts.quantize.map(c => h("option", {value: c.value, text: c.label})));
     })();
     $("#ex-action").addEventListener("change", () => { $("#ex-quantize").disabled = $("#ex-action").value !== "export"; });
     $("#btn-export").addEventListener("click", async () => {
