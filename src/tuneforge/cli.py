@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "tuneforge.train.cli",        # quickstart, validate, train, generate
     "tuneforge.commands.data",    # data preview, data augment
     "tuneforge.commands.inspect",  # inspect
+    "tuneforge.commands.score",   # score (a reward per record with a reward model)
     "tuneforge.estimate.cli",     # estimate
     "tuneforge.evaluate.cli",     # eval, abtest, report
     "tuneforge.merge.cli",        # merge, export
@@ -66,11 +67,34 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(torch|transformers|peft)\b")
 
 
+#: arguments whose values are paths or model references: a leading ``~`` is expanded as a shell would (``--out=~/x``
+#: and quoted values reach us unexpanded); ``type=Path`` arguments are expanded whatever their name
+PATH_ARGS = frozenset({"args", "config", "configs", "input", "out", "data", "prompts", "space", "retention", "votes_out",
+                       "run_dir", "models", "model", "source", "run", "runs", "base", "judge", "teacher", "cache_dir",
+                       "data_root"})
+
+
+def expand_user_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``~`` expanded in every path argument (issue 22: ``--out ~/x`` made a literal ``./~``)."""
+    from pathlib import Path
+
+    def home(value, named: bool):
+        if isinstance(value, list):
+            return [home(v, named) for v in value]
+        if isinstance(value, Path) or (named and isinstance(value, str) and value.startswith("~")):
+            return type(value)(os.path.expanduser(str(value)))
+        return value
+
+    for name, value in vars(args).items():
+        setattr(args, name, home(value, name in PATH_ARGS))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     quiet_library_noise()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = expand_user_paths(parser.parse_args(argv))
     configure_logging(-1 if args.quiet else args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()

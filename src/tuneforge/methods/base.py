@@ -96,7 +96,9 @@ class Method:
         return None if spec is None else resolve_target_modules(model, spec)
 
     def create_optimizer(self, model: Any, cfg: Any, train_cfg: Any) -> Any | None:
-        return None
+        from tuneforge.methods.optimizers import embedding_lr_optimizer
+
+        return embedding_lr_optimizer(model, train_cfg)  # None (the Trainer's own) unless train.embedding_lr
 
     def callbacks(self, cfg: Any, total_steps: int) -> list:
         return []

@@ -22,6 +22,7 @@ from tuneforge.config.methods import GaloreMethodConfig
 from tuneforge.errors import UserError
 from tuneforge.methods.base import Method, register
 from tuneforge.methods.optim import matching_modules
+from tuneforge.methods.optimizers import refuse_embedding_lr
 
 
 class GaloreMethod(Method):
@@ -60,6 +61,7 @@ class GaloreMethod(Method):
 
     def create_optimizer(self, model: Any, cfg: Any, train_cfg: Any) -> Any | None:
         """A ``GaLoreAdamW`` (or ``GaLoreAdafactor``) over all trainable parameters; ``None`` when layerwise."""
+        refuse_embedding_lr("galore", train_cfg)
         if cfg.layerwise:
             return None  # the Trainer builds it from trainer_args()
         optimizer_cls = galore_optimizer_class(train_cfg)

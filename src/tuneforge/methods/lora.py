@@ -59,8 +59,11 @@ class LoraMethod(Method):
 
         targets = self.target_modules(model, cfg)
         _refuse_tied_output_layer(model, targets)
+        from tuneforge.models.vocab import new_token_ids
+
         return dict(
-            task_type="CAUSAL_LM",
+            task_type="SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM",
+            trainable_token_indices=new_token_ids(model) or None,  # model.add_tokens: the new rows train
             r=cfg.r,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,

@@ -15,6 +15,7 @@ from tuneforge.config.methods import LoraPlusMethodConfig
 from tuneforge.methods.base import register
 from tuneforge.methods.lora import LoraMethod
 from tuneforge.methods.optim import optimizer_class
+from tuneforge.methods.optimizers import refuse_embedding_lr
 
 
 class LoraPlusMethod(LoraMethod):
@@ -26,6 +27,7 @@ class LoraPlusMethod(LoraMethod):
 
     def create_optimizer(self, model: Any, cfg: Any, train_cfg: Any) -> Any:
         """The LoRA+ optimizer: ``train.optim``'s class with groups A at ``lr`` and B at ``lr * lr_ratio``."""
+        refuse_embedding_lr("lora_plus", train_cfg)
         from peft.optimizers import create_loraplus_optimizer
 
         optimizer_cls, extra = optimizer_class(train_cfg)

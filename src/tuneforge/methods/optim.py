@@ -17,38 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuneforge.errors import UserError
-
-
-def optimizer_class(train_cfg: Any) -> tuple[type, dict]:
-    """The optimizer class and its extra kwargs for ``train.optim``.
-
-    Returns:
-        ``(cls, kwargs)``; ``cls(params, lr=..., weight_decay=..., **kwargs)`` builds it.
-
-    Raises:
-        UserError: ``adamw_8bit`` / ``paged_adamw_8bit`` without bitsandbytes installed (names the package).
-    """
-    import torch
-
-    name = getattr(train_cfg, "optim", "adamw_torch") or "adamw_torch"
-    if name == "adamw_torch":
-        return torch.optim.AdamW, {}
-    if name in ("adamw_8bit", "paged_adamw_8bit"):
-        try:
-            import bitsandbytes.optim as bnb_optim
-        except ImportError:
-            raise UserError(
-                f"train.optim: {name!r} needs bitsandbytes — install it with `pip install bitsandbytes==0.50.2` "
-                "(or `pip install tuneforge[quant]`), or use train.optim: adamw_torch"
-            ) from None
-        return (bnb_optim.PagedAdamW8bit if name.startswith("paged") else bnb_optim.AdamW8bit), {}
-    if name == "sgd":
-        return torch.optim.SGD, {}
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor, {"scale_parameter": False, "relative_step": False}
-    raise UserError(f"train.optim: {name!r} is not supported by this method; use adamw_torch")
+from tuneforge.methods.optimizers import optimizer_class  # noqa: F401 (lives there: methods.base imports it too)
 
 
 def matching_modules(model: Any, targets: list[str]) -> dict[str, Any]:
@@ -93,3 +62,4 @@ def ensure_mergeable(method_name: str) -> None:
         "adds virtual tokens or state that is not a weight delta); serve or evaluate the adapter on its base "
         "model instead (tuneforge serve / eval take the run directory)"
     )
+

@@ -88,7 +88,8 @@ class GRPOStage(Stage):
             raise UserError(f"train.batch_size x steps per generation ({per_generation}) must be a multiple of "
                             f"grpo.group_size ({g.group_size}): every prompt's whole group is generated together")
         stops = stop_strings(tokenizer, template)
-        rewards = build_rewards(g.rewards, bundle.records, lambda text: cut_at_stop(text, stops))
+        rewards = build_rewards(g.rewards, bundle.records, lambda text: cut_at_stop(text, stops),
+                                prompt_messages=_prompt_lookup(bundle.records, tokenizer, template))
         # TRL stops sampling at the model's EOS ids and keeps that token in the completion: give it ours.
         model.generation_config.eos_token_id = stop_token_ids(tokenizer, template, model)
         if tokenizer.pad_token_id is None:
@@ -124,6 +125,15 @@ class GRPOStage(Stage):
             _attach_reference(trainer, reference, g.beta)
         finish_peft_reference(trainer, disable_for_reference)
         return trainer
+
+
+def _prompt_lookup(records: list[dict], tokenizer: Any, template: Any):
+    """Rendered prompt text (what TRL hands the rewards) → the record's prompt messages (reward models re-render
+    them with their own template)."""
+    from tuneforge.models.generation import render_prompt
+
+    table = {render_prompt(tokenizer, template, r["prompt"])[0]: r["prompt"] for r in records}
+    return table.get
 
 
 def _quiet_loss_spikes(callbacks: list) -> None:

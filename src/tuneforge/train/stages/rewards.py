@@ -9,7 +9,10 @@ generate`` shows it) and returns a float; TRL sums them with ``grpo.rewards[*].w
 - ``numeric``: 1.0 when the last number in the completion is within ``tolerance`` of the record's ``field``;
 - ``format``: 1.0 when the whole (stripped) completion matches ``pattern``;
 - ``function``: ``package.module:name`` called as ``name(completion=..., prompt=..., **fields) -> float``, where
-  ``fields`` are the record's other keys (strings).
+  ``fields`` are the record's other keys (strings);
+- ``model``: a trained reward model (``{model: runs/rm}``, a ``stage: rm`` run) scores the record's prompt messages
+  plus the completion as an assistant turn, rendered by the reward model's own template
+  (:class:`tuneforge.models.reward.RewardScorer`); an answer too long for it scores ``None`` (TRL skips it).
 """
 
 from __future__ import annotations
@@ -74,13 +77,16 @@ def as_reward(value: Any, where: str) -> float:
     return float(value)
 
 
-def build_rewards(specs: list[Any], records: list[dict], cut: Callable[[str], str]) -> list[Callable]:
+def build_rewards(specs: list[Any], records: list[dict], cut: Callable[[str], str],
+                  prompt_messages: Callable[[str], list[dict]] | None = None) -> list[Callable]:
     """TRL reward functions for ``specs`` (``grpo.rewards``), checked against the training ``records``.
 
     Args:
         specs: :class:`tuneforge.config.schema.RewardConfig` items.
         records: canonical prompt records (``{"prompt", "fields", "source"}``).
         cut: completion text → the text a user would see (cut at the stop strings).
+        prompt_messages: rendered prompt text (what TRL passes) → the record's prompt messages (``model`` rewards
+            render them with the reward model's template).
 
     Raises:
         UserError: a field some record lacks, a field value that is not a number (numeric), a bad regex, a function
@@ -89,7 +95,8 @@ def build_rewards(specs: list[Any], records: list[dict], cut: Callable[[str], st
     functions = []
     for index, spec in enumerate(specs):
         where = _where(index)
-        function = _one(spec, where, cut, records)
+        function = (_model_reward(spec, where, cut, records, prompt_messages) if spec.type == "model"
+                    else _one(spec, where, cut, records))
         function.__name__ = f"{spec.type}_{index}" if len(specs) > 1 else spec.type
         functions.append(function)
     return functions
@@ -130,6 +137,38 @@ def _one(spec: Any, where: str, cut: Callable[[str], str], records: list[dict]) 
         raise UserError(f"{name}: failed when called as f(completion='', prompt='', **fields of "
                         f"{first.get('source', 'the first record')}): {type(exc).__name__}: {exc}") from None
     return _per_completion(call, cut, pass_prompt=True)
+
+
+def _model_reward(spec: Any, where: str, cut: Callable[[str], str], records: list[dict],
+                  prompt_messages: Callable[[str], list[dict]] | None) -> Callable:
+    """A reward model's score of (the record's prompt, the completion as the assistant's turn)."""
+    from tuneforge.models.reward import load_scorer
+
+    scorer = load_scorer(spec.model, what=f"{where}.model")
+    first = records[0]
+    scorer.score([(first["prompt"], [{"role": "assistant", "content": "ok"}])], [first.get("source", "?")])
+
+    def as_messages(prompt: Any) -> list[dict]:
+        if isinstance(prompt, list):
+            return prompt
+        found = prompt_messages(prompt) if prompt_messages is not None else None
+        return found if found is not None else [{"role": "user", "content": str(prompt)}]
+
+    def reward(prompts, completions, completion_ids=None, **kwargs):
+        items = [(as_messages(p), [{"role": "assistant", "content": cut(c)}]) for p, c in zip(prompts, completions,
+                                                                                             strict=True)]
+        try:
+            return scorer.score(items)
+        except UserError:  # an answer the template renders to nothing: score the rest one by one
+            out = []
+            for item in items:
+                try:
+                    out.append(scorer.score([item])[0])
+                except UserError:
+                    out.append(None)
+            return out
+
+    return reward
 
 
 def _check_field(spec: Any, where: str, records: list[dict]) -> None:
