@@ -130,3 +130,26 @@ def test_preview_lines_read_only_the_embedding_matrix(tiny_llama, tiny_tokenizer
     lines = preview_lines(str(base), tiny_tokenizer, chatml)
     assert len(lines) == 1 and "'<|im_end|>'" in lines[0] and "input row" in lines[0]
     assert preview_lines("org/hub-model", tiny_tokenizer, chatml) == []
+
+
+def test_data_preview_reports_untrained_rows(tiny_llama, tiny_tokenizer, tmp_path):
+    import io
+
+    import torch
+    import yaml
+
+    from tests.helpers import save_base, write_chat_items
+    from tuneforge.commands.preview import run_preview
+
+    (end,) = _ids(tiny_tokenizer, "<|im_end|>")
+    with torch.no_grad():
+        tiny_llama.get_input_embeddings().weight[end] = 0.0
+    base = save_base(tiny_llama, tiny_tokenizer, tmp_path / "base")
+    write_chat_items(tmp_path, 6, seed=0)
+    config = {"run_name": "p", "output_dir": str(tmp_path / "run"), "model": {"name_or_path": str(base)},
+              "method": {"name": "lora"}, "data": {"train": [str(tmp_path / "train.jsonl")], "max_length": 128}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    out = io.StringIO()
+    assert run_preview(str(tmp_path / "run.yaml"), n=1, out=out) == 0
+    assert "untrained chat-template token row: '<|im_end|>'" in out.getvalue()
+    assert "model.untrained_tokens: train" in out.getvalue()

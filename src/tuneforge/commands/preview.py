@@ -43,6 +43,11 @@ def run_preview(config_path: str, overrides: list[str] | None = None, n: int = 3
             out.write(json.dumps({k: sample[k] for k in keys if k in sample}, ensure_ascii=False) + "\n")
         return 0
     _print_human(samples, bundle.stats, template, cfg, out)
+    from tuneforge.models.untrained import preview_lines
+
+    # chat-template tokens whose embedding rows look untrained (read from the weights' embedding matrix alone)
+    for line in preview_lines(cfg.model.name_or_path or "", tokenizer, template):
+        out.write(f"{line}; model.untrained_tokens: {cfg.model.untrained_tokens}\n")
     return 0
 
 
