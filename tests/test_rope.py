@@ -150,3 +150,42 @@ def test_auto_trains_at_four_times_the_context_and_beats_the_unscaled_model(tmp_
     print(f"ppl at {4 * CONTEXT}: scaled {scaled_ppl:.1f}, unscaled {unscaled_ppl:.1f}; "
           f"unscaled at {CONTEXT}: {_ppl(unscaled.model, short):.1f}")
     assert scaled_ppl < unscaled_ppl
+
+
+def test_an_adapter_run_loads_and_merges_with_its_recorded_scaling(tmp_path):
+    """An adapter on a local base: every loader re-applies the run's config.yaml scaling to the base (generate,
+    eval, serve, merge in memory), and the shard-by-shard merge writes it into the merged config.json."""
+    from tests.helpers import make_run, save_base
+    from tuneforge.merge.lora import merge_lora
+    from tuneforge.models.reference import load_for_inference, resolve
+
+    model, tokenizer = load_model(ModelConfig(from_config=_fc()), texts=stdlib_texts(100), device="cpu",
+                                  dtype=torch.float32)
+    run = make_run(tmp_path / "run", save_base(model, tokenizer, tmp_path / "base"))
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    raw["model"]["rope_scaling"] = {"type": "linear", "factor": 4.0, "original_max_position_embeddings": CONTEXT}
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    ref = resolve(str(run))
+    assert ref.rope_scaling["factor"] == 4.0 and "rope=" in ref.base_key  # serve shares bases only alike
+    loaded = load_for_inference(ref, device="cpu", dtype=torch.float32)
+    config = loaded.model.get_base_model().config
+    assert config.rope_parameters["rope_type"] == "linear" and config.max_position_embeddings == 4 * CONTEXT
+    for strategy in ("memory", "sharded"):
+        merge_lora(str(run), tmp_path / strategy, strategy=strategy)
+        saved = json.loads((tmp_path / strategy / "config.json").read_text())
+        assert saved["rope_parameters"]["rope_type"] == "linear", strategy
+        assert saved["rope_parameters"]["factor"] == 4.0 and saved["max_position_embeddings"] == 4 * CONTEXT
+
+
+def test_estimate_bills_the_scaled_length():
+    from tuneforge.estimate import estimate_memory, model_spec
+    from tuneforge.estimate.choose import setup_from_run
+
+    bills = {}
+    for length in (CONTEXT, 4 * CONTEXT):
+        raw = {"model": {"from_config": _fc().model_dump(), "rope_scaling": "auto"},
+               "data": {"train": ["x.jsonl"], "max_length": length}}
+        source, setup = setup_from_run(resolve_run_rope(validate_config(raw)), device="cpu")
+        assert setup.seq_len == length
+        bills[length] = estimate_memory(model_spec(source), setup).total_gb
+    assert bills[4 * CONTEXT] > bills[CONTEXT]

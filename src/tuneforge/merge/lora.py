@@ -240,6 +240,7 @@ def _merge_sharded(source: ModelRef, out: Path, dtype_name: str) -> MergeReport:
 
     from tuneforge.merge import sharded
     from tuneforge.models.reference import load_tokenizer_of
+    from tuneforge.models.rope import apply_rope_scaling_to_file
 
     refuse_quantized_base(source)
     factors = sharded.lora_factors(Path(source.adapter), source.adapter_config or {})
@@ -251,6 +252,7 @@ def _merge_sharded(source: ModelRef, out: Path, dtype_name: str) -> MergeReport:
     with atomic_dir(out) as tmp:
         names, total = sharded.merge_shards(Path(source.base), factors, tmp, getattr(torch, dtype_name))
         sharded.copy_model_files(Path(source.base), tmp, dtype_name, total)
+        apply_rope_scaling_to_file(tmp / "config.json", source.rope_scaling)  # the run's model.rope_scaling
         load_tokenizer_of(source).save_pretrained(tmp)
         copy_template_files(source, tmp)
         atomic_write_json(tmp / "merge_report.json", {**report.to_dict(), "strategy": "sharded",

@@ -150,3 +150,22 @@ def apply_rope_scaling(config: Any, rope_scaling: Any) -> Any:
     config.rope_parameters = params
     config.max_position_embeddings = original if rope["type"] == "dynamic" else scaled_context(rope)
     return config
+
+
+def apply_rope_scaling_to_file(config_file: Any, rope_scaling: Any) -> None:
+    """Write a resolved scaling into a saved ``config.json`` (e.g. a merge that copies its base's config as a file),
+    as :func:`apply_rope_scaling` does to a config object; nothing for ``None``/``"none"``."""
+    import json
+    from pathlib import Path
+
+    if as_dict(rope_scaling) is None:
+        return
+    from transformers import AutoConfig
+
+    path = Path(config_file)
+    config = AutoConfig.from_pretrained(str(path.parent))
+    apply_rope_scaling(config, rope_scaling)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.pop("rope_scaling", None)
+    data.update(rope_parameters=config.rope_parameters, max_position_embeddings=config.max_position_embeddings)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
