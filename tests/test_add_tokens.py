@@ -64,6 +64,8 @@ def test_schema_forms_and_errors():
             validate_config({**base, "model": {"from_config": {}, "add_tokens": bad}})
     with pytest.raises(Exception, match="embedding_lr"):
         validate_config({**base, "train": {"embedding_lr": 0}})
+    with pytest.raises(Exception, match="train.embedding_lr with distributed.strategy 'fsdp'"):
+        validate_config({**base, "train": {"embedding_lr": 1e-4}, "distributed": {"strategy": "fsdp"}})
 
 
 def test_embedding_lr_is_refused_by_methods_with_their_own_groups():

@@ -460,6 +460,10 @@ class RunConfig(Strict):
                 if unused:
                     raise ValueError(f"{section}.{unused[0]} has no effect in stage {self.stage!r}; its keys: "
                                      f"{', '.join(spec.keys)}")
+        if self.train.embedding_lr is not None and self.distributed.strategy != "ddp":
+            raise ValueError(f"train.embedding_lr with distributed.strategy {self.distributed.strategy!r}: its "
+                             "optimizer group is built over whole, unsharded parameters before sharding; remove "
+                             "train.embedding_lr (or use strategy ddp)")
         if isinstance(self.train.loss_chunk, int) and self.distributed.strategy != "ddp":
             raise ValueError(f"train.loss_chunk with distributed.strategy {self.distributed.strategy!r}: the chunked "
                              "loss calls the LM head outside the model's forward, where a sharded head is not "
