@@ -282,6 +282,54 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         handle.flush()
 
 
+def read_jsonl(path: str | Path, strict: bool = True) -> list[tuple[int, dict]]:
+    """THE JSON-lines reader for tuneforge's own files: ``(line number, object)`` per non-blank line.
+
+    Args:
+        path: the file (``UserError`` when it is missing).
+        strict: a line that is not a JSON object raises a ``UserError`` naming ``file:line``; with ``False`` it is
+            skipped (``metrics.jsonl`` may end in a line cut by a crash).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc})") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if strict:
+                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            continue
+        if isinstance(row, dict):
+            rows.append((number, row))
+        elif strict:
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+    return rows
+
+
+def load_yaml(path: str | Path) -> Any:
+    """THE YAML reader: the parsed document of ``path``; a file that does not parse raises a ``UserError`` naming
+    ``file:line`` (missing files raise ``FileNotFoundError``; callers decide what absence means)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc})") from None
+
+
 def lazy_exports(package: str, exports: dict[str, str]):
     """A module ``__getattr__`` that imports ``exports[name]`` (a module path) on first access.
 

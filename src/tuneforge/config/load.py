@@ -13,6 +13,7 @@ from tuneforge.config.methods import METHOD_CONFIGS
 from tuneforge.config.retention import RETENTION_CONFIGS
 from tuneforge.config.schema import METHOD_NAMES, RunConfig
 from tuneforge.errors import UserError, did_you_mean
+from tuneforge.utils import load_yaml
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -58,14 +59,7 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc})") from None
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: a run config must be a YAML mapping (key: value), got {type(data).__name__}")
     return data

@@ -19,6 +19,7 @@ from typing import Any
 from tuneforge.errors import UserError
 from tuneforge.evaluate.metrics import METRICS, columns, format_value
 from tuneforge.evaluate.retention import RETENTION_KEYS, retention_format
+from tuneforge.utils import read_jsonl
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -26,15 +27,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            events.append(row)
-    return events
+    return [row for _, row in read_jsonl(path, strict=False)]
 
 
 def _series(events: list[dict], event: str, key: str) -> tuple[list[float], list[float]]:

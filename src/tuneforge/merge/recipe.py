@@ -29,7 +29,6 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from tuneforge.console import say
@@ -38,7 +37,7 @@ from tuneforge.merge.lora import copy_template_files, local_ref
 from tuneforge.merge.methods import MergeMethod, get_merge_method
 from tuneforge.merge.tensors import Checkpoint, LoraOnBase, layer_index
 from tuneforge.models.reference import TEMPLATE_FILES, ModelRef
-from tuneforge.utils import atomic_dir, atomic_write_json, atomic_write_text
+from tuneforge.utils import atomic_dir, atomic_write_json, atomic_write_text, load_yaml
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
@@ -89,10 +88,7 @@ def load_recipe(path: str | Path) -> Recipe:
         UserError: unreadable YAML, unknown keys (with a suggestion), ``slices`` (not supported), wrong types.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({exc})") from None
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: a merge recipe is a mapping with merge_method, base_model, models, parameters")
     if "slices" in data:

@@ -76,15 +76,12 @@ def read_run_config(run_dir: str | Path) -> dict:
     Raises:
         UserError: the file is not valid YAML.
     """
-    import yaml
+    from tuneforge.utils import load_yaml
 
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
         return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({exc})") from None
+    data = load_yaml(path) or {}
     return data if isinstance(data, dict) else {}
 
 
