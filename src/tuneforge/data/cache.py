@@ -39,7 +39,9 @@ _CODE = ("readers.py", "clean.py", "templates.py", "tokenize.py", "packing.py", 
 
 
 def default_cache_dir() -> Path:
-    """``$TUNEFORGE_CACHE/data`` (default ``~/.cache/tuneforge/data``)."""
+    """``$TUNEFORGE_DATA_CACHE``, else ``$TUNEFORGE_CACHE/data`` (default ``~/.cache/tuneforge/data``)."""
+    if os.environ.get("TUNEFORGE_DATA_CACHE"):
+        return Path(os.environ["TUNEFORGE_DATA_CACHE"])
     root = os.environ.get("TUNEFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tuneforge")
     return Path(root) / "data"
 
