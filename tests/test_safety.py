@@ -418,9 +418,9 @@ def test_overwrite_removes_the_replaced_run_whatever_form_output_dir_has(tmp_pat
     run_dir = Path("runs/rel") if relative else tmp_path / "runs" / "rel"
     first = rundir.begin(run_dir, "rel", resume=False, overwrite=False)
     (run_dir / "final").mkdir()
-    first.finish(lambda *_: None)
+    first.finish()
     again = rundir.begin(run_dir, "rel", resume=False, overwrite=True)
     assert again.aside is not None and again.aside.is_dir()
-    again.finish(lambda *_: None)
+    again.finish()
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["rel"]
     assert rundir.read_manifest(run_dir)["replaces"] == []

@@ -64,7 +64,7 @@ def run_per_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         summary = {"status": "completed", "run_name": cfg.run_name, "stage": cfg.stage, "method": cfg.method.name,
                    "per_task": True, "tasks": rows}
         atomic_write_json(run_dir / RUN_SUMMARY, summary)
-        start.finish(say)
+        start.finish()
     say(f"done: {run_dir} ({len(rows)} task adapters in {run_dir / RUN_TASKS})")
     return TrainResult(run_dir=run_dir, final_dir=run_dir / RUN_TASKS, summary=summary, model=None)
 
@@ -75,7 +75,7 @@ def _begin_parent(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, 
 
     check_parent_start(run_dir, resume, overwrite)
     if resume:
-        rundir.check_same_setup(cfg.model_dump(mode="json"), run_dir, allow_config_change, say)
+        rundir.check_same_setup(cfg.model_dump(mode="json"), run_dir, allow_config_change)
     train, evaluation = split_by_task(cfg)
     set_seed(cfg.seed)
     reuse_base = resume and _has_base(run_dir)  # the base the finished tasks were trained on

@@ -64,6 +64,7 @@ class Setup:
     trainable: int = 0
     total: int = 0
     staged: dict[str, Path] = field(default_factory=dict)
+    untrained: list = field(default_factory=list)  # template tokens with untrained embedding rows (models.untrained)
     resume_from: Path | str | None = None
     handed_over: bool = False
 
@@ -167,11 +168,14 @@ def _check_start(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, a
     """Rank 0's checks before anything is built; returns the config with ``method: auto`` resolved."""
     from transformers import set_seed
 
+    from tuneforge.models.load import resolve_run_rope
+
     rundir.check_start(run_dir, resume, overwrite)
     set_seed(cfg.seed)
     cfg = _resolve_auto_method(cfg)
+    cfg = resolve_run_rope(cfg, say)  # model.rope_scaling: auto → the scaling config.yaml records
     if resume:
-        rundir.check_same_setup(cfg.model_dump(mode="json"), run_dir, allow_config_change, say)
+        rundir.check_same_setup(cfg.model_dump(mode="json"), run_dir, allow_config_change)
         latest = checkpoints.latest_checkpoint(run_dir / "checkpoints")
         distributed.check_resume_world(latest, me.world_size, cfg.distributed.strategy, say)
     return cfg
@@ -207,6 +211,18 @@ def _load(setup: Setup, handoff: Any) -> None:
     setup.template = resolve_template(cfg, setup.tokenizer)
     if handoff is None:
         check_speed_options(cfg, setup.model)  # train.loss_chunk / kernels against this model and device
+    _untrained_tokens(setup, say if handoff is None else None)
+
+
+def _untrained_tokens(setup: Setup, echo: Any) -> None:
+    """Template tokens whose embedding rows were never trained: trained, refused or ignored
+    (``model.untrained_tokens``), before the method wraps the model; every rank alike."""
+    from tuneforge.models.untrained import apply_untrained_policy
+
+    method = setup.method
+    setup.untrained = apply_untrained_policy(
+        setup.model, setup.tokenizer, setup.template, setup.cfg.model.untrained_tokens,
+        trainable_rows=not method.is_adapter or hasattr(method, "lora_options"), echo=echo)
 
 
 def _tokenizer_texts(setup: Setup) -> list[str] | None:
@@ -236,7 +252,7 @@ def _build_data(setup: Setup) -> None:
     else:
         setup.bundle = build_datasets(cfg.data, cfg.stage, tokenizer, template, seed=cfg.seed, packing=packing,
                                       batch_size=cfg.train.batch_size)
-    setup.retention = build_retention(cfg, tokenizer, template, say)  # train.retention / train.distill, checked
+    setup.retention = build_retention(cfg, tokenizer, template)  # train.retention / train.distill, checked
 
 
 def _packing_works(model: Any, check: Any) -> bool:
@@ -342,9 +358,7 @@ def commit(setup: Setup):
         for name, folder in list(setup.staged.items()):
             folder.rename(run_dir / name)
             del setup.staged[name]
-        stack = setup.stack.describe() if setup.stack is not None else {}
-        caps = setup.method.capabilities(cfg.method).as_dict()  # readers of the run (merge) never import methods
-        rundir.update_manifest(run_dir, {rundir.CAPABILITIES: caps, **stack})
+        rundir.update_manifest(run_dir, _manifest_fields(setup))
         setup.resume_from = _resume_point(run_dir, setup.resume)
         if setup.me.distributed:
             _hand_over(setup)
@@ -353,6 +367,20 @@ def commit(setup: Setup):
         setup.remove_staged()
         raise
     return start
+
+
+def _manifest_fields(setup: Setup) -> dict:
+    """What the run records beside its config: the method's capabilities (readers of the run, such as merge, never
+    import methods), untrained template tokens, a GGUF base's source, a progressive stack."""
+    from tuneforge.models.gguf import model_source_record
+
+    cfg = setup.cfg
+    fields = {rundir.CAPABILITIES: setup.method.capabilities(cfg.method).as_dict(),
+              "untrained_tokens": [dict(t.__dict__) for t in setup.untrained],
+              "model_source": model_source_record(cfg.model.name_or_path)}
+    if setup.stack is not None:
+        fields.update(setup.stack.describe())
+    return fields
 
 
 def _describe(setup: Setup) -> None:
@@ -430,7 +458,7 @@ def _build(setup: Setup, callbacks: list | None, stop: rundir.SigtermStop):
     # the same loss on every rank (train.loss_chunk: compute_loss from hidden states in chunks)
     trainer_base = loss_trainer_class(setup.cfg, setup.model)
     if setup.retention:  # its compute_loss adds the terms to super()'s loss, chunked or not
-        trainer_base = setup.retention.trainer_class(setup.model, setup.run_dir, say, base=trainer_base)
+        trainer_base = setup.retention.trainer_class(setup.model, setup.run_dir, base=trainer_base)
     trainer, monitor = trainers.build_trainer(setup, trainer_base)
     for callback in callbacks or ():
         trainer.add_callback(callback)
@@ -485,6 +513,6 @@ def finish(setup: Setup, fitted: Fitted, start: Any = None) -> TrainResult:
         summary["tasks"] = outputs.per_task_eval(fitted.trainer, setup.bundle.eval_by_task)
     atomic_write_json(setup.run_dir / RUN_SUMMARY, summary)
     if start is not None:
-        start.finish(say)  # only now may a replaced run go
+        start.finish()  # only now may a replaced run go
     say(f"done: {setup.run_dir} (final model in {final_dir})")
     return TrainResult(run_dir=setup.run_dir, final_dir=final_dir, summary=summary, model=fitted.trainer.model)

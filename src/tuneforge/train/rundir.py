@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from tuneforge.console import say
 from tuneforge.errors import UserError
 from tuneforge.models.reference import (
     RUN_CONFIG,
@@ -151,7 +152,7 @@ def _flatten(value, prefix: str, into: dict) -> None:
         into[prefix] = value
 
 
-def check_same_setup(new_config: dict, run_dir: Path, allow_change: bool, echo) -> None:
+def check_same_setup(new_config: dict, run_dir: Path, allow_change: bool) -> None:
     """On ``--resume``: the checkpoint was trained with this method, base and data, or the user said otherwise.
 
     Raises:
@@ -163,7 +164,7 @@ def check_same_setup(new_config: dict, run_dir: Path, allow_change: bool, echo) 
         return
     listed = "\n".join(f"  - {line}" for line in changes)
     if allow_change:
-        echo(f"resume: continuing with a changed setup (--allow-config-change):\n{listed}")
+        say(f"resume: continuing with a changed setup (--allow-config-change):\n{listed}")
         return
     raise UserError(
         f"--resume: the config differs from the one {run_dir} was trained with ({run_dir / RUN_CONFIG}):\n{listed}\n"
@@ -195,7 +196,7 @@ class RunStart:
             elif not self.existed:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    def finish(self, echo) -> None:
+    def finish(self) -> None:
         """After the new ``final/`` exists: delete the runs this one replaced, then forget them."""
         # ``replaces`` holds absolute paths; ``run_dir`` may be relative (``output_dir: runs/x``): compare both
         # resolved, or a relative run never deletes the run it replaced.
@@ -203,7 +204,7 @@ class RunStart:
         for path in map(Path, self.replaces):
             if REPLACED_TAG in path.name and path.parent.resolve() == siblings and is_tuneforge_run(path):
                 shutil.rmtree(path, ignore_errors=True)
-                echo(f"removed the replaced run {path}")
+                say(f"removed the replaced run {path}")
         if self.replaces:
             write_manifest(self.run_dir, [])
 

@@ -22,9 +22,10 @@ def steps_per_epoch(rows: int, cfg: Any, world_size: int = 1) -> int:
     return max(1, math.ceil(math.ceil(rows / (cfg.train.batch_size * world_size)) / cfg.train.grad_accum))
 
 
-def total_steps(rows: int, cfg: Any, world_size: int = 1) -> int:
-    """The run's optimizer steps: ``train.max_steps``, or the epochs' steps."""
-    if cfg.train.max_steps:
+def total_steps(rows: int | None, cfg: Any, world_size: int = 1) -> int:
+    """The run's optimizer steps: ``train.max_steps``, or the epochs' steps (``rows`` is ``None`` for a stream,
+    whose config always sets ``train.max_steps``)."""
+    if cfg.train.max_steps or rows is None:
         return cfg.train.max_steps
     return max(1, math.ceil(steps_per_epoch(rows, cfg, world_size) * cfg.train.epochs))
 
@@ -127,11 +128,16 @@ def build_trainer(setup: Any, trainer_base: Any = None):
 
     cfg, method, model = setup.cfg, setup.method, setup.model
     me = distributed.world()
-    steps = total_steps(len(setup.bundle.train), cfg, me.world_size)
+    streaming = bool(getattr(cfg.data, "streaming", False))  # a stream has no length (data/stream.py)
+    steps = total_steps(None if streaming else len(setup.bundle.train), cfg, me.world_size)
     args = training_arguments(cfg, method, setup.run_dir, bool(setup.bundle.eval), setup.packing, steps)
     compile_model(model, cfg.train, resolve_device(cfg.model.device))  # train.compile: the decoder, in place
     monitor = _monitor(setup, me)
     callbacks = _callbacks(cfg, setup.run_dir, args, monitor, me) + method.callbacks(cfg.method, steps)
+    if streaming:  # data_state.json in every checkpoint; resume seeks the stream (given at construction)
+        from tuneforge.data.stream import StreamStateCallback
+
+        callbacks.append(StreamStateCallback(setup.bundle.train))
     optimizers = (method.create_optimizer(model, cfg.method, cfg.train), None)
     if setup.stage is not None:  # the stage's TRL trainer, from these arguments, callbacks and optimizer
         trainer = setup.stage.build_trainer(cfg, model, setup.tokenizer, setup.template, setup.bundle, args,
