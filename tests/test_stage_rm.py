@@ -80,9 +80,11 @@ def test_a_causal_model_is_not_a_scorer(tmp_path):
 
 
 @pytest.mark.slow
-def test_step_zero_loss_is_the_hand_computed_bradley_terry_loss(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_step_zero_loss_is_the_hand_computed_bradley_terry_loss(tmp_path, method):
     """The first logged loss equals -mean(log σ(r_w - r_l - m)) computed from the starting model's own scores of
-    each side alone (unpadded), with each pair's margin (rm.margin: record)."""
+    each side alone (unpadded), with each pair's margin (rm.margin: record); the saved run loads back as a scorer
+    giving the trained model's scores."""
     import torch
     from transformers import TrainerCallback
 
@@ -108,11 +110,22 @@ def test_step_zero_loss_is_the_hand_computed_bradley_terry_loss(tmp_path):
                 self.loss = logs["loss"]
 
     data = _jsonl(tmp_path / "pairs.jsonl", pairs(8, 5, margin=True))
-    raw = _raw(tmp_path / "rm", data, max_steps=1, lr=1e-3)
+    raw = _raw(tmp_path / "rm", data, method, max_steps=1, lr=1e-3)
     raw["rm"] = {"margin": "record"}
     capture = Capture()
-    run_training(validate_config(raw), callbacks=[capture])
+    result = run_training(validate_config(raw), callbacks=[capture])
     assert capture.expected is not None and capture.loss == pytest.approx(capture.expected, abs=1e-4)
+
+    from tuneforge.data.readers import read_records
+    from tuneforge.models.reward import load_scorer
+
+    scorer = load_scorer(str(result.run_dir), device="cpu")
+    record = read_records(data)[0]
+    ids = scorer.encode(record["prompt"], record["chosen"])
+    result.model.eval()
+    with torch.no_grad():
+        trained = result.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert scorer.score([(record["prompt"], record["chosen"])])[0] == pytest.approx(trained, abs=1e-5)
 
 
 @pytest.fixture(scope="module")
