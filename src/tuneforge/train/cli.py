@@ -14,6 +14,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the pretraining steps")
     p.add_argument("--sft-steps", type=int, default=None, help="override the SFT steps")
     p.add_argument("--small", action="store_true", help="a much smaller, faster variant (for tests; weaker results)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out no earlier quickstart made "
+                   "(files and runs the quickstart did not make are never replaced)")
     p.set_defaults(func=quickstart_command)
 
     p = sub.add_parser("validate", help="check run configs against the schema (no model is loaded)")
@@ -137,5 +139,6 @@ def generate_command(args) -> int:
 def quickstart_command(args) -> int:
     from tuneforge.train.quickstart import run_quickstart
 
-    result = run_quickstart(args.out, pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps, small=args.small)
+    result = run_quickstart(args.out, pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps, small=args.small,
+                            force=args.force)
     return 0 if result["tuned"]["exact"] > result["base"]["exact"] else 1

@@ -8,10 +8,16 @@
 
 The runs are ordinary run directories: ``tuneforge generate <out>/sft --prompt ...`` works on the result, and
 ``tuneforge report <out>/sft`` shows the evaluation saved there.
+
+Nothing a user made is replaced: ``<out>`` must be new, empty, or an earlier quickstart's (it leaves the marker
+``<out>/.tuneforge-quickstart.json`` listing the files it wrote with their SHA-256 and the runs it trained); with
+``force`` it may also be another non-empty directory. Either way a file or run the quickstart did not make itself (or
+one changed since) is never replaced: the command stops before any work (:func:`check_out`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -20,6 +26,8 @@ from pathlib import Path
 import yaml
 
 from tuneforge.data import builtin
+from tuneforge.errors import UserError
+from tuneforge.models.reference import RUN_FINAL
 from tuneforge.utils import atomic_write_json, atomic_write_text
 
 HELDOUT_PER_MODULE = 20  # 8 modules → 160 held-out items, majority class 12.5%
@@ -29,6 +37,10 @@ PRETRAIN_STEPS = 300
 SFT_STEPS = 150
 SAMPLES_SHOWN = 8
 METRICS = ("exact", "ppl")
+MARKER = ".tuneforge-quickstart.json"
+RUN_NAMES = {"pretrain": "quickstart-pretrain", "sft": "quickstart-sft"}  # <out>/<run> → its run_name
+FILES = ("data/pretrain.jsonl", "data/sft_train.jsonl", "data/sft_eval.jsonl", "data/heldout.jsonl",
+         "configs/pretrain.yaml", "configs/sft.yaml", "results.json")
 
 
 def quickstart_configs(out: Path, pretrain_steps: int, sft_steps: int, small: bool) -> tuple[dict, dict]:
@@ -59,7 +71,7 @@ def quickstart_configs(out: Path, pretrain_steps: int, sft_steps: int, small: bo
         "output_dir": str(out / "sft"),
         "seed": 42,
         "stage": "sft",
-        "model": {"name_or_path": str(out / "pretrain" / "final"), "chat_template": "auto"},
+        "model": {"name_or_path": str(out / "pretrain" / RUN_FINAL), "chat_template": "auto"},
         # All linear layers, the output layer and the input embeddings. Measured on this task (8 modules, 150
         # steps, same base): without the embeddings the adapter learns little more than the label prior (held-out
         # exact 8.8%, majority 12.5%) — the cue words' embeddings must move; with them 73%. The output layer is
@@ -88,17 +100,91 @@ def write_data(out: Path) -> list[dict]:
     return task.test
 
 
+def check_out(out: Path, force: bool = False) -> None:
+    """Refuse an ``out`` where the quickstart would replace something it did not make; writes nothing.
+
+    Raises:
+        UserError: ``out`` is a file; a non-empty directory without the quickstart's marker (unless ``force``);
+            or one of the quickstart's paths (:data:`FILES`, the runs of :data:`RUN_NAMES`) exists and was not made
+            by an earlier quickstart (a file not in the marker or changed since, a run with another ``run_name``).
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a new or empty directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    marker = _read_marker(out)
+    if marker is None and not force:
+        raise UserError(f"--out {out} is a non-empty directory that no earlier quickstart made (no {MARKER} in it); "
+                        "choose a new or empty directory, or pass --force to write the quickstart beside what is "
+                        "there (it still never replaces a file or run it did not make)")
+    marker = marker or {}
+    made = marker.get("files", {})
+    foreign = [rel for rel in FILES if (out / rel).exists() and made.get(rel) != _sha256(out / rel)]
+    foreign += [f"{run}/" for run in RUN_NAMES if not _ours(out / run, run, marker)]
+    if foreign:
+        raise UserError(f"--out {out}: {', '.join(foreign)} {'was' if len(foreign) == 1 else 'were'} not made by "
+                        "an earlier tuneforge quickstart (or changed since), and the quickstart never replaces "
+                        "them; choose another --out, or move them away")
+
+
+def _ours(run_dir: Path, run: str, marker: dict) -> bool:
+    """An absent or empty run directory, or a run the marker lists whose config names the quickstart's run."""
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return True
+    if run not in marker.get("runs", []) or not run_dir.is_dir():
+        return False
+    from tuneforge.models.reference import RUN_CONFIG
+
+    config = run_dir / RUN_CONFIG
+    if not config.is_file():
+        return True  # a run of ours stopped before it wrote its config (training replaces it)
+    try:
+        saved = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and saved.get("run_name") == RUN_NAMES[run]
+
+
+def _read_marker(out: Path) -> dict | None:
+    try:
+        marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _write_marker(out: Path) -> None:
+    """Record what the quickstart made: every file of :data:`FILES` present now (with its hash) and the runs."""
+    files = {rel: _sha256(out / rel) for rel in FILES if (out / rel).is_file()}
+    atomic_write_json(out / MARKER, {"tuneforge_quickstart": 1, "files": files, "runs": list(RUN_NAMES)})
+
+
 def run_quickstart(out: str | Path = "runs/quickstart", pretrain_steps: int | None = None,
-                   sft_steps: int | None = None, small: bool = False) -> dict:
+                   sft_steps: int | None = None, small: bool = False, force: bool = False) -> dict:
     """Run the whole offline demo; return ``{"base": scores, "tuned": scores, ...}`` (also saved as results.json).
 
     Scores are ``tuneforge eval`` rows (``exact`` in percent, ``ppl``, ``tokens``, ``predictions``);
     ``majority_class_exact`` is the percentage of held-out items whose answer is the most frequent one.
+
+    Args:
+        force: write into a non-empty ``out`` that no earlier quickstart made (still never replacing anything
+            the quickstart did not make).
+
+    Raises:
+        UserError: from :func:`check_out`, before anything is written.
     """
     from tuneforge.config import validate_config
     from tuneforge.train import train
 
     out = Path(out)
+    check_out(out, force)  # before any work: nothing of the user's is replaced
     started = time.time()
     pretrain_steps = pretrain_steps or (40 if small else PRETRAIN_STEPS)
     sft_steps = sft_steps or (30 if small else SFT_STEPS)
@@ -106,6 +192,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", pretrain_steps: int | No
     raw_pt, raw_sft = quickstart_configs(out, pretrain_steps, sft_steps, small)
     for name, raw in (("pretrain", raw_pt), ("sft", raw_sft)):
         atomic_write_text(out / "configs" / f"{name}.yaml", yaml.safe_dump(raw, sort_keys=False))
+    _write_marker(out)  # before training: an interrupted quickstart may be run again over its own files
 
     _stage("1/3 pretraining a small Llama-style model on the Python documentation (stage pt, full)")
     train(validate_config(raw_pt, "quickstart pretrain"), overwrite=True)
@@ -123,6 +210,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", pretrain_steps: int | No
         "seconds": round(time.time() - started, 1),
     }
     atomic_write_json(out / "results.json", result)
+    _write_marker(out)
     _print_results(result, test, out)
     return result
 
