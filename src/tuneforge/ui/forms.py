@@ -394,5 +394,6 @@ def preview(config_yaml: str, folder: Path, n: int = 3) -> str:
         run_preview(path, n=n, out=out)
     finally:
         Path(path).unlink(missing_ok=True)
-    text = html.escape(out.getvalue(), quote=False)
+    raw = out.getvalue().replace(f"between {OPEN} and {CLOSE}", "highlighted")  # the header names the markers
+    text = html.escape(raw, quote=False)
     return text.replace(html.escape(OPEN), "<mark>").replace(html.escape(CLOSE), "</mark>")

@@ -360,10 +360,12 @@
           const ev = JSON.parse(line.slice(6));
           if (ev.delta) { text += ev.delta; out.textContent = text; log.scrollTop = log.scrollHeight; }
           if (ev.error) { out.className = "msg error"; out.textContent = ev.error; return; }
-          if (ev.done) out.dataset.done = "1";
+          if (ev.done) break;
         }
       }
-      if (!text) out.textContent = "(empty answer)";
+      out.dataset.chars = String(text.length);
+      if (!text) out.textContent = "(empty answer: the model ended its turn at once)";
+      else if (!text.trim()) out.textContent = "(only whitespace: " + JSON.stringify(text) + ")";
       out.dataset.done = "1";
       hist[side].push({role: "assistant", content: text});
     }
@@ -416,6 +418,8 @@
       if (d.error) { flash(d.error, "error"); return; }
       jobBox($("#ab-job"), d.job, j => { if (j.returncode === 0) sheets(d.sheet); });
     });
+    // an empty or whitespace-only answer is shown as such (a blank box reads as "still loading")
+    const shown = t => !t ? "(empty answer)" : !t.trim() ? "(only whitespace: " + JSON.stringify(t) + ")" : t;
     async function items() {
       const sheet = $("#ab-sheet").value;
       const d = await api("/api/abtest?sheet=" + encodeURIComponent(sheet));
@@ -423,7 +427,7 @@
       $("#ab-items").replaceChildren(...d.items.map(it => {
         const box = h("div", {class: "ab-item", "data-item": it.id, "data-voted": it.vote || null},
           h("p", {}, h("strong", {text: it.id + " "}), it.prompt),
-          h("div", {class: "pair"}, h("div", {class: "ans", "aria-label": "Left answer to " + it.id, text: it.left}), h("div", {class: "ans", "aria-label": "Right answer to " + it.id, text: it.right})));
+          h("div", {class: "pair"}, h("div", {class: "ans", "aria-label": "Left answer to " + it.id, text: shown(it.left)}), h("div", {class: "ans", "aria-label": "Right answer to " + it.id, text: shown(it.right)})));
         const group = h("div", {class: "toolbar", role: "group", "aria-label": "Vote on " + it.id});
         for (const [vote, label] of [["left", "Left is better"], ["tie", "Tie"], ["right", "Right is better"]]) {
           const b = h("button", {type: "button", "aria-pressed": it.vote === vote ? "true" : "false", "aria-label": label + " (" + it.id + ")", text: label});

@@ -53,7 +53,8 @@
       let y0 = Math.min(...all.map(p => p[1])), y1 = Math.max(...all.map(p => p[1]));
       if (x1 === x0) x1 = x0 + 1;
       if (y1 === y0) { y1 += Math.abs(y1) * 0.05 || 1; y0 -= Math.abs(y0) * 0.05 || 1; }
-      const pad = (y1 - y0) * 0.06; y0 -= pad; y1 += pad;
+      const pad = (y1 - y0) * 0.06, floor = y0 >= 0 ? 0 : -Infinity;
+      y0 = Math.max(floor, y0 - pad); y1 += pad;
       const sx = x => L + (x - x0) / (x1 - x0) * (R - L);
       const sy = y => B - (y - y0) / (y1 - y0) * (B - T);
       svg.appendChild(el("line", {x1: L, y1: B, x2: R, y2: B, stroke: "#c5cad3"}));
