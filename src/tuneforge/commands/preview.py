@@ -97,7 +97,7 @@ def _preview_stage(cfg: Any, n: int, as_json: bool, out: Any) -> int:
 
 def _preview_samples(cfg: Any, records: list[dict], tokenizer: Any, template: Any, bundle: Any) -> list[dict]:
     """Dicts with text, input_ids, labels, marked spans (char ranges) and a truncated flag."""
-    from tuneforge.data.build import sft_messages
+    from tuneforge.data.samples import sft_messages
     from tuneforge.data.tokenize import IGNORE, encode_chat_samples
 
     samples = []

@@ -28,7 +28,7 @@ _EXPORTS = {
     "build_datasets": "tuneforge.data.build",
     "load_records": "tuneforge.data.build",
     "tokenizer_texts": "tuneforge.data.build",
-    "DataBundle": "tuneforge.data.build",
+    "DataBundle": "tuneforge.data.samples",
 }
 
 __all__ = sorted(_EXPORTS)

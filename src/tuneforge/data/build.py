@@ -8,50 +8,19 @@ Python lists, kept as the reference the prepared one is tested against (same row
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from tuneforge.data.clean import clean_records
 from tuneforge.data.mix import eval_rows_by_task, mix_in, prepare_task_records, task_counts, weight_tasks
 from tuneforge.data.packing import (
-    PackedCollator,
-    PaddingCollator,
     length_grouped_order,
     pack_rows,
     padding_share,
 )
 from tuneforge.data.readers import read_records, record_text
-from tuneforge.data.tokenize import IGNORE, encode_chat_samples, pad_id, pretrain_blocks
+from tuneforge.data.samples import DataBundle, distribution, sft_samples
+from tuneforge.data.tokenize import pretrain_blocks
 from tuneforge.errors import UserError
-
-
-@dataclass
-class DataBundle:
-    """What the trainer gets.
-
-    Attributes:
-        train: a map-style sequence of rows (dicts of int lists: ``input_ids``, ``labels`` and, when packed,
-            ``position_ids`` and ``lengths``): a list (in memory) or Arrow-backed rows (``data/prepared.py``);
-            with ``data.streaming`` an iterable dataset (``data/stream.py``: no ``len``).
-        eval: rows in the same shape, or None.
-        stats: counts and distributions for the report (see :func:`build_datasets`).
-        packed: True when rows are packed (use :class:`PackedCollator` and run the model with use_cache=False).
-        eval_by_task: multi-task data: the eval rows of each task (records with a ``task`` field), else None.
-    """
-
-    train: Sequence[dict] | Any
-    eval: Sequence[dict] | None
-    stats: dict[str, Any] = field(default_factory=dict)
-    packed: bool = False
-    eval_by_task: dict[str, Sequence[dict]] | None = None
-    records: Sequence[dict] | None = None  # prepared data: the cleaned training records (what the preview shows)
-    cache: str | None = None  # prepared data: the cache entry the rows come from
-
-    def collator(self, tokenizer: Any):
-        """The collator for these rows (packed or dynamic padding), padding with the tokenizer's pad id."""
-        pad = pad_id(tokenizer)
-        return PackedCollator(pad) if self.packed else PaddingCollator(pad)
 
 
 def read_sources(sources: list[str], data_cfg: Any) -> tuple[list[dict], dict[str, int]]:
@@ -184,22 +153,22 @@ def build_in_memory(
     elif stage == "sft":
         packed = data_cfg.packing if packing is None else bool(packing)
         records, eval_records = _task_records(records, eval_records, data_cfg, seed, stats)
-        samples, sample_stats = _sft_samples(records, tokenizer, template, data_cfg, "training")
+        samples, sample_stats = sft_samples(records, tokenizer, template, data_cfg, "training")
         stats.update(sample_stats)
         if data_cfg.mix:  # replay: general data interleaved at its share (data/mix.py)
-            samples, stats["mix"] = mix_in(samples, data_cfg, tokenizer, lambda recs: _sft_samples(
+            samples, stats["mix"] = mix_in(samples, data_cfg, tokenizer, lambda recs: sft_samples(
                 recs, tokenizer, template, data_cfg, "mix")[0], seed)
             stats["samples"], stats["tokens"] = len(samples), sum(len(s["input_ids"]) for s in samples)
         eval_samples = None
         if eval_records:
-            eval_samples, eval_stats = _sft_samples(eval_records, tokenizer, template, data_cfg, "eval")
+            eval_samples, eval_stats = sft_samples(eval_records, tokenizer, template, data_cfg, "eval")
             stats["eval_dropped_no_supervised"] = eval_stats["dropped_no_supervised"]
         if packed:
             train = pack_rows(samples, data_cfg.max_length)
             evaluation = pack_rows(eval_samples, data_cfg.max_length) if eval_samples else None
         else:
             train, evaluation = samples, eval_samples
-        by_task = eval_rows_by_task(eval_records, lambda recs: _sft_samples(recs, tokenizer, template, data_cfg,
+        by_task = eval_rows_by_task(eval_records, lambda recs: sft_samples(recs, tokenizer, template, data_cfg,
                                                                              "eval")[0],
                                     (lambda rows: pack_rows(rows, data_cfg.max_length)) if packed else None)
     else:
@@ -237,7 +206,7 @@ def _pretrain(records: list[dict], tokenizer: Any, block_size: int, what: str) -
         "samples": len(blocks),
         "dropped_no_supervised": 0,
         "truncated": 0,
-        "length": _distribution([block_size] * len(blocks)),
+        "length": distribution([block_size] * len(blocks)),
         "tokens": n_tokens,
         "supervised_tokens": n_tokens,
         "supervised_share": 1.0,
@@ -245,73 +214,3 @@ def _pretrain(records: list[dict], tokenizer: Any, block_size: int, what: str) -
     return blocks, stats
 
 
-def sft_messages(record: dict, data_cfg: Any) -> dict:
-    """The record as training encodes it: ``data.system_prompt`` added when it has no system message."""
-    messages = record["messages"]
-    if data_cfg.system_prompt and messages[0]["role"] != "system":
-        return {**record, "messages": [{"role": "system", "content": data_cfg.system_prompt}, *messages]}
-    return record
-
-
-def _sft_samples(records: list[dict], tokenizer: Any, template: Any, data_cfg: Any, what: str):
-    samples = []
-    dropped = truncated = 0
-    rules: dict[str, int] = {}
-    extra = stop_appended = 0
-    for record in records:
-        if "messages" not in record:
-            raise UserError(
-                f"{record.get('source', '?')}: a plain-text record, but stage 'sft' needs conversations "
-                "(chat or Alpaca records). For raw text use stage: pt"
-            )
-        encoded = encode_chat_samples(sft_messages(record, data_cfg), tokenizer, template, data_cfg.max_length,
-                                      data_cfg.train_on_prompt)
-        kept = [s for s in encoded if s["supervised"]]
-        if not kept:
-            dropped += 1
-            continue
-        for sample in kept:
-            rules[sample["rule"]] = rules.get(sample["rule"], 0) + len(sample["turns"])
-            extra += sample["extra_tokens"]
-            stop_appended += sample["stop_appended"]
-            truncated += sample["truncated"]
-            samples.append({"input_ids": sample["input_ids"], "labels": sample["labels"]})
-    if not samples:
-        raise UserError(
-            f"no {what} sample is left: all {len(records)} conversations lost every supervised token "
-            f"({dropped} dropped after truncation to data.max_length={data_cfg.max_length}, or with no assistant "
-            f"turn). Raise data.max_length, shorten the prompts, or check the chat template ({template.name!r}) "
-            "with `tuneforge data preview`"
-        )
-    lengths = [len(s["input_ids"]) for s in samples]
-    supervised = sum(sum(label != IGNORE for label in s["labels"]) for s in samples)
-    stats = {
-        "samples": len(samples),
-        "dropped_no_supervised": dropped,
-        "truncated": truncated,
-        "length": _distribution(lengths),
-        "tokens": sum(lengths),
-        "supervised_tokens": supervised,
-        "supervised_share": round(supervised / max(1, sum(lengths)), 4),
-        "mask_rules": dict(sorted(rules.items())),
-        "extra_tokens": extra,
-        "stop_appended": stop_appended,
-    }
-    return samples, stats
-
-
-def _distribution(values: list[int]) -> dict[str, float]:
-    ordered = sorted(values)
-    if not ordered:
-        return {"min": 0, "mean": 0.0, "p50": 0, "p95": 0, "max": 0}
-
-    def pct(q: float) -> int:
-        return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
-
-    return {
-        "min": ordered[0],
-        "mean": round(sum(ordered) / len(ordered), 1),
-        "p50": pct(0.5),
-        "p95": pct(0.95),
-        "max": ordered[-1],
-    }

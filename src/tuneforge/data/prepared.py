@@ -14,7 +14,7 @@ never hold the corpus in Python lists:
 5. **pack** (parent): the first-fit-decreasing plan of :func:`tuneforge.data.packing.pack_plan` over the
    samples' lengths, stored as lists of sample indices; packed rows and pretraining blocks are assembled on access.
 
-Every statistic comes from these columns. The result is a :class:`tuneforge.data.build.DataBundle` whose
+Every statistic comes from these columns. The result is a :class:`tuneforge.data.samples.DataBundle` whose
 ``train``/``eval`` are map-style sequences (:class:`SampleRows`, :class:`PackedRows`, :class:`BlockRows`) giving
 the same row dicts as the in-memory pipeline; they pickle as file paths (a distributed handoff or a DataLoader
 worker reopens the memory map). See docs/data.md, "Prepared data and the cache".
@@ -586,7 +586,7 @@ def _sft_stats(table, n_records: int, data_cfg, template, what: str) -> dict:
     """The in-memory ``_sft_samples`` statistics, from the sample columns."""
     import pyarrow.compute as pc
 
-    from tuneforge.data.build import _distribution
+    from tuneforge.data.samples import distribution as _distribution
 
     rows = table.num_rows if table is not None else 0
     if not rows:
@@ -632,8 +632,8 @@ def _distribution_np(values) -> dict[str, float]:
 
 
 def _mix(data_cfg, tokenizer, template, seed, folder, table, stats) -> list[str]:
-    from tuneforge.data.build import _sft_samples
     from tuneforge.data.mix import mix_in
+    from tuneforge.data.samples import sft_samples as _sft_samples
 
     samples = [{"input_ids": i, "labels": lab} for i, lab in zip(table.column("input_ids").to_pylist(),
                                                                  table.column("labels").to_pylist(), strict=True)]
@@ -645,9 +645,9 @@ def _mix(data_cfg, tokenizer, template, seed, folder, table, stats) -> list[str]
 
 def _by_task(data_cfg, tokenizer, template, packed, folder, part, indices) -> dict[str, dict]:
     """Multi-task eval rows per task (the in-memory ``eval_rows_by_task``), stored one Arrow file per task."""
-    from tuneforge.data.build import _sft_samples
     from tuneforge.data.mix import eval_rows_by_task, prepare_task_records
     from tuneforge.data.packing import pack_rows
+    from tuneforge.data.samples import sft_samples as _sft_samples
 
     canon = _open_table(folder, part.files, columns=["record"]).column("record")
     records = prepare_task_records([json.loads(canon[i].as_py()) for i in indices], data_cfg)
@@ -824,8 +824,8 @@ def _bar(on: bool, desc: str, unit: str):
 
 def _open(folder: Path, meta: dict, data_cfg, stage: str, seed: int, batch_size: int):
     """The :class:`DataBundle` of a built entry (statistics of the rows computed on the Arrow columns)."""
-    from tuneforge.data.build import DataBundle
     from tuneforge.data.packing import length_grouped_order, padding_share_of_lengths
+    from tuneforge.data.samples import DataBundle
 
     folder = Path(folder)
     files = meta["files"]

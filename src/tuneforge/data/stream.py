@@ -60,7 +60,7 @@ def build_streaming(data_cfg: Any, stage: str, tokenizer: Any, template: Any, se
         UserError: a stage other than ``pt``, ``data.eval_split`` (a stream has no count to split), a tokenizer
             without EOS, a missing file.
     """
-    from tuneforge.data.build import DataBundle
+    from tuneforge.data.samples import DataBundle
 
     if stage != "pt":
         raise UserError(f"data.streaming is for stage pt, not {stage!r}; SFT data is prepared (cached, memory-mapped)"

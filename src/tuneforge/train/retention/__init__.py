@@ -178,8 +178,8 @@ def reference_samples(spec: str | list[str], key: str, cfg: Any, tokenizer: Any,
     Raises:
         UserError: naming ``key`` when a source is missing or yields no sample.
     """
-    from tuneforge.data.build import _sft_samples
     from tuneforge.data.mix import draw, read_general, text_samples
+    from tuneforge.data.samples import sft_samples
     from tuneforge.errors import UserError
 
     specs = [spec] if isinstance(spec, str) else list(spec)
@@ -190,7 +190,7 @@ def reference_samples(spec: str | list[str], key: str, cfg: Any, tokenizer: Any,
         chat = [r for r in records if "messages" in r]
         samples += text_samples([r for r in records if "text" in r], tokenizer, cfg.data.max_length)
         if chat:
-            samples += _sft_samples(chat, tokenizer, template, cfg.data, "reference")[0]
+            samples += sft_samples(chat, tokenizer, template, cfg.data, "reference")[0]
     if not samples:
         raise UserError(f"{key}: the reference data gave no sample to score")
     return draw(samples, min(limit, len(samples)), seed)
@@ -243,4 +243,3 @@ def load_tensors(run_dir: Path, name: str) -> dict[str, Any] | None:
 
     path = Path(run_dir) / RETENTION_DIR / f"{name}.safetensors"
     return load_file(str(path)) if path.is_file() else None
-
