@@ -61,6 +61,7 @@ def trained(tmp_path_factory):
     return {"folder": folder, "data": data, "out": out, "result": result}
 
 
+@pytest.mark.slow
 def test_each_task_gets_its_own_run_on_its_own_records(trained):
     from tuneforge.data.build import load_records
     from tuneforge.models.reference import per_task_runs, resolve
@@ -97,6 +98,7 @@ def test_each_task_gets_its_own_run_on_its_own_records(trained):
         resolve(out).adapter  # noqa: B018 - the parent is no single model: the error names the task runs
 
 
+@pytest.mark.slow
 def test_eval_of_a_parent_scores_each_task_on_its_own_eval_data(trained, capsys):
     out = trained["out"]
     assert main(["eval", str(out), "--metrics", "ppl", "--device", "cpu"]) == 0
@@ -110,6 +112,7 @@ def test_eval_of_a_parent_scores_each_task_on_its_own_eval_data(trained, capsys)
         assert entry["n"] == trained["result"].summary["tasks"][task]["eval_records"]
 
 
+@pytest.mark.slow
 def test_eval_of_a_parent_with_data_takes_each_task_s_records(trained, capsys):
     out, data = trained["out"], trained["data"]
     assert main(["eval", str(out), "--data", str(data), "--metrics", "ppl", "--device", "cpu", "--no-save",
@@ -119,6 +122,7 @@ def test_eval_of_a_parent_with_data_takes_each_task_s_records(trained, capsys):
     assert [r["model"] for r in rows] == [str(out / "tasks" / "add"), str(out / "tasks" / "echo")]
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_tasks_and_continues_the_interrupted_one(trained, tmp_path):
     import torch
     from safetensors.torch import load_file

@@ -14,6 +14,8 @@ from tests.helpers import kill_at_step
 from tuneforge.cli import main
 from tuneforge.config import validate_config
 
+pytestmark = pytest.mark.slow  # whole-pipeline runs (the fast tier: scripts/test.sh)
+
 OLD_PROMPTS = ["Repeat the word w4", "Repeat the word w10"]
 
 

@@ -75,6 +75,7 @@ def runs(tmp_path_factory, chat_data) -> Path:
 
 
 @pytest.mark.parametrize("where", ["runs", "runs/sft", "runs/sft/final", "runs/sft/final/merged", "runs/sft/base"])
+@pytest.mark.slow
 @pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
 def test_merge_out_that_is_holds_or_lies_inside_an_input_is_refused(runs, capsys, where, force):
     before = _snapshot(runs.parent)
@@ -85,6 +86,7 @@ def test_merge_out_that_is_holds_or_lies_inside_an_input_is_refused(runs, capsys
     assert _snapshot(runs.parent) == before
 
 
+@pytest.mark.slow
 def test_merge_recipe_out_on_a_recipe_input_is_refused(runs, tmp_path, capsys):
     recipe = _write_config(tmp_path / "recipe.yaml", {
         "merge_method": "linear", "base_model": str(runs / "sft" / "base"),
@@ -96,6 +98,7 @@ def test_merge_recipe_out_on_a_recipe_input_is_refused(runs, tmp_path, capsys):
     assert "recipe.yaml" in capsys.readouterr().err  # tmp_path holds the recipe itself
 
 
+@pytest.mark.slow
 def test_merge_existing_non_empty_out_needs_force(runs, tmp_path, capsys):
     out = tmp_path / "merged"
     out.mkdir()
@@ -109,6 +112,7 @@ def test_merge_existing_non_empty_out_needs_force(runs, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary or old copy left beside it
 
 
+@pytest.mark.slow
 def test_merge_into_an_empty_directory_needs_no_force(runs, tmp_path):
     out = tmp_path / "empty"
     out.mkdir()
@@ -117,6 +121,7 @@ def test_merge_into_an_empty_directory_needs_no_force(runs, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["sft", "sft/final", "."])
+@pytest.mark.slow
 def test_export_out_on_its_source_is_refused(runs, capsys, where):
     before = _snapshot(runs.parent)
     assert main(["export", str(runs / "sft"), "--quantize", "int8", "--out", str(runs / where), "--force"]) == 2
@@ -127,6 +132,7 @@ def test_export_out_on_its_source_is_refused(runs, capsys, where):
 # ----------------------------------------------------------------------------- train: overwrite, unfinished runs
 
 
+@pytest.mark.slow
 def test_overwrite_with_a_typo_leaves_the_old_run_whole(tmp_path, chat_data, capsys):
     out = tmp_path / "runs" / "typo"
     config = _write_config(tmp_path / "typo.yaml", _cfg(out, chat_data, max_steps=2, save_steps=None))
@@ -138,6 +144,7 @@ def test_overwrite_with_a_typo_leaves_the_old_run_whole(tmp_path, chat_data, cap
         assert _snapshot(out.parent) == before, mistake
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_run_only_once_the_new_one_finished(tmp_path, chat_data):
     out = tmp_path / "runs" / "again"
     config = _write_config(tmp_path / "again.yaml", _cfg(out, chat_data, max_steps=2, save_steps=None))
@@ -149,6 +156,7 @@ def test_overwrite_replaces_the_run_only_once_the_new_one_finished(tmp_path, cha
     assert sorted(p.name for p in out.parent.iterdir()) == [".again.lock", "again"]
 
 
+@pytest.mark.slow
 def test_overwrite_that_fails_before_training_puts_the_old_run_back(tmp_path, chat_data, monkeypatch):
     from tuneforge.train import trainer as trainer_module
 
@@ -167,6 +175,7 @@ def test_overwrite_that_fails_before_training_puts_the_old_run_back(tmp_path, ch
     assert _snapshot(out.parent) == before
 
 
+@pytest.mark.slow
 def test_a_directory_that_is_not_a_run_is_never_written_or_replaced(tmp_path, chat_data, capsys):
     out = tmp_path / "mine"
     out.mkdir()
@@ -190,6 +199,7 @@ def unfinished(tmp_path, chat_data) -> tuple[Path, Path]:
     return out, _write_config(tmp_path / "unfinished.yaml", raw)
 
 
+@pytest.mark.slow
 def test_fresh_start_over_an_unfinished_run_is_refused(unfinished, capsys):
     out, config = unfinished
     before = _snapshot(out)
@@ -199,6 +209,7 @@ def test_fresh_start_over_an_unfinished_run_is_refused(unfinished, capsys):
     assert _snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_setup_says_what_differs(unfinished, capsys):
     out, config = unfinished
     before = _snapshot(out)
@@ -211,12 +222,14 @@ def test_resume_with_a_changed_setup_says_what_differs(unfinished, capsys):
     assert json.loads((out / "summary.json").read_text())["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_allow_config_change_resumes_anyway(unfinished):
     out, config = unfinished
     assert main(["train", str(config), "--resume", "data.max_length=96", "--allow-config-change"]) == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["max_length"] == 96
 
 
+@pytest.mark.slow
 def test_allow_config_change_to_the_adapters_shape_is_refused_before_anything_is_written(unfinished, capsys):
     out, config = unfinished
     before = _snapshot(out)
@@ -227,6 +240,7 @@ def test_allow_config_change_to_the_adapters_shape_is_refused_before_anything_is
     assert _snapshot(out) == before  # config.yaml still says r=4: the run can be resumed as it was
 
 
+@pytest.mark.slow
 def test_resume_and_overwrite_together_are_refused(unfinished, capsys):
     out, config = unfinished
     assert main(["train", str(config), "--resume", "--overwrite"]) == 2
@@ -236,6 +250,7 @@ def test_resume_and_overwrite_together_are_refused(unfinished, capsys):
 # ----------------------------------------------------------------------------- lock, SIGTERM
 
 
+@pytest.mark.slow
 def test_second_process_on_one_run_is_refused_and_a_killed_holder_releases_it(tmp_path, chat_data, capsys):
     out = tmp_path / "runs" / "locked"
     config = _write_config(tmp_path / "locked.yaml", _cfg(out, chat_data, max_steps=1, save_steps=None))
@@ -263,6 +278,7 @@ def _logged_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_ends_like_an_uninterrupted_run(tmp_path, chat_data, capsys):
     import torch
 
@@ -365,6 +381,7 @@ def test_checkpoint_files_are_on_disk_before_the_complete_marker(tmp_path, monke
     assert (folder / checkpoints.MARKER).is_file()
 
 
+@pytest.mark.slow
 def test_files_are_written_with_the_users_umask(tmp_path, runs):
     from tuneforge.utils import atomic_dir, atomic_write_text, current_umask
 

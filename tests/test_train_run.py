@@ -12,6 +12,8 @@ from tuneforge.cli import main
 from tuneforge.config import validate_config
 from tuneforge.data import builtin
 
+pytestmark = pytest.mark.slow  # whole-pipeline runs (the fast tier: scripts/test.sh)
+
 
 @pytest.fixture(scope="module")
 def chat_data(tmp_path_factory) -> Path:
