@@ -268,7 +268,7 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path, data):
     other.add_tokens(["<extra-token>"])
     cfg = validate_config(_cfg(tmp_path / "s", data, distill={"teacher": str(teacher.run_dir)}))
     with pytest.raises(UserError, match="train.distill.teacher: .*another tokenizer"):
-        build_retention(cfg, other, None, echo=lambda *_: None)
+        build_retention(cfg, other, None)
 
 
 def test_every_retention_method_is_a_registered_term():

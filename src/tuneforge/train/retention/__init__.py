@@ -68,7 +68,7 @@ class RetentionTerm:
     log_key = ""
     task_weight = 1.0
 
-    def prepare(self, model: Any, run_dir: Path, echo) -> None:
+    def prepare(self, model: Any, run_dir: Path) -> None:
         """Called once the run directory may be written, before training, on the model at its start weights."""
 
     def loss(self, trainer: Any, model: Any, inputs: dict, outputs: Any):
@@ -86,24 +86,23 @@ class Retention:
 
     terms: list[RetentionTerm] = field(default_factory=list)
 
-    def trainer_class(self, model: Any, run_dir: Path, echo, base: Any = None):
+    def trainer_class(self, model: Any, run_dir: Path, base: Any = None):
         """Prepare every term on ``model`` (start weights) and return a Trainer subclass that adds them.
 
         Args:
             model: the model about to be trained (method already applied, weights not yet resumed).
             run_dir: the run directory (terms save what they computed under ``retention/``).
-            echo: progress lines.
             base: the Trainer class to extend (default ``transformers.Trainer``).
         """
         for term in self.terms:
-            term.prepare(model, run_dir, echo)
+            term.prepare(model, run_dir)
         return retention_trainer(self.terms, base)
 
     def describe(self) -> dict:
         return {term.name: term.describe() for term in self.terms}
 
 
-def build_retention(cfg: Any, tokenizer: Any, template: Any, echo=print) -> Retention | None:
+def build_retention(cfg: Any, tokenizer: Any, template: Any) -> Retention | None:
     """The run's retention terms, with their data read and teachers loaded (``None`` when there are none).
 
     Called before the run directory is touched: every user error (a missing reference, an unreachable teacher,
@@ -115,10 +114,10 @@ def build_retention(cfg: Any, tokenizer: Any, template: Any, echo=print) -> Rete
     terms: list[RetentionTerm] = []
     if cfg.train.retention is not None:
         _load_modules()
-        terms.append(_TERMS[cfg.train.retention.method].from_config(cfg, tokenizer, template, echo))
+        terms.append(_TERMS[cfg.train.retention.method].from_config(cfg, tokenizer, template))
     if cfg.train.distill is not None:
         _load_modules()
-        terms.append(_TERMS["distill"].from_config(cfg, tokenizer, template, echo))
+        terms.append(_TERMS["distill"].from_config(cfg, tokenizer, template))
     return Retention(terms) if terms else None
 
 
@@ -243,3 +242,4 @@ def load_tensors(run_dir: Path, name: str) -> dict[str, Any] | None:
 
     path = Path(run_dir) / RETENTION_DIR / f"{name}.safetensors"
     return load_file(str(path)) if path.is_file() else None
+

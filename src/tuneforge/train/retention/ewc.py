@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tuneforge.console import say
 from tuneforge.train.retention import (
     RetentionTerm,
     load_tensors,
@@ -81,26 +82,26 @@ class EWC(RetentionTerm):
         self.loaded = False
 
     @classmethod
-    def from_config(cls, cfg, tokenizer, template, echo):
+    def from_config(cls, cfg, tokenizer, template):
         r = cfg.train.retention
         return cls(r.lambda_, reference_samples(r.reference, "train.retention.reference", cfg, tokenizer, template,
                                                 r.samples, cfg.seed))
 
-    def prepare(self, model: Any, run_dir: Path, echo) -> None:
+    def prepare(self, model: Any, run_dir: Path) -> None:
         self.params = trainable_parameters(model)
         saved = load_tensors(run_dir, "ewc")
         if saved is not None and _matches(saved, self.params):
             self.fisher = {n: saved[f"fisher.{n}"] for n in self.params}
             self.anchor = {n: saved[f"anchor.{n}"] for n in self.params}
             self.loaded = True
-            echo(f"ewc: Fisher and start weights read from {run_dir}/retention/ewc.safetensors")
+            say(f"ewc: Fisher and start weights read from {run_dir}/retention/ewc.safetensors")
         else:
             self.anchor = {n: p.detach().float().clone() for n, p in self.params.items()}
             self.fisher = _fisher_with_progress(model, self.samples)
             save_tensors(run_dir, "ewc", {**{f"fisher.{n}": f for n, f in self.fisher.items()},
                                           **{f"anchor.{n}": a for n, a in self.anchor.items()}},
                          {"samples": len(self.samples)})
-            echo(f"ewc: diagonal Fisher of {len(self.params)} trainable tensors on {len(self.samples)} reference "
+            say(f"ewc: diagonal Fisher of {len(self.params)} trainable tensors on {len(self.samples)} reference "
                  f"samples, saved in {run_dir}/retention/ewc.safetensors")
         device = next(iter(self.params.values())).device
         self.fisher = {n: f.to(device) for n, f in self.fisher.items()}

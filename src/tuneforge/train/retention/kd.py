@@ -20,6 +20,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from tuneforge.console import say
 from tuneforge.data.tokenize import IGNORE, pad_id
 from tuneforge.errors import UserError
 from tuneforge.train.retention import RetentionTerm, batches, reference_samples, register
@@ -99,17 +100,17 @@ class StartModelKD(RetentionTerm):
         self._cycle = 0
 
     @classmethod
-    def from_config(cls, cfg, tokenizer, template, echo):
+    def from_config(cls, cfg, tokenizer, template):
         r = cfg.train.retention
         samples = reference_samples(r.reference, "train.retention.reference", cfg, tokenizer, template, r.samples,
                                     cfg.seed)
         return cls(r.alpha, r.temperature, samples, r.batch_size or cfg.train.batch_size, pad_id(tokenizer),
                    cfg.seed)
 
-    def prepare(self, model: Any, run_dir: Path, echo) -> None:
+    def prepare(self, model: Any, run_dir: Path) -> None:
         self.teacher = _Teacher(model)
         kind = "the model with its adapter disabled" if self.teacher.adapter else "a frozen copy of the start weights"
-        echo(f"kd: teacher = start model ({kind}), {len(self.samples)} reference samples, "
+        say(f"kd: teacher = start model ({kind}), {len(self.samples)} reference samples, "
              f"{self.batch_size} per step")
 
     def _next_batch(self) -> dict:
@@ -147,7 +148,7 @@ class TeacherDistill(RetentionTerm):
         self.task_weight = 1.0 - alpha
 
     @classmethod
-    def from_config(cls, cfg, tokenizer, template, echo):
+    def from_config(cls, cfg, tokenizer, template):
         from tuneforge.models.device import resolve_device
         from tuneforge.models.reference import load_for_inference
 
@@ -169,7 +170,7 @@ class TeacherDistill(RetentionTerm):
                                 "data.packing: false")
         for p in loaded.model.parameters():
             p.requires_grad_(False)
-        echo(f"distill: teacher {d.teacher} (alpha {d.alpha}, temperature {d.temperature})")
+        say(f"distill: teacher {d.teacher} (alpha {d.alpha}, temperature {d.temperature})")
         return cls(loaded.model, d.teacher, d.alpha, d.temperature, len(tokenizer))
 
     def loss(self, trainer, model, inputs, outputs):

@@ -43,10 +43,10 @@ class L2SP(RetentionTerm):
         self.loaded = False
 
     @classmethod
-    def from_config(cls, cfg, tokenizer, template, echo):
+    def from_config(cls, cfg, tokenizer, template):
         return cls(cfg.train.retention.lambda_)
 
-    def prepare(self, model: Any, run_dir: Path, echo) -> None:
+    def prepare(self, model: Any, run_dir: Path) -> None:
         self.params = trainable_parameters(model)
         saved = load_tensors(run_dir, "l2sp")
         if saved is not None and all(n in saved and saved[n].shape == p.shape for n, p in self.params.items()):
