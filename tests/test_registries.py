@@ -157,3 +157,17 @@ def test_every_registry_the_schema_reads_is_pure():
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         outside = {m for m in imported if m.startswith("tuneforge.") and not m.startswith("tuneforge.config")}
         assert not outside and not {m for m in imported if m.split(".")[0] in ("torch", "transformers")}, module
+
+
+def test_top_level_help_lists_every_registered_value():
+    from tuneforge.cli import build_parser
+    from tuneforge.config.formats import FORMAT_CHOICES
+    from tuneforge.config.retention import RETENTION_CONFIGS
+    from tuneforge.config.schema import METHOD_NAMES
+    from tuneforge.config.stages import STAGES
+
+    lines = build_parser().format_help().splitlines()
+    for key, names in (("stage", STAGES), ("method.name", METHOD_NAMES), ("data.format", FORMAT_CHOICES),
+                       ("train.retention.method", RETENTION_CONFIGS)):
+        row = next(line for line in lines if line.split() and line.split()[0] == key)
+        assert row.split()[1:] == " | ".join(names).split(), key

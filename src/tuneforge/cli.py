@@ -34,7 +34,8 @@ COMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (importing only the light ``cli`` modules)."""
     parser = argparse.ArgumentParser(
-        prog="tuneforge", description="Fine-tune large language models correctly, from data to serving."
+        prog="tuneforge", description="Fine-tune large language models correctly, from data to serving.",
+        epilog=registries_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="count", default=0,
@@ -44,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
     return parser
+
+
+def registries_epilog() -> str:
+    """What a run config may name, read from the registries (config/: pure, no torch): shown by ``tuneforge -h``."""
+    from tuneforge.config.formats import FORMAT_CHOICES
+    from tuneforge.config.retention import RETENTION_CONFIGS
+    from tuneforge.config.schema import METHOD_NAMES
+    from tuneforge.config.stages import STAGES
+
+    rows = (("stage", STAGES), ("method.name", METHOD_NAMES), ("data.format", FORMAT_CHOICES),
+            ("train.retention.method", RETENTION_CONFIGS))
+    lines = [f"  {key:<24}{' | '.join(names)}" for key, names in rows]
+    return "run config values (docs/architecture.md, plug-in registries):\n" + "\n".join(lines)
 
 
 #: device nodes of NVIDIA (nvidia0, nvidiactl), ROCm (kfd) and WSL's GPU (dxg) drivers
