@@ -237,6 +237,7 @@ def test_rows_pickle_as_paths(tmp_path, tiny_tokenizer):
     f = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(30))
     bundle = prepare(DataConfig(train=[str(f)], max_length=64), "sft", tiny_tokenizer, get_template("chatml"), 0,
                      cache_dir=tmp_path / "cache")
+    assert bundle.records[0]["messages"][0]["content"] == "What is 0 plus 0?\n\nShow the sum."  # loaded, still small
     blob = pickle.dumps(bundle)
     assert len(blob) < 20_000  # file paths, not the rows
     back = pickle.loads(blob)

@@ -1040,9 +1040,15 @@ class CanonRecords(Sequence):
     def __init__(self, folder: Path, files: list[str], indices_file: str):
         import numpy as np
 
-        self.folder, self.files = Path(folder), list(files)
+        self.folder, self.files, self.indices_file = Path(folder), list(files), indices_file
         self._column = None
-        self._indices = np.load(self.folder / indices_file)
+        self._indices = np.load(self.folder / indices_file, mmap_mode="r")
+
+    def __getstate__(self):
+        return {"folder": str(self.folder), "files": self.files, "indices_file": self.indices_file}
+
+    def __setstate__(self, state):
+        self.__init__(Path(state["folder"]), state["files"], state["indices_file"])
 
     def _records(self):
         if self._column is None:
