@@ -243,3 +243,44 @@ def test_a_job_runs_detached_and_records_its_exit_code(client, runs, tmp_path):
     assert "c.yaml: ok" in record["log_tail"] and record["child_pid"]
     listed = client.get("/api/jobs").json()["jobs"]
     assert listed[0]["id"] == job["id"]
+
+
+def test_a_resumed_run_shows_live_progress_not_its_old_summary(client, runs):
+    run = write_run(runs, "again", summary={"status": "interrupted", "global_step": 2, "last_logged_loss": 1.5},
+                    checkpoint=True, steps=6)
+    lock = open(runs / ".again.lock", "w")  # noqa: SIM115 - the resumed trainer holds it
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        row = {r["id"]: r for r in client.get("/api/runs").json()["runs"]}["again"]
+    finally:
+        lock.close()
+    assert row["status"] == "running" and row["step"] == 6 and row["last_loss"] == pytest.approx(0.5)
+    assert run.is_dir()
+
+
+def test_stop_sends_sigterm_to_the_process_holding_the_run_lock(client, runs, tmp_path):
+    import subprocess
+    import sys
+
+    write_run(runs, "busy", steps=2)
+    marker = tmp_path / "got-sigterm"
+    holder = (
+        "import fcntl, os, signal, sys, time\n"
+        f"f = open({str(runs / '.busy.lock')!r}, 'w'); f.write(str(os.getpid())); f.flush()\n"
+        "fcntl.flock(f.fileno(), fcntl.LOCK_EX)\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').close(), sys.exit(75)))\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        row = {r["id"]: r for r in client.get("/api/runs").json()["runs"]}["busy"]
+        assert row["status"] == "running" and row["pid"] == proc.pid
+        response = client.post("/api/run/stop", json={"id": "busy"})
+        assert response.status_code == 200 and response.json()["stopped"] == proc.pid
+        assert proc.wait(20) == 75 and marker.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert client.post("/api/run/stop", json={"id": "busy"}).status_code == 400  # nothing trains into it now

@@ -253,6 +253,8 @@ def run_info(runs_dir: Path, run_dir: Path, jobs: dict[str, dict] | None = None)
         pid = job.get("pid")
     state = summary.get("status")
     if pid is not None:
+        # a resumed run still has the summary of its interruption: the live figures are in metrics.jsonl
+        info.step, info.last_loss = progress.get("step", info.step), progress.get("loss", info.last_loss)
         info.status, info.pid = "running", pid
     elif state == "completed" or (state is None and info.has_final):
         info.status = "finished"
