@@ -10,6 +10,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from tuneforge.models.reference import RUN_METRICS
 from tuneforge.utils import append_jsonl
 
 
@@ -21,7 +22,7 @@ class MetricsFileCallback(TrainerCallback):
     """
 
     def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / RUN_METRICS
         self.started = time.time()
 
     def on_log(self, args, state, control, logs=None, **kwargs):

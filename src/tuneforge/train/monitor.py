@@ -37,6 +37,7 @@ try:  # the base class only; everything else works (and is tested) without trans
 except ImportError:  # pragma: no cover - transformers is a hard dependency of training
     TrainerCallback = object  # type: ignore[misc,assignment]
 
+from tuneforge.models.reference import RUN_METRICS
 from tuneforge.utils import append_jsonl
 
 MIN_HISTORY = 3  # logs needed before a moving average is trusted
@@ -279,7 +280,7 @@ class StabilityMonitor(TrainerCallback):
         warning = StabilityWarning(step, kind, message, advice)
         self.warnings.append(warning)
         if self.run_dir.is_dir():
-            append_jsonl(self.run_dir / "metrics.jsonl", warning.to_event())
+            append_jsonl(self.run_dir / RUN_METRICS, warning.to_event())
         self.echo(warning)
         return True
 

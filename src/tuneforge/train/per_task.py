@@ -27,7 +27,14 @@ from typing import Any
 from tuneforge.config import RunConfig, dump_config, validate_config
 from tuneforge.console import say
 from tuneforge.errors import UserError
-from tuneforge.models.reference import RUN_BASE, RUN_CONFIG, RUN_FINAL, RUN_SUMMARY, RUN_TASKS
+from tuneforge.models.reference import (
+    RUN_BASE,
+    RUN_CHECKPOINTS,
+    RUN_CONFIG,
+    RUN_FINAL,
+    RUN_SUMMARY,
+    RUN_TASKS,
+)
 from tuneforge.train import checkpoints, distributed, rundir
 from tuneforge.train.results import TrainingInterrupted, TrainingStopped, TrainResult
 from tuneforge.utils import atomic_write_json, atomic_write_text
@@ -291,7 +298,7 @@ def task_state(task_dir: Path) -> str:
         return "new"
     if (task_dir / RUN_FINAL).is_dir() and _summary(task_dir).get("status") == "completed":
         return "done"
-    if checkpoints.latest_checkpoint(task_dir / "checkpoints"):
+    if checkpoints.latest_checkpoint(task_dir / RUN_CHECKPOINTS):
         return "resumable"
     return "restart"
 

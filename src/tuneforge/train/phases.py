@@ -28,7 +28,14 @@ from typing import Any
 from tuneforge.config import RunConfig, dump_config
 from tuneforge.console import say
 from tuneforge.errors import UserError
-from tuneforge.models.reference import RUN_BASE, RUN_CONFIG, RUN_FINAL, RUN_STACK, RUN_SUMMARY
+from tuneforge.models.reference import (
+    RUN_BASE,
+    RUN_CHECKPOINTS,
+    RUN_CONFIG,
+    RUN_FINAL,
+    RUN_STACK,
+    RUN_SUMMARY,
+)
 from tuneforge.train import checkpoints, distributed, outputs, progressive, rundir
 from tuneforge.train import trainer as trainers
 from tuneforge.train.results import TrainingInterrupted, TrainingStopped, TrainResult
@@ -176,7 +183,7 @@ def _check_start(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, a
     cfg = resolve_run_rope(cfg, say)  # model.rope_scaling: auto → the scaling config.yaml records
     if resume:
         rundir.check_same_setup(cfg.model_dump(mode="json"), run_dir, allow_config_change)
-        latest = checkpoints.latest_checkpoint(run_dir / "checkpoints")
+        latest = checkpoints.latest_checkpoint(run_dir / RUN_CHECKPOINTS)
         distributed.check_resume_world(latest, me.world_size, cfg.distributed.strategy, say)
     return cfg
 
@@ -290,7 +297,7 @@ def _apply_method(setup: Setup) -> None:
 def _check_checkpoint_fits(model: Any, run_dir: Path) -> None:
     """Refuse to resume from a checkpoint whose tensors this config's model cannot hold (``--allow-config-change``
     after a change of ``method.r``, targets, method or model)."""
-    latest = checkpoints.latest_checkpoint(run_dir / "checkpoints")
+    latest = checkpoints.latest_checkpoint(run_dir / RUN_CHECKPOINTS)
     problem = checkpoints.checkpoint_mismatch(model, latest) if latest is not None else None
     if problem:
         raise UserError(f"--resume: {latest} does not fit this config's model: {problem}. The change to the method "
@@ -397,9 +404,9 @@ def _describe(setup: Setup) -> None:
 def _resume_point(run_dir: Path, resume: bool) -> Path | None:
     if not resume:
         return None
-    for path in checkpoints.discard_incomplete(run_dir / "checkpoints"):
+    for path in checkpoints.discard_incomplete(run_dir / RUN_CHECKPOINTS):
         say(f"resume: removed incomplete checkpoint {path.name} (left by an interrupted save)")
-    latest = checkpoints.latest_checkpoint(run_dir / "checkpoints")
+    latest = checkpoints.latest_checkpoint(run_dir / RUN_CHECKPOINTS)
     say(f"resume: continuing from {latest}")
     return latest
 
@@ -472,7 +479,7 @@ def _check_outcome(setup: Setup, trainer: Any, monitor: Any, stop: rundir.Sigter
     if stop.stopped_at is not None:
         if not main:
             raise TrainingInterrupted(f"SIGTERM: rank {me.rank} stopped at step {stop.stopped_at}")
-        last = checkpoints.latest_checkpoint(run_dir / "checkpoints")
+        last = checkpoints.latest_checkpoint(run_dir / RUN_CHECKPOINTS)
         atomic_write_json(run_dir / RUN_SUMMARY, {"status": "interrupted", "global_step": stop.stopped_at,
                                                   "checkpoint": str(last) if last else None})
         raise TrainingInterrupted(
@@ -483,7 +490,7 @@ def _check_outcome(setup: Setup, trainer: Any, monitor: Any, stop: rundir.Sigter
         return
     if not main:
         raise TrainingStopped(f"rank {me.rank}: {reason}")
-    last = checkpoints.latest_checkpoint(run_dir / "checkpoints")
+    last = checkpoints.latest_checkpoint(run_dir / RUN_CHECKPOINTS)
     atomic_write_json(run_dir / RUN_SUMMARY, {"status": "stopped", "reason": reason,
                                               "last_good_checkpoint": str(last) if last else None})
     raise TrainingStopped(

@@ -31,6 +31,7 @@ from pathlib import Path
 from tuneforge.console import say
 from tuneforge.errors import UserError
 from tuneforge.models.reference import (
+    RUN_CHECKPOINTS,
     RUN_CONFIG,
     RUN_FINAL,
     RUN_MANIFEST,
@@ -99,9 +100,9 @@ def check_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """
     exists = check_output_dir(run_dir, resume, overwrite)
     if resume:
-        if not checkpoints.latest_checkpoint(run_dir / "checkpoints"):
+        if not checkpoints.latest_checkpoint(run_dir / RUN_CHECKPOINTS):
             raise UserError(
-                f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; "
+                f"--resume: no complete checkpoint in {run_dir / RUN_CHECKPOINTS}; "
                 "start the run without --resume (or set train.save_steps so checkpoints are written)"
             )
         return
@@ -112,7 +113,7 @@ def check_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
             f"{run_dir} already holds a finished run; choose another run_name/output_dir, "
             "pass --overwrite, or --resume to continue its checkpoints"
         )
-    latest = checkpoints.latest_checkpoint(run_dir / "checkpoints")
+    latest = checkpoints.latest_checkpoint(run_dir / RUN_CHECKPOINTS)
     if latest:
         raise UserError(
             f"{run_dir} holds an unfinished run (newest complete checkpoint: {latest.name}); pass --resume to "

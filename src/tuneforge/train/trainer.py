@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tuneforge.models.reference import RUN_CHECKPOINTS
 from tuneforge.train import checkpoints, distributed
 
 SAMPLE_PROMPT = [{"role": "user", "content": "Explain what a Python list is."}]
@@ -93,7 +94,7 @@ def training_arguments(cfg: Any, method: Any, run_dir: Path, has_eval: bool, pac
     t = cfg.train
     device = resolve_device(cfg.model.device)
     kwargs: dict[str, Any] = dict(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(run_dir / RUN_CHECKPOINTS),
         logging_steps=t.logging_steps,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # the stability monitor must see a NaN loss, not a running average
