@@ -18,7 +18,7 @@ is applied per chunk; models that transform logits in other ways in their forwar
 Granite's ``logits_scaling``, ...) are refused, as is ``train.distill`` (it needs the student's full logits).
 
 **Composition.** :func:`loss_trainer_class` returns a Trainer subclass overriding ``compute_loss`` (or ``None``
-when nothing changes the loss computation); ``train/run.py`` passes it as ``base`` to the retention terms'
+when nothing changes the loss computation); ``train/phases.py`` passes it as ``base`` to the retention terms'
 Trainer (``train/retention``), whose ``compute_loss`` calls ``super()`` — this one — and adds its terms.
 
 **Compile** (``train.compile``): the model's decoder stack (``get_decoder()``: embeddings, layers, final norm) is
