@@ -346,8 +346,6 @@ class TrainConfig(Strict):
 
 # --------------------------------------------------------------------------- stage sections (config/stages.py)
 
-#: the stages that read a ``preference:`` section (from the stage registry)
-PREFERENCE_STAGES = tuple(name for name, spec in STAGES.items() if spec.section == "preference")
 #: ``stage:`` values, from the stage registry
 StageName = Literal[tuple(STAGES)]  # type: ignore[valid-type]
 

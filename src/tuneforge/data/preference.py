@@ -26,7 +26,6 @@ from tuneforge.config.stages import STAGES
 from tuneforge.data.tokenize import IGNORE, encode_chat_samples, pad_id
 from tuneforge.errors import UserError
 
-KIND_OF = {"preference": "paired", "kto": "unpaired", "prompt": "prompt"}
 _NO_LIMIT = 10**9
 
 
