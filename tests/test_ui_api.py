@@ -284,3 +284,23 @@ def test_stop_sends_sigterm_to_the_process_holding_the_run_lock(client, runs, tm
         proc.kill()
         proc.wait()
     assert client.post("/api/run/stop", json={"id": "busy"}).status_code == 400  # nothing trains into it now
+
+
+def test_per_task_parents_and_search_studies_are_listed_with_their_runs(client, runs):
+    parent = write_run(runs, "multi", summary={"status": "completed"}, final=True)
+    write_run(parent / "tasks", "qa", summary={"status": "completed"}, final=True)
+    study = runs / "lr-study"
+    study.mkdir()
+    (study / "study.db").write_bytes(b"")
+    (study / "search.html").write_text("<html>plots</html>")
+    write_run(study, "trial-0", summary={"status": "completed", "best_eval_loss": 2.0}, final=True)
+    write_run(study, "trial-1", summary={"status": "completed", "best_eval_loss": 1.5}, final=True)
+    rows = {r["id"]: r for r in client.get("/api/runs").json()["runs"]}
+    assert rows["multi"]["kind"] == "per-task" and rows["multi"]["children"] == ["multi/tasks/qa"]
+    assert rows["multi/tasks/qa"]["kind"] == "task"
+    assert rows["lr-study"]["kind"] == "study" and rows["lr-study/trial-0"]["kind"] == "trial"
+    studies = client.get("/api/studies").json()["studies"]
+    assert studies[0]["best"] == "lr-study/trial-1" and len(studies[0]["trials"]) == 2
+    assert "search.html" in studies[0]["files"]
+    assert "plots" in client.get("/study/file", params={"id": "lr-study", "name": "search.html"}).text
+    assert client.get("/study/file", params={"id": "lr-study", "name": "study.db"}).status_code == 400
