@@ -71,7 +71,7 @@ def poisoned(lm):
     handle.remove()
 
 
-@pytest.mark.parametrize("batching", ["dynamic"])
+@pytest.mark.parametrize("batching", ["dynamic", "continuous"])
 def test_a_failing_row_fails_alone_and_the_rows_beside_it_answer(poisoned, batching):
     from tuneforge.models.decoding import DecodeRow, decode_rows
     from tuneforge.serve.scheduler import Scheduler, Work

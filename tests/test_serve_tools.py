@@ -63,7 +63,8 @@ def server(tmp_path_factory, tiny_tokenizer):
     ChatTemplate("qwen2_5", jinja, ["<|im_end|>"]).save(qwen)
     plain = save_base(model, tiny_tokenizer, root / "plain")
     get_template("chatml").save(plain)
-    engine = Engine([str(qwen), str(plain)], device="cpu")
+    # the dynamic batcher runs models.decoding.decode_rows, which the `answer` fixture replaces by a scripted answer
+    engine = Engine([str(qwen), str(plain)], device="cpu", batching="dynamic")
     with serve_in_thread(create_app(engine, max_tokens_limit=32)) as url:
         yield url
     engine.scheduler.close()

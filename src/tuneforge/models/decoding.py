@@ -23,6 +23,7 @@ A row's greedy text does not depend on what shares its batch; ``token_ids`` are 
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -37,6 +38,8 @@ from tuneforge.models.sampling import (
     stop_strings,
     stop_token_ids,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -259,3 +262,356 @@ class _Stop:
             if state.finish is None:
                 state.advance(last[i])
         return torch.tensor([state.finish is not None for state in self.states], device=input_ids.device)
+
+
+# --------------------------------------------------------------------------- continuous batching
+
+
+@dataclass(eq=False)
+class Joining:
+    """A row joining a :class:`ContinuousBatch`.
+
+    Attributes:
+        row: the prompt and its settings, stops, log-probs, cancellation and events.
+        tokenizer: decodes this row's text.
+        template: whose stop strings and stop tokens apply (``None``: EOS only).
+        adapter: the peft adapter this row runs with (``None``: the model as it is).
+        handle: returned with the row's result (the caller's own object).
+    """
+
+    row: DecodeRow
+    tokenizer: Any
+    template: Any = None
+    adapter: str | None = None
+    handle: Any = None
+
+
+class _Slot:
+    """A running row: its state, adapter, real tokens in the cache, and the token to feed next."""
+
+    def __init__(self, joining: Joining, state: _RowState):
+        self.joining, self.state = joining, state
+        self.length = 0
+        self.next_token: int | None = None
+
+    def context(self) -> list[int]:
+        """Every token the cache holds for this row once the pending token is fed: prompt + generated so far."""
+        return [*self.joining.row.prompt_ids, *self.state.ids]
+
+    @property
+    def cost(self) -> int:
+        return len(self.joining.row.prompt_ids) + self.joining.row.settings.max_new_tokens
+
+
+class ContinuousBatch:
+    """Continuous batching on one model: rows join (:meth:`add`) and leave at every step (:meth:`step`).
+
+    The batch holds one KV cache (a transformers ``DynamicCache``) for all running rows, left-padded so that every
+    row's newest token sits in the last column; a joining row is prefilled (with the other rows joining at the same
+    step, left-padded, or alone after a cached prefix) and its cache concatenated to the batch's; a finished row's
+    cache rows are dropped at once and the columns no row uses any more are trimmed. Each row keeps its own position
+    ids and attention mask, so its tokens are the ones it gets alone (greedy: the same text; seeded sampling: the
+    same draw).
+
+    Rows of different LoRA adapters of one peft model decode in the same forward pass (peft's ``adapter_names``)
+    when ``mixed_adapters`` is set; otherwise ``activate`` (called before every forward) chooses the adapter.
+
+    Prefix reuse: the keys and values of the last ``prefix_entries`` prompts of at least ``min_prefix`` tokens are
+    kept; a joining prompt that shares at least ``min_prefix`` leading tokens with one (a shared system prompt,
+    few-shot examples) starts from that cache and computes only the rest.
+
+    Failure isolation: a failing prefill of several joining rows is retried row by row; a failing step re-prefills
+    every running row alone from its prompt plus what it generated (its state, generator and text shown so far are
+    kept); a row that fails alone, or whose own token choice or event callback raises, finishes with the exception.
+    """
+
+    def __init__(self, model: Any, *, mixed_adapters: bool = False, activate: Callable[[], None] | None = None,
+                 prefix_entries: int = 8, min_prefix: int = 16):
+        import inspect
+
+        self.model, self.mixed_adapters, self.activate = model, mixed_adapters, activate
+        self.prefix_entries, self.min_prefix = prefix_entries, min_prefix
+        self.slots: list[_Slot] = []
+        self.cache: Any = None
+        self.mask: Any = None
+        self.device = next(model.parameters()).device
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._keep_last = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self._prefixes: dict[tuple, list[tuple[Any, Any]]] = {}  # (adapter, tokens) -> per-layer (keys, values)
+        self._stops: dict[tuple[int, int], list[int]] = {}
+        self.prefix_hits = 0
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def cost(self, extra: Sequence[int] = ()) -> int:
+        """Tokens the batch may come to hold: rows x the longest (prompt + max new tokens), ``extra`` rows added."""
+        costs = [slot.cost for slot in self.slots] + list(extra)
+        return len(costs) * max(costs, default=0)
+
+    # ------------------------------------------------------------------ joining
+
+    def add(self, joining: Sequence[Joining]) -> list[tuple[Any, Any]]:
+        """Prefill ``joining`` and make them part of the batch.
+
+        Returns:
+            ``(handle, RowResult | Exception)`` of the rows that already ended (a one-token budget, a stop token
+            first, cancelled, or a failure).
+        """
+        finished: list[tuple[Any, Any]] = []
+        slots = []
+        for join in joining:
+            try:
+                stops = self._stop_ids(join)
+                state = _RowState(join.row, join.tokenizer, stop_strings(join.tokenizer, join.template,
+                                                                         join.row.settings.stop), stops)
+                slots.append(_Slot(join, state))
+            except Exception as exc:  # noqa: BLE001 - a row that cannot even start fails alone
+                finished.append((join.handle, exc))
+        return finished + self._prefill(slots)
+
+    def _stop_ids(self, join: Joining) -> list[int]:
+        key = (id(join.tokenizer), id(join.template))
+        if key not in self._stops:
+            self._stops[key] = stop_token_ids(join.tokenizer, join.template, self.model)
+        return self._stops[key]
+
+    def _prefill(self, slots: list[_Slot]) -> list[tuple[Any, Any]]:
+        """Compute the caches of ``slots`` (fresh rows, or rows re-admitted after a failed step), choose their next
+        token, merge the unfinished ones into the batch."""
+        finished: list[tuple[Any, Any]] = []
+        plain, prefixed = [], []
+        for slot in slots:
+            if slot.state.row.cancelled.is_set():
+                slot.state.finish = "cancelled"
+                finished.append((slot.joining.handle, slot.state.result()))
+                continue
+            hit = self._longest_prefix(slot)
+            (prefixed if hit else plain).append((slot, hit))
+        groups = ([[s for s, _ in plain]] if plain else []) + [[s] for s, _ in prefixed]
+        hits = {id(s): hit for s, hit in prefixed}
+        for group in groups:
+            try:
+                logits, cache, mask = self._prefill_group(group, hits.get(id(group[0])))
+            except Exception as exc:  # noqa: BLE001 - isolate: each row alone
+                if len(group) == 1:
+                    log.exception("prefill failed for one row")
+                    finished.append((group[0].joining.handle, exc))
+                    continue
+                log.warning("a prefill of %d rows failed (%s: %s); retrying them one by one", len(group),
+                            type(exc).__name__, exc)
+                for slot in group:
+                    finished += self._prefill([slot])
+                continue
+            finished += self._take(group, logits, cache, mask)
+        return finished
+
+    def _prefill_group(self, group: list[_Slot], hit: tuple[int, list] | None):
+        import torch
+        from transformers import DynamicCache
+
+        contexts = [slot.context() for slot in group]
+        if hit is not None:  # one row, after a cached prefix
+            common, layers = hit
+            cache = DynamicCache(ddp_cache_data=[(k[:, :, :common], v[:, :, :common]) for k, v in layers])
+            ids = torch.tensor([contexts[0][common:]], dtype=torch.long)
+            mask = torch.ones((1, len(contexts[0])), dtype=torch.long)
+            positions = torch.arange(common, len(contexts[0])).unsqueeze(0)
+            self.prefix_hits += 1
+        else:
+            width = max(len(c) for c in contexts)
+            ids = torch.zeros((len(group), width), dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for i, context in enumerate(contexts):
+                ids[i, width - len(context):] = torch.tensor(context, dtype=torch.long)
+                mask[i, width - len(context):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache, [slot.joining.adapter for slot in group])
+        for slot, context in zip(group, contexts, strict=True):
+            slot.length = len(context)
+        self._remember(group, contexts, cache, mask)
+        return logits, cache, mask
+
+    def _forward(self, ids, mask, positions, cache, adapters: list[str | None]):
+        """One forward pass; the float32 logits of each row's last position."""
+        import torch
+
+        kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                                  "position_ids": positions.to(self.device), "past_key_values": cache,
+                                  "use_cache": True}
+        if self.mixed_adapters:
+            kwargs["adapter_names"] = [a if a is not None else "__base__" for a in adapters]
+        if self._keep_last:
+            kwargs["logits_to_keep"] = 1
+        if self.activate is not None:
+            self.activate()
+        with torch.no_grad():
+            out = self.model(**kwargs)
+        return out.logits[:, -1].float()
+
+    def _take(self, group: list[_Slot], logits, cache, mask) -> list[tuple[Any, Any]]:
+        """Choose each row's next token from ``logits``; merge the rows that go on (with their cache) into the
+        batch; return the ones that ended."""
+        finished, keep = [], []
+        for i, slot in enumerate(group):
+            outcome = self._advance(slot, logits[i])
+            if outcome is None:
+                keep.append(i)
+            else:
+                finished.append(outcome)
+        if keep:
+            if len(keep) < len(group):
+                index = torch_index(keep, mask.device)
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[index], layer.values[index]
+                mask = mask[index]
+            self._merge(cache, mask, [group[i] for i in keep])
+        return finished
+
+    def _advance(self, slot: _Slot, logits) -> tuple[Any, Any] | None:
+        """Choose and take the row's next token: ``None`` while it goes on, else ``(handle, result)``."""
+        state = slot.state
+        try:
+            token = state.choose(logits)
+            state.advance(token)
+        except Exception as exc:  # noqa: BLE001 - this row's own failure (its callback, its choice)
+            log.exception("a row failed while choosing or reporting its token")
+            return slot.joining.handle, exc
+        if state.finish is not None:
+            return slot.joining.handle, state.result()
+        slot.next_token = token
+        return None
+
+    def _merge(self, cache, mask, slots: list[_Slot]) -> None:
+        """Concatenate a prefilled group's cache rows to the batch's, both left-padded to the wider."""
+        import torch
+
+        if self.cache is None:
+            self.cache, self.mask, self.slots = cache, mask.to(self.device), list(slots)
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], 0)
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], 0)
+        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask.to(self.device), width, dim=1)], 0)
+        self.slots += slots
+
+    # ------------------------------------------------------------------ prefix reuse
+
+    def _longest_prefix(self, slot: _Slot) -> tuple[int, list] | None:
+        if not self.prefix_entries:
+            return None
+        context = slot.context()
+        best: tuple[int, list] | None = None
+        for (adapter, tokens), layers in self._prefixes.items():
+            if adapter != slot.joining.adapter:
+                continue
+            common = _common_prefix(tokens, context)
+            common = min(common, len(context) - 1)  # at least one token to compute: it gives the next logits
+            if common >= self.min_prefix and (best is None or common > best[0]):
+                best = (common, layers)
+        return best
+
+    def _remember(self, group: list[_Slot], contexts: list[list[int]], cache, mask) -> None:
+        if not self.prefix_entries:
+            return
+        width = mask.shape[1]
+        for i, (slot, context) in enumerate(zip(group, contexts, strict=True)):
+            if len(context) < self.min_prefix:
+                continue
+            key = (slot.joining.adapter, tuple(context))
+            self._prefixes.pop(key, None)
+            self._prefixes[key] = [(layer.keys[i:i + 1, :, width - len(context):].clone(),
+                                    layer.values[i:i + 1, :, width - len(context):].clone())
+                                   for layer in cache.layers]
+            while len(self._prefixes) > self.prefix_entries:
+                self._prefixes.pop(next(iter(self._prefixes)))
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[tuple[Any, Any]]:
+        """One decoding step for every running row; returns ``(handle, RowResult | Exception)`` of the rows that
+        ended (they have left the batch)."""
+        import torch
+
+        finished: list[tuple[Any, Any]] = []
+        gone = [i for i, slot in enumerate(self.slots) if slot.state.row.cancelled.is_set()]
+        for i in gone:
+            self.slots[i].state.finish = "cancelled"
+            finished.append((self.slots[i].joining.handle, self.slots[i].state.result()))
+        self._retire(gone)
+        if not self.slots:
+            return finished
+        ids = torch.tensor([[slot.next_token] for slot in self.slots], dtype=torch.long)
+        positions = torch.tensor([[slot.length] for slot in self.slots], dtype=torch.long)
+        mask = torch.cat([self.mask, self.mask.new_ones((len(self.slots), 1))], 1)
+        try:
+            logits = self._forward(ids, mask, positions, self.cache, [s.joining.adapter for s in self.slots])
+        except Exception as exc:  # noqa: BLE001 - re-admit every row alone; only rows failing alone fail
+            log.warning("a decoding step of %d rows failed (%s: %s); re-prefilling them one by one",
+                        len(self.slots), type(exc).__name__, exc)
+            slots, self.slots, self.cache, self.mask = self.slots, [], None, None
+            for slot in slots:
+                finished += self._prefill([slot])
+            return finished
+        self.mask = mask
+        ended = []
+        for i, slot in enumerate(self.slots):
+            slot.length += 1
+            outcome = self._advance(slot, logits[i])
+            if outcome is not None:
+                finished.append(outcome)
+                ended.append(i)
+        self._retire(ended)
+        return finished
+
+    def _retire(self, indices: list[int]) -> None:
+        """Drop rows from the batch and the cache columns no remaining row uses."""
+        if not indices:
+            return
+        drop = set(indices)
+        keep = [i for i in range(len(self.slots)) if i not in drop]
+        self.slots = [self.slots[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = None
+            return
+        index = torch_index(keep, self.mask.device)
+        mask = self.mask[index]
+        used = mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else mask.shape[1]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+        self.mask = mask[:, start:]
+
+    def cancel_all(self, reason: BaseException) -> list[tuple[Any, Any]]:
+        """End every running row with ``reason`` (server shutting down)."""
+        finished = [(slot.joining.handle, reason) for slot in self.slots]
+        self.slots, self.cache, self.mask = [], None, None
+        return finished
+
+
+def torch_index(indices: list[int], device: Any):
+    import torch
+
+    return torch.tensor(indices, dtype=torch.long, device=device)
+
+
+def _left_pad(tensor: Any, width: int, dim: int = 2):
+    """``tensor`` with zeros prepended along ``dim`` up to ``width``."""
+    import torch
+
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

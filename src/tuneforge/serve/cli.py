@@ -46,6 +46,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--default-temperature", type=float, default=0.0,
                    help="temperature of requests that give none (default 0 = greedy)")
     p.add_argument("--max-batch-size", type=int, default=16, help="most generations run together (default 16)")
+    p.add_argument("--batching", choices=("continuous", "dynamic"), default="continuous",
+                   help="continuous: rows join and leave the running batch at every decoding step, adapters of one "
+                   "base share it (default); dynamic: waiting rows of one adapter run together until all end")
     p.add_argument("--max-queue", type=int, default=64,
                    help="most generations waiting; beyond it requests get 429 with Retry-After (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
@@ -125,7 +128,7 @@ def serve_command(args: argparse.Namespace) -> int:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the models "
                     "(set --api-key-file or $%s)", args.host, KEY_ENV)
     engine = Engine(args.runs, device=args.device, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                    token_budget=args.token_budget)
+                    token_budget=args.token_budget, batching=args.batching)
     app = create_app(engine, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
                      max_prompt_tokens=args.max_prompt_tokens, max_scored_tokens=args.max_scored_tokens,
                      default_max_tokens=args.default_max_tokens,

@@ -273,12 +273,17 @@ class Engine:
         max_queue: most generations waiting before requests are answered 429.
         token_budget: most tokens (rows x (prompt + max new tokens)) one batch may hold; ``None``: sized from the
             memory free once the models are loaded (:func:`token_budget_for`).
+        batching: ``continuous`` (rows join and leave the running batch at every step, adapters of one base mixed
+            in it) or ``dynamic`` (the waiting rows of one adapter run as a batch until all of them end).
     """
 
     def __init__(self, specs: list[str], device: str = "auto", *, dtype: Any = None, max_batch_size: int = 16,
-                 max_queue: int = 64, token_budget: int | None = None):
+                 max_queue: int = 64, token_budget: int | None = None, batching: str = "continuous"):
         from tuneforge.models.reference import load_for_inference, load_template, load_tokenizer_of, resolve
+        from tuneforge.serve.scheduler import BATCHING
 
+        if batching not in BATCHING:
+            raise UserError(f"--batching {batching!r} is not one of {', '.join(BATCHING)}")
         if not specs:
             raise UserError("give at least one run, adapter or model directory to serve")
         self.models: dict[str, Served] = {}
@@ -312,7 +317,8 @@ class Engine:
         if token_budget is None:
             token_budget = min(token_budget_for(served.model) for served in self.models.values())
         self.token_budget = token_budget
-        self.scheduler = Scheduler(max_batch_size=max_batch_size, max_queue=max_queue, token_budget=token_budget)
+        self.scheduler = Scheduler(max_batch_size=max_batch_size, max_queue=max_queue, token_budget=token_budget,
+                                   batching=batching)
 
     def _add_task_aliases(self, run: PerTaskRun) -> None:
         """Serve each task of the only per-task run under its bare name too (the same adapter)."""

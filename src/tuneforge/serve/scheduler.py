@@ -21,7 +21,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-BATCHING = ("dynamic",)
+BATCHING = ("continuous", "dynamic")  # serve --batching
 
 
 class QueueFull(Exception):
@@ -79,7 +79,7 @@ class Scheduler:
     """
 
     def __init__(self, max_batch_size: int = 16, max_queue: int = 64, *, token_budget: int | None = None,
-                 batching: str = "dynamic"):
+                 batching: str = "continuous"):
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         self.max_batch_size, self.max_queue, self.token_budget = max_batch_size, max_queue, token_budget
@@ -113,7 +113,8 @@ class Scheduler:
                 raise QueueFull(len(self._waiting), self.retry_after())
             self._waiting.extend(items)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, daemon=True, name="tuneforge-generate")
+                loop = self._continuous_loop if self.batching == "continuous" else self._loop
+                self._thread = threading.Thread(target=loop, daemon=True, name="tuneforge-generate")
                 self._thread.start()
             self._cond.notify()
 
@@ -171,6 +172,125 @@ class Scheduler:
                     item.done(result)
                 except Exception:  # a broken callback must not stop the worker
                     log.exception("result callback failed")
+
+
+    # ------------------------------------------------------------------ the continuous worker
+
+    def _continuous_loop(self) -> None:
+        """Continuous batching: at every decoding step, waiting rows join the running batch of their model (rows of
+        LoRA adapters of one peft model share it) within ``max_batch_size`` rows per model and the token budget
+        over all running rows; rows that end leave at once. Scoring work runs between steps."""
+        pools: dict[tuple, Any] = {}
+        started: dict[int, float] = {}
+        while True:
+            with self._cond:
+                self._drop_cancelled()
+                running = sum(len(pool) for pool in pools.values())
+                if self._closed:
+                    break
+                if not self._waiting and not running:
+                    self.running = 0
+                    self._cond.wait()
+                    continue
+                scores = self._take_scores()
+                joining = self._admit(pools)
+                self.running = running + len(joining) + len(scores)
+            if scores:
+                self._deliver(list(zip(scores, _run_isolated(scores), strict=True)), started)
+            groups: dict[tuple, list[Work]] = {}
+            for key, item in joining:
+                groups.setdefault(key, []).append(item)
+                started[id(item)] = time.perf_counter()
+            for key, items in groups.items():
+                if key not in pools:
+                    pools[key] = _pool_for(items[0].served)
+                self._deliver(_add(pools[key], items), started)
+            for key in list(pools):
+                if len(pools[key]):
+                    self._deliver(pools[key].step(), started)
+                else:
+                    del pools[key]  # an idle model keeps no cache
+            self.running = sum(len(pool) for pool in pools.values())
+        for pool in pools.values():
+            self._deliver([(item, _cancelled_result()) for item, _ in pool.cancel_all(RuntimeError("closed"))],
+                          started)
+        self.running = 0
+
+    def _take_scores(self) -> list[Work]:
+        """The oldest waiting scoring item and those that can share its batch (taken out of the queue)."""
+        first = next((item for item in self._waiting if item.row is None), None)
+        if first is None:
+            return []
+        batch = _fitting([first, *(i for i in self._waiting if i.row is None and i is not first)],
+                         self.max_batch_size, self.token_budget)
+        chosen = set(map(id, batch))
+        self._waiting = deque(item for item in self._waiting if id(item) not in chosen)
+        return batch
+
+    def _admit(self, pools: dict[tuple, Any]) -> list[tuple[tuple, Work]]:
+        """Waiting generation rows that join now, oldest first; the first that does not fit stops admission (a
+        large row is not overtaken for ever by small ones)."""
+        admitted: list[tuple[tuple, Work]] = []
+        extra: dict[tuple, list[int]] = {}
+        for item in self._waiting:
+            if item.row is None:
+                continue
+            key = _pool_key(item.served)
+            pool = pools.get(key)
+            rows = (len(pool) if pool is not None else 0) + len(extra.get(key, ()))
+            if rows >= self.max_batch_size:
+                break
+            costs = {k: list(v) for k, v in extra.items()}
+            costs.setdefault(key, []).append(item.tokens)
+            total = sum(pool.cost(costs.get(k, ())) for k, pool in pools.items())
+            total += sum(len(v) * max(v) for k, v in costs.items() if k not in pools)
+            if self.token_budget and total > self.token_budget and (admitted or any(map(len, pools.values()))):
+                break
+            extra = costs
+            admitted.append((key, item))
+        chosen = {id(item) for _, item in admitted}
+        self._waiting = deque(item for item in self._waiting if id(item) not in chosen)
+        return admitted
+
+    def _deliver(self, finished: list[tuple[Work, Any]], started: dict[int, float]) -> None:
+        now = time.perf_counter()
+        for item, result in finished:
+            begun = started.pop(id(item), None)
+            if begun is not None:  # a row's lifetime stands for a batch's in the Retry-After estimate
+                self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * (now - begun)
+                self.batches += 1
+            try:
+                item.done(result)
+            except Exception:  # a broken callback must not stop the worker
+                log.exception("result callback failed")
+
+
+def _mixed_adapters(model: Any) -> bool:
+    """Whether rows of different adapters of ``model`` can share a forward pass (peft LoRA's ``adapter_names``)."""
+    config = getattr(model, "peft_config", None)
+    if not isinstance(config, dict) or not config:
+        return False
+    return all(getattr(c.peft_type, "value", c.peft_type) == "LORA" and not getattr(c, "use_dora", False)
+               for c in config.values())
+
+
+def _pool_key(served: Any) -> tuple:
+    """Rows with one key decode together: one per model, or per model and adapter when adapters cannot mix."""
+    return (id(served.model), None if _mixed_adapters(served.model) else served.adapter_name)
+
+
+def _pool_for(served: Any) -> Any:
+    from tuneforge.models.decoding import ContinuousBatch
+
+    mixed = _mixed_adapters(served.model)
+    return ContinuousBatch(served.model, mixed_adapters=mixed, activate=None if mixed else served.activate)
+
+
+def _add(pool: Any, items: list[Work]) -> list[tuple[Work, Any]]:
+    from tuneforge.models.decoding import Joining
+
+    return pool.add([Joining(item.row, item.served.tokenizer, item.served.template, item.served.adapter_name, item)
+                     for item in items])
 
 
 def _fitting(waiting: Sequence[Work], max_batch_size: int, token_budget: int | None = None) -> list[Work]:

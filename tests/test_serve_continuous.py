@@ -1,0 +1,232 @@
+"""Continuous batching (models.decoding.ContinuousBatch and the scheduler's continuous worker): rows join and leave at
+every step and still get exactly their unbatched answer (greedy tokens, seeded samples, stop strings, streamed text,
+log-probs); rows of different LoRA adapters share forward passes without changing each other's answers; a cached
+prefix changes no answer; a failed step is recovered row by row; a short request overtakes a long one."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tuneforge.models.sampling import GenerationSettings
+
+PROMPTS = ["The for statement", "A list is", "import", "Exceptions are raised when the",
+           "The with statement is used to wrap the execution of a block with methods defined by"]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_tokenizer):
+    import torch
+
+    from tests.helpers import tiny_from_config
+    from tuneforge.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_from_config("llama"), tiny_tokenizer).eval(), tiny_tokenizer
+
+
+def ids(tok, text):
+    return tok(text)["input_ids"]
+
+
+def run_staggered(batch, joinings, every: int = 2) -> dict:
+    """Feed ``joinings`` one every ``every`` steps; step until all ended; ``{handle: result}``."""
+    results, pending, step = {}, list(joinings), 0
+    while pending or len(batch):
+        if pending and step % every == 0:
+            results.update(batch.add([pending.pop(0)]))
+        results.update(batch.step())
+        step += 1
+    return results
+
+
+def alone(model, tok, row_ids, settings, **row_kwargs):
+    from tuneforge.models.decoding import DecodeRow, decode_rows
+
+    return decode_rows(model, tok, None, [DecodeRow(row_ids, settings, **row_kwargs)])[0]
+
+
+def test_rows_joining_and_leaving_get_their_unbatched_answers(lm):
+    from tuneforge.models.decoding import ContinuousBatch, DecodeRow, Joining
+
+    model, tok = lm
+    settings = [GenerationSettings(max_new_tokens=b) for b in (20, 6, 30, 12)]
+    settings.append(GenerationSettings(max_new_tokens=15, temperature=1.3, top_k=40, top_p=0.9, seed=5))
+    free = alone(model, tok, ids(tok, PROMPTS[1]), GenerationSettings(max_new_tokens=16))
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 2]
+    settings[1] = GenerationSettings(max_new_tokens=16, stop=(stop,))
+    events: dict[int, list[str]] = {i: [] for i in range(5)}
+    joinings = [Joining(DecodeRow(ids(tok, p), s, top_logprobs=2, on_event=lambda e, i=i: events[i].append(e.text)),
+                        tok, None, None, i) for i, (p, s) in enumerate(zip(PROMPTS, settings, strict=True))]
+    batch = ContinuousBatch(model, prefix_entries=0)
+    widths = []
+    original_step = batch.step
+
+    def step():
+        widths.append((len(batch), batch.mask.shape[1] if batch.mask is not None else 0))
+        return original_step()
+
+    batch.step = step
+    got = run_staggered(batch, joinings)
+    for i, (prompt, s) in enumerate(zip(PROMPTS, settings, strict=True)):
+        want = alone(model, tok, ids(tok, prompt), s, top_logprobs=2)
+        assert got[i].token_ids == want.token_ids and got[i].text == want.text, i
+        assert got[i].finish_reason == want.finish_reason
+        assert "".join(events[i]) == got[i].text
+        for a, b in zip(got[i].logprobs, want.logprobs, strict=True):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+    assert got[1].finish_reason == "stop" and got[1].text == free.text[:free.text.index(stop)]
+    assert max(rows for rows, _ in widths) >= 3  # rows really ran together
+    assert len(batch) == 0 and batch.cache is None  # every slot freed
+
+
+def test_finished_rows_leave_at_once_and_their_columns_are_trimmed(lm):
+    from tuneforge.models.decoding import ContinuousBatch, DecodeRow, Joining
+
+    model, tok = lm
+    batch = ContinuousBatch(model, prefix_entries=0)
+    long_prompt = ids(tok, PROMPTS[4] * 3)
+    batch.add([Joining(DecodeRow(long_prompt, GenerationSettings(max_new_tokens=3)), tok, None, None, "long"),
+               Joining(DecodeRow(ids(tok, PROMPTS[2]), GenerationSettings(max_new_tokens=30)), tok, None, None, "s")])
+    assert len(batch) == 2 and batch.mask.shape[1] == len(long_prompt)
+    done = []
+    while len(batch) == 2:
+        done += batch.step()
+    assert [h for h, _ in done] == ["long"]
+    # the remaining row's cache is as wide as its own tokens: the long prompt's columns are gone
+    (slot,) = batch.slots
+    assert batch.mask.shape[1] == slot.length == len(ids(tok, PROMPTS[2])) + 2 and bool(batch.mask.all())
+
+
+def test_a_cancelled_row_leaves_at_the_next_step(lm):
+    from tuneforge.models.decoding import ContinuousBatch, DecodeRow, Joining
+
+    model, tok = lm
+    batch = ContinuousBatch(model)
+    row = DecodeRow(ids(tok, PROMPTS[0]), GenerationSettings(max_new_tokens=50))
+    batch.add([Joining(row, tok, None, None, "x")])
+    batch.step()
+    row.cancelled.set()
+    (handle, result), = batch.step()
+    assert handle == "x" and result.finish_reason == "cancelled" and len(batch) == 0
+
+
+def test_a_cached_prefix_changes_no_answer(lm):
+    from tuneforge.models.decoding import ContinuousBatch, DecodeRow, Joining
+
+    model, tok = lm
+    system = ids(tok, PROMPTS[4] + " " + PROMPTS[3])
+    prompts = [system + ids(tok, " " + p) for p in PROMPTS[:4]]
+    settings = GenerationSettings(max_new_tokens=12)
+    batch = ContinuousBatch(model, prefix_entries=4, min_prefix=8)
+    got = run_staggered(batch, [Joining(DecodeRow(p, settings), tok, None, None, i) for i, p in enumerate(prompts)],
+                        every=3)
+    assert batch.prefix_hits >= 3  # every prompt after the first reused the shared part
+    for i, p in enumerate(prompts):
+        assert got[i].token_ids == alone(model, tok, p, settings).token_ids
+
+
+def test_a_failed_step_is_recovered_row_by_row(lm):
+    from tuneforge.models.decoding import ContinuousBatch, DecodeRow, Joining
+
+    model, tok = lm
+    failed = []
+
+    def fail_once(module, args, kwargs):
+        step = kwargs["input_ids"]
+        if not failed and step.shape == (3, 1):  # the first decoding step of all three rows
+            failed.append(1)
+            raise RuntimeError("simulated out of memory")
+
+    handle = model.register_forward_pre_hook(fail_once, with_kwargs=True)
+    try:
+        settings = GenerationSettings(max_new_tokens=10)
+        batch = ContinuousBatch(model, prefix_entries=0)
+        got = run_staggered(batch, [Joining(DecodeRow(ids(tok, p), settings), tok, None, None, i)
+                                    for i, p in enumerate(PROMPTS[:3])], every=1)
+    finally:
+        handle.remove()
+    assert failed
+    for i, p in enumerate(PROMPTS[:3]):
+        assert got[i].token_ids == alone(model, tok, ids(tok, p), settings).token_ids
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_tokenizer):
+    """One peft model holding two LoRA adapters of one base (as serve loads runs of one base)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import make_adapter
+    from tests.helpers_serve import tiny_base
+
+    root = tmp_path_factory.mktemp("mixed")
+    base = tiny_base(root / "base", tiny_tokenizer)
+    a = make_adapter(base, root / "a", seed=1, scale=8.0, target_modules=("q_proj", "v_proj", "down_proj"))
+    b = make_adapter(base, root / "b", seed=2, scale=8.0, target_modules=("q_proj", "v_proj", "down_proj"))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(a),
+                                      adapter_name="a")
+    model.load_adapter(str(b), adapter_name="b")
+    return model.eval(), tiny_tokenizer
+
+
+def test_rows_of_different_adapters_share_forward_passes_and_keep_their_answers(adapters):
+    from tuneforge.models.decoding import ContinuousBatch, DecodeRow, Joining
+
+    model, tok = adapters
+    settings = GenerationSettings(max_new_tokens=12)
+    expected = {}
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        expected[name] = [alone(model, tok, ids(tok, p), settings).token_ids for p in PROMPTS[:4]]
+    assert expected["a"] != expected["b"]  # the adapters really answer differently
+    forwards = []
+    handle = model.get_base_model().register_forward_pre_hook(lambda *a: forwards.append(1))
+    try:
+        model.set_adapter("a")  # the active adapter must not matter: every row names its own
+        batch = ContinuousBatch(model, mixed_adapters=True, prefix_entries=0)
+        mix = [Joining(DecodeRow(ids(tok, p), settings), tok, None, name, (name, i))
+               for i, p in enumerate(PROMPTS[:4]) for name in ("a", "b")]
+        got = run_staggered(batch, mix, every=1)
+    finally:
+        handle.remove()
+    for (name, i), result in got.items():
+        assert result.token_ids == expected[name][i], (name, i)
+    assert len(forwards) < 8 * 12 / 2  # 8 rows of 12 tokens: far fewer passes than one row at a time
+
+
+def test_scheduler_lets_a_short_request_overtake_a_long_one(lm):
+    """A 4-token request sent while a 200-token one runs ends long before it (dynamic batching made it wait)."""
+    from types import SimpleNamespace
+
+    from tuneforge.models.decoding import DecodeRow
+    from tuneforge.serve.scheduler import Scheduler, Work
+
+    model, tok = lm
+    served = SimpleNamespace(model=model, adapter_name=None, tokenizer=tok, template=None, context_length=256,
+                             activate=lambda: None)
+    scheduler = Scheduler(max_batch_size=8, max_queue=8)
+    ended: dict[str, float] = {}
+    both = threading.Event()
+
+    def done(name):
+        def record(result):
+            ended[name] = time.monotonic()
+            if len(ended) == 2:
+                both.set()
+        return record
+
+    never = GenerationSettings(max_new_tokens=200, stop=())
+    try:
+        long_row = DecodeRow(ids(tok, PROMPTS[0]), never)
+        scheduler.submit([Work(served, done("long"), row=long_row)])
+        time.sleep(0.3)
+        scheduler.submit([Work(served, done("short"), row=DecodeRow(ids(tok, PROMPTS[1]),
+                                                                    GenerationSettings(max_new_tokens=4)))])
+        assert both.wait(120)
+    finally:
+        scheduler.close()
+    assert ended["short"] < ended["long"]
