@@ -304,3 +304,24 @@ def test_per_task_parents_and_search_studies_are_listed_with_their_runs(client, 
     assert "search.html" in studies[0]["files"]
     assert "plots" in client.get("/study/file", params={"id": "lr-study", "name": "search.html"}).text
     assert client.get("/study/file", params={"id": "lr-study", "name": "study.db"}).status_code == 400
+
+
+@pytest.mark.slow  # a real `tuneforge train` process (imports torch, then fails on the missing model)
+def test_start_lists_the_run_while_it_starts_and_a_failed_start_keeps_its_job_log(client, runs, tmp_path):
+    data = tmp_path / "data"
+    body = {"values": {"run_name": "nomodel", "model.name_or_path": str(data / "no-such-model"),
+                       "data.train": str(data / "train.jsonl"), "train.max_steps": "2"},
+            "widgets": {"data.train": "list"}}
+    started = client.post("/api/start", json=body)
+    assert started.status_code == 200, started.text
+    job = started.json()["job"]
+    assert job["command"].startswith("tuneforge train ") and Path(job["argv"][-1]).is_file()
+    rows = {r["id"]: r for r in client.get("/api/runs").json()["runs"]}
+    assert rows["nomodel"]["status"] in ("starting", "running") and rows["nomodel"]["job"] == job["id"]
+    deadline = time.time() + 120
+    while time.time() < deadline and client.get("/api/job", params={"id": job["id"]}).json()["returncode"] is None:
+        time.sleep(0.5)
+    record = client.get("/api/job", params={"id": job["id"]}).json()
+    assert record["returncode"] == 2 and "no-such-model" in record["log_tail"]  # the CLI's UserError, exit 2
+    rows = {r["id"]: r for r in client.get("/api/runs").json()["runs"]}
+    assert rows["nomodel"]["status"] == "failed"

@@ -57,6 +57,7 @@ class RunInfo:
     has_report: bool = False
     resumable: bool = False
     children: list[str] = field(default_factory=list)
+    job: str | None = None       # the UI job starting it, while no run directory exists yet
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -313,7 +314,8 @@ def list_runs(runs_dir: Path, jobs: list[dict] | None = None) -> list[RunInfo]:
             rel = Path(run_dir).resolve().relative_to(runs_dir.resolve()).as_posix() \
                 if Path(run_dir).resolve().is_relative_to(runs_dir.resolve()) else name
             rows.append(RunInfo(id=rel, name=name, status="starting" if alive else "failed", pid=job.get("pid"),
-                                updated=job.get("started"), stage=job.get("stage"), method=job.get("method")))
+                                updated=job.get("started"), stage=job.get("stage"), method=job.get("method"),
+                                job=job.get("id")))
     return rows
 
 

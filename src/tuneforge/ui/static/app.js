@@ -93,7 +93,7 @@
         return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1);
       });
       body.replaceChildren(...sorted.map(r => h("tr", {"data-run": r.id, "data-status": r.status},
-        h("td", {}, r.kind === "study" ? h("a", {href: "/search", text: r.id}) : h("a", {href: "/run?id=" + encodeURIComponent(r.id), text: r.id}),
+        h("td", {}, r.kind === "study" ? h("a", {href: "/search", text: r.id}) : r.job ? h("a", {href: "/jobs?id=" + encodeURIComponent(r.job), text: r.id}) : h("a", {href: "/run?id=" + encodeURIComponent(r.id), text: r.id}),
           r.kind !== "run" ? h("span", {class: "muted small", text: " " + r.kind}) : ""),
         h("td", {text: r.stage || ""}), h("td", {text: r.method || ""}), h("td", {text: r.base || ""}),
         h("td", {}, badge(r.status)),
