@@ -212,11 +212,8 @@ def encode_chat_samples(record: dict, tokenizer: Any, template: Any, max_length:
     if not turns:  # nothing to supervise: one unsupervised sample, which the caller counts as dropped
         return [_sample(full, ids, offsets, [IGNORE] * len(ids), max_length, "none", [], 0, False)]
     if shared:
-        labels = [IGNORE] * len(ids)
         spans = [(len(t.prompt), len(t.prompt) + len(t.answer)) for t in shared]
-        for k, (token, off) in enumerate(zip(ids, offsets, strict=True)):
-            if _overlaps(off, spans):
-                labels[k] = token
+        labels = _span_labels(ids, offsets, spans)
         rule = "+".join(dict.fromkeys(t.rule for t in shared))
         samples.append(_sample(full, ids, offsets, labels, max_length, rule, [t.index for t in shared], 0,
                                any(t.stop_appended for t in shared)))
@@ -330,6 +327,21 @@ def supervised_spans(messages: list[dict], template: Any, tokenizer: Any = None)
     """The whole rendered conversation and the character spans of the turns trained inside it."""
     full, turns = plan_turns(messages, template, tokenizer)
     return full, [(len(t.prompt), len(t.prompt) + len(t.answer)) for t in turns if t.shared]
+
+
+def _span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """``ids`` where the token overlaps a span (:func:`_overlaps`, vectorised), -100 elsewhere."""
+    import numpy as np
+
+    if not ids:
+        return []
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    start, end = off[:, 0], off[:, 1]
+    wide = end > start
+    hit = np.zeros(len(ids), dtype=bool)
+    for s, e in spans:
+        hit |= np.where(wide, (start < e) & (end > s), (s <= start) & (start < e))
+    return np.where(hit, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
 
 
 def _overlaps(offset: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
