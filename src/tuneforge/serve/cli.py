@@ -53,6 +53,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="most generations waiting; beyond it requests get 429 with Retry-After (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", choices=("tuneforge", "vllm", "sglang"), default="tuneforge",
+                   help="tuneforge (default) or start vLLM / SGLang's OpenAI server for the runs (base + LoRA modules, "
+                   "the run's chat template, stop tokens, generation defaults, the same model names; needs the "
+                   "engine installed and a GPU)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --engine vllm|sglang: print the engine's command and exit (works without a GPU)")
+    p.add_argument("--check-engine", metavar="URL", default=None,
+                   help="send the same chat prompts to the engine at URL and to tuneforge's decoding (greedy) and "
+                   "report their token-level agreement; exits 1 when an answer differs")
+    p.add_argument("--check-max-tokens", type=int, default=32, help="tokens per answer for --check-engine")
     p.set_defaults(func=serve_command)
 
     p = sub.add_parser("chat", help="interactive terminal chat with a run (streamed; /reset, /exit)")
@@ -113,6 +123,10 @@ def serve_command(args: argparse.Namespace) -> int:
     if not 0 <= args.default_temperature <= 2:
         raise UserError(f"--default-temperature must be between 0 and 2, got {args.default_temperature}")
     api_key = read_api_key(args)
+    if args.check_engine:
+        return check_engine_command(args, api_key)
+    if args.engine != "tuneforge":
+        return other_engine_command(args, api_key)
     try:
         import uvicorn
 
@@ -142,6 +156,40 @@ def serve_command(args: argparse.Namespace) -> int:
     finally:
         engine.scheduler.close()
     return 0
+
+
+def other_engine_command(args: argparse.Namespace, api_key: str | None) -> int:
+    """``serve --engine vllm|sglang``: print the command (``--dry-run``) or start the engine (GPU and engine needed)."""
+    import tempfile
+
+    from tuneforge.errors import UserError
+    from tuneforge.serve.engines import describe, engine_available, engine_command, launch
+
+    if args.batching != "continuous" or args.token_budget is not None:
+        log.warning("--batching and --token-budget apply to tuneforge's own engine; %s schedules itself", args.engine)
+    problem = None if args.dry_run else engine_available(args.engine)
+    if problem:
+        raise UserError(f"--engine {args.engine} cannot run on this machine: {problem}. Serve with tuneforge's own "
+                        f"engine (leave out --engine), or see the command with --dry-run")
+    workdir = tempfile.mkdtemp(prefix=f"tuneforge-{args.engine}-")
+    launch_spec = engine_command(args.engine, args.runs, host=args.host, port=args.port, api_key=api_key,
+                                 workdir=workdir, default_max_tokens=args.default_max_tokens,
+                                 default_temperature=args.default_temperature)
+    print(describe(launch_spec))
+    if args.dry_run:
+        return 0
+    return launch(launch_spec)
+
+
+def check_engine_command(args: argparse.Namespace, api_key: str | None) -> int:
+    """``serve RUN --check-engine URL``: token-level agreement of greedy answers, engine vs tuneforge."""
+    from tuneforge.serve.engines import agreement_report, check_engine
+
+    _positive(args.check_max_tokens, "--check-max-tokens")
+    results = check_engine(args.check_engine, args.runs, max_tokens=args.check_max_tokens, api_key=api_key,
+                           device=args.device)
+    print(agreement_report(results))
+    return 0 if all(r.identical for r in results) else 1
 
 
 def chat_command(args: argparse.Namespace) -> int:
