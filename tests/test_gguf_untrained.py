@@ -153,3 +153,37 @@ def test_data_preview_reports_untrained_rows(tiny_llama, tiny_tokenizer, tmp_pat
     assert run_preview(str(tmp_path / "run.yaml"), n=1, out=out) == 0
     assert "untrained chat-template token row: '<|im_end|>'" in out.getvalue()
     assert "model.untrained_tokens: train" in out.getvalue()
+
+
+def test_training_trains_untrained_rows_and_refuse_stops_before_the_run(tiny_llama, tiny_tokenizer, tmp_path):
+    """Through the train front door: the zeroed <|im_end|> row moves under LoRA (and loads back); refuse writes
+    nothing; the run records what it found."""
+    import json
+
+    import torch
+
+    from tests.helpers import save_base, tiny_run_config, write_chat_items
+    from tuneforge.config import validate_config
+    from tuneforge.console import silenced
+    from tuneforge.models.reference import load_for_inference
+    from tuneforge.train import train
+
+    (end,) = _ids(tiny_tokenizer, "<|im_end|>")
+    with torch.no_grad():
+        tiny_llama.get_input_embeddings().weight[end] = 0.0
+    base = save_base(tiny_llama, tiny_tokenizer, tmp_path / "base")
+    write_chat_items(tmp_path, 16, seed=0)
+    raw = tiny_run_config(tmp_path / "run", tmp_path / "train.jsonl", train={"max_steps": 4, "batch_size": 4,
+                                                                              "lr": 1e-2, "report_to": ["none"]})
+    raw["model"] = {"name_or_path": str(base), "untrained_tokens": "refuse"}
+    with pytest.raises(UserError, match="untrained embedding rows: '<\\|im_end\\|>'"):
+        train(validate_config(raw))
+    assert not (tmp_path / "run").exists()
+
+    raw["model"]["untrained_tokens"] = "train"
+    with silenced():
+        train(validate_config(raw))
+    manifest = json.loads((tmp_path / "run" / "tuneforge_run.json").read_text())
+    assert [t["token"] for t in manifest["untrained_tokens"]] == ["<|im_end|>"]
+    loaded = load_for_inference(tmp_path / "run", device="cpu", dtype=torch.float32)
+    assert float(loaded.model.get_input_embeddings()(torch.tensor([end])).norm()) > 0  # the row trained

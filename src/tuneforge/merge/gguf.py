@@ -84,7 +84,7 @@ _QWEN2_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+
 
 
 def export_gguf(path: str | Path, out: str | Path, *, quantize: str = "q8_0", force: bool = False,
-                base: str | None = None, echo=print) -> dict:
+                base: str | None = None, echo=None) -> dict:
     """Merge (for adapters), write one GGUF + ``Modelfile`` + ``README.md`` into ``out`` and gate it.
 
     Args:
@@ -92,7 +92,7 @@ def export_gguf(path: str | Path, out: str | Path, *, quantize: str = "q8_0", fo
         out: the output directory; replaced (only with ``force``) once the new export passed the gate.
         quantize: ``f16``, ``bf16``, ``q8_0`` or ``q4_0``.
         base: an adapter's base instead of the recorded one.
-        echo: where progress lines go.
+        echo: where progress lines go (default :func:`tuneforge.console.say`).
 
     Returns:
         The gate report (also written to ``out/export_report.json``): ``file``, ``quantize``, ``sha256``,
@@ -105,10 +105,12 @@ def export_gguf(path: str | Path, out: str | Path, *, quantize: str = "q8_0", fo
     """
     import torch
 
+    from tuneforge.console import say
     from tuneforge.merge.lora import check_mergeable, load_base_and_adapter, local_ref
     from tuneforge.models.reference import load_for_inference
     from tuneforge.utils import atomic_dir, atomic_write_json, prepare_output
 
+    echo = echo or say
     if quantize not in QUANT_TYPES:
         raise UserError(f"--quantize {quantize!r}: for --format gguf choose one of {', '.join(QUANT_TYPES)}")
     started = time.perf_counter()
@@ -487,7 +489,7 @@ def sample_prompts(tokenizer: Any, template: Any) -> list[str]:
     return prompts
 
 
-def gate(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *, echo=print) -> dict:
+def gate(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *, echo=None) -> dict:
     """Reload ``file`` through transformers' GGUF loader and compare it with ``model``; raise unless it passes.
 
     Checks: identical token ids for every sample prompt, the same EOS id and end-of-turn ids, the same chat
@@ -500,8 +502,10 @@ def gate(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tuneforge.console import say
     from tuneforge.utils import sigterm_raises
 
+    echo = echo or say
     folder, name = str(file.parent), file.name
     with sigterm_raises():
         try:
