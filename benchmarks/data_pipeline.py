@@ -180,7 +180,7 @@ def arm_stream(data: Path, tok_dir: Path, work: Path) -> dict:
     from tuneforge.data.stream import build_streaming
 
     tok = _Tokenizer(tok_dir)
-    cfg = DataConfig(train=[str(data)], max_length=MAX_LENGTH, streaming=True)
+    cfg = DataConfig(train=[str(data)], max_length=MAX_LENGTH, streaming=True, shuffle_buffer=100)
     dataset = build_streaming(cfg, "pt", tok, None, 0).train
     rows = tokens = 0
     for row in dataset:  # one full pass: stop when the stream starts reading the corpus again
@@ -241,11 +241,30 @@ def spawn(arm: str, data: Path, tok: Path, work: Path, cap_mb: float | None = No
 # ----------------------------------------------------------------------------- main
 
 
+def stream_arms(args, work: Path, tok_dir: Path, pool: list[str]) -> dict:
+    """The streaming arm at 1x and 10x corpus, and the in-memory blocks of the 10x corpus, under the same cap."""
+    out: dict = {"cap_mb": args.stream_cap_mb}
+    for factor in (1, 10):
+        corpus = work / f"corpus-{factor}x.jsonl"
+        if not corpus.is_file():
+            write_corpus(corpus, args.stream_mb * factor, pool, seed=factor)
+        result = spawn("stream", corpus, tok_dir, work, cap_mb=args.stream_cap_mb)
+        out[f"{factor}x"] = result
+        print(json.dumps({"arm": f"stream {factor}x", **result}), flush=True)
+    result = spawn("inmemory_pt", work / "corpus-10x.jsonl", tok_dir, work, cap_mb=args.stream_cap_mb)
+    out["inmemory_10x"] = result
+    print(json.dumps({"arm": "in-memory pt blocks 10x, same cap", **result}), flush=True)
+    one, ten = out.get("1x", {}), out.get("10x", {})
+    if "peak_rss_mb" in one and "peak_rss_mb" in ten:
+        out["rss_growth_10x"] = round(ten["peak_rss_mb"] / one["peak_rss_mb"] - 1, 3)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000", help="record counts (comma-separated)")
     parser.add_argument("--inmemory-max", type=int, default=10000, help="largest size the in-memory arm runs at")
-    parser.add_argument("--stream-mb", type=float, default=6.0, help="the 1x streaming corpus (MB)")
+    parser.add_argument("--stream-mb", type=float, default=2.0, help="the 1x streaming corpus (MB)")
     parser.add_argument("--stream-cap-mb", type=float, default=128.0, help="RLIMIT_DATA of the streaming arms")
     parser.add_argument("--skip-stream", action="store_true")
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one)")
@@ -267,7 +286,10 @@ def main() -> int:
     report: dict = {"machine": cpu, "cores": os.cpu_count(), "tokenizer": tokenizer, "num_proc": NUM_PROC,
                     "max_length": MAX_LENGTH, "sizes": {}}
     print(json.dumps({k: v for k, v in report.items() if k != "sizes"}), flush=True)
-    for size in [int(s) for s in args.sizes.split(",") if s]:
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    for number, size in enumerate(sizes):
+        if number == 1 and not args.skip_stream:  # the streaming arm right after the first size (short)
+            report["stream"] = stream_arms(args, work, tok_dir, pool)
         folder = work / f"n{size}"
         folder.mkdir(exist_ok=True)
         data = folder / "alpaca.jsonl"
@@ -290,21 +312,8 @@ def main() -> int:
             ref = results["inmemory"]["supervised_tokens"]
             results["supervised_vs_inmemory"] = round(prep["supervised_tokens"] / ref - 1, 6)
         report["sizes"][size] = results
-    if not args.skip_stream:
-        report["stream"] = {"cap_mb": args.stream_cap_mb}
-        for factor in (1, 10):
-            corpus = work / f"corpus-{factor}x.jsonl"
-            if not corpus.is_file():
-                write_corpus(corpus, args.stream_mb * factor, pool, seed=factor)
-            result = spawn("stream", corpus, tok_dir, work, cap_mb=args.stream_cap_mb)
-            report["stream"][f"{factor}x"] = result
-            print(json.dumps({"arm": f"stream {factor}x", **result}), flush=True)
-        result = spawn("inmemory_pt", work / "corpus-10x.jsonl", tok_dir, work, cap_mb=args.stream_cap_mb)
-        report["stream"]["inmemory_10x"] = result
-        print(json.dumps({"arm": "in-memory pt blocks 10x, same cap", **result}), flush=True)
-        one, ten = report["stream"].get("1x", {}), report["stream"].get("10x", {})
-        if "peak_rss_mb" in one and "peak_rss_mb" in ten:
-            report["stream"]["rss_growth_10x"] = round(ten["peak_rss_mb"] / one["peak_rss_mb"] - 1, 3)
+    if len(sizes) < 2 and not args.skip_stream:
+        report["stream"] = stream_arms(args, work, tok_dir, pool)
     print(json.dumps(report, indent=1))
     return 0
 
