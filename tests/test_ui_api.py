@@ -325,3 +325,19 @@ def test_start_lists_the_run_while_it_starts_and_a_failed_start_keeps_its_job_lo
     assert record["returncode"] == 2 and "no-such-model" in record["log_tail"]  # the CLI's UserError, exit 2
     rows = {r["id"]: r for r in client.get("/api/runs").json()["runs"]}
     assert rows["nomodel"]["status"] == "failed"
+
+
+def test_concurrent_votes_are_all_kept(client, runs):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tuneforge.evaluate.abtest import make_items, write_sheet
+
+    folder = runs / ".tuneforge-ui" / "abtest" / "s2"
+    folder.mkdir(parents=True)
+    n = 12
+    items = make_items([f"q{i}" for i in range(n)], ["a"] * n, ["b"] * n, seed=1)
+    write_sheet(folder / "sheet.html", items, "A", "B", seed=1, generation={})
+    ids = [it["id"] for it in client.get("/api/abtest", params={"sheet": "s2"}).json()["items"]]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: client.post("/api/abtest/vote", json={"sheet": "s2", "item": i, "vote": "tie"}), ids))
+    assert client.get("/api/abtest/score", params={"sheet": "s2"}).json()["votes"] == n

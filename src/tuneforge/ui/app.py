@@ -7,6 +7,7 @@ chat goes through ``tuneforge serve`` (:mod:`tuneforge.ui.chat`).
 
 # no `from __future__ import annotations`: FastAPI reads the route annotations (Request) at runtime
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -318,6 +319,8 @@ def create_app(runs_dir: str | Path, *, data_roots: list[str | Path] = (), host:
                              extra={"sheet": sheet_id})
         return {"job": job, "sheet": sheet_id}
 
+    votes_lock = threading.Lock()
+
     def sheet_folder(sheet: str) -> Path:
         if not re.fullmatch(r"[\w-]+", sheet or ""):
             raise UserError(f"no A/B sheet {sheet!r}")
@@ -368,10 +371,11 @@ def create_app(runs_dir: str | Path, *, data_roots: list[str | Path] = (), host:
         if vote not in VOTES:
             raise UserError(f"vote must be one of {', '.join(VOTES)}")
         folder = sheet_folder(sheet)
-        votes = read_votes(folder)
-        votes[item] = vote
-        write_votes(folder / "votes.jsonl", [{"sheet_id": key["sheet_id"], "item": i, "vote": v, "rater": "ui"}
-                                             for i, v in votes.items()])
+        with votes_lock:  # quick clicks arrive as concurrent requests: no vote may overwrite another
+            votes = read_votes(folder)
+            votes[item] = vote
+            write_votes(folder / "votes.jsonl", [{"sheet_id": key["sheet_id"], "item": i, "vote": v, "rater": "ui"}
+                                                 for i, v in votes.items()])
         return {"voted": len(votes), "total": len(key["items"])}
 
     @app.get("/api/abtest/score")
