@@ -151,3 +151,19 @@ def test_eval_file_is_prepared_beside_the_stream(corpus, tiny_tokenizer, tmp_pat
     ref = build_in_memory(DataConfig(train=[corpus[1]], max_length=32, clean={"dedup": False}), "pt",
                           tiny_tokenizer, None, 0)
     assert list(bundle.eval) == ref.train and bundle.stats["eval_rows"] == len(ref.train)
+
+
+def test_data_preview_of_a_streaming_run_reads_only_the_head(corpus, tmp_path, capsys):
+    import yaml
+
+    from tuneforge.cli import main
+
+    config = {"run_name": "p", "stage": "pt",
+              "model": {"from_config": {"architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                                        "vocab_size": 400}},
+              "data": {"train": corpus, "max_length": 32, "streaming": True}, "train": {"max_steps": 5}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["data", "preview", str(path), "-n", "2", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(rows) == 2 and all(len(r["input_ids"]) == 32 and r["labels"] == r["input_ids"] for r in rows)

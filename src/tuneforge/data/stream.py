@@ -84,7 +84,21 @@ def build_streaming(data_cfg: Any, stage: str, tokenizer: Any, template: Any, se
         prepared = prepare(eval_cfg, "pt", tokenizer, template, seed, batch_size=batch_size)
         evaluation = prepared.train
         stats["eval_rows"] = len(evaluation)
-    return DataBundle(train=train, eval=evaluation, stats=stats, packed=False)
+    bundle = DataBundle(train=train, eval=evaluation, stats=stats, packed=False)
+    bundle.records = _Head(train)  # data preview: the first documents, never the whole corpus
+    return bundle
+
+
+class _Head:
+    """``records[:n]``: the stream's first ``n`` documents."""
+
+    def __init__(self, stream: StreamingBlocks):
+        self.stream = stream
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice) or index.stop is None:
+            raise TypeError("only records[:n] is available for a stream")
+        return self.stream.head_records(index.stop)[index]
 
 
 def _sources(spec) -> list[str]:
@@ -155,6 +169,26 @@ class StreamingBlocks(_base()):
                 "files": [str(f) for f in self.files], "start": start.to_dict() if start else None}
 
     # ------------------------------------------------------------------ iteration
+
+    def __getitem__(self, index):
+        """Only slices from the start (``data preview``: the first rows of the stream, in its shuffled order)."""
+        if not isinstance(index, slice) or index.start not in (None, 0) or index.stop is None:
+            raise TypeError("a stream is iterable only; stream[:n] gives its first n rows")
+        import itertools
+
+        fresh = StreamingBlocks(self.files, self.tokenizer, self.block, self.buffer, self.seed, self.fmt,
+                                self.separator, self.clean)
+        return list(itertools.islice(iter(fresh), index.stop))[index]
+
+    def head_records(self, n: int) -> list[dict]:
+        """The first ``n`` cleaned documents as text records (what ``data preview`` lists)."""
+        out: list[dict] = []
+        for f in self.files:
+            for text, _ in self._documents(f, 0):
+                out.append({"text": text, "source": str(f)})
+                if len(out) >= n:
+                    return out
+        return out
 
     def __iter__(self):
         window, skip = divmod(self.rows_done, self.buffer)
