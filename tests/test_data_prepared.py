@@ -356,3 +356,23 @@ def test_cli_data_prepare_builds_then_reuses(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad:
         main(["data", "prepare", str(path), "--bogus"])
     assert bad.value.code == 2
+
+
+def test_interrupted_build_publishes_nothing_and_the_next_one_builds(tmp_path, tiny_tokenizer, monkeypatch):
+    """In-process twin of the SIGKILL test (slow tier): Ctrl-C inside a build leaves no entry, no temp dir."""
+    from tuneforge.data.cache import Entry
+
+    f = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(12))
+    cfg = DataConfig(train=[str(f)], max_length=64, cache_dir=str(tmp_path / "cache"))
+
+    def interrupted(self, folder, meta):
+        assert (folder / "meta.json").exists() is False and any(folder.iterdir())  # files written, not published
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Entry, "publish", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, "sft", tiny_tokenizer, get_template("chatml"), 0)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.undo()
+    bundle = prepare(cfg, "sft", tiny_tokenizer, get_template("chatml"), 0)
+    assert list(bundle.train) == build_in_memory(cfg, "sft", tiny_tokenizer, get_template("chatml"), 0).train
