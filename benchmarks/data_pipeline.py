@@ -279,7 +279,10 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="tf-databench-"))
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = work / "tokenizer"
-    tokenizer = make_tokenizer(tok_dir)
+    described = work / "tokenizer.txt"
+    if not described.is_file():  # made once per working directory (a rerun reuses it)
+        described.write_text(make_tokenizer(tok_dir), encoding="utf-8")
+    tokenizer = described.read_text(encoding="utf-8")
     pool = sentences()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "?")
