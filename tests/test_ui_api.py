@@ -107,11 +107,15 @@ def test_run_page_shows_warnings_config_and_eval_results(client, runs):
     with open(run / "metrics.jsonl", "a") as handle:
         handle.write(json.dumps({"event": "warning", "step": 3, "kind": "loss_spike", "message": "loss jumped",
                                  "advice": "lower train.lr"}) + "\n")
-    (run / "eval_results.json").write_text(json.dumps([{"data": "e.jsonl", "metrics": {"ppl": 3.2}}]))
+    (run / "eval_results.json").write_text(json.dumps([{"model": str(run), "ppl": 3.2, "data": "e.jsonl",
+                                                        "metrics": ["ppl"], "time": "2026-12-07 01:00:00"}]))
     detail = client.get("/api/run", params={"id": "w"}).json()
     assert detail["warnings"][0]["advice"] == "lower train.lr"
     assert "run_name: w" in detail["config"]
-    assert detail["eval_results"][0]["metrics"]["ppl"] == 3.2
+    assert detail["eval_results"][0]["ppl"] == 3.2
+    # Evaluate without a file: the run's data.eval, or a message naming the field
+    refused = client.post("/api/run/eval", json={"id": "w"})
+    assert refused.status_code == 400 and "Eval data" in refused.json()["error"]
     assert client.get("/api/run", params={"id": "../etc"}).status_code == 400
 
 

@@ -1,8 +1,9 @@
 """`tuneforge ui` end to end in a real browser: Playwright driving Debian's Chromium (no browser download).
 
 Covers: runs listed and sortable; a live run's curve growing without a reload; a run started from the new-run form
-appearing and finishing; chat answering side by side (run and its base, through `tuneforge serve`); blind A/B votes
-scored; an export finishing with its parity figures. Screenshots are written to ``$TUNEFORGE_UI_SCREENSHOTS`` (the
+appearing and finishing; chat answering side by side (run and its base, through `tuneforge serve`); runs evaluated
+on a data file from Compare (saved to the run like `tuneforge eval`); blind A/B votes scored; an export finishing
+with its parity figures. Screenshots are written to ``$TUNEFORGE_UI_SCREENSHOTS`` (the
 README's come from there) or to a pytest temporary directory, printed at the end.
 
 Skips with the reason when chromium or playwright is missing (scripts/setup.sh installs both).
@@ -213,6 +214,22 @@ def test_chat_answers_side_by_side(form_run, ui, page, shots):
     # the random base never learned to stop: it streams up to max tokens (the 12-step run may end its turn at once)
     assert streamed["b"] > 0
     page.screenshot(path=shots / "ui-chat.png")
+
+
+def test_compare_evaluates_runs_and_saves_like_tuneforge_eval(form_run, ui, page, shots):
+    page.goto(ui["url"] + "/compare")
+    page.get_by_label(f"{form_run} (tuned)").check()
+    page.get_by_label("Data file").fill(str(ui["data"] / "prompts.jsonl"))
+    page.get_by_label("Metrics").fill("ppl")
+    page.get_by_role("button", name="Evaluate").click()
+    results = page.get_by_role("table", name="Eval results")
+    sync_api.expect(results).to_be_visible(timeout=TIMEOUT_MS)
+    sync_api.expect(results.locator("th", has_text="ppl")).to_have_count(1)
+    saved = json.loads((ui["runs"] / form_run / "eval_results.json").read_text())
+    assert saved[-1]["ppl"] > 1 and saved[-1]["data"].endswith("prompts.jsonl")  # appended like `tuneforge eval`
+    page.goto(ui["url"] + f"/run?id={form_run}")
+    sync_api.expect(page.locator("#evals")).to_contain_text("prompts.jsonl")
+    page.screenshot(path=shots / "ui-compare-eval.png", full_page=True)
 
 
 def test_blind_ab_votes_are_scored(form_run, ui, page, shots):

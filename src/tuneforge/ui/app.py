@@ -157,7 +157,10 @@ def create_app(runs_dir: str | Path, *, data_roots: list[str | Path] = (), host:
     @app.post("/api/run/eval")
     def api_run_eval(body: dict):
         path = run_dir_of(body.get("id", ""))
-        return {"job": start_eval([path], body.get("data") or "", body.get("metrics") or "ppl", body.get("limit"))}
+        data = body.get("data") or ((read_yaml(path / RUN_CONFIG) or {}).get("data") or {}).get("eval")
+        if not data:
+            raise UserError("Eval data: give a data file (the run has no data.eval)")
+        return {"job": start_eval([path], str(data), body.get("metrics") or "ppl", body.get("limit"))}
 
     @app.post("/api/run/report")
     def api_write_report(body: dict):

@@ -50,6 +50,8 @@
     })))));
     return t;
   }
+  // the numeric result columns of eval rows ({"model", "ppl", "exact", ..., "metrics": [names], "time"})
+  function numericKeys(rows) { return [...new Set(rows.flatMap(r => Object.keys(r).filter(k => typeof r[k] === "number")))]; }
   function poll(fn, ms) { let stop = false; (async function loop() { while (!stop) { try { await fn(); } catch (e) { console.error(e); } await new Promise(r => setTimeout(r, ms)); } })(); return () => { stop = true; }; }
   async function options(select, withNone) {
     const data = await api("/api/targets");
@@ -160,9 +162,8 @@
         : [h("p", {class: "muted", text: "none"})]));
       const evals = Array.isArray(d.eval_results) ? d.eval_results : (d.eval_results && d.eval_results.results) || [];
       if (evals.length) {
-        const keys = [...new Set(evals.flatMap(e => Object.keys(e.metrics || e).filter(k => typeof (e.metrics || e)[k] === "number")))].slice(0, 8);
-        $("#evals").replaceChildren(table(evals.map(e => ({...(e.metrics || e), data: e.data || e.dataset || "", when: e.time || e.created || ""})),
-          [["data", "data"], ...keys.map(k => [k, k])], "Eval results"));
+        const keys = numericKeys(evals).slice(0, 8);
+        $("#evals").replaceChildren(table(evals, [["time", "when"], [e => (e.data || "").split("/").pop(), "data"], ...keys.map(k => [k, k])], "Eval results"));
       }
       $("#run-jobs").replaceChildren(...(d.jobs.length ? [table(d.jobs, [[j => h("a", {href: "/jobs?id=" + j.id, text: j.title}), "job"], [j => badge(j.state), "state"], [j => ago(j.started), "started"]], "Jobs")] : [h("p", {class: "muted", text: "none from this UI"})]));
     }
@@ -401,8 +402,7 @@
       jobBox($("#eval-job"), d.job, j => {
         if (!j.result) return;
         const rows = Array.isArray(j.result) ? j.result : j.result.results || [j.result];
-        const keys = [...new Set(rows.flatMap(r => Object.keys(r.metrics || r).filter(k => typeof (r.metrics || r)[k] === "number")))];
-        $("#eval-job").append(h("h3", {text: "Results"}), table(rows.map(r => ({model: r.model || r.name, ...(r.metrics || r)})), [["model", "model"], ...keys.map(k => [k, k])], "Eval results"));
+        $("#eval-job").append(h("h3", {text: "Results"}), table(rows, [["model", "model"], ...numericKeys(rows).map(k => [k, k])], "Eval results"));
       });
     });
     async function sheets(select) {
