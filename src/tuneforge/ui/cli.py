@@ -19,6 +19,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--data-root", action="append", default=[], metavar="DIR",
                    help="a directory whose files forms may use as data (repeatable; --runs is always allowed)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="another Host name the UI answers to (e.g. the name a reverse proxy forwards); a wildcard "
+                   "--host (0.0.0.0, ::) already allows this machine's host names and addresses")
     p.add_argument("--token-file", type=Path, default=None,
                    help=f"file holding the access token (or set {TOKEN_ENV}); required for a non-loopback --host, "
                    "generated and printed when missing")
@@ -59,9 +62,22 @@ def ui_command(args: argparse.Namespace) -> int:
             raise UserError(f"--data-root {root}: not a directory")
     loopback = is_loopback(args.host)
     token = read_token(args, loopback)
-    app = create_app(args.runs, data_roots=args.data_root, host=args.host, token=token)
+    hosts = tuple(args.allow_host) + (machine_names() if args.host in ("0.0.0.0", "::") else ())
+    app = create_app(args.runs, data_roots=args.data_root, host=args.host, token=token, extra_hosts=hosts)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown}:{args.port}/" + (f"?token={token}" if token else "")
     print(f"tuneforge ui on {url}  (runs: {Path(args.runs).resolve()})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def machine_names() -> tuple[str, ...]:
+    """This machine's host names and addresses (what a browser on the network puts in ``Host``)."""
+    import socket
+
+    names = {socket.gethostname(), socket.getfqdn()}
+    try:
+        names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    return tuple(sorted(n for n in names if n))
