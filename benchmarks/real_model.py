@@ -182,11 +182,11 @@ def export_arm(run_dir: str, work: Path, quantize: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=192)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--heldout-per-module", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--heldout-per-module", type=int, default=6)
     parser.add_argument("--train-per-module", type=int, default=60)
     parser.add_argument("--quant", default="f16,q8_0,q4_0")
     parser.add_argument("--skip-plain", action="store_true")
@@ -200,7 +200,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     gguf = fetch()
     train_file, test = write_data(work, args)
-    result: dict = {"machine": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    import torch
+
+    result: dict = {"machine": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_average": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     "model": gguf.name, "heldout": len(test), "config": vars(args)}
     started = time.perf_counter()
     from tuneforge.models.load import check_model_source
@@ -243,7 +246,8 @@ def save(result: dict, args) -> None:
 
 
 def table(r: dict) -> str:
-    lines = [f"machine: {r['machine']} ({r['cores']} cores), {r['date']}", "",
+    lines = [f"machine: {r['machine']} ({r['cores']} cores, torch threads {r['torch_threads']}, load average "
+             f"{r['load_average']:.1f} at start), {r['date']}", "",
              "| | held-out exact | contains |", "|---|---|---|",
              f"| base (GGUF Q4_1, dequantized) | {r['base']['exact']} | {r['base']['contains']} |",
              f"| tuned (LoRA, {r['tuneforge']['steps']} steps) | {r['tuned']['exact']} | {r['tuned']['contains']} |", "",
