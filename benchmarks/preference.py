@@ -9,10 +9,14 @@
    definition), and greedy exact match.
 3. GRPO (stage ``grpo``, LoRA, exact-match reward against the item's label) from the same merged model: mean reward
    per step (first vs last tenth) and held-out exact match after.
+4. A reward model (stage ``rm``, LoRA + a one-output score head on the merged model) on the DPO pairs: held-out
+   reward accuracy (pairs ranked by its score) against the merged model's own-likelihood ranking of the same pairs
+   (the "before" preference accuracy, measured in the same run), train accuracy first/last logged step, seconds.
 
 Prints one JSON object (also written to ``<out>/preference_results.json``).
 
     .venv/bin/python benchmarks/preference.py [--out runs/bench-preference] [--small] [--dpo-steps 120]
+                                              [--stages dpo,grpo,rm] [--rm-steps 120]
 """
 
 from __future__ import annotations
@@ -29,14 +33,13 @@ LORA = {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0,
 
 
 def pairs(items: list[dict], seed: int) -> list[dict]:
-    """One pair per item: the right label chosen, a random wrong label rejected."""
-    from tuneforge.data import builtin
-
+    """One pair per item: the right answer chosen, a random other answer of the task rejected."""
     rng = random.Random(seed)
+    labels = sorted({item["messages"][-1]["content"] for item in items})
     out = []
     for item in items:
         right = item["messages"][-1]["content"]
-        wrong = rng.choice([label for label in builtin.LABELS if label != right])
+        wrong = rng.choice([label for label in labels if label != right])
         out.append({"prompt": item["messages"][0]["content"], "chosen": right, "rejected": wrong})
     return out
 
@@ -61,7 +64,7 @@ def ensure_quickstart(out: Path, small: bool) -> Path:
         run_quickstart(quick, small=small)
     merged = out / "sft-merged"
     if not (merged / "config.json").is_file():
-        merge_lora(quick / "sft", merged, echo=lambda *_: None)
+        merge_lora(quick / "sft", merged)
     return merged
 
 
@@ -108,7 +111,11 @@ def main() -> None:
     parser.add_argument("--grpo-lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     parser.add_argument("--tag", default="", help="suffix of the dpo/grpo run names and results file")
+    parser.add_argument("--stages", default="dpo,grpo,rm", help="which stages to run (comma-separated)")
+    parser.add_argument("--rm-steps", type=int, default=120)
+    parser.add_argument("--rm-lr", type=float, default=5e-4)
     args = parser.parse_args()
+    stages = set(args.stages.split(","))
 
     from tuneforge.data.readers import read_records
 
@@ -123,7 +130,40 @@ def main() -> None:
     heldout_pairs = read_records(heldout_pairs_file)  # the readers the DPO stage uses
 
     result: dict = {"heldout_items": len(heldout), "model": str(merged)}
-    result["before"] = {"preference": accuracy(str(merged), heldout_pairs), "exact": exact(str(merged), heldout)}
+    result["before"] = {"preference": accuracy(str(merged), heldout_pairs)}
+    if stages & {"dpo", "grpo"}:
+        result["before"]["exact"] = exact(str(merged), heldout)
+    if "rm" in stages:
+        result["rm"] = reward_model(out, merged, heldout_pairs, args)
+    if "dpo" in stages:
+        dpo_stage(out, merged, heldout, heldout_pairs, args, result)
+    if "grpo" in stages:
+        grpo_stage(out, merged, train_items, heldout, args, result)
+    majority = max(sum(1 for it in heldout if it["label"] == label) for label in {it["label"] for it in heldout})
+    result["majority_class_exact"] = round(100 * majority / len(heldout), 2)
+    (out / f"preference_results{args.tag}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+def reward_model(out: Path, merged: Path, heldout_pairs: list[dict], args) -> dict:
+    """Stage rm on the DPO pairs: held-out reward accuracy (its score ranks each pair), train accuracy, time."""
+    rm = {
+        "run_name": "rm" + args.tag, "output_dir": str(out / ("rm" + args.tag)), "seed": 42, "stage": "rm",
+        "model": {"name_or_path": str(merged), "chat_template": "auto"},
+        "method": LORA,
+        "data": {"train": [str(out / "data" / "dpo_train.jsonl")], "max_length": 256},
+        "train": {"max_steps": args.rm_steps, "batch_size": 8, "lr": args.rm_lr, "warmup_steps": 5,
+                  "scheduler": "cosine", "logging_steps": 5, "report_to": ["none"]},
+    }
+    rm_dir = out / ("rm" + args.tag)
+    logs, seconds = run_stage(out, rm_dir.name, rm)
+    train_acc = [x["accuracy"] for x in logs if "accuracy" in x]
+    return {"steps": args.rm_steps, "lr": args.rm_lr, "seconds": seconds,
+            "train_accuracy_first_last": [train_acc[0], train_acc[-1]] if train_acc else None,
+            "after": {"reward_accuracy": accuracy(str(rm_dir), heldout_pairs)}}
+
+
+def dpo_stage(out: Path, merged: Path, heldout: list[dict], heldout_pairs: list[dict], args, result: dict) -> None:
 
     dpo = {
         "run_name": "dpo" + args.tag, "output_dir": str(out / ("dpo" + args.tag)), "seed": 42, "stage": "dpo",
@@ -145,6 +185,8 @@ def main() -> None:
                   "exact": exact(str(dpo_dir), heldout)},
     }
 
+
+def grpo_stage(out: Path, merged: Path, train_items: list[dict], heldout: list[dict], args, result: dict) -> None:
     prompts = [{"prompt": it["messages"][0]["content"], "answer": it["label"]} for it in train_items]
     write_jsonl(out / "data" / "grpo_prompts.jsonl", prompts)
     grpo = {
@@ -168,10 +210,6 @@ def main() -> None:
         "mean_reward_last_tenth": round(sum(rewards[-tenth:]) / tenth, 3),
         "after_exact": exact(str(grpo_dir), heldout),
     }
-    majority = max(sum(1 for it in heldout if it["label"] == label) for label in {it["label"] for it in heldout})
-    result["majority_class_exact"] = round(100 * majority / len(heldout), 2)
-    (out / f"preference_results{args.tag}.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
