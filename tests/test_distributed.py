@@ -274,7 +274,7 @@ def test_fsdp_config_and_trainer_arguments(tmp_path):
         "sharding": "shard_grad_op", "cpu_offload": True, "activation_checkpointing": True}}))
     two = distributed.World(rank=0, world_size=2, local_world_size=2)
     args = distributed.trainer_arguments(cfg, tmp_path, two, "cpu")
-    assert args["fsdp"] is True and args["ddp_backend"] == "gloo" and args["ddp_timeout"] == 1800
+    assert args["fsdp"] is True and args["ddp_backend"] == "gloo" and args["ddp_timeout"] == 600
     fsdp = args["fsdp_config"]
     assert fsdp["reshard_after_forward"] is False and fsdp["cpu_offload"] is True
     assert fsdp["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and fsdp["state_dict_type"] == "FULL_STATE_DICT"

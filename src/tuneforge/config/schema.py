@@ -396,14 +396,23 @@ class DistributedConfig(Strict):
 
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU")
-    timeout_minutes: float = Field(30, gt=0, description="how long a collective (all-reduce, barrier) may wait "
-                                                          "for the other ranks before the run fails")
+    timeout: float = Field(600, gt=0, description="seconds a collective (all-reduce, barrier) may wait for the "
+                           "other ranks; then every rank stops, naming the dead or stalled rank (the watchdog, "
+                           "docs/distributed.md)")
     connect_timeout_s: float = Field(120, gt=0, description="how long a node waits for the master address to "
                                                             "answer before it gives up")
     shutdown_timeout_s: int = Field(300, gt=0, description="after SIGTERM: seconds torchrun gives the ranks to "
                                                            "save their checkpoint before it kills them")
     fsdp: FsdpOptions = FsdpOptions()
     deepspeed: DeepSpeedOptions = DeepSpeedOptions()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _minutes(cls, raw):  # the key of old configs (and old runs' config.yaml): timeout_minutes → timeout (s)
+        if isinstance(raw, dict) and "timeout_minutes" in raw and "timeout" not in raw:
+            raw = {**raw}
+            raw["timeout"] = float(raw.pop("timeout_minutes")) * 60
+        return raw
 
     @model_validator(mode="after")
     def _options_match_strategy(self) -> DistributedConfig:

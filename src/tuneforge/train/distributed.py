@@ -37,6 +37,7 @@ from typing import Any
 
 from tuneforge.console import say
 from tuneforge.errors import UserError
+from tuneforge.train import watchdog
 
 #: environment variable naming a file where rank 0 leaves its exit code for the launcher
 STATUS_ENV = "TUNEFORGE_LAUNCH_STATUS"
@@ -254,7 +255,7 @@ def launch(plan: LaunchPlan, train_argv: list[str], cfg: Any) -> int:
     say(f"launch: {plan.nproc} process(es) on node {plan.node_rank} of {plan.nnodes} "
          f"(world size {plan.world_size}, strategy {dist.strategy})")
     status = Path(_status_file())
-    env = {**os.environ, STATUS_ENV: str(status)}
+    env = {**os.environ, STATUS_ENV: str(status), **watchdog.launch_env(cfg.output_dir or ".")}  # heartbeats
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, stated so it does not warn
     cmd = torchrun_command(plan, train_argv, dist.shutdown_timeout_s)
     proc = subprocess.Popen(cmd, env=env)
@@ -445,7 +446,7 @@ def trainer_arguments(cfg: Any, run_dir: Path, world_: World, device: str) -> di
         return {}
     dist = cfg.distributed
     backend = dist.backend if dist.backend != "auto" else ("gloo" if device == "cpu" else "nccl")
-    args: dict[str, Any] = {"ddp_backend": backend, "ddp_timeout": int(dist.timeout_minutes * 60)}
+    args: dict[str, Any] = {"ddp_backend": backend, "ddp_timeout": int(dist.timeout)}  # + watchdog.py on CPU
     if dist.strategy == "ddp":
         # Frozen base weights of adapter methods get no gradient; DDP must not wait for them.
         args["ddp_find_unused_parameters"] = False
@@ -652,8 +653,7 @@ def _torchrun_main(argv: list[str]) -> int:
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as exc:
-        failed = ", ".join(f"rank {f.rank} exit {f.exitcode}" for f in exc.failures.values())
-        print(f"torchrun: {failed}", file=sys.stderr)
+        print(watchdog.describe_failures(exc.failures), file=sys.stderr)  # + each rank's last heartbeat
         return 1
     except SignalException as exc:  # the ranks got the signal too and have stopped (after a checkpoint)
         print(f"torchrun: stopped by signal {int(exc.sigval)}", file=sys.stderr)

@@ -36,7 +36,7 @@ from tuneforge.models.reference import (
     RUN_STACK,
     RUN_SUMMARY,
 )
-from tuneforge.train import checkpoints, distributed, outputs, progressive, rundir
+from tuneforge.train import checkpoints, distributed, outputs, progressive, rundir, watchdog
 from tuneforge.train import trainer as trainers
 from tuneforge.train.results import TrainingInterrupted, TrainingStopped, TrainResult
 from tuneforge.utils import atomic_write_json, atomic_write_text, gc_frozen
@@ -452,7 +452,7 @@ def fit(setup: Setup, callbacks: list | None, stop: rundir.SigtermStop, start: A
         say(f"overwrite: the previous run is kept at {start.aside} until this one has finished")
     started = time.time()
     resume_from = str(setup.resume_from) if setup.resume_from else None
-    with stop.training(), gc_frozen():
+    with stop.training(), gc_frozen(), watchdog.watching(trainer, setup, distributed.report_status):
         output = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.time() - started
     _check_outcome(setup, trainer, monitor, stop)
