@@ -161,18 +161,23 @@ def plain_arm(cfg_dict: dict, args) -> dict:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         real += sum(len(r["input_ids"]) for r in batch)
-        losses.append(float(loss))
+        losses.append(loss.item())
     runtime = time.perf_counter() - started
     return {"runtime_s": round(runtime, 1), "steps": args.steps, "real_tokens": real,
             "real_tokens_per_s": round(real / runtime, 1), "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 def export_arm(run_dir: str, work: Path, quantize: str) -> dict:
+    from tuneforge.errors import UserError
     from tuneforge.merge.gguf import export_gguf
 
     lines: list[str] = []
     started = time.perf_counter()
-    report = export_gguf(run_dir, work / f"gguf-{quantize}", quantize=quantize, echo=lines.append)
+    try:
+        report = export_gguf(run_dir, work / f"gguf-{quantize}", quantize=quantize, echo=lines.append)
+    except UserError as exc:  # a failed gate is a figure too
+        return {"quantize": quantize, "seconds": round(time.perf_counter() - started, 1), "failed": str(exc),
+                "gate": [line for line in lines if line.startswith("gate ")]}
     return {"quantize": quantize, "seconds": round(time.perf_counter() - started, 1),
             "mb": round(report["bytes"] / 1e6, 1), "agreement": round(report["agreement"], 4),
             "positions": report["positions"], "logit_max_diff": round(report["logit_max_diff"], 4),
@@ -261,6 +266,9 @@ def table(r: dict) -> str:
         lines.append(f"\ntuneforge / plain real tokens/s: {r['speed_ratio']}")
     lines += ["", "| export | seconds | MB | greedy agreement | logit max err | logit mean err |", "|---|---|---|---|---|---|"]
     for e in r["exports"]:
+        if e.get("failed"):
+            lines.append(f"| {e['quantize']} | {e['seconds']} | – | gate failed: {' '.join(e['gate'])} | | |")
+            continue
         lines.append(f"| {e['quantize']} | {e['seconds']} | {e['mb']} | {e['agreement']:.2%} ({e['positions']} pos.) | "
                      f"{e['logit_max_diff']} | {e['logit_mean_diff']} |")
     return "\n".join(lines)

@@ -689,7 +689,7 @@ def ollama_template(tokenizer: Any, template: Any) -> tuple[str | None, str | No
 
 
 def write_modelfile(folder: Path, gguf_name: str, tokenizer: Any, template: Any, sampling: dict) -> dict:
-    """Write ``folder/Modelfile``; returns ``{"template": "verified" | reason, "stops": [...]}``."""
+    """Write ``folder/Modelfile``; returns ``{"template": how the TEMPLATE was verified, or why it is left out, "stops"}``."""
     go_template, default_system, why = ollama_template(tokenizer, template)
     stops = stop_strings(tokenizer, template)
     lines = ["# Ollama Modelfile written by tuneforge: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}", ""]
@@ -706,7 +706,7 @@ def write_modelfile(folder: Path, gguf_name: str, tokenizer: Any, template: Any,
         if key in names:
             lines.append(f"PARAMETER {names[key]} {value}")
     (folder / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"template": "verified" if go_template is not None else why, "stops": stops}
+    return {"template": why, "stops": stops}
 
 
 def write_readme(folder: Path, gguf_name: str, quantize: str, report: dict, modelfile: dict) -> None:
