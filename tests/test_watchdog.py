@@ -191,6 +191,12 @@ def test_the_launcher_line_adds_each_failed_rank_s_last_heartbeat_and_the_publis
     watchdog.abort_path(folder, "L").write_text(json.dumps({"rank": 0, "message": "watchdog: rank 1 died", "time": 1}))
     assert watchdog.describe_failures(failures, env).endswith("\nwatchdog: rank 1 died")
     assert watchdog.describe_failures({2: SimpleNamespace(exitcode=1, timestamp=0)}, {}) == "torchrun: rank 2 exit 1"
+    (folder / "rank-0.json").write_text(json.dumps(_beat(0, watchdog.WAITING, step=3)))
+    (folder / "rank-1.json").write_text(json.dumps(_beat(1, watchdog.FAILED, step=3, error="stopped by the watchdog")))
+    failures = {0: SimpleNamespace(exitcode=4, timestamp=1), 1: SimpleNamespace(exitcode=-15, timestamp=2)}
+    assert watchdog.describe_failures(failures, env).startswith(
+        "torchrun: rank 0 exit 4 (its collective failed, step 3), rank 1 killed by SIGTERM (stopped by the watchdog, "
+        "step 3)\n")
 
 
 def test_launch_env_gives_every_launch_its_own_id_and_an_absolute_folder(tmp_path, monkeypatch):

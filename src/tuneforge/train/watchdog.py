@@ -394,8 +394,13 @@ def describe_failures(failures: dict, env: dict | None = None) -> str:
             with contextlib.suppress(ValueError):
                 how = f"killed by {signal.Signals(-code).name}"
         beat = beats.get(int(rank))
-        parts.append(f"rank {rank} {how}" + (f", last heartbeat at step {beat.get('step')} in {beat.get('op')}"
-                                             if beat else ""))
+        if not beat:
+            parts.append(f"rank {rank} {how}")
+        elif beat.get("op") in (FAILED, WAITING, DONE):  # it left on its own: say how, not an operation
+            state = beat.get("error") or ("its collective failed" if beat.get("op") == WAITING else beat.get("op"))
+            parts.append(f"rank {rank} {how} ({state}, step {beat.get('step')})")
+        else:
+            parts.append(f"rank {rank} {how}, last heartbeat at step {beat.get('step')} in {beat.get('op')}")
     line = "torchrun: " + ", ".join(parts)
     abort = _read_json(abort_path(folder, launch)) if folder and launch else None
     if abort and abort.get("message"):
