@@ -2,8 +2,9 @@
 
 Both arms serve the same base and two LoRA adapters of it (``a``, ``b``) with the real command (``tuneforge serve``,
 a subprocess bound to 127.0.0.1), differing only in ``--batching continuous|dynamic``; the arms alternate over
-``--rounds`` (other processes share the machine) and the table shows each arm's median round. Every request streams
-(``/v1/completions``, greedy), so time to first token (TTFT) and per-token latency are measured on the client.
+``--rounds`` (other processes share the machine) and the table shows each arm's median round. Requests stream
+(``/v1/completions``, greedy), so time to first token (TTFT) and per-token latency are measured on the client
+(``--stream-share`` < 1 streams only that share of the closed-loop requests: the client shares the CPU).
 
 Workloads per arm:
 
@@ -104,11 +105,18 @@ def start_server(folder: Path, batching: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the server did not start within 180 s")
 
 
-async def one(http, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed greedy completion: latency, TTFT, per-token latency, text, tokens."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+async def one(http, url: str, model: str, prompt: str, max_tokens: int, stream: bool = True) -> dict:
+    """One greedy completion: latency, tokens, text; streamed: also TTFT and per-token latency."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     sent = time.monotonic()
+    if not stream:
+        response = await http.post(url + "/v1/completions", json=body, timeout=300)
+        if response.status_code != 200:
+            return {"ok": False}
+        data = response.json()
+        return {"ok": True, "latency": time.monotonic() - sent, "tokens": data["usage"]["completion_tokens"],
+                "text": data["choices"][0]["text"], "streamed": False}
+    body["stream_options"] = {"include_usage": True}
     first = None
     text, tokens = [], 0
     async with http.stream("POST", url + "/v1/completions", json=body, timeout=300) as response:
@@ -130,7 +138,7 @@ async def one(http, url: str, model: str, prompt: str, max_tokens: int) -> dict:
     end = time.monotonic()
     first = first or end
     return {"ok": True, "latency": end - sent, "ttft": first - sent, "tokens": tokens, "text": "".join(text),
-            "per_token": (end - first) / max(1, tokens - 1)}
+            "per_token": (end - first) / max(1, tokens - 1), "streamed": True}
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -139,8 +147,9 @@ def quantile(values: list[float], q: float) -> float:
 
 
 async def closed_loop(url: str, prompts: list[str], clients: int, seconds: float, models: tuple[str, ...],
-                      seed: int = 0) -> dict:
-    """``clients`` clients sending back to back for ``seconds``: one request in five asks for 128 tokens."""
+                      seed: int = 0, stream_share: float = 1.0) -> dict:
+    """``clients`` clients sending back to back for ``seconds``: one request in five asks for 128 tokens; a share
+    ``stream_share`` of them streams (TTFT and per-token latency are measured on those)."""
     import httpx
 
     rng = random.Random(seed)
@@ -153,7 +162,8 @@ async def closed_loop(url: str, prompts: list[str], clients: int, seconds: float
         nonlocal failures
         while time.monotonic() < end:
             budget = 128 if rng.random() < 0.2 else 16
-            result = await one(http, url, rng.choice(models), rng.choice(prompts), budget)
+            stream = rng.random() < stream_share
+            result = await one(http, url, rng.choice(models), rng.choice(prompts), budget, stream)
             if result["ok"]:
                 done.append(result)
             else:
@@ -163,11 +173,13 @@ async def closed_loop(url: str, prompts: list[str], clients: int, seconds: float
     async with httpx.AsyncClient(limits=limits) as http:
         await asyncio.gather(*(client(http) for _ in range(clients)))
     elapsed = time.monotonic() - started
+    streamed = [r for r in done if r["streamed"]]
     return {"clients": clients, "requests": len(done), "failures": failures, "rps": len(done) / elapsed,
             "tps": sum(r["tokens"] for r in done) / elapsed,
-            "ttft_p50": quantile([r["ttft"] for r in done], 0.5), "ttft_p99": quantile([r["ttft"] for r in done], 0.99),
-            "tok_p50": quantile([r["per_token"] for r in done], 0.5),
-            "tok_p99": quantile([r["per_token"] for r in done], 0.99)}
+            "ttft_p50": quantile([r["ttft"] for r in streamed], 0.5),
+            "ttft_p99": quantile([r["ttft"] for r in streamed], 0.99),
+            "tok_p50": quantile([r["per_token"] for r in streamed], 0.5),
+            "tok_p99": quantile([r["per_token"] for r in streamed], 0.99)}
 
 
 async def long_and_short(url: str, prompts: list[str], shorts: int = 6) -> dict:
@@ -201,13 +213,15 @@ async def answers(url: str, prompts: list[str], concurrent: bool) -> list[str]:
     return [r.get("text") for r in results]
 
 
-def run_arm(folder: Path, batching: str, prompts: list[str], seconds: float) -> dict:
+def run_arm(folder: Path, batching: str, prompts: list[str], seconds: float, stream_share: float = 1.0) -> dict:
     process, url = start_server(folder, batching)
     try:
         asyncio.run(closed_loop(url, prompts, 4, 3.0, ("a", "b")))  # warm-up
         out = {"long_short": asyncio.run(long_and_short(url, prompts))}
-        out["load"] = [asyncio.run(closed_loop(url, prompts, c, seconds, ("a",))) for c in CLIENTS]
-        out["mixed"] = asyncio.run(closed_loop(url, prompts, 32, seconds, ("a", "b"), seed=1))
+        out["load"] = [asyncio.run(closed_loop(url, prompts, c, seconds, ("a",), stream_share=stream_share))
+                       for c in CLIENTS]
+        out["mixed"] = asyncio.run(closed_loop(url, prompts, 32, seconds, ("a", "b"), seed=1,
+                                               stream_share=stream_share))
         sample = prompts[200:216]
         out["greedy_identical"] = asyncio.run(answers(url, sample, True)) == asyncio.run(answers(url, sample, False))
     finally:
@@ -220,6 +234,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of each load point (bounded: <= 60)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds per arm (bounded: <= 3)")
+    parser.add_argument("--stream-share", type=float, default=1.0,
+                        help="share of the closed-loop requests that stream (the latency percentiles come from "
+                        "them; the others are plain requests, cheaper for a client on the same machine)")
     args = parser.parse_args()
     seconds = min(args.seconds, 60.0)
     rounds: dict[str, list[dict]] = {arm: [] for arm in ARMS}
@@ -228,13 +245,14 @@ def main() -> int:
         prompts = build_models(folder)
         for index in range(max(1, min(args.rounds, 3))):
             for arm in (ARMS if index % 2 == 0 else ARMS[::-1]):
-                rounds[arm].append(run_arm(folder, arm, prompts, seconds))
+                rounds[arm].append(run_arm(folder, arm, prompts, seconds, args.stream_share))
                 print(f"round {index + 1} {arm}: {json.dumps(rounds[arm][-1])}", file=sys.stderr, flush=True)
     results = {arm: sorted(runs, key=lambda r: r["load"][1]["rps"])[(len(runs) - 1) // 2]
                for arm, runs in rounds.items()}
     print(f"\n`tuneforge serve`, {MODEL['hidden_size']}x{MODEL['num_layers']} Llama (vocab {MODEL['vocab_size']}) + "
           f"two LoRA adapters (r 8), --max-batch-size {MAX_BATCH}, streamed greedy /v1/completions, "
-          f"{seconds:.0f} s per load point, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}; "
+          f"{seconds:.0f} s per load point, {100 * args.stream_share:.0f}% of the closed-loop requests streamed, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}; "
           f"median of {len(rounds[ARMS[0]])} round(s)\n")
     print("| arm | workload | clients | requests | req/s | tokens/s | TTFT p50 / p99 s | per-token p50 / p99 ms |"
           " failed |")
