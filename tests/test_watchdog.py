@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -152,8 +153,9 @@ def test_a_dead_peer_on_this_host_stops_the_launch_at_once_but_a_finished_one_do
     exits = []
     monkeypatch.setattr(hb, "_exit", exits.append)
     peer = hb.folder / "rank-1.json"
-    peer.write_text(json.dumps(_beat(1, watchdog.DONE, pid=_dead_pid(), host=socket.gethostname())))
-    hb.check()
+    for op in (watchdog.DONE, watchdog.INTERRUPTED):  # finished, or stopped by Ctrl-C like every rank
+        peer.write_text(json.dumps(_beat(1, op, pid=_dead_pid(), host=socket.gethostname())))
+        hb.check()
     assert exits == []
     peer.write_text(json.dumps(_beat(1, watchdog.OPTIMIZER, step=7, pid=_dead_pid(), host=socket.gethostname())))
     hb.check()
@@ -177,6 +179,19 @@ def test_the_rank_whose_collective_times_out_names_the_stalled_rank_and_the_chec
     assert "rank 0's collective failed (distributed.timeout 20 s): Timed out waiting 20000ms" in message
     assert "--resume: it continues from checkpoint-4, the last complete checkpoint" in message
     assert json.loads(hb.path.read_text())["op"] == watchdog.WAITING
+
+
+def test_a_lost_connection_waits_for_the_dying_peer_to_be_gone_and_names_it_dead(tmp_path):
+    hb = _heartbeat(tmp_path, rank=1)
+    dying = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])  # SIGKILLed, not yet reaped
+    try:
+        (hb.folder / "rank-0.json").write_text(json.dumps(_beat(0, watchdog.OPTIMIZER, step=5, pid=dying.pid,
+                                                                 host=hb.host)))
+        threading.Thread(target=dying.wait, daemon=True).start()
+        message = str(watchdog.collective_failure(hb, RuntimeError("Read error [127.0.0.1]:1: Connection reset by peer")))
+    finally:
+        dying.kill()
+    assert message.startswith(f"watchdog: rank 0 died at step 5 in optimizer step (pid {dying.pid} on ")
 
 
 def test_the_launcher_line_adds_each_failed_rank_s_last_heartbeat_and_the_published_message(tmp_path):
@@ -294,7 +309,8 @@ def test_a_stalled_rank_stops_every_rank_within_the_timeout_naming_it_then_resum
     done = _launch(config, fault="stall:rank=1:step=5")
     ended, wall = time.time(), time.monotonic() - started
     assert done.returncode == watchdog.EXIT_CODE, done.stderr[-3000:]
-    assert "error: watchdog: rank 1 stalled at step 5 in forward/backward (no progress for" in done.stderr
+    assert "error: watchdog: rank 1 stalled at step 5 in forward/backward (no progress for" in done.stderr, \
+        done.stderr[-1500:]
     assert "rank 1: stopped by the watchdog." in done.stderr  # the stalled rank itself left, with the message
     assert "Run the same command with --resume: it continues from checkpoint-4" in done.stderr
     abort_after = ended - _fault_time(out, 1)
@@ -315,7 +331,7 @@ def test_a_killed_rank_0_stops_the_other_rank_at_once_naming_it_then_resume_equa
     done = _launch(config, fault="kill:rank=0:step=5:op=optimizer")
     ended = time.time()
     assert done.returncode == watchdog.EXIT_CODE, done.stderr[-3000:]
-    assert "watchdog: rank 0 died at step 5 in optimizer step (pid " in done.stderr
+    assert "watchdog: rank 0 died at step 5 in optimizer step (pid " in done.stderr, done.stderr[-1500:]
     assert "torchrun: rank 0 killed by SIGKILL, last heartbeat at step 5 in optimizer step" in done.stderr
     abort_after = ended - _fault_time(out, 0)
     MEASURED["kill: launcher returned after the kill (s)"] = abort_after

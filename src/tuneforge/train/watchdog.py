@@ -56,6 +56,7 @@ DEFAULT_TIMEOUT = 600.0
 
 FORWARD, OPTIMIZER, LOG, EVALUATE, SAVE = "forward/backward", "optimizer step", "log", "evaluate", "save checkpoint"
 STARTING, DONE, FAILED, WAITING = "starting", "done", "failed", "collective failed"
+INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM reached every rank: a stop, not a fault to blame on a peer
 _FAULT_OPS = {"forward": FORWARD, "optimizer": OPTIMIZER, "save": SAVE}
 
 
@@ -169,7 +170,7 @@ def process_alive(pid: int) -> bool:
         return True
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return True
 
@@ -265,7 +266,7 @@ class Heartbeat:
             self._exit(f"rank {self.rank}: stopped by the watchdog. {abort.get('message', '')}")
         for peer in self.local_peers:
             beat = _read_json(self.folder / f"rank-{peer}.json")
-            if not beat or beat.get("launch") != self.launch or beat.get("op") == DONE:
+            if not beat or beat.get("launch") != self.launch or beat.get("op") in (DONE, INTERRUPTED):
                 continue
             if beat.get("host") == self.host and not process_alive(int(beat.get("pid", 0))):
                 what = f"failed ({beat['error']})" if beat.get("error") else "died"
@@ -341,7 +342,7 @@ def culprits(beats: dict[int, dict], me: int, world_size: int, host: str, now: f
         beat = beats.get(rank)
         if beat is None:
             missing.append(f"rank {rank} (no heartbeat)")
-        elif beat.get("op") in (WAITING, DONE):
+        elif beat.get("op") in (WAITING, DONE, INTERRUPTED):
             continue
         elif beat.get("error") and beat.get("op") == FAILED:
             failed.append(f"rank {rank} failed at step {beat.get('step')} ({beat['error']})")
@@ -360,13 +361,18 @@ def collective_failure(heartbeat: Heartbeat, exc: BaseException) -> RankFailed:
     """This rank's collective failed: name the culprit from the heartbeats, publish it, and return the error."""
     heartbeat.enter(heartbeat.step, WAITING)
     heartbeat.write()
-    deadline = time.time() + (3.0 if heartbeat.world_size > 2 else 0.0)
-    while True:  # with more than two ranks, give the other waiting ranks a moment to say they were waiting too
+    # A lost connection (not a timeout) means a peer is dying: give the kernel a moment to end its process, so that
+    # it is named as dead rather than stalled. With more than two ranks, give the other waiting ranks a moment to
+    # say that they were waiting too.
+    timed_out = bool(re.search(r"timed out|timeout", str(exc), re.IGNORECASE))
+    deadline = time.time() + (3.0 if heartbeat.world_size > 2 or not timed_out else 0.0)
+    while True:
         beats = read_heartbeats(heartbeat.folder, heartbeat.launch)
         blamed = culprits(beats, heartbeat.rank, heartbeat.world_size, heartbeat.host)
-        if len(blamed) <= 1 or time.time() >= deadline:
+        settled = (timed_out or not any(" stalled " in b for b in blamed)) and len(blamed) <= 1
+        if settled or time.time() >= deadline:
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's source path
     first = first if len(first) <= 120 else first[:119] + "…"
@@ -396,7 +402,7 @@ def describe_failures(failures: dict, env: dict | None = None) -> str:
         beat = beats.get(int(rank))
         if not beat:
             parts.append(f"rank {rank} {how}")
-        elif beat.get("op") in (FAILED, WAITING, DONE):  # it left on its own: say how, not an operation
+        elif beat.get("op") in (FAILED, WAITING, DONE, INTERRUPTED):  # it left on its own: say how, not an operation
             state = beat.get("error") or ("its collective failed" if beat.get("op") == WAITING else beat.get("op"))
             parts.append(f"rank {rank} {how} ({state}, step {beat.get('step')})")
         else:
@@ -507,6 +513,9 @@ def watching(trainer: Any, setup: Any, report: Any = None):
         if is_collective_failure(exc):
             heartbeat.stop(WAITING)
             raise collective_failure(heartbeat, exc) from exc
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C or a second SIGTERM: every rank got it
+            heartbeat.stop(INTERRUPTED)
+            raise
         heartbeat.stop(FAILED, error=(f"{type(exc).__name__}: {str(exc).strip()[:200]}"))
         raise
     heartbeat.stop(DONE)
