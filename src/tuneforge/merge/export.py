@@ -1,8 +1,7 @@
 """Export a run or model with int8 / int4 weight-only quantization, and measure what it costs in perplexity.
 
 Quantization is bitsandbytes' (LLM.int8() for ``int8``, NF4 with double quantization for ``int4``): it runs on
-CPU here and ``save_pretrained`` writes a directory that stock ``transformers.AutoModelForCausalLM.from_pretrained``
-loads again (bitsandbytes installed). An adapter run is merged into its base first (quantized models cannot take a
+CPU here and ``save_pretrained`` writes a directory that stock transformers (``AutoModelForCausalLM``) loads again (bitsandbytes installed). An adapter run is merged into its base first (quantized models cannot take a
 merge afterwards). The exported directory is reloaded before it is kept, and its perplexity on a small text set
 (``tuneforge.evaluate.perplexity``, the one ``tuneforge eval`` reports) is compared with the unquantized model's.
 """

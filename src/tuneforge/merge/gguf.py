@@ -502,17 +502,15 @@ def gate(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *
         UserError: naming every failed check and the figures.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tuneforge.console import say
+    from tuneforge.models.gguf import read_gguf
     from tuneforge.utils import sigterm_raises
 
     echo = echo or say
-    folder, name = str(file.parent), file.name
     with sigterm_raises():
         try:
-            reloaded_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            reloaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            reloaded, reloaded_tok = read_gguf(file)
         except Exception as exc:  # any failure to read back is a failed gate  # noqa: BLE001
             raise UserError(f"GGUF gate: transformers could not load the written file back ({exc}); nothing was "
                             "exported") from exc
@@ -574,7 +572,7 @@ def gate(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *
                         + ". Nothing was exported")
     from tuneforge.models.gguf import file_sha256
 
-    return {"file": name, "quantize": quantize, "bytes": file.stat().st_size, "sha256": file_sha256(file),
+    return {"file": file.name, "quantize": quantize, "bytes": file.stat().st_size, "sha256": file_sha256(file),
             "agreement": agreement, "positions": total, "logit_max_diff": max_diff, "logit_mean_diff": mean_diff,
             "logit_std": std, "tolerance": {"agreement": tol.agreement, "mean_rel": tol.mean_rel},
             "tokenization_ok": not token_mismatch, "prompts": len(prompts), "eos_ok": eos_ok,

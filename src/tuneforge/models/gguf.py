@@ -245,14 +245,24 @@ def materialize(path: str | Path, what: str = "model.name_or_path") -> Path:
     return target
 
 
-def _convert(path: Path, info: GGUFInfo, out: Path, what: str) -> None:
+def read_gguf(path: str | Path) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` read from a GGUF file by transformers' own GGUF loader, dequantized to fp32.
+
+    The one place a GGUF file is read as a model: the conversion into a cached HF directory uses it, and so does the
+    export's round-trip gate (an independent reader of the file tuneforge wrote). Exceptions are the loader's.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, name = str(path.parent), path.name
+    folder, name = str(Path(path).parent), Path(path).name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model, tokenizer
+
+
+def _convert(path: Path, info: GGUFInfo, out: Path, what: str) -> None:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        loaded, tokenizer = read_gguf(path)
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         raise UserError(f"{path} ({what}): transformers could not load this GGUF file: {exc}") from exc
     plain = plain_copy(loaded)
