@@ -16,6 +16,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Same numbers on every CPU: `precision: auto` would pick bf16 on CPUs with AMX (subprocesses inherit this).
 os.environ.setdefault("TUNEFORGE_AUTO_PRECISION", "fp32")
+# The prepared-data cache of every run the tests start (subprocesses too) goes to one temporary directory of this
+# test session, not to the user's ~/.cache/tuneforge.
+if "TUNEFORGE_DATA_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TUNEFORGE_DATA_CACHE"] = tempfile.mkdtemp(prefix="tuneforge-test-data-cache-")
+    atexit.register(shutil.rmtree, os.environ["TUNEFORGE_DATA_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,7 @@ def test_module_task_is_balanced_deterministic_and_keeps_heldout_objects_unseen(
     assert not any(sentence in " ".join(corpus.split()) for sentence in heldout_sentences)
 
 
+@pytest.mark.slow
 def test_small_quickstart_runs_the_whole_pipeline(tmp_path, capsys):
     from tuneforge.cli import main
     from tuneforge.train.quickstart import run_quickstart
