@@ -363,3 +363,20 @@ def parse_size(text: str, option: str) -> int:
     if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
         raise UserError(f"{option} {text!r}: write a positive size such as 16GB, 512MiB or 1.5GiB")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def process_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` runs on this host; a zombie (exited, not yet reaped) counts as gone."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True

@@ -7,7 +7,6 @@ Python lists, kept as the reference the prepared one is tested against (same row
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from tuneforge.data.clean import clean_records
@@ -18,7 +17,7 @@ from tuneforge.data.packing import (
     padding_share,
 )
 from tuneforge.data.readers import read_records, record_text
-from tuneforge.data.samples import DataBundle, distribution, sft_samples
+from tuneforge.data.samples import DataBundle, distribution, held_out_positions, sft_samples
 from tuneforge.data.tokenize import pretrain_blocks
 from tuneforge.errors import UserError
 
@@ -70,16 +69,7 @@ def load_records(data_cfg: Any, seed: int) -> tuple[list[dict], list[dict] | Non
         stats["eval_records_per_file"] = eval_per_file
         stats["eval_cleaning"] = eval_report.as_dict()
     elif data_cfg.eval_split:
-        # Split records (not rows) with the run's seed, before any packing, so no sample is in both sets.
-        order = list(range(len(records)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, round(len(records) * data_cfg.eval_split))
-        if n_eval >= len(records):
-            raise UserError(
-                f"data.eval_split={data_cfg.eval_split} of {len(records)} records leaves nothing to train on; "
-                "lower it or give more data"
-            )
-        held = set(order[:n_eval])
+        held = held_out_positions(len(records), data_cfg.eval_split, seed)
         eval_records = [r for i, r in enumerate(records) if i in held]
         records = [r for i, r in enumerate(records) if i not in held]
     stats["train_records"] = len(records)

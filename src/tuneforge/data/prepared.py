@@ -28,7 +28,6 @@ import functools
 import hashlib
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -212,16 +211,9 @@ def _build(data_cfg, stage, tokenizer, template, seed, packed, folder: Path, num
             stats["eval_records_per_file"] = eval_part.per_file
             stats["eval_cleaning"] = eval_part.report
         elif data_cfg.eval_split:
-            # Split records (not rows) with the run's seed, before any packing, so no sample is in both sets.
-            order = list(range(len(indices)))
-            random.Random(seed).shuffle(order)
-            n_eval = max(1, round(len(indices) * data_cfg.eval_split))
-            if n_eval >= len(indices):
-                raise UserError(
-                    f"data.eval_split={data_cfg.eval_split} of {len(indices)} records leaves nothing to train on; "
-                    "lower it or give more data"
-                )
-            held = set(order[:n_eval])
+            from tuneforge.data.samples import held_out_positions
+
+            held = held_out_positions(len(indices), data_cfg.eval_split, seed)
             eval_part = train
             eval_indices = [r for i, r in enumerate(indices) if i in held]
             indices = [r for i, r in enumerate(indices) if i not in held]

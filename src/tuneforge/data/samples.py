@@ -123,3 +123,22 @@ def distribution(values: list[int]) -> dict[str, float]:
         "max": ordered[-1],
     }
 
+
+
+def held_out_positions(count: int, eval_split: float, seed: int) -> set[int]:
+    """The positions of ``count`` records that ``data.eval_split`` holds out for evaluation, drawn with ``seed``.
+
+    Records (not rows) are split, before any packing, so no sample is in both sets.
+
+    Raises:
+        UserError: the split leaves nothing to train on.
+    """
+    import random
+
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(count * eval_split))
+    if n_eval >= count:
+        raise UserError(f"data.eval_split={eval_split} of {count} records leaves nothing to train on; lower it or "
+                        "give more data")
+    return set(order[:n_eval])

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import UserError
+from tuneforge.utils import process_alive
 
 HEARTBEAT_DIR = ".heartbeat"
 #: where the ranks write their heartbeats (set by the launcher to ``<output_dir>/.heartbeat``)
@@ -158,21 +159,6 @@ def read_heartbeats(folder: str | Path, launch: str | None = None) -> dict[int, 
         if beat and (launch is None or beat.get("launch") == launch):
             beats[int(beat["rank"])] = beat
     return beats
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` on this host runs (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 def where(beat: dict) -> str:

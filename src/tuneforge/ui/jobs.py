@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from tuneforge.errors import UserError
-from tuneforge.ui.runs import UI_DIR, lock_holder, pid_alive, read_json
+from tuneforge.ui.runs import UI_DIR, lock_holder, read_json
+from tuneforge.utils import process_alive
 
 KINDS = ("train", "resume", "eval", "export", "merge", "abtest", "report")
 
@@ -73,7 +74,7 @@ def load_job(runs_dir: Path, job_id: str) -> dict | None:
 
 def _annotate(record: dict) -> dict:
     ended = record.get("returncode") is not None
-    record["alive"] = not ended and pid_alive(record.get("pid"))
+    record["alive"] = not ended and process_alive(record.get("pid"))
     if ended:
         record["state"] = "finished" if record["returncode"] == 0 else (
             "interrupted" if record["returncode"] in (75, 143, -15) else "failed")

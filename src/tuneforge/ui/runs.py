@@ -31,6 +31,7 @@ from tuneforge.models.reference import (
     RUN_TASKS,
     is_run_dir,
 )
+from tuneforge.utils import process_alive
 
 #: hidden directory under --runs where the UI keeps its job records, generated configs and logs
 UI_DIR = ".tuneforge-ui"
@@ -111,22 +112,6 @@ def read_metrics(run_dir: Path, offset: int = 0) -> tuple[list[dict], int]:
 # --------------------------------------------------------------------------- locks and processes
 
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (exited, not yet reaped by its parent) is not running
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
 
 def lock_file(run_dir: Path) -> Path:
     """The run's lock file (the trainer's own rule: a hidden sibling)."""
@@ -152,7 +137,7 @@ def lock_holder(run_dir: Path) -> int | None:
     try:
         locks = Path("/proc/locks").read_text(encoding="ascii")
     except OSError:
-        return written if pid_alive(written) else None
+        return written if process_alive(written) else None
     suffix = f":{stat.st_ino}"
     device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}{suffix}"
     for line in locks.splitlines():
