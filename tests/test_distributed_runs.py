@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import write_chat_items
 from tuneforge.config import validate_config
-from tuneforge.data import builtin
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +30,7 @@ STEPS = 18
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with open(path, "w") as handle:
-        for item in builtin.classification_items(seed=1)[:96]:
-            handle.write(json.dumps({"messages": item["messages"]}) + "\n")
-    return path
+    return write_chat_items(tmp_path_factory.mktemp("data"), 96, seed=1) / "train.jsonl"
 
 
 def _raw(out: Path, data_path: Path, batch_size: int = 2, **sections) -> dict:

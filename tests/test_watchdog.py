@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from tests.helpers import write_chat_items
 from tuneforge.config import validate_config
 from tuneforge.errors import UserError
 from tuneforge.train import distributed, watchdog
@@ -233,13 +234,7 @@ MEASURED: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    from tuneforge.data import builtin
-
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with open(path, "w") as handle:
-        for item in builtin.classification_items(seed=1)[:96]:
-            handle.write(json.dumps({"messages": item["messages"]}) + "\n")
-    return path
+    return write_chat_items(tmp_path_factory.mktemp("data"), 96, seed=1) / "train.jsonl"
 
 
 def _config(out: Path, data_path: Path) -> Path:
