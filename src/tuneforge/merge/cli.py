@@ -48,6 +48,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None,
                    help="hf: text for the perplexity check (.txt paragraphs or .jsonl with text); default: stdlib docs")
     p.add_argument("--base", default=None, help="gguf: base model to merge the adapter into (default: its own)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget, e.g. 16GB or 512MiB (default: the RAM available now); the estimate is printed "
+                        "first and an export that does not fit is refused, or for gguf streamed tensor by tensor")
+    p.add_argument("--strategy", default="auto", choices=["auto", "memory", "streaming"],
+                   help="gguf: in memory with the logit gate, or tensor by tensor with a per-tensor gate for models "
+                        "larger than memory (auto: in memory when the estimate fits --max-memory)")
     p.set_defaults(func=export_command)
 
 
@@ -122,13 +128,20 @@ def export_command(args: argparse.Namespace) -> int:
                         f"{', '.join(allowed)}{hint}")
     if args.format == "gguf" and args.data:
         raise UserError("--data is the perplexity text of --format hf; --format gguf gates on its own sample prompts")
+    from tuneforge.utils import parse_size
+
+    budget = parse_size(args.max_memory, "--max-memory") if args.max_memory else None
     with sigterm_raises():  # SIGTERM unwinds through the temporary directories' cleanup
         if args.format == "gguf":
             from tuneforge.merge.gguf import export_gguf
 
-            export_gguf(args.source, args.out, quantize=args.quantize, force=args.force, base=args.base)
+            export_gguf(args.source, args.out, quantize=args.quantize, force=args.force, base=args.base,
+                        max_memory=budget, strategy=args.strategy)
         else:
             if args.base:
                 raise UserError("--base applies to --format gguf only")
-            export_model(args.source, args.out, quantize=args.quantize, data=args.data, force=args.force)
+            if args.strategy != "auto":
+                raise UserError("--strategy applies to --format gguf only (int8/int4 quantize in memory)")
+            export_model(args.source, args.out, quantize=args.quantize, data=args.data, force=args.force,
+                         max_memory=budget)
     return 0

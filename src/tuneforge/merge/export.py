@@ -90,8 +90,50 @@ def quantization_config(kind: str):
                               bnb_4bit_compute_dtype=torch.float32)
 
 
+def check_memory(source: Any, quantize: str, max_memory: int | None, echo=print) -> dict[str, int]:
+    """The int8/int4 export's memory preflight: print the estimate and refuse when it does not fit.
+
+    The estimate (from the safetensors headers; the components of ``tuneforge estimate --phase export``): the
+    merged model in fp32, the adapter in fp32 and the quantized copy. There is no lower-memory way to run
+    bitsandbytes' quantizer, so a model that does not fit is refused; ``--format gguf`` streams tensor by tensor.
+
+    Returns:
+        ``{"need": bytes, "budget": bytes}`` (``{}`` when the base is not local safetensors: no estimate).
+
+    Raises:
+        UserError: the estimate is above the budget (naming both and ``--max-memory``).
+    """
+    from tuneforge.merge.gguf import safetensors_shapes, weights_dir_of
+    from tuneforge.merge.sharded import available_memory, file_elements
+
+    weights = weights_dir_of(source)
+    if weights is None:
+        echo(f"export memory: no estimate (the base {source.base} is not a local safetensors directory)")
+        return {}
+    budget = int(max_memory) if max_memory else available_memory()
+    total = sum(_numel(shape) for shape, _ in safetensors_shapes(weights).values())
+    adapter_file = Path(source.adapter) / "adapter_model.safetensors" if source.adapter else None
+    adapter = 4 * file_elements(adapter_file) if adapter_file and adapter_file.is_file() else 0
+    need = int(4 * total + adapter + total * {"int8": 1.0, "int4": 0.5}[quantize])
+    gib = 1024 ** 3
+    echo(f"export memory: estimated peak {need / gib:.2f} GiB (merged fp32 + adapter + {quantize} copy); budget "
+         f"{budget / gib:.2f} GiB")
+    if need > budget:
+        raise UserError(f"export --quantize {quantize} needs about {need / gib:.2f} GiB, above the budget of "
+                        f"{budget / gib:.2f} GiB, and bitsandbytes quantizes the whole model in memory; free memory, "
+                        "raise --max-memory, or export --format gguf (which streams tensor by tensor)")
+    return {"need": need, "budget": budget}
+
+
+def _numel(shape: Any) -> int:
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count
+
+
 def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", data: str | None = None,
-                 force: bool = False, echo=print) -> dict:
+                 force: bool = False, echo=print, max_memory: int | None = None) -> dict:
     """Quantize a run / adapter / model directory and save it at ``out`` (atomically).
 
     ``out`` must not be, hold or lie inside the source, its run or its base; an existing non-empty ``out`` is
@@ -111,6 +153,7 @@ def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", d
         raise UserError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE)}")
     source = local_ref(path)
     prepare_output(out, [path, source.model_dir, source.run_dir, source.base, data], force=force)
+    memory = check_memory(source, quantize, max_memory, echo)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -158,6 +201,7 @@ def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", d
                     "logit_max_diff": max_diff, "logit_mean_diff": mean_diff,
                     "bytes_original": bytes_original, "bytes_quantized": _dir_bytes(tmp),
                     "texts": len(texts), "data": str(data) if data else "builtin:pydoc_data",
+                    "memory_estimate": memory.get("need"), "memory_budget": memory.get("budget"),
                 }
                 atomic_write_json(tmp / "export_report.json", report)
     echo(f"{quantize}: perplexity {ppl_original:.3f} → {ppl_quantized:.3f} "

@@ -28,6 +28,7 @@ the quant type (greedy next-token agreement and max/mean logit error are printed
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ _QWEN2_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+
 
 
 def export_gguf(path: str | Path, out: str | Path, *, quantize: str = "q8_0", force: bool = False,
-                base: str | None = None, echo=None) -> dict:
+                base: str | None = None, echo=None, max_memory: int | None = None, strategy: str = "auto") -> dict:
     """Merge (for adapters), write one GGUF + ``Modelfile`` + ``README.md`` into ``out`` and gate it.
 
     Args:
@@ -95,6 +96,8 @@ def export_gguf(path: str | Path, out: str | Path, *, quantize: str = "q8_0", fo
         quantize: ``f16``, ``bf16``, ``q8_0`` or ``q4_0``.
         base: an adapter's base instead of the recorded one.
         echo: where progress lines go (default :func:`tuneforge.console.say`).
+        max_memory: the memory budget in bytes (default: the RAM available now); see :func:`plan_export`.
+        strategy: ``auto``, ``memory`` or ``streaming`` (:func:`plan_export`).
 
     Returns:
         The gate report (also written to ``out/export_report.json``): ``file``, ``quantize``, ``sha256``,
@@ -118,6 +121,10 @@ def export_gguf(path: str | Path, out: str | Path, *, quantize: str = "q8_0", fo
     started = time.perf_counter()
     source = local_ref(path, base=base)
     prepare_output(out, [path, source.model_dir, source.run_dir, source.base], force=force)
+    plan = plan_export(source, quantize, max_memory, strategy)
+    echo(plan.describe())
+    if plan.strategy == "streaming":
+        return _export_streaming(source, plan, Path(out), quantize, echo, started)
     notes: list[str] = []
     if source.kind == "adapter":
         check_mergeable(source)
@@ -141,11 +148,228 @@ def export_gguf(path: str | Path, out: str | Path, *, quantize: str = "q8_0", fo
         modelfile = write_modelfile(tmp, name, tokenizer, template, sampling)
         write_readme(tmp, name, quantize, report, modelfile)
         report.update(source=str(path), base=source.base, notes=notes, modelfile_template=modelfile["template"],
-                      seconds=round(time.perf_counter() - started, 2), sampling=sampling)
+                      seconds=round(time.perf_counter() - started, 2), sampling=sampling, strategy="memory",
+                      memory_estimate=plan.need, memory_budget=plan.budget)
         atomic_write_json(tmp / "export_report.json", report)
     for note in notes:
         echo(f"note: {note}")
     echo(f"GGUF {quantize} written to {out / name} ({report['bytes'] / 1e6:.1f} MB) with Modelfile and README.md")
+    return report
+
+
+# ----------------------------------------------------------------------------- the memory preflight
+
+_GIB = 1024 ** 3
+#: bytes per stored element of each type (Q8_0 / Q4_0 blocks of 32 with an f16 scale), as estimate.phases bills them
+_ELEMENT_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """How the export runs: ``memory`` (the whole merged model, gated by reloading the file into transformers) or
+    ``streaming`` (one tensor at a time from the safetensors files, gated tensor by tensor); ``need`` the estimated
+    peak bytes of each, ``budget`` the limit (``None``: no estimate could be made)."""
+
+    strategy: str
+    need: dict[str, int]
+    budget: int
+    reason: str
+    weights_dir: Path | None = None
+
+    def describe(self) -> str:
+        if not self.need:
+            return f"export memory: no estimate ({self.reason}) → {self.strategy}"
+        needs = ", ".join(f"{name} {size / _GIB:.2f} GiB" for name, size in self.need.items())
+        return (f"export memory: estimated peak {needs}; budget {self.budget / _GIB:.2f} GiB → {self.strategy} "
+                f"({self.reason})")
+
+
+def safetensors_shapes(model_dir: Path) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """``{tensor name: (shape, its safetensors file)}`` read from the file headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    from tuneforge.merge.sharded import base_shards
+
+    shapes = {}
+    for shard in base_shards(model_dir):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():
+                shapes[name] = (tuple(handle.get_slice(name).get_shape()), shard)
+    return shapes
+
+
+def weights_dir_of(source: Any) -> Path | None:
+    """The local safetensors directory holding ``source``'s base weights (a ``.gguf`` base: its converted cache
+    directory, when converted already), or None."""
+    from tuneforge.models.gguf import converted_dir, is_gguf_file
+
+    base = Path(str(source.base)).expanduser()
+    if is_gguf_file(base):
+        base = converted_dir(base)
+    if base.is_dir() and ((base / "model.safetensors").is_file() or (base / "model.safetensors.index.json").is_file()):
+        return base
+    return None
+
+
+def estimate_export_bytes(weights_dir: Path, adapter_dir: Path | None, quantize: str) -> dict[str, int]:
+    """Estimated peak bytes of the two GGUF export strategies, from the safetensors headers.
+
+    In memory (the components of ``tuneforge estimate --phase export``): the merged model in fp32, the adapter in
+    fp32, the quantized copy, and the gate's reload of the file dequantized to fp32. Streaming: the largest tensor in
+    fp32 three times (read, merged, read back by the gate) plus its encoded bytes, and the adapter in fp32.
+    """
+    from tuneforge.merge.sharded import file_elements
+
+    shapes = safetensors_shapes(weights_dir)
+    sizes = [_numel(shape) for shape, _ in shapes.values()]
+    total, largest = sum(sizes), max(sizes)
+    adapter_file = adapter_dir / "adapter_model.safetensors" if adapter_dir else None
+    adapter = 4 * file_elements(adapter_file) if adapter_file and adapter_file.is_file() else 0
+    element = _ELEMENT_BYTES[quantize]
+    return {"memory": int(4 * total + adapter + element * total + 4 * total),
+            "streaming": int(3 * 4 * largest + element * largest + adapter)}
+
+
+def plan_export(source: Any, quantize: str, max_memory: int | None = None, strategy: str = "auto") -> ExportPlan:
+    """Choose how to export ``source`` (a :class:`tuneforge.models.reference.ModelRef`) within ``max_memory``
+    (default: the RAM available now, :func:`tuneforge.merge.sharded.available_memory`).
+
+    ``auto``: in memory (the full round-trip gate) when it fits, else streaming when the weights are local
+    safetensors and the adapter folds tensor by tensor. ``memory`` / ``streaming`` force one.
+
+    Raises:
+        UserError: nothing fits (naming both estimates, the budget and ``--max-memory``), or streaming was needed or
+            asked for a source it cannot handle (naming why).
+    """
+    from tuneforge.merge.sharded import available_memory
+
+    budget = int(max_memory) if max_memory else available_memory()
+    weights = weights_dir_of(source)
+    need = estimate_export_bytes(weights, Path(source.adapter) if source.adapter else None, quantize) if weights else {}
+    if strategy == "memory" or (strategy == "auto" and (not need or need["memory"] <= budget)):
+        reason = "asked" if strategy == "memory" else ("fits" if need else "the base is not local safetensors")
+        return ExportPlan("memory", need, budget, reason, weights)
+    why_not = _streaming_refusal(source, weights)
+    if why_not:
+        if strategy == "streaming":
+            raise UserError(f"--strategy streaming: {why_not}")
+        raise UserError(f"export needs about {need['memory'] / _GIB:.2f} GiB in memory, above the budget of "
+                        f"{budget / _GIB:.2f} GiB, and cannot stream tensor by tensor: {why_not}. Free memory or "
+                        "raise --max-memory")
+    if need["streaming"] > budget:
+        raise UserError(f"export needs about {need['streaming'] / _GIB:.3f} GiB even tensor by tensor (in memory "
+                        f"{need['memory'] / _GIB:.3f} GiB), above the budget of {budget / _GIB:.3f} GiB; free "
+                        "memory or raise --max-memory")
+    return ExportPlan("streaming", need, budget, "asked" if strategy == "streaming" else
+                      "the whole merged model does not fit", weights)
+
+
+def _streaming_refusal(source: Any, weights: Path | None) -> str | None:
+    """Why ``source`` cannot be exported tensor by tensor, or None."""
+    from tuneforge.merge.sharded import check_plain_lora
+
+    if weights is None:
+        return (f"its weights ({source.base}) are not a local safetensors directory (a .gguf base must have been "
+                "converted once: load it with any tuneforge command first)")
+    if source.stack:
+        return "a progressive run (earlier adapters in stack/) merges in memory only"
+    if source.adapter:
+        try:
+            check_plain_lora(source.adapter_config or {}, source.given)
+        except UserError as exc:
+            return str(exc)
+    if source.quantization():
+        return f"the base {source.base} is stored quantized"
+    return None
+
+
+def _export_streaming(source: Any, plan: ExportPlan, out: Path, quantize: str, echo, started: float) -> dict:
+    """The export of a model larger than memory: merged and written one tensor at a time, gated tensor by tensor.
+
+    Each weight is read from the safetensors files (``safe_open``, one tensor at a time), the LoRA delta folded in
+    with :class:`tuneforge.merge.sharded.LoraFactors` (the shard-by-shard merge's arithmetic, peft's
+    ``W + scaling · B A``), and streamed into the GGUF writer. The gate cannot reload the whole model, so it checks
+    each tensor read back from the file against the merged tensor (:func:`tensor_gate`), plus the tokenizer, EOS /
+    end-of-turn ids and chat template read back by transformers (:func:`check_tokenizer`); no logits are compared,
+    and the output says so.
+    """
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from tuneforge.merge.lora import refuse_quantized_base
+    from tuneforge.merge.sharded import lora_factors
+    from tuneforge.models.gguf import file_sha256, read_gguf_tokenizer
+    from tuneforge.models.reference import load_template, load_tokenizer_of
+    from tuneforge.models.rope import apply_rope_scaling
+    from tuneforge.utils import atomic_dir, atomic_write_json, sigterm_raises
+
+    refuse_quantized_base(source)
+    weights = plan.weights_dir
+    config = AutoConfig.from_pretrained(str(weights))
+    apply_rope_scaling(config, source.rope_scaling)
+    tokenizer = load_tokenizer_of(source)
+    template = load_template(source.template_dir, tokenizer)
+    arch = check_exportable(config, tokenizer)
+    if template is None:
+        raise UserError(f"{source.given}: no chat template (run template.json, the tokenizer's own, or a built-in): "
+                        "GGUF export writes the run's template into the file and the Modelfile; train with a template")
+    shapes = safetensors_shapes(weights)
+    embed = next((shape for name, (shape, _) in shapes.items() if name.endswith("embed_tokens.weight")), None)
+    if embed is not None and len(tokenizer) > embed[0]:
+        raise UserError(f"{source.given}: the tokenizer has {len(tokenizer)} tokens but the embedding {embed[0]} rows "
+                        "(the in-memory export resizes it); streaming cannot: export in memory")
+    factors = lora_factors(Path(source.adapter), source.adapter_config or {}) if source.adapter else {}
+    missing = sorted(set(factors) - set(shapes))
+    if missing:
+        raise UserError(f"the adapter's modules {missing[:3]} name weights that {weights} does not have: it was "
+                        "trained on another base (pass the right one with --base)")
+    name = f"model-{quantize}.gguf"
+    with ExitStack() as files, sigterm_raises():
+        handles = {shard: files.enter_context(safe_open(str(shard), framework="pt"))
+                   for shard in sorted({shard for _, shard in shapes.values()})}
+
+        def load(hf_name: str) -> Any:
+            tensor = handles[shapes[hf_name][1]].get_tensor(hf_name).float()
+            return tensor + factors[hf_name].delta() if hf_name in factors else tensor
+
+        with atomic_dir(out) as tmp:
+            written = write_gguf_tensors(config, tokenizer, template, tmp / name, quantize,
+                                         {k: shape for k, (shape, _) in shapes.items()}, load,
+                                         model_name=_display_name(source))
+            echo(f"written tensor by tensor: {len(written)} tensors, {len(factors)} with the LoRA delta folded in")
+            tensors = tensor_gate(tmp / name, written, load, config, arch)
+            try:
+                reloaded_tok = read_gguf_tokenizer(tmp / name)
+            except Exception as exc:  # any failure to read back is a failed gate  # noqa: BLE001
+                raise UserError(f"GGUF gate: transformers could not read the tokenizer back ({exc}); nothing was "
+                                "exported") from exc
+            failures, checks = check_tokenizer(tokenizer, template, reloaded_tok, sample_prompts(tokenizer, template))
+            failures += tensors["failures"]
+            worst = ", ".join(f"{kind} {error:.3g} (≤ {TENSOR_BOUNDS.get(kind, 0):.3g})"
+                              for kind, error in sorted(tensors["worst"].items()))
+            echo(f"gate {quantize} (per tensor, streaming: the whole model is never in memory, so no logits are "
+                 f"compared): {tensors['tensors']} tensors read back and dequantized, largest error of each type "
+                 f"relative to the tensor's largest weight: {worst}; tokenization "
+                 f"{'same' if checks['tokenization_ok'] else 'DIFFERS'} on {checks['prompts']} prompts; EOS "
+                 f"{'same' if checks['eos_ok'] else 'DIFFERS'}; template {'same' if checks['template_ok'] else 'DIFFERS'}")
+            if failures:
+                raise UserError(f"GGUF round-trip gate (per tensor) failed for {quantize}: " + "; ".join(failures[:5])
+                                + ". Nothing was exported")
+            file = tmp / name
+            report = {"file": name, "quantize": quantize, "bytes": file.stat().st_size, "sha256": file_sha256(file),
+                      "gate": "per-tensor", "tensor_errors": tensors["worst"], "tensors": tensors["tensors"],
+                      **checks}
+            sampling = default_sampling(source)
+            modelfile = write_modelfile(tmp, name, tokenizer, template, sampling)
+            write_readme(tmp, name, quantize, report, modelfile)
+            report.update(source=str(source.given), base=source.base, notes=[], strategy="streaming",
+                          modelfile_template=modelfile["template"], sampling=sampling, memory_estimate=plan.need,
+                          memory_budget=plan.budget, seconds=round(time.perf_counter() - started, 2))
+            atomic_write_json(tmp / "export_report.json", report)
+    echo(f"GGUF {quantize} written to {out / name} ({report['bytes'] / 1e6:.1f} MB, streamed) with Modelfile and "
+         "README.md")
     return report
 
 
@@ -212,21 +436,23 @@ def default_sampling(ref: Any) -> dict:
 
 
 def check_exportable(model: Any, tokenizer: Any) -> str:
-    """The llama.cpp architecture of ``model``, after checking the family and tokenizer can be written and gated.
+    """The llama.cpp architecture of ``model`` (a model or its config), after checking the family and tokenizer can
+    be written and gated.
 
     Raises:
         UserError: naming the supported families and tokenizers.
     """
-    model_type = getattr(model.config, "model_type", None)
+    config = getattr(model, "config", model)
+    model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise UserError(f"GGUF export supports the model families {', '.join(FAMILIES)} (written and verified "
                         f"by the round-trip gate); this model is {model_type!r}. Export it with --format hf "
                         "(int8/int4) or convert the merged directory with llama.cpp's own converter")
-    rope = _rope_of(model.config)
+    rope = _rope_of(config)
     if rope.get("rope_type", "default") not in ("default", "linear", "yarn"):
         raise UserError(f"GGUF export: rope type {rope.get('rope_type')!r} is not written here; supported: "
                         "default, linear, yarn")
-    if getattr(model.config, "attention_bias", False) and model_type == "llama":
+    if getattr(config, "attention_bias", False) and model_type == "llama":
         raise UserError("GGUF export: a llama model with attention biases is not supported (llama.cpp's llama "
                         "graph has none); supported: llama without biases, qwen2")
     pre_tokenizer_name(tokenizer)  # raises for tokenizers that are not byte-level BPE
@@ -292,25 +518,53 @@ def pre_tokenizer_name(tokenizer: Any) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_gguf(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *,
-               model_name: str = "model") -> Path:
-    """Write ``model`` (a plain llama / qwen2 causal LM) with tokenizer and chat template as one GGUF file."""
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the file: its Hugging Face and llama.cpp names, element shape and GGML type."""
+
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, ...]
+    qtype: Any
+
+    @property
+    def nbytes(self) -> int:
+        import gguf
+
+        if self.qtype.name == "F32":
+            return 4 * _numel(self.shape)
+        return _numel(gguf.quant_shape_to_byte_shape(self.shape, self.qtype))
+
+
+def _numel(shape: Any) -> int:
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count
+
+
+def _order(hf_name: str) -> tuple:
+    """File order: embeddings, then the blocks by index, then the final norm and head (llama.cpp's own order),
+    whatever order the weights came in (a state dict or alphabetical safetensors headers)."""
+    match = re.search(r"\.layers\.(\d+)\.", hf_name)
+    if match:
+        return (1, int(match.group(1)), hf_name)
+    return (0 if "embed" in hf_name else 2, 0, hf_name)
+
+
+def tensor_plan(config: Any, arch: str, shapes: dict[str, tuple[int, ...]], quantize: str) -> list[TensorEntry]:
+    """What the file holds, in file order: every weight of ``shapes`` (HF name → shape) under its llama.cpp name
+    with the GGML type it is stored in (rotary buffers and a tied output head are left out).
+
+    Raises:
+        UserError: a weight without a llama.cpp name.
+    """
     import gguf
-    import numpy as np
 
-    arch = check_exportable(model, tokenizer)
-    config = model.config
-    tensor_type, file_type = QUANT_TYPES[quantize]
-    writer = gguf.GGUFWriter(str(file), arch)
-    _write_hparams(writer, config, arch, getattr(gguf.LlamaFileType, file_type), model_name)
-    _write_tokenizer(writer, tokenizer, template, config)
-
-    n_blocks = config.num_hidden_layers
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_blocks)
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    state = {k: v.detach().to("cpu").float() for k, v in model.state_dict().items()}
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    for hf_name, tensor in state.items():
+    plan = []
+    for hf_name in sorted(shapes, key=_order):
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue
         if hf_name == "lm_head.weight" and tied:
@@ -319,19 +573,61 @@ def write_gguf(model: Any, tokenizer: Any, template: Any, file: Path, quantize: 
         if gguf_name is None:
             raise UserError(f"GGUF export: no llama.cpp name for tensor {hf_name} ({arch}); the model has parts "
                             "this exporter does not know")
-        data = tensor.numpy()
-        if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
-            data = _permute_rope_rows(data, heads, heads)
-        elif arch == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
-            data = _permute_rope_rows(data, heads, kv_heads)
-        qtype = _tensor_type(gguf_name, data, tensor_type)
-        writer.add_tensor(gguf_name, _encode(np.ascontiguousarray(data, dtype=np.float32), qtype),
-                          raw_dtype=qtype if qtype.name not in ("F32", "F16") else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        shape = tuple(int(n) for n in shapes[hf_name])
+        plan.append(TensorEntry(hf_name, gguf_name, shape, _tensor_type(gguf_name, shape, QUANT_TYPES[quantize][0])))
+    return plan
+
+
+def write_gguf(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *,
+               model_name: str = "model") -> Path:
+    """Write ``model`` (a plain llama / qwen2 causal LM) with tokenizer and chat template as one GGUF file."""
+    state = model.state_dict()
+    write_gguf_tensors(model.config, tokenizer, template, file, quantize,
+                       {name: tuple(tensor.shape) for name, tensor in state.items()},
+                       lambda name: state[name].detach().to("cpu").float(), model_name=model_name)
     return file
+
+
+def write_gguf_tensors(config: Any, tokenizer: Any, template: Any, file: Path, quantize: str,
+                       shapes: dict[str, tuple[int, ...]], load: Any, *, model_name: str = "model") -> list[TensorEntry]:
+    """Write one GGUF file, holding one tensor in memory at a time.
+
+    The metadata and every tensor's info (name, shape, type, offset: all known from the shapes) are written first,
+    then the tensors one by one as ``load(hf_name)`` (an fp32 torch tensor in Hugging Face layout) yields them —
+    from a model in memory, or merged from safetensors shards for a model larger than memory. The same call writes
+    both, so the two files are byte for byte the same for the same weights.
+
+    Returns:
+        The :func:`tensor_plan` written.
+    """
+    import gguf
+    import numpy as np
+
+    arch = check_exportable(config, tokenizer)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    plan = tensor_plan(config, arch, shapes, quantize)
+    writer = gguf.GGUFWriter(str(file), arch)
+    _write_hparams(writer, config, arch, getattr(gguf.LlamaFileType, QUANT_TYPES[quantize][1]), model_name)
+    _write_tokenizer(writer, tokenizer, template, config)
+    for entry in plan:
+        writer.add_tensor_info(entry.gguf_name, entry.shape, np.dtype(np.float32), entry.nbytes, raw_dtype=entry.qtype)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for entry in plan:
+            data = load(entry.hf_name).numpy()
+            if arch == "llama" and entry.hf_name.endswith("self_attn.q_proj.weight"):
+                data = _permute_rope_rows(data, heads, heads)
+            elif arch == "llama" and entry.hf_name.endswith("self_attn.k_proj.weight"):
+                data = _permute_rope_rows(data, heads, kv_heads)
+            encoded = _encode(np.ascontiguousarray(data, dtype=np.float32), entry.qtype)
+            writer.write_tensor_data(encoded)
+            del data, encoded
+    finally:
+        writer.close()
+    return plan
 
 
 def _permute_rope_rows(weight: Any, n_head: int, n_head_kv: int) -> Any:
@@ -346,17 +642,17 @@ def _permute_rope_rows(weight: Any, n_head: int, n_head_kv: int) -> Any:
     return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _tensor_type(gguf_name: str, data: Any, wanted: str):
+def _tensor_type(gguf_name: str, shape: tuple[int, ...], wanted: str):
     import gguf
 
     types = gguf.GGMLQuantizationType
-    if data.ndim <= 1 or gguf_name.endswith("_norm.weight"):
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
         return types.F32
     if wanted == "Q4_0" and gguf_name.startswith(("token_embd", "output.")):
         wanted = "Q8_0"  # the (tied) output layer: 4-bit logits cost far more than 4-bit hidden layers
     qtype = getattr(types, wanted)
     block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if data.shape[-1] % block:
+    if shape[-1] % block:
         return types.F16  # rows that do not fill whole quant blocks (llama.cpp falls back the same way)
     return qtype
 
@@ -491,6 +787,143 @@ def sample_prompts(tokenizer: Any, template: Any) -> list[str]:
     return prompts
 
 
+def greedy_answer(model: Any, prompt_ids: list[int], stop_ids: list[int], cap: int) -> list[int]:
+    """``model``'s greedy continuation of ``prompt_ids``: at most ``cap`` tokens, ending with the first
+    end-of-turn id when one comes (it is part of the answer: stopping is what the runtime must reproduce)."""
+    import torch
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([prompt_ids])
+    config = GenerationConfig(do_sample=False, max_new_tokens=cap, eos_token_id=list(stop_ids) or None,
+                              pad_token_id=stop_ids[0] if stop_ids else 0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def answer_agreement(reference: Any, other: Any, prompts: list[list[int]], stop_ids: list[int], *, cap: int = 32,
+                     own_answers: bool = True) -> dict:
+    """Greedy next-token agreement of ``other`` with ``reference`` on the positions of ``reference``'s own answers.
+
+    For each prompt (token ids, e.g. a chat rendered with the run's template and its generation prompt) the
+    reference generates its greedy answer; prompt + answer is then teacher-forced through both models and their
+    argmax compared at every answer position (each position predicts the next answer token, the last one the
+    end-of-turn). These are the tokens a user actually receives, unlike the positions inside arbitrary text.
+
+    Returns:
+        ``{"agree", "positions", "agreement", "logit_max_diff", "flip_margins"`` (the reference's logit gap between
+        its choice and ``other``'s at each disagreement: small gaps are near-ties), ``"answers"``, and with
+        ``own_answers`` ``"identical"`` (answers ``other`` generates on its own that equal the reference's) and
+        ``"stopped"`` (of those, how many end with an end-of-turn id)}.
+    """
+    import torch
+
+    agree = total = identical = stopped = 0
+    max_diff = 0.0
+    margins: list[float] = []
+    with torch.no_grad():
+        for prompt in prompts:
+            answer = greedy_answer(reference, prompt, stop_ids, cap)
+            if not answer:
+                continue
+            ids = torch.tensor([prompt + answer])
+            span = slice(len(prompt) - 1, len(prompt) + len(answer) - 1)
+            a = reference(input_ids=ids).logits[0, span].float()
+            b = other(input_ids=ids).logits[0, span].float()
+            pick_a, pick_b = a.argmax(-1), b.argmax(-1)
+            agree += int((pick_a == pick_b).sum())
+            total += len(answer)
+            max_diff = max(max_diff, float((a - b).abs().max()))
+            for row in torch.nonzero(pick_a != pick_b).flatten().tolist():
+                margins.append(round(float(a[row, pick_a[row]] - a[row, pick_b[row]]), 4))
+            if own_answers:
+                mine = greedy_answer(other, prompt, stop_ids, cap)
+                identical += int(mine == answer)
+                stopped += int(bool(mine) and mine[-1] in stop_ids)
+    report = {"agree": agree, "positions": total, "agreement": agree / max(total, 1), "logit_max_diff": max_diff,
+              "flip_margins": margins, "answers": len(prompts)}
+    if own_answers:
+        report.update(identical=identical, stopped=stopped)
+    return report
+
+
+def check_tokenizer(tokenizer: Any, template: Any, reloaded_tok: Any, prompts: list[str]) -> tuple[list[str], dict]:
+    """Compare the tokenizer read back from the file with the run's: token ids of ``prompts``, EOS id, end-of-turn
+    ids and chat template. Returns ``(failures, {"tokenization_ok", "eos_ok", "template_ok", "stop_ids",
+    "prompts"})``."""
+    failures: list[str] = []
+    token_mismatch = []
+    for prompt in prompts:
+        a = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        b = reloaded_tok(prompt, add_special_tokens=False)["input_ids"]
+        if a != b:
+            token_mismatch.append(prompt[:40])
+    if token_mismatch:
+        failures.append(f"tokenization differs on {len(token_mismatch)}/{len(prompts)} sample prompts "
+                        f"(first: {token_mismatch[0]!r})")
+    eos_ok = reloaded_tok.eos_token_id == tokenizer.eos_token_id
+    if not eos_ok:
+        failures.append(f"EOS id {reloaded_tok.eos_token_id} in the file, {tokenizer.eos_token_id} in the model")
+    stops = end_of_turn_ids(tokenizer, template)
+    stops_reloaded = [reloaded_tok.convert_tokens_to_ids(tokenizer.convert_ids_to_tokens(i)) for i in stops]
+    if stops_reloaded != stops:
+        failures.append(f"end-of-turn ids {stops_reloaded} in the file, {stops} in the model")
+    template_ok = (getattr(reloaded_tok, "chat_template", None) or "") == template.jinja
+    if not template_ok:
+        failures.append("the chat template read back differs from the run's template")
+    return failures, {"tokenization_ok": not token_mismatch, "eos_ok": eos_ok, "template_ok": template_ok,
+                      "stop_ids": stops, "prompts": len(prompts)}
+
+
+#: Largest |dequantized - merged| of one tensor, as a fraction of the tensor's largest |weight|, by GGML type: the
+#: rounding bound of each format (F16: half an ulp, 2^-11; BF16: 2^-8; Q8_0: half a step of max/127 plus the f16
+#: scale's rounding; Q4_0: a value of the opposite sign to the block's largest clips at 7/8 of it). A misplaced,
+#: mispermuted or wrongly merged tensor is off by the order of its weights.
+TENSOR_BOUNDS = {"F32": 0.0, "F16": 2.0 ** -11, "BF16": 2.0 ** -8, "Q8_0": 0.0045, "Q4_0": 0.127}
+
+
+def tensor_gate(file: Path, plan: list[TensorEntry], load: Any, config: Any, arch: str) -> dict:
+    """The per-tensor gate of a streamed export: every tensor read back from ``file`` by the gguf package's reader,
+    dequantized, put back into Hugging Face layout by transformers' own GGUF tensor processor (its inverse of the
+    q/k rope permutation), and compared with ``load(hf_name)`` (the merged tensor) within :data:`TENSOR_BOUNDS`.
+
+    Returns:
+        ``{"tensors", "failures": [...], "worst": {GGML type: largest relative error}}``.
+    """
+    import gguf
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, TensorProcessor
+
+    heads = config.num_attention_heads
+    processor = (LlamaTensorProcessor(config={"num_attention_heads": heads, "num_key_value_heads": getattr(
+        config, "num_key_value_heads", None) or heads}) if arch == "llama" else TensorProcessor())
+    reader = gguf.GGUFReader(str(file))
+    stored = {t.name: t for t in reader.tensors}
+    failures: list[str] = []
+    worst: dict[str, float] = {}
+    if sorted(stored) != sorted(e.gguf_name for e in plan):
+        failures.append(f"the file holds tensors {sorted(set(stored) ^ {e.gguf_name for e in plan})[:4]} "
+                        "it should not, or lacks them")
+    for entry in plan:
+        tensor = stored.get(entry.gguf_name)
+        if tensor is None:
+            continue
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        data = processor.process(data.reshape(entry.shape), entry.gguf_name).weights
+        expected = load(entry.hf_name).numpy()
+        if data.shape != expected.shape:
+            failures.append(f"{entry.gguf_name}: shape {data.shape} read back, {expected.shape} merged")
+            continue
+        scale = float(np.abs(expected).max()) or 1.0
+        error = float(np.abs(data - expected).max()) / scale
+        kind = tensor.tensor_type.name
+        worst[kind] = max(worst.get(kind, 0.0), error)
+        bound = TENSOR_BOUNDS.get(kind, 0.0)
+        if not error <= bound * (1 + 1e-6):
+            failures.append(f"{entry.gguf_name} ({kind}): max error {error:.3g} of its largest weight > {bound:.3g}")
+    return {"tensors": len(plan), "failures": failures, "worst": worst}
+
+
 def gate(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *, echo=None) -> dict:
     """Reload ``file`` through transformers' GGUF loader and compare it with ``model``; raise unless it passes.
 
@@ -515,27 +948,10 @@ def gate(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *
             raise UserError(f"GGUF gate: transformers could not load the written file back ({exc}); nothing was "
                             "exported") from exc
     reloaded.eval()
-    failures: list[str] = []
     prompts = sample_prompts(tokenizer, template)
-    token_mismatch = []
-    for prompt in prompts:
-        a = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        b = reloaded_tok(prompt, add_special_tokens=False)["input_ids"]
-        if a != b:
-            token_mismatch.append(prompt[:40])
-    if token_mismatch:
-        failures.append(f"tokenization differs on {len(token_mismatch)}/{len(prompts)} sample prompts "
-                        f"(first: {token_mismatch[0]!r})")
-    eos_ok = reloaded_tok.eos_token_id == tokenizer.eos_token_id
-    if not eos_ok:
-        failures.append(f"EOS id {reloaded_tok.eos_token_id} in the file, {tokenizer.eos_token_id} in the model")
-    stops = end_of_turn_ids(tokenizer, template)
-    stops_reloaded = [reloaded_tok.convert_tokens_to_ids(tokenizer.convert_ids_to_tokens(i)) for i in stops]
-    if stops_reloaded != stops:
-        failures.append(f"end-of-turn ids {stops_reloaded} in the file, {stops} in the model")
-    template_ok = (getattr(reloaded_tok, "chat_template", None) or "") == template.jinja
-    if not template_ok:
-        failures.append("the chat template read back differs from the run's template")
+    failures, checks = check_tokenizer(tokenizer, template, reloaded_tok, prompts)
+    token_mismatch, eos_ok, template_ok, stops = (not checks["tokenization_ok"], checks["eos_ok"],
+                                                  checks["template_ok"], checks["stop_ids"])
 
     agree = total = 0
     max_diff = sum_diff = count = 0.0
@@ -712,13 +1128,20 @@ def write_modelfile(folder: Path, gguf_name: str, tokenizer: Any, template: Any,
 def write_readme(folder: Path, gguf_name: str, quantize: str, report: dict, modelfile: dict) -> None:
     """Write ``folder/README.md``: what the file is, the gate's figures, and how to run it."""
     stops = " ".join(f"-r {json.dumps(s)}" for s in modelfile["stops"])
+    if report.get("gate") == "per-tensor":
+        errors = ", ".join(f"{kind} {error:.3g}" for kind, error in sorted(report["tensor_errors"].items()))
+        checked = (f"it was written tensor by tensor (the merged model did not fit in memory), so each of its "
+                   f"{report['tensors']} tensors was read back, dequantized and compared with the merged tensor "
+                   f"(largest error relative to the tensor's largest weight: {errors}); no logits were compared")
+    else:
+        checked = (f"its greedy next token agrees with the merged model at {report['agreement']:.2%} of "
+                   f"{report['positions']} positions (logit error max {report['logit_max_diff']:.4g}, mean "
+                   f"{report['logit_mean_diff']:.4g})")
     text = f"""# {gguf_name}
 
-Exported by `tuneforge export --format gguf --quantize {quantize}`; checked before it was kept: reloaded through
+Exported by `tuneforge export --format gguf --quantize {quantize}`; checked before it was kept: read back by
 transformers' GGUF loader, it tokenizes {report['prompts']} sample prompts identically, has the same EOS and
-end-of-turn ids ({report['stop_ids']}) and chat template, and its greedy next token agrees with the merged model at
-{report['agreement']:.2%} of {report['positions']} positions (logit error max {report['logit_max_diff']:.4g}, mean
-{report['logit_mean_diff']:.4g}).
+end-of-turn ids ({report['stop_ids']}) and chat template, and {checked}.
 
 SHA-256: `{report['sha256']}`
 

@@ -252,12 +252,20 @@ def read_gguf(path: str | Path) -> tuple[Any, Any]:
     export's round-trip gate (an independent reader of the file tuneforge wrote). Exceptions are the loader's.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder, name = str(Path(path).parent), Path(path).name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = read_gguf_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     return model, tokenizer
+
+
+def read_gguf_tokenizer(path: str | Path) -> Any:
+    """The tokenizer (with the chat template stored in the file) read from a GGUF file by transformers' GGUF loader,
+    without its weights: the streamed export's gate checks a file whose model does not fit in memory."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
 
 
 def _convert(path: Path, info: GGUFInfo, out: Path, what: str) -> None:
