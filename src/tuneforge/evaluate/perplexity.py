@@ -47,6 +47,11 @@ def encode_records(records: list[dict], tokenizer: Any, template: Any = None,
     """
     from tuneforge.data.tokenize import encode_chat_samples
 
+    # Records read by ``load_eval_records`` come with their source: the same samples from the prepared-data cache.
+    prepared = getattr(records, "encode_prepared", None)
+    cached = prepared(tokenizer, template, train_on_prompt) if prepared is not None else None
+    if cached is not None:
+        return cached
     pairs, skipped = [], 0
     if template is None and any("messages" in r for r in records):
         raise UserError("chat records need a chat template to find the answers, and this model has none; "

@@ -40,11 +40,11 @@ def prompt_and_reference(record: dict) -> tuple[Any, str | None]:
 
 
 def load_eval_records(path: str, fmt: str = "auto", limit: int | None = None) -> list[dict]:
-    """Canonical records of the eval file, first ``limit`` of them."""
-    from tuneforge.data.readers import read_records
+    """Canonical records of the eval file, first ``limit`` of them; a list that remembers its source, so their
+    perplexity encoding comes from the prepared-data cache (:class:`tuneforge.data.evalset.EvalRecords`)."""
+    from tuneforge.data.evalset import read_eval_records
 
-    records = read_records(path, fmt)
-    return records[:limit] if limit else records
+    return read_eval_records(path, fmt, limit)
 
 
 def check_records(records: list[dict], metrics: list[Metric | str], data: str) -> list[str] | None:

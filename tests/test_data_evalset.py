@@ -1,0 +1,128 @@
+"""`tuneforge eval --data` through the prepared-data cache: the second evaluation of a file reuses the encoded
+records (nothing is encoded again) and every score equals the direct encoding's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tuneforge.cli import main
+
+ROWS = [
+    {"messages": [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A sequence."}]},
+    {"messages": [{"role": "user", "content": "Name a loop statement."}, {"role": "assistant", "content": "for"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "And a tuple?"},
+                  {"role": "assistant", "content": "An immutable sequence."}, {"role": "user", "content": "A set?"},
+                  {"role": "assistant", "content": "Unique items, <b>unordered</b>."}]},
+    {"messages": [{"role": "user", "content": "No answer here"}]},  # nothing to score: skipped by both paths
+    {"messages": [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A sequence."}]},
+]
+
+
+@pytest.fixture()
+def model_dir(tmp_path, tiny_llama, tiny_tokenizer):
+    path = tmp_path / "tiny"
+    tiny_llama.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def encode_calls(monkeypatch):
+    """Counts every record rendered and masked (prepared build or direct encoding)."""
+    import tuneforge.data.tokenize as tokenize
+
+    calls = []
+    original = tokenize.encode_chat_samples
+
+    def counting(record, *args, **kwargs):
+        calls.append(record.get("source"))
+        return original(record, *args, **kwargs)
+
+    monkeypatch.setattr(tokenize, "encode_chat_samples", counting)
+    return calls
+
+
+def _eval(model_dir, data, capsys) -> tuple[dict, str]:
+    code = main(["eval", str(model_dir), "--data", str(data), "--metrics", "ppl", "--json", "--no-save"])
+    assert code == 0
+    captured = capsys.readouterr()
+    return json.loads(captured.out.strip().splitlines()[-1]), captured.err
+
+
+def test_second_eval_reuses_the_prepared_records_and_scores_the_same(tmp_path, model_dir, monkeypatch, capsys,
+                                                                     encode_calls):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TUNEFORGE_DATA_CACHE", str(cache))
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+
+    first, err = _eval(model_dir, data, capsys)
+    assert "eval data: preparing" in err
+    assert len(encode_calls) == len(ROWS)  # each record encoded once, by the prepared build
+    entries = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(entries) == 1
+    built = (entries[0] / "meta.json").stat().st_mtime_ns
+
+    encode_calls.clear()
+    second, err = _eval(model_dir, data, capsys)
+    assert "eval data: reusing" in err
+    assert encode_calls == []  # nothing rendered, tokenized or masked again
+    assert (entries[0] / "meta.json").stat().st_mtime_ns == built
+    assert [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")] == entries
+
+    # The uncached scores: the direct encoding of the same records (a plain list has no source to cache).
+    from tuneforge.evaluate.perplexity import perplexity
+    from tuneforge.evaluate.runner import load_eval_records
+    from tuneforge.models.reference import load_for_inference
+
+    loaded = load_for_inference(str(model_dir), device="cpu")
+    direct = perplexity(loaded.model, loaded.tokenizer, list(load_eval_records(str(data))), template=loaded.template)
+    assert direct.skipped == 1
+    for row in (first, second):
+        assert row["tokens"] == direct.tokens
+        assert row["nll"] == pytest.approx(direct.nll, rel=1e-6)
+        assert row["ppl"] == pytest.approx(direct.ppl, rel=1e-6)
+        assert row["ppl_skipped"] == 1
+    assert second["ppl"] == first["ppl"]
+
+
+def test_limit_and_changed_file_key_the_entry(tmp_path, tiny_tokenizer, monkeypatch):
+    from tuneforge.data.evalset import read_eval_records
+    from tuneforge.data.templates import resolve_template
+    from tuneforge.evaluate.perplexity import encode_records
+
+    monkeypatch.setenv("TUNEFORGE_DATA_CACHE", str(tmp_path / "cache"))
+    template = resolve_template("chatml", tiny_tokenizer)
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    lines: list[str] = []
+    records = read_eval_records(str(data), limit=2, echo=lines.append)
+    assert len(records) == 2
+    assert encode_records(records, tiny_tokenizer, template) == encode_records(list(records), tiny_tokenizer, template)
+    assert records.last_entry["hit"] is False
+    again = read_eval_records(str(data), limit=2, echo=lines.append)
+    encode_records(again, tiny_tokenizer, template)
+    assert again.last_entry == {"path": records.last_entry["path"], "hit": True}
+    everything = read_eval_records(str(data), echo=lines.append)  # another limit: another entry
+    assert encode_records(everything, tiny_tokenizer, template) == encode_records(list(everything), tiny_tokenizer,
+                                                                                  template)
+    assert everything.last_entry["path"] != records.last_entry["path"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))  # the file changed: rebuilt
+    changed = read_eval_records(str(data), echo=lines.append)
+    encode_records(changed, tiny_tokenizer, template)
+    assert changed.last_entry["hit"] is False and changed.last_entry["path"] != everything.last_entry["path"]
+
+
+def test_text_records_and_copies_take_the_direct_path(tmp_path, tiny_tokenizer, monkeypatch):
+    from tuneforge.data.evalset import read_eval_records
+    from tuneforge.data.templates import resolve_template
+
+    monkeypatch.setenv("TUNEFORGE_DATA_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "docs.jsonl"
+    text.write_text(json.dumps({"text": "A document about lists."}) + "\n")
+    records = read_eval_records(str(text), echo=lambda line: None)
+    assert records.encode_prepared(tiny_tokenizer, resolve_template("chatml", tiny_tokenizer)) is None
+    assert not (tmp_path / "cache").exists()
+    assert type(records[:1]) is list  # a slice is not the file's records any more
