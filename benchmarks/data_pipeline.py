@@ -232,10 +232,24 @@ def spawn(arm: str, data: Path, tok: Path, work: Path, cap_mb: float | None = No
            "HF_DATASETS_OFFLINE": "1"}
     if arm in ("stream", "inmemory_pt"):  # numpy's OpenBLAS reserves a buffer per thread: one thread under the heap cap
         env["OPENBLAS_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    # the machine is shared: sample the 1-minute load average while the arm runs (every 5 s), so each figure
+    # names the load it was measured under
+    loads = [os.getloadavg()[0]]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        while proc.poll() is None:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                loads.append(os.getloadavg()[0])
+        loads.append(os.getloadavg()[0])
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    load = {"load_mean": round(sum(loads) / len(loads), 2), "load_max": round(max(loads), 2)}
     if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"error": (stderr or stdout).strip().splitlines()[-1:] or ["failed"], **load}
+    return {**json.loads(stdout.strip().splitlines()[-1]), **load}
 
 
 # ----------------------------------------------------------------------------- main
@@ -267,6 +281,9 @@ def main() -> int:
     parser.add_argument("--stream-mb", type=float, default=2.0, help="the 1x streaming corpus (MB)")
     parser.add_argument("--stream-cap-mb", type=float, default=128.0, help="RLIMIT_DATA of the streaming arms")
     parser.add_argument("--skip-stream", action="store_true")
+    parser.add_argument("--arms", default="hf,hf_cached,prepare,prepare_cached",
+                        help="arms run at each size, in this order (e.g. prepare,prepare_cached at 1M records, where "
+                             "one arm takes about an hour here)")
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -299,19 +316,20 @@ def main() -> int:
         if not data.is_file():
             write_alpaca(data, size, pool)
         results = {"file_mb": round(data.stat().st_size / 2**20, 1)}
-        for arm in ("hf", "hf_cached", "prepare", "prepare_cached"):
+        for arm in [a for a in args.arms.split(",") if a]:
             results[arm] = spawn(arm, data, tok_dir, folder)
             print(json.dumps({"size": size, "arm": arm, **results[arm]}), flush=True)
         if size <= args.inmemory_max:
             results["inmemory"] = spawn("inmemory", data, tok_dir, folder)
             print(json.dumps({"size": size, "arm": "inmemory", **results["inmemory"]}), flush=True)
-        hf, prep, cached = results["hf"], results["prepare"], results["prepare_cached"]
+        hf, prep, cached = results.get("hf", {}), results.get("prepare", {}), results.get("prepare_cached", {})
+        if "seconds" in prep and "seconds" in cached:
+            results["ratio_cached_to_prepare"] = round(cached["seconds"] / prep["seconds"], 3)
         if "seconds" in hf and "seconds" in prep:
             results["ratio_prepare_to_hf"] = round(prep["seconds"] / hf["seconds"], 2)
-            results["ratio_cached_to_prepare"] = round(cached.get("seconds", float("nan")) / prep["seconds"], 3)
-            results["records_per_s"] = {a: round(size / results[a]["seconds"], 1) for a in
-                                        ("hf", "prepare") if "seconds" in results[a]}
-        if "inmemory" in results and "supervised_tokens" in results["inmemory"]:
+        results["records_per_s"] = {a: round(size / results[a]["seconds"], 1) for a in
+                                    ("hf", "prepare") if "seconds" in results.get(a, {})}
+        if "supervised_tokens" in results.get("inmemory", {}) and "supervised_tokens" in prep:
             ref = results["inmemory"]["supervised_tokens"]
             results["supervised_vs_inmemory"] = round(prep["supervised_tokens"] / ref - 1, 6)
         report["sizes"][size] = results
