@@ -44,8 +44,12 @@ def test_phase_bills_scale_with_their_knobs():
     eval_bill = phase_bill(spec, "eval", batch_size=4, seq_len=512)
     assert phase_bill(spec, "eval", batch_size=8, seq_len=512).total_bytes > eval_bill.total_bytes
     gguf = phase_bill(spec, "export", quantize="q8_0")
-    hf = phase_bill(spec, "export", quantize="int8")
-    assert gguf.total_bytes > hf.total_bytes  # the round-trip gate reloads the file beside the merged model
+    assert gguf.components["gate: reloaded GGUF, dequantized (fp32)"] == 4 * spec.total_params
+    # int8's perplexity check scores 4 windows: its logits (x3: logits, shifted copy, log-softmax) grow with them
+    hf_short, hf_long = (phase_bill(spec, "export", quantize="int8", seq_len=n) for n in (256, 512))
+    assert hf_long.total_bytes - hf_short.total_bytes == 4 * 256 * spec.vocab_size * 12
+    generating = phase_bill(spec, "eval", batch_size=8, seq_len=512, generation=True)
+    assert generating.total_bytes < phase_bill(spec, "eval", batch_size=8, seq_len=512).total_bytes  # last logits only
     assert phase_bill(spec, "merge", precision="bf16").total_bytes > phase_bill(spec, "merge").total_bytes - 1
 
 

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 
 from tuneforge.errors import UserError
 from tuneforge.estimate.spec import ModelSpec
+from tuneforge.models import memory
+from tuneforge.models.memory import ELEMENT_BYTES  # noqa: F401  (re-exported: callers read it from here)
 
 PHASES = ("merge", "export", "eval", "serve")
-#: bytes per element of each saved/loaded precision or export type (GGUF block types include their scales)
-ELEMENT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "f16": 2.0, "int8": 1.0, "int4": 0.5,
-                 "q8_0": 34 / 32, "q4_0": 18 / 32}
 #: the largest safetensors shard transformers writes by default (save_pretrained's max_shard_size)
 DEFAULT_SHARD_BYTES = 50 * 10 ** 9
 
@@ -45,7 +44,7 @@ class PhaseBill:
 
 def kv_bytes_per_token(spec: ModelSpec, element: float) -> int:
     """Bytes of the key/value cache for one token across all layers."""
-    return int(2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * element)
+    return memory.kv_bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, element)
 
 
 def adapter_params(spec: ModelSpec, r: int) -> int:
@@ -54,21 +53,25 @@ def adapter_params(spec: ModelSpec, r: int) -> int:
 
 
 def phase_bill(spec: ModelSpec, phase: str, *, precision: str = "fp32", r: int = 16, quantize: str = "q8_0",
-               batch_size: int = 8, seq_len: int = 2048, token_budget: int = 32768) -> PhaseBill:
-    """The memory bill of ``phase`` for ``spec``.
+               batch_size: int = 8, seq_len: int = 2048, token_budget: int = 32768,
+               generation: bool = False) -> PhaseBill:
+    """The memory bill of ``phase`` for ``spec`` (the arithmetic: :mod:`tuneforge.models.memory`).
 
     Args:
         spec: the model (base) description.
         phase: ``merge`` (LoRA into the base, in memory, saved in ``precision``), ``export`` (merge, then
-            ``quantize``: int8 | int4 for HF, f16 | bf16 | q8_0 | q4_0 for GGUF with its reload gate), ``eval``
-            (``batch_size`` sequences of ``seq_len`` tokens scored or generated in ``precision``) or ``serve``
-            (weights in ``precision`` + a KV cache of ``token_budget`` tokens + one step's logits).
+            ``quantize``: int8 | int4 for HF with its perplexity check over 4 windows of ``seq_len`` tokens,
+            f16 | bf16 | q8_0 | q4_0 for GGUF with its reload gate), ``eval`` (``batch_size`` sequences of
+            ``seq_len`` tokens scored, or generated when ``generation``, in ``precision``) or ``serve`` (weights in
+            ``precision`` + a KV cache of ``token_budget`` tokens + one step's logits).
         precision: fp32 | bf16 | fp16.
         r: adapter rank (merge and export fold an adapter of this rank).
         quantize: export type.
         batch_size: eval rows per batch; serve rows per step.
-        seq_len: eval tokens per row.
+        seq_len: eval tokens per row (generation: prompt + new tokens); export's perplexity-check window.
         token_budget: serve's KV budget in tokens (``tuneforge serve --token-budget``).
+        generation: eval generates (KV cache of every row, last-position logits) instead of scoring
+            (vocabulary-wide logits of every position).
 
     Raises:
         UserError: an unknown phase, precision or export type.
@@ -82,42 +85,36 @@ def phase_bill(spec: ModelSpec, phase: str, *, precision: str = "fp32", r: int =
     element = ELEMENT_BYTES[precision]
     if phase == "merge":
         return _merge_bill(spec, params, element, r)
+    shape = {"vocab": spec.vocab_size, "hidden": spec.hidden_size, "intermediate": spec.intermediate_size}
     if phase == "export":
-        return _export_bill(spec, params, r, quantize)
+        check = None
+        if quantize in ("int8", "int4"):
+            check = memory.scoring_components(0, kv_bytes_per_token(spec, 4), rows=memory.CHECK_ROWS,
+                                              tokens=seq_len, element=4, **shape)
+        components = memory.export_components(params, adapter_params(spec, r), quantize, check=check)
+        note = ("HF export: the quantized model is reloaded for its perplexity check after the merged one is freed"
+                if check else "GGUF export: the written file is reloaded beside the merged model for the round-trip "
+                "gate")
+        return PhaseBill(spec.name, phase, components, [note])
+    weights = int(params * element)
+    kv = kv_bytes_per_token(spec, element)
     if phase == "eval":
-        components = {"weights": int(params * element),
-                      "kv cache": kv_bytes_per_token(spec, element) * batch_size * seq_len,
-                      "logits (fp32)": 4 * batch_size * seq_len * spec.vocab_size}
+        of = memory.generation_components if generation else memory.scoring_components
+        components = of(weights, kv, rows=batch_size, tokens=seq_len, element=element, **shape)
         return PhaseBill(spec.name, phase, components, [f"{batch_size} rows x {seq_len} tokens; a smaller "
-                                                        "--batch-size lowers the last two lines"])
-    components = {"weights": int(params * element),
-                  "kv cache (token budget)": kv_bytes_per_token(spec, element) * token_budget,
-                  "logits (one step)": 4 * batch_size * spec.vocab_size}
-    return PhaseBill(spec.name, phase, components, [f"KV budget {token_budget:,} tokens "
-                                                    f"({kv_bytes_per_token(spec, element):,} bytes per token)"])
+                                                        "--batch-size lowers the per-row lines"])
+    components = memory.serve_components(weights, kv, token_budget=token_budget, rows=batch_size,
+                                         vocab=spec.vocab_size)
+    return PhaseBill(spec.name, phase, components, [f"KV budget {token_budget:,} tokens ({kv:,} bytes per token)"])
 
 
 def _merge_bill(spec: ModelSpec, params: int, element: float, r: int) -> PhaseBill:
-    """In memory: the base in fp32 with the adapter, a cast copy when saving below fp32, the save's bytes."""
-    components = {"base weights (fp32)": 4 * params, "adapter (fp32)": 4 * adapter_params(spec, r)}
-    if element != 4:
-        components["merged copy in the saved precision"] = int(params * element)
-    components["serialised shard bytes"] = int(min(params * element, DEFAULT_SHARD_BYTES))
-    shard = min(params * element, DEFAULT_SHARD_BYTES)
-    notes = [f"shard by shard (tuneforge merge --strategy sharded): about "
-             f"{(2 * shard + 4 * adapter_params(spec, r)) / 2 ** 30:.2f} GiB with shards of "
-             f"{shard / 2 ** 30:.2f} GiB; smaller shards lower it"]
+    """In memory (:func:`tuneforge.models.memory.merge_components`); the note prices the shard-by-shard merge."""
+    components = memory.merge_components(params, adapter_params(spec, r), element)
+    components["serialised shard bytes"] = min(components["serialised shard bytes"], DEFAULT_SHARD_BYTES)
+    shard_elements = min(params, int(DEFAULT_SHARD_BYTES / element))
+    fold = max((layer.numel for layer in spec.linears if layer.kind != "head"), default=0)
+    sharded = sum(memory.sharded_merge_components(shard_elements, fold, adapter_params(spec, r), element).values())
+    notes = [f"shard by shard (tuneforge merge --strategy sharded): about {sharded / 2 ** 30:.2f} GiB with shards "
+             f"of {shard_elements * element / 2 ** 30:.2f} GiB; smaller shards lower it"]
     return PhaseBill(spec.name, "merge", components, notes)
-
-
-def _export_bill(spec: ModelSpec, params: int, r: int, quantize: str) -> PhaseBill:
-    """Merge in fp32, then the quantized copy; GGUF keeps the merged model while its reloaded file is checked."""
-    components = {"merged model (fp32)": 4 * params, "adapter (fp32)": 4 * adapter_params(spec, r),
-                  f"quantized weights ({quantize})": int(params * ELEMENT_BYTES[quantize])}
-    notes = []
-    if quantize in ("int8", "int4"):
-        notes.append("HF export: the quantized model is reloaded for its perplexity check after the merged one is freed")
-    else:
-        components["gate: reloaded GGUF, dequantized (fp32)"] = 4 * params
-        notes.append("GGUF export: the written file is reloaded beside the merged model for the round-trip gate")
-    return PhaseBill(spec.name, "export", components, notes)

@@ -223,32 +223,47 @@ class MergePlan:
 
 
 def estimate_merge_bytes(base_dir: Path, adapter_dir: Path, dtype_size: int) -> dict[str, int]:
-    """Estimated peak bytes of the two merge strategies, from the safetensors headers (no weights loaded).
+    """Estimated peak bytes of the two merge strategies, from the safetensors headers (no weights loaded); the
+    arithmetic is :func:`tuneforge.models.memory.merge_components` / ``sharded_merge_components`` (the bill of
+    ``tuneforge estimate --phase merge``).
 
-    In memory: the base in fp32 with the adapter on it (4 bytes per element), the merged copy in the saved dtype when
-    it is not fp32, and the serialised bytes of the save. Shard by shard: the largest shard in the saved dtype
-    twice (its tensors, then their serialised bytes) plus the adapter in fp32.
+    In memory: the base in fp32 with the adapter on it, the merged copy in the saved dtype when it is not fp32, and
+    the serialised bytes of the save. Shard by shard: the largest shard in the saved dtype, the fp32 fold of the
+    largest adapted weight, and the adapter in fp32.
     """
+    from tuneforge.models import memory
+
     elements = shard_elements(base_dir)
     adapter_file = adapter_dir / "adapter_model.safetensors"
-    adapter = 4 * file_elements(adapter_file) if adapter_file.is_file() else 0  # the factors in fp32
-    total = sum(elements)
-    cast = total * dtype_size if dtype_size != 4 else 0
-    return {"memory": 4 * total + cast + total * dtype_size + adapter,
-            "sharded": 2 * max(elements) * dtype_size + adapter}
+    adapter, fold = _adapter_elements(adapter_file) if adapter_file.is_file() else (0, 0)
+    in_memory = memory.merge_components(sum(elements), adapter, dtype_size)
+    sharded = memory.sharded_merge_components(max(elements), fold, adapter, dtype_size)
+    return {"memory": sum(in_memory.values()), "sharded": sum(sharded.values())}
+
+
+def _adapter_elements(path: Path) -> tuple[int, int]:
+    """``(elements, fold)`` of an adapter file: all its elements, and an upper bound of the largest weight one
+    of its factor pairs folds into (largest fan-out x largest fan-in)."""
+    from safetensors import safe_open
+
+    outs, ins, total = [0], [0], 0
+    with safe_open(str(path), framework="pt") as handle:
+        for name in handle.keys():
+            shape = handle.get_slice(name).get_shape()
+            total += _numel(shape)
+            if len(shape) == 2 and "lora_B" in name:
+                outs.append(shape[0])
+            elif len(shape) == 2 and "lora_A" in name:
+                ins.append(shape[1])
+    return total, max(outs) * max(ins)
 
 
 def available_memory() -> int:
-    """Bytes of RAM the kernel reports available (``MemAvailable``); the merge runs on the CPU."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
+    """Bytes of RAM the kernel reports available (``MemAvailable``); the merge runs on the CPU
+    (:func:`tuneforge.models.memory.available_memory`)."""
+    from tuneforge.models.memory import available_memory as available
 
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return available("cpu")
 
 
 def plan_merge(ref: Any, dtype_size: int, strategy: str = "auto", max_memory: int | None = None) -> MergePlan:

@@ -1,0 +1,143 @@
+"""The memory arithmetic of the phases after training (merge, export, eval/generate, serve), on plain numbers.
+
+One copy of the formulas for every caller: ``tuneforge estimate --phase`` (:mod:`tuneforge.estimate.phases`,
+from a model spec) and the commands' own preflights (merge, export, eval/generate/abtest, serve), which read the
+numbers from the safetensors headers or the config of the model they are about to load. Each function returns
+``{component: bytes}``; the components sum to the phase's estimated peak above the process's memory once its
+libraries are imported (a preflight compares that with the memory available at that point).
+
+What each term is, and how it was checked, is in ``docs/estimate.md`` ("The phases after training"); the figures
+come from ``benchmarks/phase_memory.py`` (peak RSS of the real commands against these bills).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+#: bytes per element of each saved/loaded precision or export type (GGUF block types include their scales)
+ELEMENT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "f16": 2.0, "int8": 1.0, "int4": 0.5,
+                 "q8_0": 34 / 32, "q4_0": 18 / 32}
+#: loading a fast (Rust) tokenizer, per vocabulary entry: measured, not derived — SmolLM2's 49,152-token BPE
+#: tokenizer raises the peak by 58 MiB while tokenizer.json is parsed (31 MiB stay resident), 1.2 KB per entry
+TOKENIZER_BYTES_PER_TOKEN = 1200
+#: the rows ``tuneforge.models.generation.generate`` decodes together (its ``batch_size`` default)
+GENERATION_ROWS = 8
+#: the windows per forward pass of export's perplexity check (``tuneforge.evaluate.perplexity``'s default)
+CHECK_ROWS = 4
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, element: float) -> int:
+    """Bytes of the key/value cache for one token across all layers."""
+    return int(2 * num_layers * num_kv_heads * head_dim * element)
+
+
+def tokenizer_bytes(vocab: int) -> int:
+    """The peak a fast tokenizer adds while it loads (:data:`TOKENIZER_BYTES_PER_TOKEN` per entry)."""
+    return int(TOKENIZER_BYTES_PER_TOKEN * vocab)
+
+
+def merge_components(params: int, adapter_params: int, element: float) -> dict[str, int]:
+    """An in-memory LoRA merge: the base in fp32 with the adapter, a cast copy when saving below fp32, and the
+    bytes of the shard being serialised (at most ``shard_bytes``: save_pretrained writes one shard at a time)."""
+    components = {"base weights (fp32)": 4 * params, "adapter (fp32)": 4 * adapter_params}
+    if element != 4:
+        components["merged copy in the saved precision"] = int(params * element)
+    components["serialised shard bytes"] = int(params * element)
+    return components
+
+
+def sharded_merge_components(shard_elements: int, fold_elements: int, adapter_params: int,
+                             element: float) -> dict[str, int]:
+    """The shard-by-shard merge (``merge.sharded.merge_shards``): one shard's tensors in the saved precision, the
+    fp32 fold of its largest adapted weight (the weight upcast and its delta), and the adapter in fp32."""
+    return {"one shard (saved precision)": int(shard_elements * element),
+            "fold of one weight (fp32 weight + delta)": 8 * fold_elements,
+            "adapter (fp32)": 4 * adapter_params}
+
+
+def scoring_components(weight_bytes: int, kv_per_token: int, *, rows: int, tokens: int, vocab: int, hidden: int,
+                       intermediate: int, element: float) -> dict[str, int]:
+    """Scoring ``rows`` windows of ``tokens`` (perplexity, reward/likelihood scoring) with weights loaded.
+
+    The forward pass holds the growing KV cache (``use_cache`` is the config's default), one block's activations
+    and the logits; the loss then holds the logits, their shifted fp32 copy (``logits[:, :-1].float()`` reshaped:
+    a copy in fp32, a cast in bf16) and ``log_softmax``'s output — three vocabulary-wide tensors, which is the peak
+    for any real vocabulary (the cache is gone by then).
+    """
+    positions = rows * tokens
+    forward = (kv_per_token * positions + int(positions * (2 * hidden + 3 * intermediate) * element)
+               + int(positions * vocab * element))
+    loss = int(positions * vocab * (element + 8))
+    components = {"weights": int(weight_bytes), "tokenizer": tokenizer_bytes(vocab)}
+    if loss >= forward:
+        components[f"logits, shifted fp32 copy, log-softmax ({rows} x {tokens})"] = loss
+    else:
+        components[f"forward: KV cache, one block, logits ({rows} x {tokens})"] = forward
+    return components
+
+
+def generation_components(weight_bytes: int, kv_per_token: int, *, rows: int, tokens: int, vocab: int,
+                          hidden: int, intermediate: int, element: float) -> dict[str, int]:
+    """Generating ``rows`` answers together, ``tokens`` = prompt + new tokens per row: the KV cache of all of them,
+    the prompt pass's block activations (bounded by ``tokens`` per row) and one step's logits (generate asks the
+    model for the last position's logits only: ``logits_to_keep``)."""
+    positions = rows * tokens
+    return {"weights": int(weight_bytes), "tokenizer": tokenizer_bytes(vocab),
+            f"KV cache ({rows} x {tokens} tokens)": kv_per_token * positions,
+            "prompt pass: one block's activations": int(positions * (2 * hidden + 3 * intermediate) * element),
+            "one step's logits (fp32, + a processed copy)": 2 * 4 * rows * vocab}
+
+
+def serve_components(weight_bytes: int, kv_per_token: int, *, token_budget: int, rows: int,
+                     vocab: int) -> dict[str, int]:
+    """The server: weights, a KV cache of ``token_budget`` tokens over all running rows, one step's logits."""
+    return {"weights": int(weight_bytes), "tokenizer": tokenizer_bytes(vocab),
+            "kv cache (token budget)": kv_per_token * token_budget,
+            "logits (one step)": 4 * rows * vocab}
+
+
+def export_components(params: int, adapter_params: int, quantize: str, *, check: dict[str, int] | None = None
+                      ) -> dict[str, int]:
+    """Merge in fp32, then the quantized copy; GGUF keeps the merged model while its reloaded file is checked
+    (dequantized to fp32); an HF int8/int4 export adds its perplexity check (``check``: the
+    :func:`scoring_components` of the check's windows without their weights)."""
+    components = {"merged model (fp32)": 4 * params, "adapter (fp32)": 4 * adapter_params,
+                  f"quantized weights ({quantize})": int(params * ELEMENT_BYTES[quantize])}
+    if quantize not in ("int8", "int4"):
+        components["gate: reloaded GGUF, dequantized (fp32)"] = 4 * params
+    for name, value in (check or {}).items():
+        if name != "weights":
+            components[f"perplexity check: {name}"] = value
+    return components
+
+
+def available_memory(device: str = "cpu") -> int:
+    """Bytes free for a phase on ``device``: free GPU memory on ``cuda[:N]``, else the RAM the kernel reports
+    available (``MemAvailable``)."""
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.split(":", 1)[1]) if ":" in device else torch.cuda.current_device()
+        return int(torch.cuda.mem_get_info(index)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def largest_fitting(total_of: Callable[[int], int], rows: int, budget: int) -> int | None:
+    """The largest row count ≤ ``rows`` whose ``total_of(rows)`` fits ``budget`` (``total_of`` grows with the rows:
+    a binary search), or None when even one row does not."""
+    if total_of(1) > budget:
+        return None
+    low, high = 1, rows
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if total_of(middle) <= budget else (low, middle - 1)
+    return low
