@@ -56,6 +56,25 @@ def test_distributed_timeout_is_seconds_and_becomes_the_collective_timeout(tmp_p
         validate_config(_raw(tmp_path, timeout=0))
 
 
+def test_the_collective_timeout_reaches_every_group_including_one_an_engine_made_later():
+    # DeepSpeed ZeRO all-reduces in a group of its own (new_group, gloo's 30-minute default): a stalled rank went
+    # undetected there until every group got the timeout. A one-process gloo world in a child process (the test
+    # process must not keep a process group).
+    code = """
+import torch, torch.distributed as dist
+from tuneforge.train.watchdog import apply_collective_timeout
+timeout = lambda g: g._get_backend(torch.device('cpu')).options._timeout.total_seconds()
+dist.init_process_group('gloo', rank=0, world_size=1, store=dist.HashStore())
+engine_group = dist.new_group([0])
+assert timeout(engine_group) == 1800, timeout(engine_group)
+print(apply_collective_timeout(7), timeout(dist.group.WORLD), timeout(engine_group))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["2", "7.0", "7.0"]
+
+
 def test_ddp_timeout_exists_in_the_installed_transformers():
     from transformers import TrainingArguments
 
@@ -237,7 +256,7 @@ def data_file(tmp_path_factory) -> Path:
     return write_chat_items(tmp_path_factory.mktemp("data"), 96, seed=1) / "train.jsonl"
 
 
-def _config(out: Path, data_path: Path) -> Path:
+def _config(out: Path, data_path: Path, strategy: dict | None = None) -> Path:
     raw = {
         "run_name": out.name, "output_dir": str(out), "seed": 11, "stage": "sft",
         "model": {"from_config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "vocab_size": 512},
@@ -246,7 +265,7 @@ def _config(out: Path, data_path: Path) -> Path:
         "data": {"train": [str(data_path)], "max_length": 128},
         "train": {"max_steps": STEPS, "batch_size": 2, "lr": 3e-3, "logging_steps": 1, "save_steps": 2,
                   "save_total_limit": 10, "report_to": ["none"]},
-        "distributed": {"timeout": TIMEOUT_S},
+        "distributed": {"timeout": TIMEOUT_S, **(strategy or {})},
     }
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -334,3 +353,34 @@ def test_a_killed_rank_0_stops_the_other_rank_at_once_naming_it_then_resume_equa
     assert abort_after <= TIMEOUT_S + 10
     assert not (out / "final").exists()
     _check_resume(out, config, uninterrupted)
+
+
+# Sharded engines: the same stall under FSDP (accelerate's plugin) and DeepSpeed ZeRO-2 (its CPU accelerator, gloo).
+SHARDED = {"fsdp": {"strategy": "fsdp"},
+           "deepspeed": {"strategy": "deepspeed", "deepspeed": {"zero_stage": 2}}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", sorted(SHARDED))
+def test_a_stalled_rank_under_a_sharded_engine_stops_every_rank_within_the_timeout_then_resume_equals_uninterrupted(
+        engine, data_file, tmp_path):
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")  # the optional extra `distributed`
+    reference = tmp_path / "ref"
+    done = _launch(_config(reference, data_file, SHARDED[engine]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "stalled"
+    config = _config(out, data_file, SHARDED[engine])
+    done = _launch(config, fault="stall:rank=1:step=5")
+    ended = time.time()
+    assert done.returncode == watchdog.EXIT_CODE, done.stderr[-3000:]
+    assert "error: watchdog: rank 1 stalled at step 5 in forward/backward (no progress for" in done.stderr, \
+        done.stderr[-1500:]
+    assert "rank 1: stopped by the watchdog." in done.stderr
+    abort_after = ended - _fault_time(out, 1)
+    MEASURED[f"{engine} stall: launcher returned after the stall (s)"] = abort_after
+    print(f"{engine} stall: the launcher returned {abort_after:.1f} s after rank 1 stalled (timeout {TIMEOUT_S} s)")
+    assert TIMEOUT_S - 1 <= abort_after <= TIMEOUT_S + 10
+    assert not (out / "final").exists()
+    assert (out / "checkpoints" / "checkpoint-4" / "COMPLETE").is_file()
+    _check_resume(out, config, reference)

@@ -403,24 +403,29 @@ def describe_failures(failures: dict, env: dict | None = None) -> str:
 # ----------------------------------------------------------------------------- the hook in the fit phase
 
 
-def apply_collective_timeout(seconds: float) -> bool:
-    """Set ``seconds`` as the default timeout of the initialised process group (gloo and NCCL).
+def apply_collective_timeout(seconds: float) -> int:
+    """Set ``seconds`` as the timeout of every process group this rank belongs to (gloo and NCCL).
 
     The Trainer passes ``ddp_timeout`` to ``init_process_group`` on GPUs only; on CPU the group keeps gloo's 30
-    minutes unless it is set here. Returns whether it was set.
+    minutes unless it is set here. Engines make groups of their own with that 30-minute default — DeepSpeed ZeRO
+    all-reduces gradients in its data-parallel group (``new_group``), made when the Trainer prepares the engine
+    inside ``train()`` — so this runs again when training begins (:func:`heartbeat_callback`). Returns the number
+    of groups set (0 without an initialised group, or on a torch without ``_set_pg_timeout``).
     """
     from datetime import timedelta
 
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return False
+        return 0
     try:
-        from torch.distributed.distributed_c10d import _set_pg_timeout
+        from torch.distributed.distributed_c10d import _rank_not_in_group, _set_pg_timeout, _world
     except ImportError:  # an older torch: ddp_timeout (GPUs) is all there is
-        return False
-    _set_pg_timeout(timedelta(seconds=seconds))
-    return True
+        return 0
+    groups = [group for group in list(_world.pg_map) if not _rank_not_in_group(group)]
+    for group in groups:
+        _set_pg_timeout(timedelta(seconds=seconds), group)
+    return len(groups)
 
 
 def heartbeat_callback(heartbeat: Heartbeat, fault: Fault | None = None):
@@ -440,6 +445,7 @@ def heartbeat_callback(heartbeat: Heartbeat, fault: Fault | None = None):
 
     class HeartbeatCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
+            apply_collective_timeout(heartbeat.timeout_s)  # the groups the engine made while it was prepared
             heartbeat.enter(state.global_step, STARTING)
 
         def on_step_begin(self, args, state, control, **kwargs):
