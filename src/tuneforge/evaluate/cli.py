@@ -34,6 +34,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass for perplexity")
     p.add_argument("--max-length", type=int, default=None, help="perplexity window (default: model context)")
     p.add_argument("--stride", type=int, default=None, help="sliding-window step (default: max-length / 2)")
+    _add_max_memory(p, "lowers --batch-size (and the generation batch) when only a smaller one fits")
     p.add_argument("--retention", metavar="GENERAL_DATA", default=None,
                    help="also score forgetting: perplexity of the start model and of each model on this general "
                         "data (docs/forgetting.md)")
@@ -62,6 +63,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--shuffle-seed", type=int, default=None, help="seed of the left/right assignment (default: random)")
     p.add_argument("--device", default="auto")
+    _add_max_memory(p, "lowers the generation batch when only a smaller one fits")
     p.add_argument("--allow-partial", action="store_true", help="score: accept votes files with unanswered items")
     p.add_argument("--judge", help="judge: the model that votes (with position swapping)")
     p.add_argument("--votes-out", help="judge: where to write its votes (default <sheet>.judge.votes.jsonl)")
@@ -82,6 +84,18 @@ def _add_generation_args(p, **defaults) -> None:
 
     add_generation_args(p, **defaults)
     p.add_argument("--greedy", action="store_true", help="force greedy decoding (temperature 0)")
+
+
+def _add_max_memory(p, lowers: str) -> None:
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget of the preflight, e.g. 8GB (default: free RAM, or free GPU memory on CUDA); "
+                        f"the estimate is printed before the model loads, the command stops when it cannot fit and {lowers}")
+
+
+def _max_memory(args) -> int | None:
+    from tuneforge.utils import parse_size
+
+    return parse_size(args.max_memory, "--max-memory") if getattr(args, "max_memory", None) else None
 
 
 def _generation_settings(args):
@@ -107,6 +121,7 @@ def cmd_eval(args) -> int:
     metrics = parse_metrics(args.metrics or "ppl")
     gen = _generation_settings(args)
     _check_limit(args.limit)
+    max_memory = _max_memory(args)  # a bad size stops us before anything is read
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr))
     parents = [spec for spec in args.models if per_task_runs(spec)]
     if parents:  # one adapter per task: each scored on its own task's data
@@ -135,7 +150,8 @@ def cmd_eval(args) -> int:
     else:
         rows = runner.run_eval(args.models, args.data, metrics, gen, fmt=args.format, limit=args.limit,
                                device=args.device, batch_size=args.batch_size, max_length=args.max_length,
-                               stride=args.stride, keep_predictions=args.predictions, progress=progress)
+                               stride=args.stride, keep_predictions=args.predictions, progress=progress,
+                               memory_check=True, max_memory=max_memory)
     if general is not None:
         from tuneforge.evaluate.retention import add_retention
 
@@ -185,7 +201,8 @@ def _eval_per_task(spec: str, args, metrics, gen, progress) -> None:
             progress(f"evaluating {run} on {len(records)} records of task {task} ...")
         row = runner.evaluate_model(str(run), records, metrics, gen, device=args.device, batch_size=args.batch_size,
                                     max_length=args.max_length, stride=args.stride, references=refs,
-                                    keep_predictions=args.predictions)
+                                    keep_predictions=args.predictions, memory_check=True,
+                                    max_memory=_max_memory(args))
         row["task"] = task
         if not args.no_save:
             runner.save_to_run_dirs([row], data, metrics, gen)
@@ -297,19 +314,22 @@ def _abtest_make(args) -> int:
     import secrets
 
     from tuneforge.evaluate import abtest
+    from tuneforge.evaluate.preflight import generation_preflight
     from tuneforge.evaluate.runner import load_eval_records, prompt_and_reference
     from tuneforge.models.generation import generate
     from tuneforge.models.reference import load_for_inference
 
     gen = _generation_settings(args)
+    max_memory = _max_memory(args)
     records = load_eval_records(args.prompts, args.format, args.limit)
     prompts = [prompt_and_reference(r)[0] for r in records]
     model_a, model_b = args.args
     answers = []
     for spec in (model_a, model_b):
+        rows = generation_preflight(spec, prompts, gen, device=args.device, max_memory=max_memory, what="abtest")
         print(f"generating {len(prompts)} answers with {spec} ...", file=sys.stderr)
         loaded = load_for_inference(spec, device=args.device)
-        answers.append(generate(loaded.model, loaded.tokenizer, loaded.template, prompts, gen))
+        answers.append(generate(loaded.model, loaded.tokenizer, loaded.template, prompts, gen, batch_size=rows))
         del loaded
     seed = args.shuffle_seed if args.shuffle_seed is not None else secrets.randbits(32)
     items = abtest.make_items(prompts, answers[0], answers[1], seed)

@@ -80,17 +80,28 @@ def check_references(records: list[dict], metrics: list[Metric | str], data: str
 def evaluate_model(spec: str, records: list[dict], metrics: list[Metric | str], settings: Any, *,
                    device: str = "auto", batch_size: int = 4, max_length: int | None = None,
                    stride: int | None = None, references: list[str] | None = None,
-                   keep_predictions: bool = False) -> dict:
+                   keep_predictions: bool = False, memory_check: bool = False,
+                   max_memory: int | None = None) -> dict:
     """Load ``spec`` and compute ``metrics`` on ``records``; ``settings`` is a ``GenerationSettings``.
+
+    With ``memory_check`` (the ``eval`` command), the memory preflight (:func:`memory_preflight`) runs first: it
+    prints the estimate, lowers the batch sizes when only smaller ones fit, and raises ``UserError`` when nothing
+    fits ``max_memory`` (default: the memory available now).
 
     Returns:
         ``{"model": spec, "source": ..., "n": number of records, <each metric's result entries>}`` (e.g. ``ppl``
         with ``tokens`` and ``nll``; ``bleu`` with ``bleu_tokenize``), ``predictions`` when ``keep_predictions``.
     """
     from tuneforge.models.generation import generate
+    from tuneforge.models.memory import GENERATION_ROWS
     from tuneforge.models.reference import load_for_inference
 
     metrics = as_metrics(metrics)
+    generation_rows = GENERATION_ROWS
+    if memory_check:
+        batch_size, generation_rows = memory_preflight(spec, records, metrics, settings, device=device,
+                                                       batch_size=batch_size, max_length=max_length,
+                                                       stride=stride, max_memory=max_memory)
     started = time.time()
     loaded = load_for_inference(spec, device=device)
     row: dict[str, Any] = {"model": spec, "source": loaded.source, "n": len(records)}
@@ -100,7 +111,8 @@ def evaluate_model(spec: str, records: list[dict], metrics: list[Metric | str], 
         generation = [m for m in metrics if m.needs == GENERATION]
         if generation:
             prompts = [prompt_and_reference(r)[0] for r in records]
-            predictions = generate(loaded.model, loaded.tokenizer, loaded.template, prompts, settings)
+            predictions = generate(loaded.model, loaded.tokenizer, loaded.template, prompts, settings,
+                                   batch_size=generation_rows)
             refs = references or [prompt_and_reference(r)[1] for r in records]
             for metric in generation:
                 row.update(metric.result(predictions, refs))
@@ -113,11 +125,41 @@ def evaluate_model(spec: str, records: list[dict], metrics: list[Metric | str], 
     return row
 
 
+def memory_preflight(spec: str, records: list[dict], metrics: list[Metric], settings: Any, *, device: str,
+                     batch_size: int, max_length: int | None, stride: int | None,
+                     max_memory: int | None) -> tuple[int, int]:
+    """The memory preflight of one model's evaluation (:mod:`tuneforge.evaluate.preflight`): the scoring metrics'
+    widest window x ``batch_size``, the generation metrics' longest prompt + ``max_new_tokens`` x the generation
+    rows. Returns ``(batch_size, generation_rows)``, each lowered when only a smaller one fits.
+
+    Raises:
+        UserError: one row of either does not fit the budget (both numbers named).
+    """
+    from tuneforge.evaluate import preflight
+    from tuneforge.models.memory import GENERATION_ROWS
+
+    generation_rows = GENERATION_ROWS
+    if any(m.needs != GENERATION for m in metrics):
+        width, count = preflight.scoring_windows(spec, records, max_length, stride)
+        plan = preflight.plan_rows(spec, rows=min(batch_size, count), tokens=width, generation=False,
+                                   device=device, max_memory=max_memory)
+        batch_size = plan.rows if plan.rows < plan.asked else batch_size
+    if any(m.needs == GENERATION for m in metrics):
+        prompts = [prompt_and_reference(r)[0] for r in records]
+        tokens = preflight.longest_prompt(spec, prompts) + settings.max_new_tokens
+        plan = preflight.plan_rows(spec, rows=min(GENERATION_ROWS, len(prompts)), tokens=tokens, generation=True,
+                                   device=device, max_memory=max_memory, option="generation batch")
+        generation_rows = plan.rows if plan.rows < plan.asked else GENERATION_ROWS
+    return batch_size, generation_rows
+
+
 def run_eval(specs: list[str], data: str, metrics: list[Metric], settings: Any, *, fmt: str = "auto",
              limit: int | None = None, device: str = "auto", batch_size: int = 4, max_length: int | None = None,
-             stride: int | None = None, keep_predictions: bool = False, progress=None) -> list[dict]:
+             stride: int | None = None, keep_predictions: bool = False, progress=None, memory_check: bool = False,
+             max_memory: int | None = None) -> list[dict]:
     """Evaluate every model of ``specs`` on the same records with the same settings (one model in memory at a
-    time). References are checked before any model is loaded."""
+    time). References are checked before any model is loaded; with ``memory_check`` each model's memory
+    preflight runs before it loads (:func:`evaluate_model`)."""
     records = load_eval_records(data, fmt, limit)
     refs = check_records(records, metrics, data)
     rows = []
@@ -126,7 +168,8 @@ def run_eval(specs: list[str], data: str, metrics: list[Metric], settings: Any, 
             progress(f"evaluating {spec} on {len(records)} records ...")
         rows.append(evaluate_model(spec, records, metrics, settings, device=device, batch_size=batch_size,
                                    max_length=max_length, stride=stride, references=refs,
-                                   keep_predictions=keep_predictions))
+                                   keep_predictions=keep_predictions, memory_check=memory_check,
+                                   max_memory=max_memory))
     return rows
 
 

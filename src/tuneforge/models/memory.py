@@ -13,6 +13,8 @@ come from ``benchmarks/phase_memory.py`` (peak RSS of the real commands against 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 #: bytes per element of each saved/loaded precision or export type (GGUF block types include their scales)
 ELEMENT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "f16": 2.0, "int8": 1.0, "int4": 0.5,
@@ -141,3 +143,74 @@ def largest_fitting(total_of: Callable[[int], int], rows: int, budget: int) -> i
         middle = (low + high + 1) // 2
         low, high = (middle, high) if total_of(middle) <= budget else (low, middle - 1)
     return low
+
+
+# --------------------------------------------------------------------------- the numbers of a model reference
+
+@dataclass(frozen=True)
+class ModelNumbers:
+    """What the inference bills need to know about a model (read from its config; no weights loaded)."""
+
+    params: int
+    adapter_params: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+    hidden: int
+    intermediate: int
+
+    def kv_per_token(self, element: float) -> int:
+        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, element)
+
+    def weight_bytes(self, element: float) -> int:
+        """The base in ``element`` bytes per parameter, an adapter on it in fp32 (peft keeps adapters in fp32)."""
+        return int(self.params * element) + 4 * self.adapter_params
+
+    def shape(self) -> dict[str, int]:
+        return {"vocab": self.vocab, "hidden": self.hidden, "intermediate": self.intermediate}
+
+
+def model_numbers(ref: Any) -> ModelNumbers:
+    """The :class:`ModelNumbers` of a :class:`tuneforge.models.reference.ModelRef`: its base's config built on the
+    meta device (parameters counted once, tied embeddings once), the adapter's elements from its file header."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tuneforge.models.load import check_model_source
+
+    config = AutoConfig.from_pretrained(check_model_source(ref.base, ref.given))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    params = sum(p.numel() for p in model.parameters())
+    heads = int(getattr(text, "num_attention_heads", 1) or 1)
+    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0))
+    head_dim = int(getattr(text, "head_dim", 0) or hidden // heads)
+    return ModelNumbers(
+        params=int(params), adapter_params=_adapter_elements(ref),
+        num_layers=int(getattr(text, "num_hidden_layers", 0) or getattr(text, "n_layer", 0)),
+        num_kv_heads=int(getattr(text, "num_key_value_heads", 0) or heads), head_dim=head_dim,
+        vocab=int(text.vocab_size), hidden=hidden,
+        intermediate=int(getattr(text, "intermediate_size", 0) or getattr(text, "n_inner", 0) or 4 * hidden))
+
+
+def _adapter_elements(ref: Any) -> int:
+    from pathlib import Path
+
+    if getattr(ref, "adapter", None) is None:
+        return 0
+    path = Path(ref.adapter) / "adapter_model.safetensors"
+    if not path.is_file():
+        return 0
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), framework="pt") as handle:
+        for name in handle.keys():
+            count = 1
+            for size in handle.get_slice(name).get_shape():
+                count *= int(size)
+            total += count
+    return total
