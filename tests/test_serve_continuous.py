@@ -100,6 +100,51 @@ def test_finished_rows_leave_at_once_and_their_columns_are_trimmed(lm):
     assert batch.mask.shape[1] == slot.length == len(ids(tok, PROMPTS[2])) + 2 and bool(batch.mask.all())
 
 
+def test_the_cache_grows_and_rows_move_without_changing_answers_and_steps_copy_no_cache(lm):
+    """More rows than the store first holds (8), answers longer than its first columns (64), rows leaving from the
+    middle (the last row takes their place): every answer is still the unbatched one, log-probs included (the tiny
+    random model repeats a token whatever its context: the log-probs are what would show a wrong cache); a step
+    writes one column in place (the buffers are reallocated a few times in all, not at every step)."""
+    from tuneforge.models import decoding
+    from tuneforge.models.decoding import ContinuousBatch, DecodeRow, Joining
+
+    model, tok = lm
+    budgets = [70, 5, 90, 9, 3, 75, 12, 80, 4, 66, 7, 85]  # short ones leave from the middle of the batch
+    joinings = [Joining(DecodeRow(ids(tok, PROMPTS[i % 5]), GenerationSettings(max_new_tokens=b), top_logprobs=0),
+                        tok, None, None, i) for i, b in enumerate(budgets)]
+    allocations = []
+    original = decoding._KVStore._allocate
+
+    def counting(self, *args, **kwargs):
+        allocations.append(args[1:3])
+        return original(self, *args, **kwargs)
+
+    decoding._KVStore._allocate = counting
+    try:
+        batch = ContinuousBatch(model, prefix_entries=0)
+        got = run_staggered(batch, joinings[:3], every=1)  # a first store, emptied again
+        first = len(allocations)
+        got.update(dict(batch.add(joinings[3:7])))
+        steps = 0
+        results = {}
+        pending = joinings[7:]
+        while pending or len(batch):
+            if pending and steps % 3 == 0:
+                results.update(batch.add([pending.pop(0)]))
+            results.update(batch.step())
+            steps += 1
+        got.update(results)
+    finally:
+        decoding._KVStore._allocate = original
+    for i, b in enumerate(budgets):
+        want = alone(model, tok, ids(tok, PROMPTS[i % 5]), GenerationSettings(max_new_tokens=b), top_logprobs=0)
+        assert got[i].token_ids == want.token_ids, i
+        assert max(abs(a.logprob - w.logprob) for a, w in zip(got[i].logprobs, want.logprobs, strict=True)) < 1e-4, i
+    assert first >= 2 and max(cols for _, cols in allocations) > 64  # the columns really grew
+    assert len(allocations) - first <= 6 < steps  # a handful of reallocations over all the steps
+    assert len(batch) == 0 and batch.store is None
+
+
 def test_a_cancelled_row_leaves_at_the_next_step(lm):
     from tuneforge.models.decoding import ContinuousBatch, DecodeRow, Joining
 

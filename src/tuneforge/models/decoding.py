@@ -306,12 +306,13 @@ class _Slot:
 class ContinuousBatch:
     """Continuous batching on one model: rows join (:meth:`add`) and leave at every step (:meth:`step`).
 
-    The batch holds one KV cache (a transformers ``DynamicCache``) for all running rows, left-padded so that every
-    row's newest token sits in the last column; a joining row is prefilled (with the other rows joining at the same
-    step, left-padded, or alone after a cached prefix) and its cache concatenated to the batch's; a finished row's
-    cache rows are dropped at once and the columns no row uses any more are trimmed. Each row keeps its own position
-    ids and attention mask, so its tokens are the ones it gets alone (greedy: the same text; seeded sampling: the
-    same draw).
+    The batch holds one KV cache for all running rows (:class:`_KVStore`: preallocated buffers, grown by doubling),
+    left-padded so that every row's newest token sits in the last column of its window; a decoding step writes one
+    column in place (no copy of the cache), a joining row is prefilled (with the other rows joining at the same step,
+    left-padded, or alone after a cached prefix) and only its own rows are copied in; a finished row's place is
+    taken by the last row (one row's cache moves) and the columns no row uses any more are dropped by moving the
+    window's start. Each row keeps its own position ids and attention mask, so its tokens are the ones it gets alone
+    (greedy: the same text; seeded sampling: the same draw).
 
     Rows of different LoRA adapters of one peft model decode in the same forward pass (peft's ``adapter_names``)
     when ``mixed_adapters`` is set; otherwise ``activate`` (called before every forward) chooses the adapter.
@@ -332,7 +333,8 @@ class ContinuousBatch:
         self.model, self.mixed_adapters, self.activate = model, mixed_adapters, activate
         self.prefix_entries, self.min_prefix = prefix_entries, min_prefix
         self.slots: list[_Slot] = []
-        self.cache: Any = None
+        self.cache: Any = None  # a DynamicCache whose layers read and write self.store
+        self.store: _KVStore | None = None
         self.mask: Any = None
         self.device = next(model.parameters()).device
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -469,11 +471,13 @@ class ContinuousBatch:
             self._merge(cache, mask, [group[i] for i in keep])
         return finished
 
-    def _advance(self, slot: _Slot, logits) -> tuple[Any, Any] | None:
-        """Choose and take the row's next token: ``None`` while it goes on, else ``(handle, result)``."""
+    def _advance(self, slot: _Slot, logits, token: int | None = None) -> tuple[Any, Any] | None:
+        """Choose (unless ``token`` was chosen already) and take the row's next token: ``None`` while it goes on,
+        else ``(handle, result)``."""
         state = slot.state
         try:
-            token = state.choose(logits)
+            if token is None:
+                token = state.choose(logits)
             state.advance(token)
         except Exception as exc:  # noqa: BLE001 - this row's own failure (its callback, its choice)
             log.exception("a row failed while choosing or reporting its token")
@@ -484,17 +488,18 @@ class ContinuousBatch:
         return None
 
     def _merge(self, cache, mask, slots: list[_Slot]) -> None:
-        """Concatenate a prefilled group's cache rows to the batch's, both left-padded to the wider."""
+        """Copy a prefilled group's cache rows into the batch's store (only theirs are copied), both left-padded to
+        the wider."""
         import torch
 
-        if self.cache is None:
-            self.cache, self.mask, self.slots = cache, mask.to(self.device), list(slots)
+        mask = mask.to(self.device)
+        if self.store is None:
+            self.store = _KVStore([(layer.keys, layer.values) for layer in cache.layers])
+            self.cache, self.mask, self.slots = self.store.cache(), mask, list(slots)
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], 0)
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], 0)
-        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask.to(self.device), width, dim=1)], 0)
+        self.store.insert([(layer.keys, layer.values) for layer in cache.layers], width)
+        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)], 0)
         self.slots += slots
 
     # ------------------------------------------------------------------ prefix reuse
@@ -547,19 +552,21 @@ class ContinuousBatch:
         positions = torch.tensor([[slot.length] for slot in self.slots], dtype=torch.long)
         mask = torch.cat([self.mask, self.mask.new_ones((len(self.slots), 1))], 1)
         try:
+            self.store.reserve(1)
             logits = self._forward(ids, mask, positions, self.cache, [s.joining.adapter for s in self.slots])
+            self.store.commit(1)
         except Exception as exc:  # noqa: BLE001 - re-admit every row alone; only rows failing alone fail
             log.warning("a decoding step of %d rows failed (%s: %s); re-prefilling them one by one",
                         len(self.slots), type(exc).__name__, exc)
-            slots, self.slots, self.cache, self.mask = self.slots, [], None, None
+            slots, self.slots, self.cache, self.mask, self.store = self.slots, [], None, None, None
             for slot in slots:
                 finished += self._prefill([slot])
             return finished
         self.mask = mask
         ended = []
-        for i, slot in enumerate(self.slots):
+        for i, (slot, token) in enumerate(zip(self.slots, _plain_greedy(self.slots, logits), strict=True)):
             slot.length += 1
-            outcome = self._advance(slot, logits[i])
+            outcome = self._advance(slot, logits[i], token)
             if outcome is not None:
                 finished.append(outcome)
                 ended.append(i)
@@ -571,25 +578,167 @@ class ContinuousBatch:
         if not indices:
             return
         drop = set(indices)
-        keep = [i for i in range(len(self.slots)) if i not in drop]
-        self.slots = [self.slots[i] for i in keep]
-        if not keep:
-            self.cache = self.mask = None
+        remaining = len(self.slots) - len(drop)
+        if not remaining:
+            self.slots, self.cache, self.mask, self.store = [], None, None, None
             return
-        index = torch_index(keep, self.mask.device)
-        mask = self.mask[index]
+        # The rows left past the end take the places of the rows gone before it: only their caches move.
+        holes = [i for i in range(remaining) if i in drop]
+        movers = [i for i in range(remaining, len(self.slots)) if i not in drop]
+        order = list(range(remaining))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        self.store.move(movers, holes, remaining)
+        self.slots = [self.slots[i] for i in order]
+        mask = self.mask[torch_index(order, self.mask.device)]
         used = mask.any(0).nonzero()
         start = int(used[0]) if len(used) else mask.shape[1]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+        self.store.trim(start)
         self.mask = mask[:, start:]
 
     def cancel_all(self, reason: BaseException) -> list[tuple[Any, Any]]:
         """End every running row with ``reason`` (server shutting down)."""
         finished = [(slot.joining.handle, reason) for slot in self.slots]
-        self.slots, self.cache, self.mask = [], None, None
+        self.slots, self.cache, self.mask, self.store = [], None, None, None
         return finished
 
+
+def _plain_greedy(slots: list[_Slot], logits) -> list[int | None]:
+    """The arg-max token of every greedy row without penalties or log-probs, in one tensor operation (``None`` for
+    the other rows: they choose their own token). The same token ``choose_token`` gives: the first maximum, NaN
+    counted as the lowest score."""
+    import torch
+
+    plain = [not s.state.sampling and s.state.row.top_logprobs is None and s.state.settings.repetition_penalty == 1.0
+             and not s.state.settings.presence_penalty and not s.state.settings.frequency_penalty for s in slots]
+    if not any(plain):
+        return [None] * len(slots)
+    tokens = torch.argmax(torch.nan_to_num(logits, nan=float("-inf")), dim=-1).tolist()
+    return [token if is_plain else None for token, is_plain in zip(tokens, plain, strict=True)]
+
+
+class _KVStore:
+    """The running rows' keys and values in preallocated buffers ``[rows, heads, columns, head_dim]`` per layer.
+
+    Rows ``0..n-1`` are the running rows; columns ``start..end-1`` are the window every row is left-padded to (its
+    newest token in column ``end - 1``). A step :meth:`reserve` s room for its new column(s), the model's attention
+    layers write them in place through :meth:`cache` (a ``DynamicCache`` whose layers are views of the buffers), and
+    :meth:`commit` moves ``end``. When the buffers are full they are reallocated at twice the size (amortised: a
+    step never copies the whole cache, unlike ``DynamicCache``'s ``torch.cat`` per layer per step).
+    """
+
+    def __init__(self, layers: list[tuple[Any, Any]]):
+        rows, _, width, _ = layers[0][0].shape
+        self.n, self.start, self.end = 0, 0, 0
+        self.buffers: list[tuple[Any, Any]] = []
+        columns = max(64, 2 * width)
+        self._allocate(layers, max(8, rows), columns, left=width + (columns - width) // 4)
+        self.insert(layers, width)
+
+    def _allocate(self, shapes: list[tuple[Any, Any]], rows: int, columns: int, left: int) -> None:
+        """New buffers of ``rows`` x ``columns``, the current window copied in starting at column ``left``."""
+        import torch
+
+        width = self.end - self.start
+        buffers = []
+        for i, (keys, values) in enumerate(shapes):
+            # zeros, not empty: masked columns are multiplied by a zero weight, and 0 x NaN would be NaN
+            new_k = torch.zeros((rows, keys.shape[1], columns, keys.shape[3]), dtype=keys.dtype, device=keys.device)
+            new_v = torch.zeros((rows, values.shape[1], columns, values.shape[3]), dtype=values.dtype,
+                                device=values.device)
+            if self.buffers and self.n and width:
+                old_k, old_v = self.buffers[i]
+                new_k[:self.n, :, left:left + width] = old_k[:self.n, :, self.start:self.end]
+                new_v[:self.n, :, left:left + width] = old_v[:self.n, :, self.start:self.end]
+            buffers.append((new_k, new_v))
+        self.buffers = buffers
+        self.start, self.end = left, left + width
+
+    def _ensure(self, rows: int, left: int, right: int) -> None:
+        """Room for ``rows`` rows, ``left`` more columns before the window and ``right`` after it."""
+        capacity_rows, _, capacity_columns, _ = self.buffers[0][0].shape
+        if rows <= capacity_rows and left <= self.start and self.end + right <= capacity_columns:
+            return
+        width = self.end - self.start + left + right
+        columns = capacity_columns if 2 * width <= capacity_columns else 2 * width
+        self._allocate(self.buffers, max(capacity_rows, 2 * rows if rows > capacity_rows else rows), columns,
+                       left=left + (columns - width) // 4)
+
+    def insert(self, layers: list[tuple[Any, Any]], width: int) -> None:
+        """Append rows (their left-padded keys and values) to the batch, the window widened to ``width`` columns."""
+        rows, _, their_width, _ = layers[0][0].shape
+        wider = max(0, width - (self.end - self.start))
+        self._ensure(self.n + rows, wider, 0)
+        self.start -= wider
+        for (keys, values), (buf_k, buf_v) in zip(layers, self.buffers, strict=True):
+            buf_k[self.n:self.n + rows, :, self.end - their_width:self.end] = keys
+            buf_v[self.n:self.n + rows, :, self.end - their_width:self.end] = values
+        self.n += rows
+
+    def move(self, sources: list[int], targets: list[int], remaining: int) -> None:
+        """Copy the window of rows ``sources`` to rows ``targets``; keep ``remaining`` rows."""
+        if sources:
+            src, dst = torch_index(sources, self.buffers[0][0].device), torch_index(targets, self.buffers[0][0].device)
+            for buf_k, buf_v in self.buffers:
+                buf_k[dst, :, self.start:self.end] = buf_k[src, :, self.start:self.end]
+                buf_v[dst, :, self.start:self.end] = buf_v[src, :, self.start:self.end]
+        self.n = remaining
+
+    def trim(self, columns: int) -> None:
+        """Drop the first ``columns`` columns of the window (no row uses them)."""
+        self.start += columns
+
+    def reserve(self, columns: int) -> None:
+        self._ensure(self.n, 0, columns)
+
+    def commit(self, columns: int) -> None:
+        self.end += columns
+
+    def cache(self) -> Any:
+        """A ``DynamicCache`` over the store: each layer writes its new keys and values after the window and returns
+        the window with them (views, no copy)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        cache.layers = [_store_layer(self, i) for i in range(len(self.buffers))]
+        return cache
+
+
+_STORE_LAYER: list[type] = []
+
+
+def _store_layer(store: _KVStore, index: int) -> Any:
+    """Layer ``index`` of ``store`` as a transformers cache layer (the class is made once: transformers is heavy)."""
+    if not _STORE_LAYER:
+        from transformers.cache_utils import DynamicLayer
+
+        class StoreLayer(DynamicLayer):
+            def __init__(self, store: _KVStore, index: int):
+                self.store, self.index = store, index
+                super().__init__()
+                self.is_initialized = True
+
+            # keys / values: always the store's current window (views of its buffers)
+            keys = property(lambda self: self._window(0), lambda self, value: None)
+            values = property(lambda self: self._window(1), lambda self, value: None)
+
+            def _window(self, which: int):
+                store = self.store
+                return store.buffers[self.index][which][:store.n, :, store.start:store.end]
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                store, width = self.store, key_states.shape[-2]
+                buf_k, buf_v = store.buffers[self.index]
+                buf_k[:store.n, :, store.end:store.end + width] = key_states
+                buf_v[:store.n, :, store.end:store.end + width] = value_states
+                return (buf_k[:store.n, :, store.start:store.end + width],
+                        buf_v[:store.n, :, store.start:store.end + width])
+
+            def get_seq_length(self) -> int:
+                return self.store.end - self.store.start
+
+        _STORE_LAYER.append(StoreLayer)
+    return _STORE_LAYER[0](store, index)
 
 def torch_index(indices: list[int], device: Any):
     import torch
