@@ -32,6 +32,27 @@ from tuneforge.models.sampling import (  # noqa: F401
 
 Prompt = str | Sequence[dict]
 
+
+def refuse_reward_model(model: Any, command: str) -> None:
+    """Stop ``command`` (serve, chat, generate) before it loads a reward model: it scores text, it cannot write any.
+
+    Args:
+        model: the run / model reference as the user gave it (a path, or a resolved ``ModelRef``).
+        command: the command that was asked for, named in the message.
+
+    Raises:
+        UserError: ``model`` is a reward model (a ``stage: rm`` run, a SEQ_CLS adapter, a one-output
+            sequence-classification directory), naming it and ``tuneforge score`` as the command for it.
+    """
+    from tuneforge.models.reference import resolve
+
+    ref = model if hasattr(model, "head") else resolve(str(model))
+    if ref.head == "reward":
+        raise UserError(f"{ref.given}: is a reward model (stage: rm, a score head with one output): it scores "
+                        f"answers and cannot generate text, so `tuneforge {command}` cannot use it. Score records "
+                        f"with it: tuneforge score {ref.given} --data FILE --out scores.jsonl (or use it as a GRPO "
+                        "reward: rewards: [{model: RUN}])")
+
 def add_generation_args(parser: Any, *, max_new_tokens: int = GenerationSettings.max_new_tokens) -> None:
     """Declare the generation flags every command shares (same names, same defaults)."""
     defaults = GenerationSettings(max_new_tokens=max_new_tokens)

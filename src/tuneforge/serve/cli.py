@@ -42,6 +42,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-budget", type=int, default=None,
                    help="most tokens one batch holds, rows x (prompt + max new tokens) (default: sized from the "
                    "free memory once the models are loaded); a row above it gets 413")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget of the preflight, e.g. 8GB (default: free RAM, or free GPU memory on CUDA): "
+                   "the estimate (weights + KV token budget) is printed before the models load; the token budget is "
+                   "lowered when that makes it fit, serve stops when even one longest row does not")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of requests that give none")
     p.add_argument("--default-temperature", type=float, default=0.0,
                    help="temperature of requests that give none (default 0 = greedy)")
@@ -123,6 +127,11 @@ def serve_command(args: argparse.Namespace) -> int:
     if not 0 <= args.default_temperature <= 2:
         raise UserError(f"--default-temperature must be between 0 and 2, got {args.default_temperature}")
     api_key = read_api_key(args)
+    from tuneforge.models.generation import refuse_reward_model
+    from tuneforge.serve.engine import expand_per_task, served_names
+
+    for _, path in expand_per_task(served_names(args.runs))[0]:  # every engine: before anything loads or starts
+        refuse_reward_model(path, "serve")
     if args.check_engine:
         return check_engine_command(args, api_key)
     if args.engine != "tuneforge":
@@ -141,8 +150,9 @@ def serve_command(args: argparse.Namespace) -> int:
     if not local and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the models "
                     "(set --api-key-file or $%s)", args.host, KEY_ENV)
+    plan = serve_preflight(args)  # before any model loads
     engine = Engine(args.runs, device=args.device, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                    token_budget=args.token_budget, batching=args.batching)
+                    token_budget=plan.token_budget, batching=args.batching)
     app = create_app(engine, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
                      max_prompt_tokens=args.max_prompt_tokens, max_scored_tokens=args.max_scored_tokens,
                      default_max_tokens=args.default_max_tokens,
@@ -156,6 +166,25 @@ def serve_command(args: argparse.Namespace) -> int:
     finally:
         engine.scheduler.close()
     return 0
+
+
+def serve_preflight(args: argparse.Namespace):
+    """The memory preflight of ``serve`` (:func:`tuneforge.serve.preflight.plan_serve`) for the runs of ``args``.
+
+    Raises:
+        UserError: the models and one longest row do not fit the budget (both numbers named).
+    """
+    from tuneforge.models.reference import resolve
+    from tuneforge.serve.app import DEFAULT_MAX_PROMPT_TOKENS
+    from tuneforge.serve.engine import expand_per_task, served_names
+    from tuneforge.serve.preflight import plan_serve
+    from tuneforge.utils import parse_size
+
+    budget = parse_size(args.max_memory, "--max-memory") if args.max_memory else None
+    refs = [resolve(path) for _, path in expand_per_task(served_names(args.runs))[0]]
+    longest = (args.max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS) + args.max_tokens_limit
+    return plan_serve(refs, token_budget=args.token_budget, longest_row=longest, rows=args.max_batch_size,
+                      device=args.device, max_memory=budget)
 
 
 def other_engine_command(args: argparse.Namespace, api_key: str | None) -> int:
@@ -194,7 +223,7 @@ def check_engine_command(args: argparse.Namespace, api_key: str | None) -> int:
 
 def chat_command(args: argparse.Namespace) -> int:
     from tuneforge.errors import UserError
-    from tuneforge.models.generation import GenerationSettings
+    from tuneforge.models.generation import GenerationSettings, refuse_reward_model
     from tuneforge.models.reference import load_for_inference
     from tuneforge.serve.chat import chat_loop
 
@@ -202,6 +231,7 @@ def chat_command(args: argparse.Namespace) -> int:
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {args.temperature}")
     settings = GenerationSettings.from_args(args)
+    refuse_reward_model(args.run, "chat")
     loaded = load_for_inference(args.run, device=args.device)
     chat_loop(loaded.model, loaded.tokenizer, loaded.template, settings, system=args.system)
     return 0

@@ -279,6 +279,7 @@ class Engine:
 
     def __init__(self, specs: list[str], device: str = "auto", *, dtype: Any = None, max_batch_size: int = 16,
                  max_queue: int = 64, token_budget: int | None = None, batching: str = "continuous"):
+        from tuneforge.models.generation import refuse_reward_model
         from tuneforge.models.reference import load_for_inference, load_template, load_tokenizer_of, resolve
         from tuneforge.serve.scheduler import BATCHING
 
@@ -291,8 +292,11 @@ class Engine:
         pairs, groups = expand_per_task(served_names(specs))
         # base key (the base plus a progressive run's merged stack) → PeftModel already holding adapters on it
         shared: dict[str, Any] = {}
+        refs = {name: resolve(path) for name, path in pairs}
+        for ref in refs.values():  # before any model loads
+            refuse_reward_model(ref, "serve")
         for name, path in pairs:
-            ref = resolve(path)
+            ref = refs[name]
             if ref.adapter is not None and ref.base_key in shared:
                 model = shared[ref.base_key]
                 model.load_adapter(ref.adapter, adapter_name=adapter_key(name))
