@@ -44,6 +44,10 @@ def encode_calls(monkeypatch):
     return calls
 
 
+def _entries(cache) -> list:
+    return sorted(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _eval(model_dir, data, capsys) -> tuple[dict, str]:
     code = main(["eval", str(model_dir), "--data", str(data), "--metrics", "ppl", "--json", "--no-save"])
     assert code == 0
@@ -61,16 +65,16 @@ def test_second_eval_reuses_the_prepared_records_and_scores_the_same(tmp_path, m
     first, err = _eval(model_dir, data, capsys)
     assert "eval data: preparing" in err
     assert len(encode_calls) == len(ROWS)  # each record encoded once, by the prepared build
-    entries = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    assert len(entries) == 1
-    built = (entries[0] / "meta.json").stat().st_mtime_ns
+    entries = _entries(cache)
+    assert len(entries) == 2  # the file's cleaned records, and their samples for this tokenizer and template
+    built = [(e / "meta.json").stat().st_mtime_ns for e in entries]
 
     encode_calls.clear()
     second, err = _eval(model_dir, data, capsys)
     assert "eval data: reusing" in err
     assert encode_calls == []  # nothing rendered, tokenized or masked again
-    assert (entries[0] / "meta.json").stat().st_mtime_ns == built
-    assert [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")] == entries
+    assert [(e / "meta.json").stat().st_mtime_ns for e in entries] == built
+    assert _entries(cache) == entries
 
     # The uncached scores: the direct encoding of the same records (a plain list has no source to cache).
     from tuneforge.evaluate.perplexity import perplexity

@@ -376,3 +376,58 @@ def test_interrupted_build_publishes_nothing_and_the_next_one_builds(tmp_path, t
     monkeypatch.undo()
     bundle = prepare(cfg, "sft", tiny_tokenizer, get_template("chatml"), 0)
     assert list(bundle.train) == build_in_memory(cfg, "sft", tiny_tokenizer, get_template("chatml"), 0).train
+
+
+# --------------------------------------------------------------------------- one read of the training files
+
+
+def test_from_config_preview_reads_and_cleans_the_train_files_once(tmp_path, monkeypatch, capsys):
+    """The tokenizer of a from-config model trains on the records the prepared build then reuses."""
+    import tuneforge.data.build as build
+    import tuneforge.data.clean as clean
+    import tuneforge.data.prepared as prepared
+    import tuneforge.data.readers as readers
+    from tuneforge.cli import main
+
+    rows = alpaca_rows(30)
+    f = write_jsonl(tmp_path / "a.jsonl", rows)
+    g = write_jsonl(tmp_path / "b.jsonl", sharegpt_rows(5))
+    reads, normalized = [], []
+    real_scan, real_read, real_normalize = prepared._scan, readers.read_records, clean.normalize_text
+    monkeypatch.setattr(prepared, "_scan", lambda sources, *a, **k: reads.extend(sources) or real_scan(sources, *a, **k))
+    counted = lambda path, *a, **k: reads.append(str(path)) or real_read(path, *a, **k)  # noqa: E731
+    monkeypatch.setattr(readers, "read_records", counted)
+    monkeypatch.setattr(build, "read_records", counted)  # imported by name there
+    monkeypatch.setattr(clean, "normalize_text", lambda text: normalized.append(text) or real_normalize(text))
+    config = {"run_name": "p", "model": {"from_config": {"architecture": "llama", "hidden_size": 64, "num_layers": 2,
+                                                          "num_heads": 4, "vocab_size": 400}},
+              "data": {"train": [str(f), str(g)], "max_length": 64, "cache_dir": str(tmp_path / "cache")}}
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    assert main(["data", "preview", str(path), "-n", "1"]) == 0
+    assert "samples  35" in capsys.readouterr().out
+    assert sorted(reads) == [str(f), str(g)]  # each file read once: for the tokenizer, reused by the build
+    messages = sum(len(r["messages"]) for r in readers.rows_to_records(
+        [(f"x{i}", r) for i, r in enumerate(rows)])) + 5 * 5
+    assert len(normalized) == messages  # each text cleaned once
+
+    # the tokenizer's texts are the cleaned records, in order (those the in-memory reading gives)
+    from tuneforge.data.build import tokenizer_texts
+
+    cfg = DataConfig(train=[str(f), str(g)], cache_dir=str(tmp_path / "cache"))
+    expected = [m["content"] for p in (f, g)
+                for r in clean.clean_records(real_read(p), cfg.clean)[0] for m in r["messages"]]
+    reads.clear()
+    assert tokenizer_texts(cfg) == expected and reads == []  # from the cache
+    nocache = cfg.model_copy(update={"cache": False})
+    assert tokenizer_texts(nocache) == expected and reads == [str(f), str(g)]
+    # without a cache, the build in the same process reuses the tokenizer's read too
+    tok = train_tok(expected)
+    prepare(nocache, "sft", tok, get_template("chatml"), 0)
+    assert reads == [str(f), str(g)]
+
+
+def train_tok(texts):
+    from tuneforge.models import train_tokenizer
+
+    return train_tokenizer(texts, vocab_size=400)

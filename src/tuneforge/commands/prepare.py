@@ -33,15 +33,17 @@ def run_prepare(config_path: str, overrides: list[str] | None = None, *, no_cach
     if cfg.data.streaming:
         raise UserError("data.streaming: true reads, tokenizes and packs while training: there is nothing to "
                         "prepare (drop data.streaming to prepare the data into the cache instead)")
-    tokenizer = _tokenizer_for_config(cfg, lambda: tokenizer_texts(cfg.data))
+    root = cache_dir or cfg.data.cache_dir or default_cache_dir()
+    cached = not no_cache and cfg.data.cache
+    # a from-config tokenizer trains on the records the build then reuses: the same cache for both
+    data_cfg = cfg.data.model_copy(update={"cache_dir": str(root), "cache": cached})
+    tokenizer = _tokenizer_for_config(cfg, lambda: tokenizer_texts(data_cfg))
     template = resolve_template(cfg.model.chat_template, tokenizer, cfg.model.chat_template_kwargs,
                                 cfg.data.system_message)
     packed = bool(cfg.data.packing and cfg.stage == "sft")
-    root = cache_dir or cfg.data.cache_dir or default_cache_dir()
-    cached = not no_cache and cfg.data.cache
     reused = cached and Entry(root, cache_key(cfg.data, cfg.stage, tokenizer, template, cfg.seed, packed)).ready()
     started = time.time()
-    bundle = prepare(cfg.data, cfg.stage, tokenizer, template, cfg.seed, packing=packed,
+    bundle = prepare(data_cfg, cfg.stage, tokenizer, template, cfg.seed, packing=packed,
                      batch_size=cfg.train.batch_size, cache_dir=root, use_cache=cached, num_proc=num_proc,
                      progress=progress and not as_json)
     seconds = time.time() - started

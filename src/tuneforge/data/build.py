@@ -34,11 +34,17 @@ def read_sources(sources: list[str], data_cfg: Any) -> tuple[list[dict], dict[st
 
 
 def tokenizer_texts(data_cfg: Any) -> list[str]:
-    """The text a from-config model's tokenizer is trained on: every cleaned training record, file by file.
+    """The text a from-config model's tokenizer is trained on: the cleaned training records, in order.
 
-    Text records give their text; chat records give each message's content. (Same list as
-    ``tuneforge.train.run._tokenizer_texts``, so ``data preview`` sees the tokenizer training will build.)
+    Text records give their text; chat records give each message's content. Train, ``data preview`` and ``data
+    prepare`` call this, so each sees the tokenizer the others build. The records are those the prepared build
+    uses (:func:`tuneforge.data.prepared.training_texts`: read and cleaned once, into the cache, deduplicated
+    across files as training is); a streamed corpus (``data.streaming``) is read and cleaned here file by file.
     """
+    if not getattr(data_cfg, "streaming", False):
+        from tuneforge.data.prepared import training_texts
+
+        return training_texts(data_cfg)
     texts: list[str] = []
     for path in data_cfg.train:
         records, _ = clean_records(read_records(path, data_cfg.format, data_cfg.text_separator), data_cfg.clean)

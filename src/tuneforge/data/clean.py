@@ -112,26 +112,20 @@ def clean_records(records: list[dict], clean_cfg: Any = None) -> tuple[list[dict
     Raises:
         UserError: when no record is left, naming how many each rule dropped and which setting to relax.
     """
-    cfg = _cfg(clean_cfg)
+    cfg = clean_settings(clean_cfg)
     report = CleanReport(records_in=len(records))
     seen: set[str] = set()
     kept = []
     for record in records:
-        record = _map_texts(record, lambda t: t)  # a copy
-        if cfg["strip_html"]:
-            new = _map_texts(record, strip_html)
-            report.html_changed += new != record
-            record = new
-        if cfg["normalize"]:
-            new = _map_texts(record, normalize_text)
-            report.normalize_changed += new != record
-            record = new
-        if _too_short(record, cfg["min_length"]):
+        record, html_changed, normalize_changed = clean_record(record, cfg)
+        report.html_changed += html_changed
+        report.normalize_changed += normalize_changed
+        if too_short(record, cfg["min_length"]):
             report.dropped_min_length += 1
             report.examples.setdefault("min_length", record.get("source", "?"))
             continue
         if cfg["dedup"]:
-            key = _dedup_key(record)
+            key = dedup_key(record)
             if key in seen:
                 report.dropped_duplicate += 1
                 report.examples.setdefault("dedup", record.get("source", "?"))
@@ -149,7 +143,13 @@ def clean_records(records: list[dict], clean_cfg: Any = None) -> tuple[list[dict
     return kept, report
 
 
-def _cfg(clean_cfg: Any) -> dict:
+# The rules one record at a time: clean_records above, the prepared pipeline's workers (data/prepared.py) and the
+# stream (data/stream.py) all call these, so the three cannot drift apart.
+
+
+def clean_settings(clean_cfg: Any) -> dict:
+    """The cleaning settings as a plain dict (``strip_html``, ``normalize``, ``min_length``, ``dedup``) from a
+    :class:`tuneforge.config.schema.CleanConfig`, a partial dict, or None (the defaults)."""
     defaults = {"strip_html": True, "normalize": True, "min_length": 1, "dedup": True}
     if clean_cfg is None:
         return defaults
@@ -158,7 +158,26 @@ def _cfg(clean_cfg: Any) -> dict:
     return {key: getattr(clean_cfg, key, value) for key, value in defaults.items()}
 
 
-def _map_texts(record: dict, fn) -> dict:
+def clean_record(record: dict, settings: dict) -> tuple[dict, bool, bool]:
+    """HTML stripping and normalisation of one record, as ``settings`` (:func:`clean_settings`) say.
+
+    Returns:
+        ``(cleaned copy, HTML stripping changed it, normalisation changed it)``; the input is not modified. The
+        record-level rules are :func:`too_short` and :func:`dedup_key`.
+    """
+    record = map_texts(record, lambda t: t)  # a copy
+    html_changed = normalize_changed = False
+    if settings["strip_html"]:
+        new = map_texts(record, strip_html)
+        html_changed, record = new != record, new
+    if settings["normalize"]:
+        new = map_texts(record, normalize_text)
+        normalize_changed, record = new != record, new
+    return record, html_changed, normalize_changed
+
+
+def map_texts(record: dict, fn) -> dict:
+    """A copy of ``record`` with ``fn`` applied to its text, or to every message's content."""
     out = dict(record)
     if "text" in record:
         out["text"] = fn(record["text"])
@@ -167,7 +186,8 @@ def _map_texts(record: dict, fn) -> dict:
     return out
 
 
-def _too_short(record: dict, min_length: int) -> bool:
+def too_short(record: dict, min_length: int) -> bool:
+    """The min-length rule: a text record's text, or any assistant answer, under ``min_length`` characters."""
     if "text" in record:
         return len(record["text"]) < min_length
     # A tool call is an answer too, however short its text (often empty).
@@ -175,7 +195,8 @@ def _too_short(record: dict, min_length: int) -> bool:
     return any(len(a) < min_length for a in answers)
 
 
-def _dedup_key(record: dict) -> str:
+def dedup_key(record: dict) -> str:
+    """What exact de-duplication compares: the text, or the turns (role, content, tool calls) and tools."""
     if "text" in record:
         return "t:" + record["text"]
     turns = [[m["role"], m["content"], m.get("tool_calls")] for m in record["messages"]]

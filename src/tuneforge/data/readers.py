@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,9 @@ def _read_file(path: Path, fmt: str, text_separator: str) -> list[dict]:
         if not rows:
             raise UserError(f"{path}: file is empty (no rows)")
         return rows_to_records(((f"{path}#{i + 1}", row) for i, row in enumerate(rows)), fmt)
+    if suffix == ".jsonl":  # streamed line by line (the prepared pipeline's scan reads it the same way)
+        return rows_to_records(((f"{path}:{number}", parse_json_line(line, f"{path}:{number}"))
+                                for number, line in jsonl_lines(path)), fmt)
     text = _read_utf8(path)
     if not text.strip():
         raise UserError(f"{path}: file is empty")
@@ -117,8 +120,9 @@ def _read_file(path: Path, fmt: str, text_separator: str) -> list[dict]:
             # A single JSON object: one record (a file holding one conversation).
             return rows_to_records(_json_array(path, f"[{text}]"), fmt)
         # Many ".json" files are really JSON lines.
-    if suffix in (".json", ".jsonl"):
-        return rows_to_records(_json_lines(path, text), fmt)
+    if suffix == ".json":
+        return rows_to_records(((f"{path}:{number}", parse_json_line(line, f"{path}:{number}"))
+                                for number, line in jsonl_lines(path)), fmt)
     raise UserError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
 
 
@@ -143,22 +147,50 @@ def _text_documents(path: Path, text: str, separator: str) -> list[dict]:
     return records
 
 
-def _json_lines(path: Path, text: str) -> Iterable[tuple[str, Any]]:
-    rows = []
-    # Split on "\n" only: str.splitlines() also splits inside JSON strings at U+2028/U+2029 and other
-    # Unicode line separators, which JSON allows unescaped.
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path}:{number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise UserError(
-                f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno}); "
-                "each line must be one complete JSON object"
-            ) from None
-    return rows
+def jsonl_lines(path: str | Path, on_bytes: Callable[[int], Any] | None = None) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of every non-blank line of a JSON-lines file, read as a stream.
+
+    The rules of every JSON-lines reading (the readers here and the prepared pipeline's scan): UTF-8 (a failure
+    names the byte offset in the file and the line), a leading byte-order mark dropped, lines split on ``\\n``
+    only (``str.splitlines`` would also split inside JSON strings at U+2028/U+2029, which JSON allows unescaped),
+    a trailing ``\\r`` stripped. ``on_bytes`` is called with each line's size in bytes (a progress bar).
+
+    Raises:
+        UserError: bytes that are not UTF-8, or no non-blank line ("file is empty").
+    """
+    offset = 0
+    any_line = False
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if on_bytes is not None:
+                on_bytes(len(raw))
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(
+                    f"{path}: not UTF-8 text: byte {offset + exc.start} (line {number}) is "
+                    f"{raw[exc.start:exc.start + 1]!r}; re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+            offset += len(raw)
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not content
+            line = line.removesuffix("\n").removesuffix("\r")
+            if line.strip():
+                any_line = True
+                yield number, line
+    if not any_line:
+        raise UserError(f"{path}: file is empty")
+
+
+def parse_json_line(line: str, where: str) -> Any:
+    """One JSON line parsed; a malformed one is a UserError naming ``where`` (``file:line``)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{where}: malformed JSON line ({exc.msg} at column {exc.colno}); each line must be one complete JSON "
+            "object"
+        ) from None
 
 
 def _json_array(path: Path, text: str) -> list[tuple[str, Any]]:
@@ -218,28 +250,39 @@ def rows_to_records(rows: Iterable[tuple[str, Any]], fmt: str = "auto") -> list[
     records = []
     detected = None if fmt == "auto" else fmt
     for source, row in rows:
-        if not isinstance(row, dict):
-            raise UserError(f"{source}: expected a JSON object (key: value), got {type(row).__name__}")
         if detected is None:
             detected = detect_format(row, source)
-        try:
-            record = _CONVERTERS[detected][0](row, source)
-            if row.get("task") is not None:  # multi-task data (data/mix.py): the task name travels with the record
-                record["task"] = _string(row["task"], "task", source)
-            records.append(record)
-        except UserError as exc:
-            if fmt == "auto" and records:
-                raise UserError(f"{exc} (format '{detected}' was detected from the first record; "
-                                "one file must hold one format)") from None
-            raise
+        records.append(row_to_record(row, source, detected, detected_from_first=fmt == "auto" and bool(records)))
     if not records:
         raise UserError("no records found (the file holds no rows)")
     return records
 
 
+def row_to_record(row: Any, source: str, fmt: str, *, detected_from_first: bool = False) -> dict:
+    """One row (a dict) of format ``fmt`` as a canonical record; a ``task`` field travels with it.
+
+    ``detected_from_first``: ``fmt`` was detected on an earlier row of the file, so an error says so (one file
+    must hold one format).
+    """
+    if not isinstance(row, dict):
+        raise UserError(f"{source}: expected a JSON object (key: value), got {type(row).__name__}")
+    try:
+        record = _CONVERTERS[fmt][0](row, source)
+        if row.get("task") is not None:  # multi-task data (data/mix.py): the task name travels with the record
+            record["task"] = _string(row["task"], "task", source)
+    except UserError as exc:
+        if detected_from_first:
+            raise UserError(f"{exc} (format '{fmt}' was detected from the first record; "
+                            "one file must hold one format)") from None
+        raise
+    return record
+
+
 def detect_format(row: dict, source: str) -> str:
     """The first registered format (detection order of :data:`tuneforge.config.formats.DATA_FORMATS`) whose detector
     accepts the row's keys: ``preference`` / ``kto`` / ``prompt`` / ``chat`` / ``alpaca`` / ``text``."""
+    if not isinstance(row, dict):
+        raise UserError(f"{source}: expected a JSON object (key: value), got {type(row).__name__}")
     for name, (_, detect) in _CONVERTERS.items():
         if detect(row):
             return name

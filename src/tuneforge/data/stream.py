@@ -298,15 +298,12 @@ class StreamingBlocks(_base()):
 
     def _cleaned(self, record: dict) -> str | None:
         """The record's text after cleaning, or None when the min-length rule drops it."""
-        from tuneforge.data.clean import _cfg, _map_texts, _too_short, normalize_text, strip_html
+        from tuneforge.data.clean import clean_record, clean_settings, too_short
         from tuneforge.data.readers import record_text
 
-        cfg = _cfg(self.clean)
-        if cfg["strip_html"]:
-            record = _map_texts(record, strip_html)
-        if cfg["normalize"]:
-            record = _map_texts(record, normalize_text)
-        if _too_short(record, cfg["min_length"]):
+        cfg = clean_settings(self.clean)
+        record = clean_record(record, cfg)[0]
+        if too_short(record, cfg["min_length"]):
             return None
         return record_text(record)
 
