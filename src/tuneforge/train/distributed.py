@@ -486,8 +486,9 @@ def write_checkpoint_world(checkpoint: Path, world_size: int, strategy: str) -> 
     atomic_write_json(Path(checkpoint) / WORLD_FILE, {"world_size": world_size, "strategy": strategy})
 
 
-def check_resume_world(checkpoint: Path, world_size: int, strategy: str, echo) -> None:
-    """Resuming on another world size or strategy: allowed where the engine's checkpoint allows it.
+def check_resume_world(checkpoint: Path, world_size: int, strategy: str) -> None:
+    """Resuming on another world size or strategy: allowed where the engine's checkpoint allows it (what changes
+    is said with :func:`tuneforge.console.say`).
 
     DDP and FSDP checkpoints hold the full model and optimizer state (FSDP: full state dicts), so any world size
     can continue them — the global batch (per-process batch x processes x accumulation) changes with it and the
@@ -512,9 +513,11 @@ def check_resume_world(checkpoint: Path, world_size: int, strategy: str, echo) -
             f"--resume: {checkpoint.name} was written by {old_size} DeepSpeed ranks and this launch has "
             f"{world_size}; ZeRO keeps one optimizer partition per rank, so resume with {old_size} processes "
             "in total (--nproc x --nnodes)")
-    echo(f"resume: world size {old_size} → {world_size}: the checkpoint holds the full state, so training "
-         "continues, but the global batch changes with the number of processes (batch_size x processes x "
-         "grad_accum) and the data order differs from an uninterrupted run")
+    from tuneforge.console import say
+
+    say(f"resume: world size {old_size} → {world_size}: the checkpoint holds the full state, so training "
+        "continues, but the global batch changes with the number of processes (batch_size x processes x "
+        "grad_accum) and the data order differs from an uninterrupted run")
 
 
 # ----------------------------------------------------------------------------- rank 0 → other ranks
@@ -584,9 +587,9 @@ def send_failure(message: str, exit_code: int) -> None:
         pass
 
 
-def receive_setup(echo=None) -> Handoff:
-    """Other ranks: wait for rank 0's setup — without a timeout — and load it (``echo``: where to say every
-    ten minutes that this rank is still waiting; nothing by default, rank 0 speaks for the run).
+def receive_setup() -> Handoff:
+    """Other ranks: wait for rank 0's setup — without a timeout — and load it, saying every ten minutes that this
+    rank is still waiting (:func:`tuneforge.console.say`).
 
     Raises:
         SetupFailed: rank 0 failed (its message and exit code).
@@ -601,8 +604,10 @@ def receive_setup(echo=None) -> Handoff:
             if "timeout" not in str(exc).lower() and "timed out" not in str(exc).lower():
                 raise
             waited += 60
-            if waited % 600 == 0 and echo is not None:
-                echo(f"rank {world().rank}: still waiting for rank 0 to prepare the data ({waited // 60} min)")
+            if waited % 600 == 0:
+                from tuneforge.console import say
+
+                say(f"rank {world().rank}: still waiting for rank 0 to prepare the data ({waited // 60} min)")
     message = json.loads(store.get(_SETUP_KEY).decode("utf-8"))
     if "error" in message:
         error = SetupFailed(f"rank 0 stopped before training: {message['error']}")

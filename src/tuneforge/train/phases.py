@@ -184,7 +184,7 @@ def _check_start(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, a
     if resume:
         rundir.check_same_setup(cfg.model_dump(mode="json"), run_dir, allow_config_change)
         latest = checkpoints.latest_checkpoint(run_dir / RUN_CHECKPOINTS)
-        distributed.check_resume_world(latest, me.world_size, cfg.distributed.strategy, say)
+        distributed.check_resume_world(latest, me.world_size, cfg.distributed.strategy)
     return cfg
 
 
