@@ -119,7 +119,10 @@ def test_export_llama_run_passes_gate_for_each_quant_type(llama_exports, quantiz
     assert report["agreement"] >= TOLERANCES[quantize].agreement
     assert report["tokenization_ok"] and report["eos_ok"] and report["template_ok"]
     assert any(line.startswith("merge parity:") for line in lines)
-    assert any(f"gate {quantize}: greedy next-token agreement" in line for line in lines)
+    assert any(line.startswith(f"gate {quantize}: greedy agreement on the merged model's answers to 8 chat prompts")
+               and "at every position of the sample texts" in line for line in lines)
+    assert report["answer_positions"] >= 8 and report["answers"] == 8
+    assert report["answer_agreement"] >= TOLERANCES[quantize].answers
     saved = json.loads((out / "export_report.json").read_text())
     assert saved["sha256"] == report["sha256"] and saved["quantize"] == quantize
 
@@ -138,13 +141,25 @@ def test_export_llama_run_passes_gate_for_each_quant_type(llama_exports, quantiz
     assert types["token_embd.weight"] == ("Q8_0" if quantize == "q4_0" else expected)
 
 
+def test_gate_enforces_the_answer_positions_bound(llama_run, tmp_path, monkeypatch):
+    """The answer-position bound is a check of its own: above what the file reaches, the export is refused."""
+    from tuneforge.merge import gguf as export
+
+    monkeypatch.setitem(export.TOLERANCES, "f16", export.Tolerance(0.0, 1.0, 1.01))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"gate failed for f16: greedy agreement on answer positions [0-9.]+% < 101%"):
+        export.export_gguf(llama_run, out, quantize="f16", echo=lambda *_: None)
+    assert not out.exists()
+
+
 def test_export_without_rope_permutation_fails_gate_and_leaves_nothing(llama_run, tmp_path, monkeypatch):
     """The q/k row permutation is what llama.cpp (and transformers' reader) expect: skipping it must fail."""
     from tuneforge.merge import gguf as export
 
     monkeypatch.setattr(export, "_permute_rope_rows", lambda weight, n_head, n_kv: weight)
     out = tmp_path / "out"
-    with pytest.raises(UserError, match="round-trip gate failed for q8_0: greedy next-token agreement"):
+    with pytest.raises(UserError, match="round-trip gate failed for q8_0: greedy agreement on answer positions [0-9.]+% < 95%; greedy "
+                                        "next-token agreement"):
         export.export_gguf(llama_run, out, quantize="q8_0", echo=lambda *_: None)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary sibling left
@@ -332,3 +347,32 @@ def test_estimate_and_inspect_take_a_gguf_file(llama_gguf, cache):
     assert spec.model_type == "llama" and spec.num_kv_heads == 2 and spec.num_layers == 2
     info = inspect_model(str(llama_gguf))
     assert info["architecture"] == "LlamaForCausalLM" and info["base"] == str(llama_gguf.resolve())
+
+
+def test_answer_agreement_compares_on_the_reference_answers(llama_base, tokenizer):
+    """The held-out measure: positions are the reference's own greedy answers; a model compared with itself agrees
+    everywhere and regenerates identical answers, a broken one flips (with the reference's margin recorded)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.data.templates import get_template
+    from tuneforge.merge.gguf import answer_agreement, end_of_turn_ids
+
+    model = AutoModelForCausalLM.from_pretrained(llama_base).eval()
+    template = get_template("chatml")
+    prompts = [tokenizer(template.render([{"role": "user", "content": text[:60]}], add_generation_prompt=True,
+                                         tokenizer=tokenizer), add_special_tokens=False)["input_ids"]
+               for text in stdlib_texts(3)]
+    stops = end_of_turn_ids(tokenizer, template)
+    same = answer_agreement(model, model, prompts, stops, cap=6)
+    assert same["answers"] == 3 and 3 <= same["positions"] <= 18
+    assert same["agreement"] == 1.0 and same["identical"] == 3 and same["flip_margins"] == []
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.model.norm.weight.neg_()  # every logit negated: argmax becomes argmin
+    other = answer_agreement(model, broken, prompts, stops, cap=6)
+    assert other["positions"] == same["positions"]  # the reference's answers decide the positions
+    assert other["agree"] == 0 and other["identical"] == 0
+    assert len(other["flip_margins"]) == other["positions"] and min(other["flip_margins"]) > 0

@@ -22,7 +22,13 @@ Ollama commands.
 The round-trip gate: everything is written into a temporary sibling of ``--out`` and renamed into place only when
 the file, reloaded through transformers' GGUF loader (an independent reader), tokenizes sample prompts identically,
 has the same EOS / stop ids and chat template, and its logits agree with the merged model within the tolerance of
-the quant type (greedy next-token agreement and max/mean logit error are printed). Otherwise nothing is left.
+the quant type: greedy agreement at the positions of the merged model's own answers to chat prompts (the issue's
+measure), at every position of the sample texts, and the mean logit error (all printed). Otherwise nothing is left.
+
+Memory: :func:`plan_export` estimates the peak from the safetensors headers before anything is loaded and refuses
+what does not fit ``--max-memory``; when the merged model does not fit but one tensor at a time does, the file is
+written tensor by tensor (:func:`write_gguf_tensors`, the same writer as in memory) and gated per tensor
+(:func:`tensor_gate`).
 """
 
 from __future__ import annotations
@@ -50,18 +56,26 @@ class Tolerance:
     Attributes:
         agreement: least share of positions where the reloaded file's greedy next token equals the merged model's.
         mean_rel: largest mean |logit difference| as a fraction of the merged model's logit standard deviation.
+        answers: least share of the positions of the merged model's own greedy answers to chat prompts (rendered
+            with the run's template) where the file's greedy token is the same: the tokens a user receives, and
+            the issue's target (≥ 99% for f16, ≥ 95% for q8_0).
     """
 
     agreement: float
     mean_rel: float
+    answers: float
 
 
 # Measured (docs/gguf.md): a tuned SmolLM2-135M-Instruct, 239 positions — f16 98.74% agreement at a mean error of
 # 0.08% of the logit spread (its 3 flips are near-ties: max error 0.056), q8_0 97.9% / 2.7%, q4_0 66% / 37% (refused);
 # tiny test models f16 99.7%, q8_0 96-97%. Agreement over a few hundred positions moves by whole near-tie flips, so
 # f16/bf16 are bounded at 98% / 96% and the mean error carries the tight check.
-TOLERANCES = {"f16": Tolerance(0.98, 0.01), "bf16": Tolerance(0.96, 0.03), "q8_0": Tolerance(0.95, 0.05),
-              "q4_0": Tolerance(0.75, 0.25)}
+# The answer positions are bounded at the issue's targets (f16 99%, q8_0 95%; bf16 and q4_0 keep their
+# all-positions bounds): there the merged model is decided, not at a near-tie inside arbitrary text.
+TOLERANCES = {"f16": Tolerance(0.98, 0.01, 0.99), "bf16": Tolerance(0.96, 0.03, 0.96),
+              "q8_0": Tolerance(0.95, 0.05, 0.95), "q4_0": Tolerance(0.75, 0.25, 0.75)}
+#: longest greedy answer the gate generates per chat prompt
+ANSWER_CAP = 32
 
 SAMPLE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -75,6 +89,15 @@ SAMPLE_CHATS = (
      {"role": "user", "content": "Which module defines OrderedDict?"},
      {"role": "assistant", "content": "collections"},
      {"role": "user", "content": "And deque?"}],
+)
+#: more questions for the gate's greedy answers (with the chats above, rendered with a generation prompt)
+ANSWER_CHATS = (
+    [{"role": "user", "content": "Name three primary colours."}],
+    [{"role": "user", "content": "Which module defines the function sqrt?"}],
+    [{"role": "user", "content": "Write one sentence about the sea."}],
+    [{"role": "user", "content": "How do I reverse a list in Python?"}],
+    [{"role": "user", "content": "Translate 'good morning' into French."}],
+    [{"role": "user", "content": "What does JSON stand for?"}],
 )
 
 # BPE pre-tokenizers llama.cpp knows by name (``tokenizer.ggml.pre``), recognised from a tokenizer.json's
@@ -787,6 +810,19 @@ def sample_prompts(tokenizer: Any, template: Any) -> list[str]:
     return prompts
 
 
+def chat_prompt_ids(tokenizer: Any, template: Any) -> list[list[int]]:
+    """The gate's chat prompts (:data:`SAMPLE_CHATS` and :data:`ANSWER_CHATS`) rendered with the run's template and
+    its generation prompt, as token ids (what ``tuneforge generate`` feeds the model)."""
+    ids = []
+    for chat in (*SAMPLE_CHATS, *ANSWER_CHATS):
+        try:
+            text = template.render(chat, add_generation_prompt=True, tokenizer=tokenizer)
+        except UserError:
+            continue  # e.g. a template without a system role
+        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids
+
+
 def greedy_answer(model: Any, prompt_ids: list[int], stop_ids: list[int], cap: int) -> list[int]:
     """``model``'s greedy continuation of ``prompt_ids``: at most ``cap`` tokens, ending with the first
     end-of-turn id when one comes (it is part of the answer: stopping is what the runtime must reproduce)."""
@@ -975,10 +1011,16 @@ def gate(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *
     mean_diff = sum_diff / max(count, 1)
     std = sum(spread) / max(len(spread), 1)
     tol = TOLERANCES[quantize]
-    echo(f"gate {quantize}: greedy next-token agreement {agreement:.2%} over {total} positions (≥ {tol.agreement:.0%}); "
+    answers = answer_agreement(model, reloaded, chat_prompt_ids(tokenizer, template), stops, cap=ANSWER_CAP)
+    echo(f"gate {quantize}: greedy agreement on the merged model's answers to {answers['answers']} chat prompts "
+         f"{answers['agreement']:.2%} of {answers['positions']} answer positions (≥ {tol.answers:.0%}), identical "
+         f"answers {answers['identical']}/{answers['answers']}; at every position of the sample texts "
+         f"{agreement:.2%} of {total} (≥ {tol.agreement:.0%}); "
          f"logit error max {max_diff:.4g}, mean {mean_diff:.4g} = {mean_diff / max(std, 1e-12):.2%} of the logit "
          f"spread {std:.3g} (≤ {tol.mean_rel:.0%}); tokenization {'same' if not token_mismatch else 'DIFFERS'} on "
          f"{len(prompts)} prompts; EOS {'same' if eos_ok else 'DIFFERS'}; template {'same' if template_ok else 'DIFFERS'}")
+    if answers["agreement"] < tol.answers:
+        failures.append(f"greedy agreement on answer positions {answers['agreement']:.2%} < {tol.answers:.0%}")
     if agreement < tol.agreement:
         failures.append(f"greedy next-token agreement {agreement:.2%} < {tol.agreement:.0%}")
     if not mean_diff <= tol.mean_rel * std:
@@ -990,7 +1032,11 @@ def gate(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *
 
     return {"file": file.name, "quantize": quantize, "bytes": file.stat().st_size, "sha256": file_sha256(file),
             "agreement": agreement, "positions": total, "logit_max_diff": max_diff, "logit_mean_diff": mean_diff,
-            "logit_std": std, "tolerance": {"agreement": tol.agreement, "mean_rel": tol.mean_rel},
+            "logit_std": std, "tolerance": {"agreement": tol.agreement, "mean_rel": tol.mean_rel,
+                                            "answers": tol.answers},
+            "answer_agreement": answers["agreement"], "answer_positions": answers["positions"],
+            "answers_identical": answers["identical"], "answers": answers["answers"],
+            "answer_flip_margins": answers["flip_margins"],
             "tokenization_ok": not token_mismatch, "prompts": len(prompts), "eos_ok": eos_ok,
             "stop_ids": stops, "template_ok": template_ok}
 
@@ -1134,9 +1180,11 @@ def write_readme(folder: Path, gguf_name: str, quantize: str, report: dict, mode
                    f"{report['tensors']} tensors was read back, dequantized and compared with the merged tensor "
                    f"(largest error relative to the tensor's largest weight: {errors}); no logits were compared")
     else:
-        checked = (f"its greedy next token agrees with the merged model at {report['agreement']:.2%} of "
-                   f"{report['positions']} positions (logit error max {report['logit_max_diff']:.4g}, mean "
-                   f"{report['logit_mean_diff']:.4g})")
+        checked = (f"its greedy tokens agree with the merged model's own answers to {report['answers']} chat "
+                   f"prompts at {report['answer_agreement']:.2%} of {report['answer_positions']} answer positions "
+                   f"({report['answers_identical']} answers identical), and its greedy next token at every position "
+                   f"of the sample texts at {report['agreement']:.2%} of {report['positions']} (logit error max "
+                   f"{report['logit_max_diff']:.4g}, mean {report['logit_mean_diff']:.4g})")
     text = f"""# {gguf_name}
 
 Exported by `tuneforge export --format gguf --quantize {quantize}`; checked before it was kept: read back by
