@@ -52,6 +52,8 @@ def add_commands(subparsers) -> None:
                         "(--batch-size x --seq-len) or serving (--token-budget)")
     p.add_argument("--quantize", default="q8_0", help="--phase export: int8 | int4 | f16 | bf16 | q8_0 | q4_0")
     p.add_argument("--token-budget", type=int, default=32768, help="--phase serve: KV cache budget in tokens")
+    p.add_argument("--generation", action="store_true",
+                   help="--phase eval: generating (--seq-len = prompt + new tokens) instead of scoring (perplexity)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_estimate)
 
@@ -218,7 +220,7 @@ def _print_phase(spec, args) -> int:
 
     bill = phase_bill(spec, args.phase, precision=args.precision or "fp32", r=args.r or DEFAULTS["r"],
                       quantize=args.quantize, batch_size=args.batch_size or 8, seq_len=args.seq_len or 2048,
-                      token_budget=args.token_budget)
+                      token_budget=args.token_budget, generation=args.generation)
     if args.json:
         data = bill.to_json()
         if args.gpu_mem is not None:

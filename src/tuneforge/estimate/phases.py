@@ -91,7 +91,8 @@ def phase_bill(spec: ModelSpec, phase: str, *, precision: str = "fp32", r: int =
         if quantize in ("int8", "int4"):
             check = memory.scoring_components(0, kv_bytes_per_token(spec, 4), rows=memory.CHECK_ROWS,
                                               tokens=seq_len, element=4, **shape)
-        components = memory.export_components(params, adapter_params(spec, r), quantize, check=check)
+        components = memory.export_components(params, adapter_params(spec, r), quantize, check=check,
+                                              vocab=spec.vocab_size)
         note = ("HF export: the quantized model is reloaded for its perplexity check after the merged one is freed"
                 if check else "GGUF export: the written file is reloaded beside the merged model for the round-trip "
                 "gate")

@@ -19,9 +19,15 @@ from typing import Any
 #: bytes per element of each saved/loaded precision or export type (GGUF block types include their scales)
 ELEMENT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "f16": 2.0, "int8": 1.0, "int4": 0.5,
                  "q8_0": 34 / 32, "q4_0": 18 / 32}
-#: loading a fast (Rust) tokenizer, per vocabulary entry: measured, not derived — SmolLM2's 49,152-token BPE
-#: tokenizer raises the peak by 58 MiB while tokenizer.json is parsed (31 MiB stay resident), 1.2 KB per entry
-TOKENIZER_BYTES_PER_TOKEN = 1200
+#: a loaded fast (Rust) tokenizer, per vocabulary entry: measured, not derived — SmolLM2's 49,152-token BPE
+#: tokenizer keeps 31 MiB resident (its load peaks 58 MiB higher, before any model is loaded, so the resident
+#: part is what adds to a phase's peak)
+TOKENIZER_BYTES_PER_TOKEN = 660
+#: the GGUF gate's reload (transformers' GGUF loader) beyond the dequantized weights, per vocabulary entry:
+#: measured, not derived — it converts the file's token list and merges into a fast tokenizer (167 MiB peak for
+#: that alone) and parses the metadata; 281-288 MiB above the fp32 weights for SmolLM2-135M (Q4_1) and for a
+#: 16M-parameter model with the same 49,152-token vocabulary (so it follows the vocabulary, not the weights)
+GGUF_RELOAD_BYTES_PER_TOKEN = 6000
 #: the rows ``tuneforge.models.generation.generate`` decodes together (its ``batch_size`` default)
 GENERATION_ROWS = 8
 #: the windows per forward pass of export's perplexity check (``tuneforge.evaluate.perplexity``'s default)
@@ -98,17 +104,22 @@ def serve_components(weight_bytes: int, kv_per_token: int, *, token_budget: int,
             "logits (one step)": 4 * rows * vocab}
 
 
-def export_components(params: int, adapter_params: int, quantize: str, *, check: dict[str, int] | None = None
-                      ) -> dict[str, int]:
+def export_components(params: int, adapter_params: int, quantize: str, *, check: dict[str, int] | None = None,
+                      vocab: int = 0) -> dict[str, int]:
     """Merge in fp32, then the quantized copy; GGUF keeps the merged model while its reloaded file is checked
-    (dequantized to fp32); an HF int8/int4 export adds its perplexity check (``check``: the
-    :func:`scoring_components` of the check's windows without their weights)."""
+    (dequantized to fp32, its tokenizer converted: :data:`GGUF_RELOAD_BYTES_PER_TOKEN` per entry of ``vocab``);
+    an HF int8/int4 export adds its perplexity check (``check``: the :func:`scoring_components` of the check's
+    windows; its weights and tokenizer are not counted twice)."""
     components = {"merged model (fp32)": 4 * params, "adapter (fp32)": 4 * adapter_params,
                   f"quantized weights ({quantize})": int(params * ELEMENT_BYTES[quantize])}
+    if vocab:
+        components["tokenizer"] = tokenizer_bytes(vocab)
     if quantize not in ("int8", "int4"):
         components["gate: reloaded GGUF, dequantized (fp32)"] = 4 * params
+        if vocab:
+            components["gate: GGUF tokenizer and metadata conversion"] = GGUF_RELOAD_BYTES_PER_TOKEN * vocab
     for name, value in (check or {}).items():
-        if name != "weights":
+        if name not in ("weights", "tokenizer"):
             components[f"perplexity check: {name}"] = value
     return components
 
