@@ -92,10 +92,10 @@ def phase_bill(spec: ModelSpec, phase: str, *, precision: str = "fp32", r: int =
             check = memory.scoring_components(0, kv_bytes_per_token(spec, 4), rows=memory.CHECK_ROWS,
                                               tokens=seq_len, element=4, **shape)
         components = memory.export_components(params, adapter_params(spec, r), quantize, check=check,
-                                              vocab=spec.vocab_size)
+                                              vocab=spec.vocab_size, largest_tensor=max(spec.param_numels, default=0))
         note = ("HF export: the quantized model is reloaded for its perplexity check after the merged one is freed"
-                if check else "GGUF export: the written file is reloaded beside the merged model for the round-trip "
-                "gate")
+                if check else "GGUF export: tensors are encoded one at a time (the largest is billed); the written "
+                "file is reloaded beside the merged model for the round-trip gate")
         return PhaseBill(spec.name, phase, components, [note])
     weights = int(params * element)
     kv = kv_bytes_per_token(spec, element)
@@ -111,8 +111,8 @@ def phase_bill(spec: ModelSpec, phase: str, *, precision: str = "fp32", r: int =
 
 def _merge_bill(spec: ModelSpec, params: int, element: float, r: int) -> PhaseBill:
     """In memory (:func:`tuneforge.models.memory.merge_components`); the note prices the shard-by-shard merge."""
-    components = memory.merge_components(params, adapter_params(spec, r), element)
-    components["serialised shard bytes"] = min(components["serialised shard bytes"], DEFAULT_SHARD_BYTES)
+    components = memory.merge_components(params, adapter_params(spec, r), element, vocab=spec.vocab_size,
+                                         largest_tensor=max(spec.param_numels, default=0))
     shard_elements = min(params, int(DEFAULT_SHARD_BYTES / element))
     fold = max((layer.numel for layer in spec.linears if layer.kind != "head"), default=0)
     sharded = sum(memory.sharded_merge_components(shard_elements, fold, adapter_params(spec, r), element).values())

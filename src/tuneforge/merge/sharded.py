@@ -236,9 +236,31 @@ def estimate_merge_bytes(base_dir: Path, adapter_dir: Path, dtype_size: int) -> 
     elements = shard_elements(base_dir)
     adapter_file = adapter_dir / "adapter_model.safetensors"
     adapter, fold = _adapter_elements(adapter_file) if adapter_file.is_file() else (0, 0)
-    in_memory = memory.merge_components(sum(elements), adapter, dtype_size)
+    in_memory = memory.merge_components(sum(elements), adapter, dtype_size, vocab=_vocab_size(base_dir),
+                                        largest_tensor=_largest_tensor(base_dir))
     sharded = memory.sharded_merge_components(max(elements), fold, adapter, dtype_size)
     return {"memory": sum(in_memory.values()), "sharded": sum(sharded.values())}
+
+
+def _vocab_size(base_dir: Path) -> int:
+    """``vocab_size`` of the base's ``config.json`` (0 when it is not there: no tokenizer or logit terms)."""
+    try:
+        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    text = config.get("text_config") or config
+    return int(text.get("vocab_size") or 0)
+
+
+def _largest_tensor(base_dir: Path) -> int:
+    """Elements of the largest tensor of the base's safetensors files (from their headers)."""
+    from safetensors import safe_open
+
+    largest = 0
+    for shard in base_shards(base_dir):
+        with safe_open(str(shard), framework="pt") as handle:
+            largest = max([largest, *(_numel(handle.get_slice(name).get_shape()) for name in handle.keys())])
+    return largest
 
 
 def _adapter_elements(path: Path) -> tuple[int, int]:

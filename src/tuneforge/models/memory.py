@@ -30,6 +30,9 @@ TOKENIZER_BYTES_PER_TOKEN = 660
 GGUF_RELOAD_BYTES_PER_TOKEN = 6000
 #: the rows ``tuneforge.models.generation.generate`` decodes together (its ``batch_size`` default)
 GENERATION_ROWS = 8
+#: token positions of the merge's logit check (``merge.lora.PROBE_TEXTS``: three short texts, 12-16 tokens each
+#: with common tokenizers; an upper bound)
+PROBE_POSITIONS = 48
 #: the windows per forward pass of export's perplexity check (``tuneforge.evaluate.perplexity``'s default)
 CHECK_ROWS = 4
 
@@ -44,13 +47,21 @@ def tokenizer_bytes(vocab: int) -> int:
     return int(TOKENIZER_BYTES_PER_TOKEN * vocab)
 
 
-def merge_components(params: int, adapter_params: int, element: float) -> dict[str, int]:
-    """An in-memory LoRA merge: the base in fp32 with the adapter, a cast copy when saving below fp32, and the
-    bytes of the shard being serialised (at most ``shard_bytes``: save_pretrained writes one shard at a time)."""
+def merge_components(params: int, adapter_params: int, element: float, *, vocab: int = 0,
+                     largest_tensor: int = 0) -> dict[str, int]:
+    """An in-memory LoRA merge (``merge.lora.merge_lora``): the base in fp32 with the adapter on it, the tokenizer,
+    the logit check (the adapter model's and the merged model's logits on the probe texts), and — when saving
+    below fp32 — one tensor's cast (``Module.to`` converts parameter by parameter, freeing each fp32 one).
+
+    Measured (``benchmarks/phase_memory.py``): no serialised copy of the model appears while it is saved
+    (safetensors writes from the tensors' own memory), so none is billed.
+    """
     components = {"base weights (fp32)": 4 * params, "adapter (fp32)": 4 * adapter_params}
-    if element != 4:
-        components["merged copy in the saved precision"] = int(params * element)
-    components["serialised shard bytes"] = int(params * element)
+    if element != 4 and largest_tensor:
+        components["cast to the saved precision (one tensor at a time)"] = int(largest_tensor * element)
+    if vocab:
+        components["tokenizer"] = tokenizer_bytes(vocab)
+        components["logit check (probe texts, adapter and merged)"] = 2 * PROBE_POSITIONS * vocab * 4
     return components
 
 
@@ -105,16 +116,19 @@ def serve_components(weight_bytes: int, kv_per_token: int, *, token_budget: int,
 
 
 def export_components(params: int, adapter_params: int, quantize: str, *, check: dict[str, int] | None = None,
-                      vocab: int = 0) -> dict[str, int]:
+                      vocab: int = 0, largest_tensor: int = 0) -> dict[str, int]:
     """Merge in fp32, then the quantized copy; GGUF keeps the merged model while its reloaded file is checked
     (dequantized to fp32, its tokenizer converted: :data:`GGUF_RELOAD_BYTES_PER_TOKEN` per entry of ``vocab``);
     an HF int8/int4 export adds its perplexity check (``check``: the :func:`scoring_components` of the check's
-    windows; its weights and tokenizer are not counted twice)."""
+    windows; its weights and tokenizer are not counted twice). The GGUF writer encodes one tensor at a time, so
+    with ``largest_tensor`` (elements) only that tensor's encoded bytes are billed, not the whole quantized copy."""
+    gguf = quantize not in ("int8", "int4")
+    quantized = largest_tensor if gguf and largest_tensor else params
     components = {"merged model (fp32)": 4 * params, "adapter (fp32)": 4 * adapter_params,
-                  f"quantized weights ({quantize})": int(params * ELEMENT_BYTES[quantize])}
+                  f"quantized weights ({quantize})": int(quantized * ELEMENT_BYTES[quantize])}
     if vocab:
         components["tokenizer"] = tokenizer_bytes(vocab)
-    if quantize not in ("int8", "int4"):
+    if gguf:
         components["gate: reloaded GGUF, dequantized (fp32)"] = 4 * params
         if vocab:
             components["gate: GGUF tokenizer and metadata conversion"] = GGUF_RELOAD_BYTES_PER_TOKEN * vocab
