@@ -145,6 +145,34 @@ def test_the_cache_grows_and_rows_move_without_changing_answers_and_steps_copy_n
     assert len(batch) == 0 and batch.store is None
 
 
+def test_a_narrow_window_moves_within_the_buffers_without_changing_answers(lm):
+    """A wide row leaves, a narrow one goes on until the window reaches the buffers' end: the window moves back
+    within the same buffers (no reallocation) and the row keeps its unbatched tokens and log-probs."""
+    from tuneforge.models import decoding
+    from tuneforge.models.decoding import ContinuousBatch, DecodeRow, Joining
+
+    model, tok = lm
+    wide, narrow = ids(tok, PROMPTS[4] * 3), ids(tok, PROMPTS[2])
+    settings = {"wide": GenerationSettings(max_new_tokens=2), "narrow": GenerationSettings(max_new_tokens=100)}
+    shifts, allocations = [], []
+    shift, allocate = decoding._KVStore._shift, decoding._KVStore._allocate
+    decoding._KVStore._shift = lambda self, start: shifts.append(start) or shift(self, start)
+    decoding._KVStore._allocate = lambda self, *a, **k: allocations.append(a[1:3]) or allocate(self, *a, **k)
+    try:
+        batch = ContinuousBatch(model, prefix_entries=0)
+        got = dict(batch.add([Joining(DecodeRow(p, settings[name], top_logprobs=0), tok, None, None, name)
+                              for name, p in (("wide", wide), ("narrow", narrow))]))
+        while len(batch):
+            got.update(batch.step())
+    finally:
+        decoding._KVStore._shift, decoding._KVStore._allocate = shift, allocate
+    assert shifts and len(allocations) == 1  # moved within the first buffers, never reallocated
+    for name, p in (("wide", wide), ("narrow", narrow)):
+        want = alone(model, tok, p, settings[name], top_logprobs=0)
+        assert got[name].token_ids == want.token_ids
+        assert max(abs(a.logprob - w.logprob) for a, w in zip(got[name].logprobs, want.logprobs, strict=True)) < 1e-4
+
+
 def test_a_cancelled_row_leaves_at_the_next_step(lm):
     from tuneforge.models.decoding import ContinuousBatch, DecodeRow, Joining
 

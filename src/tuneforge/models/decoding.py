@@ -655,14 +655,28 @@ class _KVStore:
         self.start, self.end = left, left + width
 
     def _ensure(self, rows: int, left: int, right: int) -> None:
-        """Room for ``rows`` rows, ``left`` more columns before the window and ``right`` after it."""
+        """Room for ``rows`` rows, ``left`` more columns before the window and ``right`` after it: the window is
+        moved within the buffers when they are wide enough (only the running rows' window is copied), else the
+        buffers are reallocated at twice the size needed."""
         capacity_rows, _, capacity_columns, _ = self.buffers[0][0].shape
         if rows <= capacity_rows and left <= self.start and self.end + right <= capacity_columns:
             return
         width = self.end - self.start + left + right
+        if rows <= capacity_rows and 2 * width <= capacity_columns:
+            self._shift(left + (capacity_columns - width) // 4)
+            return
         columns = capacity_columns if 2 * width <= capacity_columns else 2 * width
         self._allocate(self.buffers, max(capacity_rows, 2 * rows if rows > capacity_rows else rows), columns,
                        left=left + (columns - width) // 4)
+
+    def _shift(self, start: int) -> None:
+        """Move the window to begin at column ``start`` of the same buffers."""
+        width = self.end - self.start
+        if self.n and width:
+            for buf_k, buf_v in self.buffers:
+                buf_k[:self.n, :, start:start + width] = buf_k[:self.n, :, self.start:self.end].clone()
+                buf_v[:self.n, :, start:start + width] = buf_v[:self.n, :, self.start:self.end].clone()
+        self.start, self.end = start, start + width
 
     def insert(self, layers: list[tuple[Any, Any]], width: int) -> None:
         """Append rows (their left-padded keys and values) to the batch, the window widened to ``width`` columns."""
