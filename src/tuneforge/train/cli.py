@@ -44,6 +44,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", required=True, help="a user message (repeat for several)")
     p.add_argument("--system", default=None)
     p.add_argument("--raw", action="store_true", help="use the prompt as raw text, without the chat template")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget of the preflight, e.g. 8GB (default: free RAM, or free GPU memory on CUDA): "
+                        "the estimate is printed (stderr) before the model loads; stops when it cannot fit")
     add_generation_args(p)
     p.set_defaults(func=generate_command)
 
@@ -119,16 +122,22 @@ def _int(flag: str, value: str) -> int:
 
 
 def generate_command(args) -> int:
-    from tuneforge.models.generation import GenerationSettings, generate
+    from tuneforge.evaluate.preflight import generation_preflight
+    from tuneforge.models.generation import GenerationSettings, generate, refuse_reward_model
     from tuneforge.models.reference import load_for_inference
+    from tuneforge.utils import parse_size
 
-    loaded = load_for_inference(args.model)
     if args.raw:
         prompts = list(args.prompt)
     else:
         system = [{"role": "system", "content": args.system}] if args.system else []
         prompts = [[*system, {"role": "user", "content": text}] for text in args.prompt]
-    outputs = generate(loaded.model, loaded.tokenizer, loaded.template, prompts, GenerationSettings.from_args(args))
+    settings = GenerationSettings.from_args(args)
+    refuse_reward_model(args.model, "generate")
+    budget = parse_size(args.max_memory, "--max-memory") if args.max_memory else None
+    rows = generation_preflight(args.model, prompts, settings, max_memory=budget)  # before the model loads
+    loaded = load_for_inference(args.model)
+    outputs = generate(loaded.model, loaded.tokenizer, loaded.template, prompts, settings, batch_size=rows)
     for prompt, output in zip(args.prompt, outputs, strict=True):
         if len(args.prompt) > 1:
             print(f"### {prompt}")
