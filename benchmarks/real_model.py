@@ -182,7 +182,166 @@ def export_arm(run_dir: str, work: Path, quantize: str) -> dict:
             "mb": round(report["bytes"] / 1e6, 1), "agreement": round(report["agreement"], 4),
             "positions": report["positions"], "logit_max_diff": round(report["logit_max_diff"], 4),
             "logit_mean_diff": round(report["logit_mean_diff"], 5), "logit_std": round(report["logit_std"], 3),
+            "answer_agreement": report.get("answer_agreement"), "answer_positions": report.get("answer_positions"),
+            "answers_identical": report.get("answers_identical"), "answers": report.get("answers"),
             "gate": [line for line in lines if line.startswith("gate ")]}
+
+
+def merged_reference(run_dir: str):
+    """The run's adapter merged into its base in fp32 (what ``export --format gguf`` writes), its tokenizer and the
+    run's chat template."""
+    from tuneforge.merge.lora import load_base_and_adapter, local_ref
+    from tuneforge.models.reference import load_template
+
+    ref = local_ref(run_dir)
+    peft_model, tokenizer, _ = load_base_and_adapter(ref)
+    return peft_model.merge_and_unload().eval(), tokenizer, load_template(ref.template_dir, tokenizer)
+
+
+def heldout_prompts(tokenizer, template, records: list[dict]) -> list[list[int]]:
+    """Each held-out item's question rendered with the run's template and its generation prompt, as token ids
+    (``tuneforge generate``'s rendering)."""
+    from tuneforge.evaluate.runner import prompt_and_reference
+    from tuneforge.models.generation import render_prompt
+
+    prompts = []
+    for record in records:
+        text, add_special = render_prompt(tokenizer, template, prompt_and_reference(record)[0])
+        prompts.append(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+    return prompts
+
+
+def gguf_file_for(run_dir: str, work: Path, quantize: str, merged, tokenizer, template) -> tuple[Path, bool]:
+    """The exported file of ``quantize`` when its export passed the gate, else the same file written without the
+    gate (``write_gguf``) so that a refused type is measured too: ``(file, gated)``."""
+    from tuneforge.merge.gguf import write_gguf
+
+    exported = work / f"gguf-{quantize}" / f"model-{quantize}.gguf"
+    if exported.is_file():
+        return exported, True
+    folder = work / f"ungated-{quantize}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_gguf(merged, tokenizer, template, folder / f"model-{quantize}.gguf", quantize), False
+
+
+def rounded_copy(model, quantize: str):
+    """``model`` with every weight the file stores in half precision rounded the same way (1-D tensors stay fp32,
+    as written): logits of the reloaded f16/bf16 file must equal this copy's if the writer adds nothing but the
+    rounding."""
+    import copy
+
+    import torch
+
+    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[quantize]
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in rounded.parameters():
+            if param.ndim >= 2:
+                param.copy_(param.to(dtype).float())
+    return rounded
+
+
+def heldout_arm(run_dir: str, work: Path, quants: list[str], test: list[dict], cap: int) -> dict:
+    """Greedy agreement on the held-out items' answers, per quant type (the issue's target), plus diagnostics."""
+    import torch
+
+    from tuneforge.merge.gguf import answer_agreement, end_of_turn_ids
+    from tuneforge.models.gguf import read_gguf
+
+    merged, tokenizer, template = merged_reference(run_dir)
+    prompts = heldout_prompts(tokenizer, template, test)
+    stops = end_of_turn_ids(tokenizer, template)
+    out: dict = {"items": len(prompts), "cap": cap, "stop_ids": stops, "per_quant": {}}
+    for quantize in quants:
+        started = time.perf_counter()
+        file, gated = gguf_file_for(run_dir, work, quantize, merged, tokenizer, template)
+        reloaded, _ = read_gguf(file)
+        reloaded.eval()
+        row = answer_agreement(merged, reloaded, prompts, stops, cap=cap)
+        row.update(gated=gated, file=str(file))
+        if quantize in ("f16", "bf16"):
+            # Is every difference the half-precision rounding of the weights? Compare the file with the merged
+            # model rounded the same way, on the held-out prompts.
+            rounded = rounded_copy(merged, quantize)
+            worst = 0.0
+            with torch.no_grad():
+                for ids in prompts[:8]:
+                    x = torch.tensor([ids])
+                    worst = max(worst, float((rounded(input_ids=x).logits - reloaded(input_ids=x).logits).abs().max()))
+            row["rounded_reference_max_diff"] = worst
+            row["vs_rounded_reference"] = answer_agreement(rounded, reloaded, prompts, stops, cap=cap,
+                                                           own_answers=False)["agreement"]
+            del rounded
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        out["per_quant"][quantize] = row
+        print(f"[real] held-out {quantize}: {row['agree']}/{row['positions']} answer positions agree "
+              f"({row['agreement']:.2%}), identical answers {row['identical']}/{row['answers']}", flush=True)
+        del reloaded
+    return out
+
+
+def llamacpp_arm(python: str, run_dir: str, work: Path, quants: list[str], test: list[dict], cap: int) -> dict:
+    """llama.cpp (llama-cpp-python under ``python``, a separate venv) on the exported files: loads, tokenizes like
+    the HF tokenizer, renders the stored template like the run, greedy answers like the merged model, stops at the
+    run's end-of-turn token (benchmarks/llamacpp_check.py)."""
+    from tuneforge.evaluate.runner import prompt_and_reference
+    from tuneforge.merge.gguf import SAMPLE_TEXTS, end_of_turn_ids, greedy_answer
+    from tuneforge.models.generation import render_prompt
+
+    merged, tokenizer, template = merged_reference(run_dir)
+    stops = end_of_turn_ids(tokenizer, template)
+    items = []
+    for record in test:
+        messages = prompt_and_reference(record)[0]
+        text, add_special = render_prompt(tokenizer, template, messages)
+        ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        items.append({"messages": messages, "prompt": text, "ids": ids,
+                      "answer": greedy_answer(merged, ids, stops, cap)})
+    del merged
+    files = {}
+    for quantize in [q for q in quants if q in ("f16", "q8_0", "bf16", "q4_0")]:
+        for folder in (f"gguf-{quantize}", f"ungated-{quantize}"):
+            file = work / folder / f"model-{quantize}.gguf"
+            if file.is_file():
+                files[quantize] = str(file)
+                break
+    texts = [{"text": t, "ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in SAMPLE_TEXTS]
+    job = {"files": files, "cap": cap, "threads": int(os.environ.get("OMP_NUM_THREADS", "1")), "texts": texts,
+           "items": items}
+    job_file, out_file = work / "llamacpp_job.json", work / "llamacpp_out.json"
+    job_file.write_text(json.dumps(job), encoding="utf-8")
+    started = time.perf_counter()
+    proc = subprocess.run([python, str(ROOT / "benchmarks" / "llamacpp_check.py"), str(job_file), str(out_file)],
+                          check=False, text=True, capture_output=True)
+    if proc.returncode != 0:
+        return {"failed": (proc.stderr or proc.stdout).strip()[-2000:]}
+    out = json.loads(out_file.read_text(encoding="utf-8"))
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    out["stop_ids"] = stops
+    out["merged_stopped"] = sum(1 for item in items if item["answer"] and item["answer"][-1] in stops)
+    for row in out["files"].values():
+        row["stopped_on_run_eot"] = sum(n for token, n in row["stop_tokens"].items() if int(token) in stops)
+        row.pop("answers", None)
+    return out
+
+
+def llamacpp_table(cpp: dict) -> str:
+    if cpp.get("failed"):
+        return f"llama.cpp check failed: {cpp['failed']}"
+    lines = [f"llama.cpp (llama-cpp-python {cpp['llama_cpp_python']}), greedy, run's end-of-turn ids "
+             f"{cpp['stop_ids']} (merged model stopped on {cpp['merged_stopped']} items):", "",
+             "| file | load s | tokenization same | template rendered same | answer positions agree | identical "
+             "answers | stopped on the run's end-of-turn | generate s |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in cpp["files"].items():
+        tok = row["tokenization"]
+        lines.append(f"| {name} | {row['load_s']} | {tok['checked'] - tok['differ']}/{tok['checked']} | "
+                     f"{row['template']['rendered_same']}/{row['template']['items']} | {row['agreement']:.2%} "
+                     f"({row['agree']}/{row['positions']}) | {row['identical']}/{row['items']} | "
+                     f"{row['stopped_on_run_eot']}/{row['items']} | {row['generate_s']} |")
+        for example in tok["examples"][:2]:
+            lines.append(f"\n{name} tokenizes differently: {example['text']!r}: HF {example['hf'][:12]} vs "
+                         f"llama.cpp {example['llama_cpp'][:12]}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -195,6 +354,12 @@ def main() -> None:
     parser.add_argument("--train-per-module", type=int, default=60)
     parser.add_argument("--quant", default="f16,q8_0,q4_0")
     parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--run", default=None,
+                        help="an already tuned run of this benchmark (its --work): skip the base/training arms")
+    parser.add_argument("--heldout-cap", type=int, default=24, help="largest greedy answer on held-out items")
+    parser.add_argument("--llama-cpp-python", default=None, metavar="PYTHON",
+                        help="a python with llama_cpp installed: also check the files in llama.cpp "
+                             "(benchmarks/llamacpp_check.py)")
     parser.add_argument("--work", default=None, help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -217,26 +382,41 @@ def main() -> None:
     result["convert_or_cache_s"] = round(time.perf_counter() - started, 1)
     print(f"[real] model ready in {result['convert_or_cache_s']} s; evaluating the base on {len(test)} items",
           flush=True)
-    result["base"] = evaluate(str(gguf), test)
-    save(result, args)
-    cfg = run_config(gguf, train_file, work / "run", args)
-    if not args.skip_plain:
-        print("[real] plain PyTorch loop", flush=True)
-        result["plain"] = plain_arm(cfg, args)
+    if args.run:
+        run_dir = str(Path(args.run).resolve())
+        result["reused_run"] = run_dir
+    else:
+        result["base"] = evaluate(str(gguf), test)
         save(result, args)
-    print("[real] tuneforge", flush=True)
-    with silenced():
-        result["tuneforge"] = tuneforge_arm(cfg)
-    if result.get("plain") and result["tuneforge"].get("real_tokens_per_s"):
-        result["speed_ratio"] = round(result["tuneforge"]["real_tokens_per_s"] / result["plain"]["real_tokens_per_s"], 3)
-    print("[real] evaluating the tuned run", flush=True)
-    result["tuned"] = evaluate(result["tuneforge"]["run_dir"], test)
-    save(result, args)
+        cfg = run_config(gguf, train_file, work / "run", args)
+        if not args.skip_plain:
+            print("[real] plain PyTorch loop", flush=True)
+            result["plain"] = plain_arm(cfg, args)
+            save(result, args)
+        print("[real] tuneforge", flush=True)
+        with silenced():
+            result["tuneforge"] = tuneforge_arm(cfg)
+        if result.get("plain") and result["tuneforge"].get("real_tokens_per_s"):
+            result["speed_ratio"] = round(result["tuneforge"]["real_tokens_per_s"]
+                                          / result["plain"]["real_tokens_per_s"], 3)
+        print("[real] evaluating the tuned run", flush=True)
+        run_dir = result["tuneforge"]["run_dir"]
+        result["tuned"] = evaluate(run_dir, test)
+        save(result, args)
+    quants = [q for q in args.quant.split(",") if q]
     result["exports"] = []
-    for quantize in [q for q in args.quant.split(",") if q]:
+    for quantize in quants:
         print(f"[real] export {quantize}", flush=True)
         with silenced():
-            result["exports"].append(export_arm(result["tuneforge"]["run_dir"], work, quantize))
+            result["exports"].append(export_arm(run_dir, work, quantize))
+        save(result, args)
+    print(f"[real] held-out answers: {len(test)} items, greedy, at most {args.heldout_cap} tokens", flush=True)
+    with silenced():
+        result["heldout"] = heldout_arm(run_dir, work, quants, test, args.heldout_cap)
+    save(result, args)
+    if args.llama_cpp_python:
+        print("[real] llama.cpp check", flush=True)
+        result["llama_cpp"] = llamacpp_arm(args.llama_cpp_python, run_dir, work, quants, test, args.heldout_cap)
         save(result, args)
     print(json.dumps(result, indent=2, default=str))
     if args.json:
@@ -252,25 +432,51 @@ def save(result: dict, args) -> None:
 
 def table(r: dict) -> str:
     lines = [f"machine: {r['machine']} ({r['cores']} cores, torch threads {r['torch_threads']}, load average "
-             f"{r['load_average']:.1f} at start), {r['date']}", "",
-             "| | held-out exact | contains |", "|---|---|---|",
-             f"| base (GGUF Q4_1, dequantized) | {r['base']['exact']} | {r['base']['contains']} |",
-             f"| tuned (LoRA, {r['tuneforge']['steps']} steps) | {r['tuned']['exact']} | {r['tuned']['contains']} |", "",
-             "| training arm | runtime s | real tokens | real tokens/s | loss first → last |", "|---|---|---|---|---|"]
-    for name in ("plain", "tuneforge"):
-        a = r.get(name)
-        if a:
-            lines.append(f"| {name} | {a['runtime_s']} | {a['real_tokens']} | {a['real_tokens_per_s']} | "
-                         f"{a['first_loss']:.3f} → {a['last_loss']:.3f} |")
-    if r.get("speed_ratio"):
-        lines.append(f"\ntuneforge / plain real tokens/s: {r['speed_ratio']}")
-    lines += ["", "| export | seconds | MB | greedy agreement | logit max err | logit mean err |", "|---|---|---|---|---|---|"]
+             f"{r['load_average']:.1f} at start), {r['date']}", ""]
+    if r.get("tuned"):
+        lines += ["| | held-out exact | contains |", "|---|---|---|",
+                  f"| base (GGUF Q4_1, dequantized) | {r['base']['exact']} | {r['base']['contains']} |",
+                  f"| tuned (LoRA, {r['tuneforge']['steps']} steps) | {r['tuned']['exact']} | "
+                  f"{r['tuned']['contains']} |", "",
+                  "| training arm | runtime s | real tokens | real tokens/s | loss first → last |",
+                  "|---|---|---|---|---|"]
+        for name in ("plain", "tuneforge"):
+            a = r.get(name)
+            if a:
+                lines.append(f"| {name} | {a['runtime_s']} | {a['real_tokens']} | {a['real_tokens_per_s']} | "
+                             f"{a['first_loss']:.3f} → {a['last_loss']:.3f} |")
+        if r.get("speed_ratio"):
+            lines.append(f"\ntuneforge / plain real tokens/s: {r['speed_ratio']}")
+    else:
+        lines.append(f"tuned run reused: {r.get('reused_run')}")
+    held = (r.get("heldout") or {}).get("per_quant", {})
+    lines += ["", "| export | seconds | MB | gate | held-out answer positions: greedy agreement (target) | "
+              "identical whole answers / stopped | all positions of the gate's sample texts (gate bound) | "
+              "logit max err (gate) |", "|---|---|---|---|---|---|---|---|"]
+    targets = {"f16": "≥ 99%", "q8_0": "≥ 95%"}
     for e in r["exports"]:
+        q = e["quantize"]
+        h = held.get(q)
+        heldout = (f"{h['agreement']:.2%} ({h['agree']}/{h['positions']}) ({targets.get(q, '–')})" if h else "–")
+        whole = f"{h['identical']}/{h['answers']} / {h['stopped']}/{h['answers']}" if h else "–"
         if e.get("failed"):
-            lines.append(f"| {e['quantize']} | {e['seconds']} | – | gate failed: {' '.join(e['gate'])} | | |")
+            gate_line = " ".join(e["gate"])
+            lines.append(f"| {q} | {e['seconds']} | – | refused | {heldout} | {whole} | {gate_line} | |")
             continue
-        lines.append(f"| {e['quantize']} | {e['seconds']} | {e['mb']} | {e['agreement']:.2%} ({e['positions']} pos.) | "
-                     f"{e['logit_max_diff']} | {e['logit_mean_diff']} |")
+        lines.append(f"| {q} | {e['seconds']} | {e['mb']} | passed | {heldout} | {whole} | "
+                     f"{e['agreement']:.2%} of {e['positions']} | {e['logit_max_diff']} |")
+    for q, h in held.items():
+        extra = []
+        if h.get("flip_margins"):
+            extra.append(f"reference's logit gap at each flip: {h['flip_margins']}")
+        if "rounded_reference_max_diff" in h:
+            extra.append(f"vs the merged model with its weights rounded to {q} the same way: max logit diff "
+                         f"{h['rounded_reference_max_diff']:.3g}, answer agreement {h['vs_rounded_reference']:.2%}")
+        if extra:
+            lines.append(f"\n{q}: " + "; ".join(extra))
+    cpp = r.get("llama_cpp")
+    if cpp:
+        lines += ["", llamacpp_table(cpp)]
     return "\n".join(lines)
 
 
