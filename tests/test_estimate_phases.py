@@ -39,7 +39,8 @@ def test_phase_bills_scale_with_their_knobs():
     spec = model_spec("Qwen/Qwen2.5-0.5B")  # the built-in table: no download
     serve_small = phase_bill(spec, "serve", precision="bf16", token_budget=1024)
     serve_big = phase_bill(spec, "serve", precision="bf16", token_budget=2048)
-    assert serve_big.total_bytes - serve_small.total_bytes == kv_bytes_per_token(spec, 2) * 1024
+    # per token: keys and values + the serve engine's activation allowance (8 x hidden, bf16)
+    assert serve_big.total_bytes - serve_small.total_bytes == (kv_bytes_per_token(spec, 2) + 8 * 896 * 2) * 1024
     assert kv_bytes_per_token(spec, 2) == 2 * 24 * 2 * 64 * 2  # 24 layers, 2 KV heads of 64, K and V, bf16
     eval_bill = phase_bill(spec, "eval", batch_size=4, seq_len=512)
     assert phase_bill(spec, "eval", batch_size=8, seq_len=512).total_bytes > eval_bill.total_bytes

@@ -104,9 +104,13 @@ def phase_bill(spec: ModelSpec, phase: str, *, precision: str = "fp32", r: int =
         components = of(weights, kv, rows=batch_size, tokens=seq_len, element=element, **shape)
         return PhaseBill(spec.name, phase, components, [f"{batch_size} rows x {seq_len} tokens; a smaller "
                                                         "--batch-size lowers the per-row lines"])
-    components = memory.serve_components(weights, kv, token_budget=token_budget, rows=batch_size,
+    # the serve engine's per-token allowance (serve.engine.bytes_per_token, as serve's preflight bills it): keys
+    # and values plus 8 x hidden of activations
+    per_token = kv + int(8 * spec.hidden_size * element)
+    components = memory.serve_components(weights, per_token, token_budget=token_budget, rows=batch_size,
                                          vocab=spec.vocab_size)
-    return PhaseBill(spec.name, phase, components, [f"KV budget {token_budget:,} tokens ({kv:,} bytes per token)"])
+    return PhaseBill(spec.name, phase, components, [f"KV budget {token_budget:,} tokens ({kv:,} bytes of keys and "
+                                                    f"values per token + {per_token - kv:,} of activations)"])
 
 
 def _merge_bill(spec: ModelSpec, params: int, element: float, r: int) -> PhaseBill:
