@@ -29,6 +29,19 @@ def model_dir(tmp_path, tiny_llama, tiny_tokenizer):
 
 
 @pytest.fixture()
+def reads(monkeypatch):
+    """Every read of a data file (the readers' and the prepared scan's)."""
+    import tuneforge.data.prepared as prepared
+    import tuneforge.data.readers as readers
+
+    calls = []
+    real_scan, real_read = prepared._scan, readers.read_records
+    monkeypatch.setattr(prepared, "_scan", lambda sources, *a, **k: calls.extend(sources) or real_scan(sources, *a, **k))
+    monkeypatch.setattr(readers, "read_records", lambda path, *a, **k: calls.append(str(path)) or real_read(path, *a, **k))
+    return calls
+
+
+@pytest.fixture()
 def encode_calls(monkeypatch):
     """Counts every record rendered and masked (prepared build or direct encoding)."""
     import tuneforge.data.tokenize as tokenize
@@ -56,7 +69,7 @@ def _eval(model_dir, data, capsys) -> tuple[dict, str]:
 
 
 def test_second_eval_reuses_the_prepared_records_and_scores_the_same(tmp_path, model_dir, monkeypatch, capsys,
-                                                                     encode_calls):
+                                                                     encode_calls, reads):
     cache = tmp_path / "cache"
     monkeypatch.setenv("TUNEFORGE_DATA_CACHE", str(cache))
     data = tmp_path / "eval.jsonl"
@@ -65,14 +78,16 @@ def test_second_eval_reuses_the_prepared_records_and_scores_the_same(tmp_path, m
     first, err = _eval(model_dir, data, capsys)
     assert "eval data: preparing" in err
     assert len(encode_calls) == len(ROWS)  # each record encoded once, by the prepared build
+    assert reads == [str(data)]  # the file read once: its records entry serves the checks and the build
     entries = _entries(cache)
     assert len(entries) == 2  # the file's cleaned records, and their samples for this tokenizer and template
     built = [(e / "meta.json").stat().st_mtime_ns for e in entries]
 
     encode_calls.clear()
+    reads.clear()
     second, err = _eval(model_dir, data, capsys)
     assert "eval data: reusing" in err
-    assert encode_calls == []  # nothing rendered, tokenized or masked again
+    assert encode_calls == [] and reads == []  # nothing read, rendered, tokenized or masked again
     assert [(e / "meta.json").stat().st_mtime_ns for e in entries] == built
     assert _entries(cache) == entries
 
@@ -128,5 +143,6 @@ def test_text_records_and_copies_take_the_direct_path(tmp_path, tiny_tokenizer, 
     text.write_text(json.dumps({"text": "A document about lists."}) + "\n")
     records = read_eval_records(str(text), echo=lambda line: None)
     assert records.encode_prepared(tiny_tokenizer, resolve_template("chatml", tiny_tokenizer)) is None
-    assert not (tmp_path / "cache").exists()
+    kinds = [json.loads((e / "meta.json").read_text()).get("kind") for e in _entries(tmp_path / "cache")]
+    assert kinds == ["records"]  # read through the cache, but no samples built
     assert type(records[:1]) is list  # a slice is not the file's records any more

@@ -1,8 +1,9 @@
 """Evaluation data through the prepared-data cache (``tuneforge eval --data``, search trials' eval records).
 
 :func:`read_eval_records` reads the eval file's canonical records (generation metrics need prompts and references,
-and the checks run before any model is loaded) and returns them as :class:`EvalRecords`: a list that remembers its
-source, so the perplexity of a model's chat answers takes its token ids and masks from
+and the checks run before any model is loaded) through the file's *records entry* in the prepared-data cache (read
+once; a second evaluation reads nothing but the file's hash) and returns them as :class:`EvalRecords`: a list that
+remembers its source, so the perplexity of a model's chat answers takes its token ids and masks from
 :func:`tuneforge.data.prepared.prepare` — the same rendering and masks training builds, stored as Arrow in the
 prepared-data cache. The entry's key holds the file's content, the model's tokenizer and chat template, so a second
 evaluation of the same file by a model with the same tokenizer and template (another checkpoint of the run, the
@@ -41,10 +42,37 @@ def read_eval_records(source: str, fmt: str = "auto", limit: int | None = None, 
     Raises:
         UserError: as the reader (file not found, malformed line naming ``file:line``, ...).
     """
-    from tuneforge.data.readers import read_records
+    records = None
+    try:
+        records = _cached_records(source, fmt, cache_dir)
+    except UserError:  # an unusable cache directory, or bad data: the reader reports the record, or reads it
+        pass
+    if records is None:
+        from tuneforge.data.readers import read_records
 
-    records = read_records(source, fmt)
+        records = read_records(source, fmt)
     return EvalRecords(records[:limit] if limit else records, source, fmt, limit, cache_dir=cache_dir, echo=echo)
+
+
+def _eval_config(source: str, fmt: str, limit: int | None = None, train_on_prompt: bool = False) -> Any:
+    """The data settings of an evaluation: no cleaning, no truncation, no packing."""
+    from tuneforge.config.schema import CleanConfig, DataConfig
+
+    return DataConfig(train=[source], format=fmt, max_length=UNTRUNCATED, packing=False, max_samples=limit,
+                      train_on_prompt=train_on_prompt,
+                      clean=CleanConfig(strip_html=False, normalize=False, min_length=0, dedup=False))
+
+
+def _cached_records(source: str, fmt: str, cache_dir) -> list[dict]:
+    """The canonical records of ``source`` from its records entry (read once into the cache; the samples that
+    :meth:`EvalRecords.encode_prepared` builds hard-link the same entry, so the file is read once in all)."""
+    from tuneforge.data.cache import default_cache_dir
+    from tuneforge.data.prepared import CanonRecords, records_entry
+
+    cfg = _eval_config(str(source), fmt)
+    root = Path(cache_dir or default_cache_dir()).expanduser()
+    folder, meta = records_entry(cfg, cfg.train, "train", root)
+    return list(CanonRecords(folder, meta["files"], meta["kept"]))
 
 
 class EvalRecords(list):
@@ -75,13 +103,10 @@ class EvalRecords(list):
             return None
         if not any(m["role"] == "assistant" for r in self for m in r["messages"]):
             return None
-        from tuneforge.config.schema import CleanConfig, DataConfig
         from tuneforge.data.cache import Entry, default_cache_dir
         from tuneforge.data.prepared import cache_key, prepare
 
-        cfg = DataConfig(train=[self.source], format=self.fmt, max_length=UNTRUNCATED, packing=False,
-                         max_samples=self.limit, train_on_prompt=train_on_prompt,
-                         clean=CleanConfig(strip_html=False, normalize=False, min_length=0, dedup=False))
+        cfg = _eval_config(self.source, self.fmt, self.limit, train_on_prompt)
         root = Path(self.cache_dir or default_cache_dir()).expanduser()
         try:
             entry = Entry(root, cache_key(cfg, "sft", tokenizer, template, 0, False))
