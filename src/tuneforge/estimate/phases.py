@@ -92,7 +92,9 @@ def phase_bill(spec: ModelSpec, phase: str, *, precision: str = "fp32", r: int =
             check = memory.scoring_components(0, kv_bytes_per_token(spec, 4), rows=memory.CHECK_ROWS,
                                               tokens=seq_len, element=4, **shape)
         components = memory.export_components(params, adapter_params(spec, r), quantize, check=check,
-                                              vocab=spec.vocab_size, largest_tensor=max(spec.param_numels, default=0))
+                                              vocab=spec.vocab_size, largest_tensor=max(spec.param_numels, default=0),
+                                              quantized_params=sum(lin.numel for lin in spec.linears
+                                                                   if lin.kind != "head"))
         note = ("HF export: the quantized model is reloaded for its perplexity check after the merged one is freed"
                 if check else "GGUF export: tensors are encoded one at a time (the largest is billed); the written "
                 "file is reloaded beside the merged model for the round-trip gate")

@@ -123,16 +123,25 @@ def serve_components(weight_bytes: int, kv_per_token: int, *, token_budget: int,
 
 
 def export_components(params: int, adapter_params: int, quantize: str, *, check: dict[str, int] | None = None,
-                      vocab: int = 0, largest_tensor: int = 0) -> dict[str, int]:
+                      vocab: int = 0, largest_tensor: int = 0, quantized_params: int = 0) -> dict[str, int]:
     """Merge in fp32, then the quantized copy; GGUF keeps the merged model while its reloaded file is checked
     (dequantized to fp32, its tokenizer converted: :data:`GGUF_RELOAD_BYTES_PER_TOKEN` per entry of ``vocab``);
     an HF int8/int4 export adds its perplexity check (``check``: the :func:`scoring_components` of the check's
     windows; its weights and tokenizer are not counted twice). The GGUF writer encodes one tensor at a time, so
-    with ``largest_tensor`` (elements) only that tensor's encoded bytes are billed, not the whole quantized copy."""
+    with ``largest_tensor`` (elements) only that tensor's encoded bytes are billed, not the whole quantized copy.
+
+    int8/int4 (``merge.export.export_model``): bitsandbytes quantizes the linear layers (``quantized_params``
+    elements; the embeddings, norms and a tied head stay fp32), and the quantized model and its reload from the
+    written directory are both alive during the check, beside the merged fp32 model (still referenced by the peft
+    model it was unloaded from)."""
     gguf = quantize not in ("int8", "int4")
-    quantized = largest_tensor if gguf and largest_tensor else params
+    if gguf:
+        quantized = int((largest_tensor or params) * ELEMENT_BYTES[quantize])
+    else:
+        linear = quantized_params or params
+        quantized = 2 * int(linear * ELEMENT_BYTES[quantize] + 4 * (params - linear))
     components = {"merged model (fp32)": 4 * params, "adapter (fp32)": 4 * adapter_params,
-                  f"quantized weights ({quantize})": int(quantized * ELEMENT_BYTES[quantize])}
+                  f"quantized weights ({quantize})": quantized}
     if vocab:
         components["tokenizer"] = tokenizer_bytes(vocab)
     if gguf:
