@@ -6,6 +6,8 @@ tuneforge does not depend on llama-cpp-python), e.g.::
     python3 -m venv /work/llamacpp-venv && CMAKE_BUILD_PARALLEL_LEVEL=1 /work/llamacpp-venv/bin/pip install llama-cpp-python
     /work/llamacpp-venv/bin/python benchmarks/llamacpp_check.py JOB.json OUT.json
 
+(A build that is stopped once ``libllama.so`` has linked also works: point the sdist's ``llama_cpp`` package at the
+libraries with ``PYTHONPATH=… LLAMA_CPP_LIB_PATH=…``, as docs/gguf.md's figures were taken.)
 ``benchmarks/real_model.py --llama-cpp-python /work/llamacpp-venv/bin/python`` writes JOB.json (from the merged
 model, with transformers) and compares OUT.json with it. JOB.json::
 
