@@ -76,7 +76,7 @@ def test_second_eval_reuses_the_prepared_records_and_scores_the_same(tmp_path, m
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
 
     first, err = _eval(model_dir, data, capsys)
-    assert "eval data: preparing" in err
+    assert "eval data: preparing" in err and "records (train)" not in err  # no progress bars
     assert len(encode_calls) == len(ROWS)  # each record encoded once, by the prepared build
     assert reads == [str(data)]  # the file read once: its records entry serves the checks and the build
     entries = _entries(cache)

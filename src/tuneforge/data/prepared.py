@@ -145,7 +145,8 @@ def records_entry(data_cfg: Any, sources: list[str], name: str, root: Path, num_
     entry = Entry(root, data_fingerprint(parts))
 
     def build(folder: Path) -> dict:
-        part = _clean_part(data_cfg, sources, folder, name, num_proc, progress)
+        with _progress_bars(progress):  # quiet unless asked (a tokenizer's or an evaluation's read)
+            part = _clean_part(data_cfg, sources, folder, name, num_proc, progress)
         np_kept = _save_indices(folder, f"kept-{name}", part.kept)
         return {"kind": "records", "files": part.files, "kept": np_kept, "per_file": part.per_file,
                 "report": part.report, "fingerprint": parts}
