@@ -153,6 +153,12 @@ def test_merge_export_gate_and_serve(run, task, tmp_path):
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
 
+    # the streaming path (a model larger than memory): LoRA folded per tensor from the converted GGUF base's
+    # safetensors, gated per tensor — the same file, byte for byte
+    streamed = export_gguf(run, tmp_path / "streamed", quantize="q8_0", strategy="streaming", echo=print)
+    assert streamed["strategy"] == "streaming" and streamed["gate"] == "per-tensor"
+    assert streamed["sha256"] == gate["sha256"]
+
     engine = Engine([str(run)], device="cpu")
     try:
         with serve_in_thread(create_app(engine, max_tokens_limit=16)) as url:
