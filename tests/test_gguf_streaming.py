@@ -17,7 +17,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "down_proj")
 
 @pytest.fixture(scope="module")
 def deep_run(tmp_path_factory) -> Path:
-    """A run on a tiny Llama with 8 layers (grouped-query attention): many tensors of similar size, so that one
+    """A run on a tiny Llama with 16 layers (grouped-query attention): many tensors of similar size, so that one
     tensor at a time fits a budget a third of the model's weights; LoRA on q, k, v and down."""
     import torch
 
@@ -27,7 +27,7 @@ def deep_run(tmp_path_factory) -> Path:
 
     tokenizer = train_tokenizer(stdlib_texts(), vocab_size=512)
     torch.manual_seed(0)
-    spec = tiny_from_config("llama").model_copy(update={"num_kv_heads": 2, "num_layers": 8})
+    spec = tiny_from_config("llama").model_copy(update={"num_kv_heads": 2, "num_layers": 16})
     model = build_model(spec, tokenizer)
     _train_briefly(model, tokenizer, steps=20)
     base = save_base(model, tokenizer, tmp_path_factory.mktemp("deep") / "base")
@@ -78,7 +78,7 @@ def test_model_three_times_the_budget_streams_and_equals_the_in_memory_file(deep
     in_memory = tmp_path / "memory"
     export_gguf(deep_run, in_memory, quantize="q8_0", strategy="memory", echo=lambda *_: None)
     a, b = _tensors(streamed / "model-q8_0.gguf"), _tensors(in_memory / "model-q8_0.gguf")
-    assert list(a) == list(b) and len(a) == 2 + 8 * 9
+    assert list(a) == list(b) and len(a) == 2 + 16 * 9
     for name in a:
         assert a[name] == b[name], name
     assert (streamed / "model-q8_0.gguf").read_bytes() == (in_memory / "model-q8_0.gguf").read_bytes()

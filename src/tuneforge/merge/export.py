@@ -103,21 +103,27 @@ def check_memory(source: Any, quantize: str, max_memory: int | None, echo=print)
     Raises:
         UserError: the estimate is above the budget (naming both and ``--max-memory``).
     """
-    from tuneforge.merge.gguf import safetensors_shapes, weights_dir_of
+    from tuneforge.merge.gguf import _vocab_of, safetensors_shapes, weights_dir_of
     from tuneforge.merge.sharded import available_memory, file_elements
+    from tuneforge.models.memory import export_components
 
     weights = weights_dir_of(source)
     if weights is None:
         echo(f"export memory: no estimate (the base {source.base} is not a local safetensors directory)")
         return {}
     budget = int(max_memory) if max_memory else available_memory()
-    total = sum(_numel(shape) for shape, _ in safetensors_shapes(weights).values())
+    shapes = {name: shape for name, (shape, _) in safetensors_shapes(weights).items()}
+    total = sum(_numel(shape) for shape in shapes.values())
+    # bitsandbytes quantizes the linear layers; embeddings, norms and the head stay fp32
+    linear = sum(_numel(shape) for name, shape in shapes.items()
+                 if len(shape) == 2 and "embed" not in name and not name.startswith("lm_head"))
     adapter_file = Path(source.adapter) / "adapter_model.safetensors" if source.adapter else None
-    adapter = 4 * file_elements(adapter_file) if adapter_file and adapter_file.is_file() else 0
-    need = int(4 * total + adapter + total * {"int8": 1.0, "int4": 0.5}[quantize])
+    adapter = file_elements(adapter_file) if adapter_file and adapter_file.is_file() else 0
+    need = int(sum(export_components(total, adapter, quantize, vocab=_vocab_of(weights),
+                                     quantized_params=linear).values()))
     gib = 1024 ** 3
-    echo(f"export memory: estimated peak {need / gib:.2f} GiB (merged fp32 + adapter + {quantize} copy); budget "
-         f"{budget / gib:.2f} GiB")
+    echo(f"export memory: estimated peak {need / gib:.2f} GiB (merged fp32, adapter, the quantized model and its "
+         f"reload; the perplexity check's activations are not billed); budget {budget / gib:.2f} GiB")
     if need > budget:
         raise UserError(f"export --quantize {quantize} needs about {need / gib:.2f} GiB, above the budget of "
                         f"{budget / gib:.2f} GiB, and bitsandbytes quantizes the whole model in memory; free memory, "

@@ -187,8 +187,6 @@ def export_gguf(path: str | Path, out: str | Path, *, quantize: str = "q8_0", fo
 # ----------------------------------------------------------------------------- the memory preflight
 
 _GIB = 1024 ** 3
-#: bytes per stored element of each type (Q8_0 / Q4_0 blocks of 32 with an f16 scale), as estimate.phases bills them
-_ELEMENT_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 @dataclass(frozen=True)
@@ -238,23 +236,33 @@ def weights_dir_of(source: Any) -> Path | None:
     return None
 
 
-def estimate_export_bytes(weights_dir: Path, adapter_dir: Path | None, quantize: str) -> dict[str, int]:
-    """Estimated peak bytes of the two GGUF export strategies, from the safetensors headers.
+def _vocab_of(weights_dir: Path) -> int:
+    try:
+        return int(json.loads((weights_dir / "config.json").read_text(encoding="utf-8")).get("vocab_size") or 0)
+    except (OSError, ValueError):
+        return 0
 
-    In memory (the components of ``tuneforge estimate --phase export``): the merged model in fp32, the adapter in
-    fp32, the quantized copy, and the gate's reload of the file dequantized to fp32. Streaming: the largest tensor in
-    fp32 three times (read, merged, read back by the gate) plus its encoded bytes, and the adapter in fp32.
+
+def estimate_export_bytes(weights_dir: Path, adapter_dir: Path | None, quantize: str) -> dict[str, int]:
+    """Estimated peak bytes of the two GGUF export strategies, from the safetensors headers and config.json.
+
+    In memory: :func:`tuneforge.models.memory.export_components` (the bill ``tuneforge estimate --phase export``
+    shows: merged model and adapter in fp32, one encoded tensor, the tokenizer, the gate's reload in fp32 and its
+    tokenizer conversion). Streaming: the largest tensor in fp32 three times (read, merged, read back by the gate)
+    plus its encoded bytes, the adapter in fp32 and the tokenizer (the gate's tokenizer read-back is not billed).
     """
     from tuneforge.merge.sharded import file_elements
+    from tuneforge.models.memory import ELEMENT_BYTES, export_components, tokenizer_bytes
 
     shapes = safetensors_shapes(weights_dir)
     sizes = [_numel(shape) for shape, _ in shapes.values()]
     total, largest = sum(sizes), max(sizes)
     adapter_file = adapter_dir / "adapter_model.safetensors" if adapter_dir else None
-    adapter = 4 * file_elements(adapter_file) if adapter_file and adapter_file.is_file() else 0
-    element = _ELEMENT_BYTES[quantize]
-    return {"memory": int(4 * total + adapter + element * total + 4 * total),
-            "streaming": int(3 * 4 * largest + element * largest + adapter)}
+    adapter = file_elements(adapter_file) if adapter_file and adapter_file.is_file() else 0
+    vocab = _vocab_of(weights_dir)
+    memory = sum(export_components(total, adapter, quantize, vocab=vocab, largest_tensor=largest).values())
+    streaming = 3 * 4 * largest + ELEMENT_BYTES[quantize] * largest + 4 * adapter + tokenizer_bytes(vocab)
+    return {"memory": int(memory), "streaming": int(streaming)}
 
 
 def plan_export(source: Any, quantize: str, max_memory: int | None = None, strategy: str = "auto") -> ExportPlan:
