@@ -613,7 +613,10 @@ class _Poster:
         with self._lock:
             calls, self._pending, self._scheduled = self._pending, deque(), False
         for fn, args in calls:
-            fn(*args)
+            try:
+                fn(*args)
+            except Exception:  # one failing call must not drop the rest of its burst
+                log.exception("a call from the generating thread failed")
 
 
 _POSTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
