@@ -17,6 +17,15 @@ Workloads per arm:
 - **greedy identity**: the answers given under load equal the answers each prompt gets alone.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py [--seconds 15] [--rounds 1]
+    # the parent commit's code as a third arm, side by side:
+    git archive HEAD~1 src | tar -x -C /tmp/base && ... serve_load.py --baseline-src /tmp/base/src
+    # the target's model (scripts/fetch_real_model.sh), 8 vs 32 clients only:
+    ... serve_load.py --model ~/.cache/tuneforge/real/SmolLM2-135M-Instruct.Q4_1.gguf --seconds 60 \
+        --clients 8,32 --arms continuous --scaling-only
+
+Each continuous arm is also timed in-process first (``--step-timings 8,32``): milliseconds per decoding step at 8
+and 32 rows, split into the cache layers' updates (``DynamicCache``'s concatenation, or the KV store's in-place
+write), the rest of the forward pass and the rest of the step.
 """
 
 from __future__ import annotations
