@@ -475,10 +475,14 @@ class RunConfig(Strict):
             raise ValueError(f"train.loss_chunk with distributed.strategy {self.distributed.strategy!r}: the chunked "
                              "loss calls the LM head outside the model's forward, where a sharded head is not "
                              "gathered; remove train.loss_chunk (or use strategy ddp)")
-        if self.data.streaming and (self.stage != "pt" or not self.train.max_steps):
-            raise ValueError("data.streaming: true needs stage pt and train.max_steps (a stream has no length, so "
-                             "epochs cannot be counted); set train.max_steps, or drop data.streaming to use "
-                             "prepared (cached, memory-mapped) data")
+        if self.data.streaming and self.stage != "pt":
+            raise ValueError(f"data.streaming is for stage pt (raw text packed on the fly), not stage "
+                             f"{self.stage!r}: remove data.streaming — prepared data is cached and memory-mapped, "
+                             "so a large chat or preference set need not fit in memory")
+        if self.data.streaming and not self.train.max_steps:
+            raise ValueError("data.streaming: true needs train.max_steps (a stream has no length, so epochs cannot "
+                             "be counted); set train.max_steps, or drop data.streaming to use prepared (cached, "
+                             "memory-mapped) data")
         if self.data.streaming and self.train.dataloader_workers:
             raise ValueError("data.streaming reads in the training process (its position is saved with each "
                              "checkpoint): set train.dataloader_workers: 0")
