@@ -167,6 +167,7 @@ def child(argv: list[str]) -> dict:
     import gc
     import io
 
+    import datasets  # noqa: F401  (eval's record reading imports datasets/pyarrow/pandas: ~90 MiB of libraries)
     import peft  # noqa: F401  (imported before the baseline: the command's libraries are not its memory)
     import torch
     import transformers  # noqa: F401
