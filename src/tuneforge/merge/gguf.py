@@ -248,11 +248,10 @@ def estimate_export_bytes(weights_dir: Path, adapter_dir: Path | None, quantize:
 
     In memory: :func:`tuneforge.models.memory.export_components` (the bill ``tuneforge estimate --phase export``
     shows: merged model and adapter in fp32, one encoded tensor, the tokenizer, the gate's reload in fp32 and its
-    tokenizer conversion). Streaming: the largest tensor in fp32 three times (read, merged, read back by the gate)
-    plus its encoded bytes, the adapter in fp32 and the tokenizer (the gate's tokenizer read-back is not billed).
+    tokenizer conversion). Streaming: :func:`tuneforge.models.memory.streaming_export_components`.
     """
     from tuneforge.merge.sharded import file_elements
-    from tuneforge.models.memory import ELEMENT_BYTES, export_components, tokenizer_bytes
+    from tuneforge.models.memory import export_components, streaming_export_components
 
     shapes = safetensors_shapes(weights_dir)
     sizes = [_numel(shape) for shape, _ in shapes.values()]
@@ -261,7 +260,7 @@ def estimate_export_bytes(weights_dir: Path, adapter_dir: Path | None, quantize:
     adapter = file_elements(adapter_file) if adapter_file and adapter_file.is_file() else 0
     vocab = _vocab_of(weights_dir)
     memory = sum(export_components(total, adapter, quantize, vocab=vocab, largest_tensor=largest).values())
-    streaming = 3 * 4 * largest + ELEMENT_BYTES[quantize] * largest + 4 * adapter + tokenizer_bytes(vocab)
+    streaming = sum(streaming_export_components(largest, adapter, quantize, vocab=vocab).values())
     return {"memory": int(memory), "streaming": int(streaming)}
 
 

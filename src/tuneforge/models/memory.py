@@ -154,6 +154,24 @@ def export_components(params: int, adapter_params: int, quantize: str, *, check:
     return components
 
 
+def streaming_export_components(largest_tensor: int, adapter_params: int, quantize: str, *,
+                                vocab: int = 0) -> dict[str, int]:
+    """A GGUF export written tensor by tensor from safetensors files (``merge.gguf``'s streaming strategy): the
+    largest tensor in fp32 three times (read, merged, read back by the per-tensor gate) and its encoded bytes, the
+    adapter in fp32 and the tokenizer.
+
+    Not billed: the gate's conversion of the written file's tokenizer (measured 167 MiB for SmolLM2's 49,152
+    entries, ~3.5 KB each). On real models it is small beside three copies of the embedding; on the tiny test models
+    it would exceed their weights, so billing it needs the streaming gate to compare the GGUF token arrays directly
+    instead of converting them (not done)."""
+    components = {"largest tensor: read, merged, read back (fp32)": 3 * 4 * largest_tensor,
+                  f"largest tensor encoded ({quantize})": int(ELEMENT_BYTES[quantize] * largest_tensor),
+                  "adapter (fp32)": 4 * adapter_params}
+    if vocab:
+        components["tokenizer"] = tokenizer_bytes(vocab)
+    return components
+
+
 def available_memory(device: str = "cpu") -> int:
     """Bytes free for a phase on ``device``: free GPU memory on ``cuda[:N]``, else the RAM the kernel reports
     available (``MemAvailable``)."""
