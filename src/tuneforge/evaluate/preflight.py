@@ -39,13 +39,6 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def budget_of(max_memory: int | None, device: str) -> int:
-    """``max_memory`` when given, else the memory available on ``device`` now."""
-    from tuneforge.models.memory import available_memory
-
-    return int(max_memory) if max_memory else available_memory(device)
-
-
 def plan_rows(spec: Any, *, rows: int, tokens: int, generation: bool, device: str = "auto",
               max_memory: int | None = None, what: str = "eval", option: str = "--batch-size",
               report: Callable[[str], None] = _stderr) -> Plan:
@@ -80,7 +73,7 @@ def plan_rows(spec: Any, *, rows: int, tokens: int, generation: bool, device: st
         return of(numbers.weight_bytes(element), numbers.kv_per_token(element), rows=n, tokens=tokens,
                   element=element, **numbers.shape())
 
-    budget = budget_of(max_memory, device)
+    budget = memory.memory_budget(max_memory, device)
     chosen = memory.largest_fitting(lambda n: sum(components(n).values()), max(1, rows), budget)
     kind = "generating" if generation else "scoring"
     if chosen is None:

@@ -104,14 +104,14 @@ def check_memory(source: Any, quantize: str, max_memory: int | None, echo=print)
         UserError: the estimate is above the budget (naming both and ``--max-memory``).
     """
     from tuneforge.merge.gguf import _vocab_of, safetensors_shapes, weights_dir_of
-    from tuneforge.merge.sharded import available_memory, file_elements
-    from tuneforge.models.memory import export_components
+    from tuneforge.merge.sharded import file_elements
+    from tuneforge.models.memory import export_components, memory_budget
 
     weights = weights_dir_of(source)
     if weights is None:
         echo(f"export memory: no estimate (the base {source.base} is not a local safetensors directory)")
         return {}
-    budget = int(max_memory) if max_memory else available_memory()
+    budget = memory_budget(max_memory)
     shapes = {name: shape for name, (shape, _) in safetensors_shapes(weights).items()}
     total = sum(_numel(shape) for shape in shapes.values())
     # bitsandbytes quantizes the linear layers; embeddings, norms and the head stay fp32

@@ -266,7 +266,7 @@ def estimate_export_bytes(weights_dir: Path, adapter_dir: Path | None, quantize:
 
 def plan_export(source: Any, quantize: str, max_memory: int | None = None, strategy: str = "auto") -> ExportPlan:
     """Choose how to export ``source`` (a :class:`tuneforge.models.reference.ModelRef`) within ``max_memory``
-    (default: the RAM available now, :func:`tuneforge.merge.sharded.available_memory`).
+    (default: the RAM available now, :func:`tuneforge.models.memory.memory_budget`).
 
     ``auto``: in memory (the full round-trip gate) when it fits, else streaming when the weights are local
     safetensors and the adapter folds tensor by tensor. ``memory`` / ``streaming`` force one.
@@ -275,9 +275,9 @@ def plan_export(source: Any, quantize: str, max_memory: int | None = None, strat
         UserError: nothing fits (naming both estimates, the budget and ``--max-memory``), or streaming was needed or
             asked for a source it cannot handle (naming why).
     """
-    from tuneforge.merge.sharded import available_memory
+    from tuneforge.models.memory import memory_budget
 
-    budget = int(max_memory) if max_memory else available_memory()
+    budget = memory_budget(max_memory)
     weights = weights_dir_of(source)
     need = estimate_export_bytes(weights, Path(source.adapter) if source.adapter else None, quantize) if weights else {}
     if strategy == "memory" or (strategy == "auto" and (not need or need["memory"] <= budget)):

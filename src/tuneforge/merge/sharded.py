@@ -280,14 +280,6 @@ def _adapter_elements(path: Path) -> tuple[int, int]:
     return total, max(outs) * max(ins)
 
 
-def available_memory() -> int:
-    """Bytes of RAM the kernel reports available (``MemAvailable``); the merge runs on the CPU
-    (:func:`tuneforge.models.memory.available_memory`)."""
-    from tuneforge.models.memory import available_memory as available
-
-    return available("cpu")
-
-
 def plan_merge(ref: Any, dtype_size: int, strategy: str = "auto", max_memory: int | None = None) -> MergePlan:
     """Choose the merge strategy for ``ref`` (a :class:`tuneforge.models.reference.ModelRef` of an adapter).
 
@@ -298,7 +290,9 @@ def plan_merge(ref: Any, dtype_size: int, strategy: str = "auto", max_memory: in
         UserError: nothing fits the budget (naming both estimates and ``--max-memory``), or ``sharded`` was asked
             for an adapter or base it cannot handle.
     """
-    budget = int(max_memory) if max_memory else available_memory()
+    from tuneforge.models.memory import memory_budget
+
+    budget = memory_budget(max_memory)  # the merge runs on the CPU
     base_dir = Path(ref.base)
     local = base_dir.is_dir() and not ref.stack
     need = estimate_merge_bytes(base_dir, Path(ref.adapter), dtype_size) if local and _has_safetensors(base_dir) else {}

@@ -192,6 +192,12 @@ def available_memory(device: str = "cpu") -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def memory_budget(max_memory: int | None, device: str = "cpu") -> int:
+    """The budget of a phase's preflight: ``max_memory`` (bytes, from ``--max-memory``) when given, else
+    :func:`available_memory` on ``device`` now."""
+    return int(max_memory) if max_memory else available_memory(device)
+
+
 def largest_fitting(total_of: Callable[[int], int], rows: int, budget: int) -> int | None:
     """The largest row count ≤ ``rows`` whose ``total_of(rows)`` fits ``budget`` (``total_of`` grows with the rows:
     a binary search), or None when even one row does not."""

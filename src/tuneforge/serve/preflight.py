@@ -80,7 +80,7 @@ def plan_serve(refs: Sequence[Any], *, token_budget: int | None, longest_row: in
 
     device = resolve_device(device)
     element = float(resolve_dtype("auto", device).itemsize)
-    budget = int(max_memory) if max_memory else memory.available_memory(device)
+    budget = memory.memory_budget(max_memory, device)
     weights, per_token, vocab = 0, 0, 0
     bases: set[str] = set()
     for ref in refs:
