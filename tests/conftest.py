@@ -47,6 +47,15 @@ def tiny_llama(tiny_tokenizer):
 
 
 @pytest.fixture()
+def tiny_llama_dir(tmp_path, tiny_llama, tiny_tokenizer):
+    """:func:`tiny_llama` saved with its tokenizer: a model directory the commands load."""
+    path = tmp_path / "tiny"
+    tiny_llama.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
 def tiny_gpt2(tiny_tokenizer):
     """A fresh 2-layer, hidden-64 GPT-2-style model (Conv1D projections)."""
     import torch

@@ -21,14 +21,6 @@ ROWS = [
 
 
 @pytest.fixture()
-def model_dir(tmp_path, tiny_llama, tiny_tokenizer):
-    path = tmp_path / "tiny"
-    tiny_llama.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture()
 def reads(monkeypatch):
     """Every read of a data file (the readers' and the prepared scan's)."""
     import tuneforge.data.prepared as prepared
@@ -61,21 +53,21 @@ def _entries(cache) -> list:
     return sorted(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _eval(model_dir, data, capsys) -> tuple[dict, str]:
-    code = main(["eval", str(model_dir), "--data", str(data), "--metrics", "ppl", "--json", "--no-save"])
+def _eval(tiny_llama_dir, data, capsys) -> tuple[dict, str]:
+    code = main(["eval", str(tiny_llama_dir), "--data", str(data), "--metrics", "ppl", "--json", "--no-save"])
     assert code == 0
     captured = capsys.readouterr()
     return json.loads(captured.out.strip().splitlines()[-1]), captured.err
 
 
-def test_second_eval_reuses_the_prepared_records_and_scores_the_same(tmp_path, model_dir, monkeypatch, capsys,
+def test_second_eval_reuses_the_prepared_records_and_scores_the_same(tmp_path, tiny_llama_dir, monkeypatch, capsys,
                                                                      encode_calls, reads):
     cache = tmp_path / "cache"
     monkeypatch.setenv("TUNEFORGE_DATA_CACHE", str(cache))
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
 
-    first, err = _eval(model_dir, data, capsys)
+    first, err = _eval(tiny_llama_dir, data, capsys)
     assert "eval data: preparing" in err and "records (train)" not in err  # no progress bars
     assert len(encode_calls) == len(ROWS)  # each record encoded once, by the prepared build
     assert reads == [str(data)]  # the file read once: its records entry serves the checks and the build
@@ -85,7 +77,7 @@ def test_second_eval_reuses_the_prepared_records_and_scores_the_same(tmp_path, m
 
     encode_calls.clear()
     reads.clear()
-    second, err = _eval(model_dir, data, capsys)
+    second, err = _eval(tiny_llama_dir, data, capsys)
     assert "eval data: reusing" in err
     assert encode_calls == [] and reads == []  # nothing read, rendered, tokenized or masked again
     assert [(e / "meta.json").stat().st_mtime_ns for e in entries] == built
@@ -96,7 +88,7 @@ def test_second_eval_reuses_the_prepared_records_and_scores_the_same(tmp_path, m
     from tuneforge.evaluate.runner import load_eval_records
     from tuneforge.models.reference import load_for_inference
 
-    loaded = load_for_inference(str(model_dir), device="cpu")
+    loaded = load_for_inference(str(tiny_llama_dir), device="cpu")
     direct = perplexity(loaded.model, loaded.tokenizer, list(load_eval_records(str(data))), template=loaded.template)
     assert direct.skipped == 1
     for row in (first, second):
