@@ -145,3 +145,14 @@ def test_largest_fitting_finds_the_largest_row_count_under_the_budget():
     assert largest_fitting(lambda n: 100 + 10 * n, 8, 165) == 6
     assert largest_fitting(lambda n: 100 + 10 * n, 8, 1000) == 8
     assert largest_fitting(lambda n: 100 + 10 * n, 8, 105) is None
+
+
+def test_a_preference_pair_is_billed_as_its_two_conversations():
+    from tuneforge.data.readers import preference_record
+    from tuneforge.evaluate.preflight import scored_sequences
+
+    pair = preference_record({"prompt": "Name a loop.", "chosen": "for", "rejected": "a spoon"}, "p.jsonl:1")
+    text = {"text": "plain text", "source": "t.jsonl:1"}
+    sequences = scored_sequences([pair, text])
+    assert [s.get("messages", s.get("text")) for s in sequences] == [
+        pair["prompt"] + pair["chosen"], pair["prompt"] + pair["rejected"], "plain text"]

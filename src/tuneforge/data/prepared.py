@@ -525,6 +525,11 @@ def _canon_batch(batch: dict, fmt: str, clean: dict) -> dict:
                                    detected_from_first=fmt == "auto" and not tag.endswith("!"))
         else:
             record = json.loads(payload)
+        if "text" not in record and "messages" not in record:
+            # preference / KTO / prompt records have their own readers (the stages' own builds; eval reads them
+            # directly): say so instead of failing on a missing key in the cleaning rules
+            raise UserError(f"{record.get('source', source)}: prepared data holds text and chat records, not "
+                            f"this record's kind (keys {sorted(record)[:6]})")
         record, html, norm = clean_record(record, clean)
         short = too_short(record, clean["min_length"])
         k1 = k2 = 0

@@ -129,11 +129,26 @@ def scoring_windows(spec: Any, records: list[dict], max_length: int | None,
     ref = spec if isinstance(spec, ModelRef) else resolve(spec)
     tokenizer = load_tokenizer_of(ref)
     template = load_template(ref.template_dir, tokenizer)
-    pairs, _ = encode_records(records, tokenizer, template)
+    pairs, _ = encode_records(scored_sequences(records), tokenizer, template)
     window = max_length or _context_window(ref, tokenizer)
     step = stride or max(1, window // 2)
     windows = [len(ids) for ids_, labels in pairs for ids, _ in sliding_windows(ids_, labels, window, step)]
     return max(windows, default=1), max(1, len(windows))
+
+
+def scored_sequences(records: list[dict]) -> list[dict]:
+    """The text and chat sequences a model-scored metric runs through the model: text and chat records as they
+    are, a preference pair as its two conversations (what ``reward_acc`` scores), an unpaired (KTO) record as its
+    one; records of other kinds score nothing here."""
+    sequences: list[dict] = []
+    for record in records:
+        if "text" in record or "messages" in record:
+            sequences.append(record)
+            continue
+        for side in ("chosen", "rejected", "completion"):
+            if isinstance(record.get(side), list) and isinstance(record.get("prompt"), list):
+                sequences.append({"messages": record["prompt"] + record[side], "source": record.get("source", "?")})
+    return sequences
 
 
 def _context_window(ref: Any, tokenizer: Any) -> int:
