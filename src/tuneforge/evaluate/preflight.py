@@ -139,7 +139,10 @@ def scoring_windows(spec: Any, records: list[dict], max_length: int | None,
 def scored_sequences(records: list[dict]) -> list[dict]:
     """The text and chat sequences a model-scored metric runs through the model: text and chat records as they
     are, a preference pair as its two conversations (what ``reward_acc`` scores), an unpaired (KTO) record as its
-    one; records of other kinds score nothing here."""
+    one; records of other kinds score nothing here. Text and chat records alone come back as the same object (an
+    eval file's records encode from the prepared-data cache: :class:`tuneforge.data.evalset.EvalRecords`)."""
+    if all("text" in record or "messages" in record for record in records):
+        return records
     sequences: list[dict] = []
     for record in records:
         if "text" in record or "messages" in record:
