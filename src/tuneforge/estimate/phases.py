@@ -106,9 +106,7 @@ def phase_bill(spec: ModelSpec, phase: str, *, precision: str = "fp32", r: int =
         components = of(weights, kv, rows=batch_size, tokens=seq_len, element=element, **shape)
         return PhaseBill(spec.name, phase, components, [f"{batch_size} rows x {seq_len} tokens; a smaller "
                                                         "--batch-size lowers the per-row lines"])
-    # the serve engine's per-token allowance (serve.engine.bytes_per_token, as serve's preflight bills it): keys
-    # and values plus 8 x hidden of activations
-    per_token = kv + int(8 * spec.hidden_size * element)
+    per_token = memory.serve_bytes_per_token(kv, spec.hidden_size, element)  # as the engine and serve's preflight
     components = memory.serve_components(weights, per_token, token_budget=token_budget, rows=batch_size,
                                          vocab=spec.vocab_size)
     return PhaseBill(spec.name, phase, components, [f"KV budget {token_budget:,} tokens ({kv:,} bytes of keys and "

@@ -42,6 +42,12 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, elemen
     return int(2 * num_layers * num_kv_heads * head_dim * element)
 
 
+def serve_bytes_per_token(kv_per_token: int, hidden: int, element: float) -> int:
+    """The serve engine's allowance for one running token (its KV token budget is priced in these): its keys and
+    values plus a rough allowance for a forward pass's activations, 8 x hidden, in ``element`` bytes."""
+    return kv_per_token + int(8 * hidden * element)
+
+
 def tokenizer_bytes(vocab: int) -> int:
     """The peak a fast tokenizer adds while it loads (:data:`TOKENIZER_BYTES_PER_TOKEN` per entry)."""
     return int(TOKENIZER_BYTES_PER_TOKEN * vocab)

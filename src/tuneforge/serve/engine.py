@@ -23,6 +23,7 @@ from typing import Any
 
 from tuneforge.data.mix import prefix_task, task_prefix
 from tuneforge.errors import UserError
+from tuneforge.models import memory
 from tuneforge.models.reference import RUN_FINAL
 from tuneforge.serve.scheduler import Scheduler
 
@@ -362,26 +363,10 @@ def bytes_per_token(model: Any) -> int:
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 24)
     size = next(model.parameters()).element_size()
-    return (2 * layers * kv_heads * head_dim + 8 * hidden) * size
-
-
-def free_memory(device: Any) -> int:
-    """Bytes free on ``device`` now (CUDA: the device's free memory; CPU: the system's available memory)."""
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        import os
-
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return memory.serve_bytes_per_token(memory.kv_bytes_per_token(layers, kv_heads, head_dim, size), hidden, size)
 
 
 def token_budget_for(model: Any, share: float = BUDGET_MEMORY_SHARE) -> int:
     """Tokens a batch may hold so that its cache and activations take at most ``share`` of the free memory."""
     device = next(model.parameters()).device
-    return max(1024, min(MAX_TOKEN_BUDGET, int(free_memory(device) * share) // bytes_per_token(model)))
+    return max(1024, min(MAX_TOKEN_BUDGET, int(memory.available_memory(str(device)) * share) // bytes_per_token(model)))

@@ -89,8 +89,8 @@ def plan_serve(refs: Sequence[Any], *, token_budget: int | None, longest_row: in
             bases.add(ref.base_key)
             weights += int(numbers.params * element)
         weights += int(numbers.adapter_params * element)
-        # the engine's per-token allowance (engine.bytes_per_token): keys and values plus 8 x hidden of activations
-        per_token = max(per_token, numbers.kv_per_token(element) + int(8 * numbers.hidden * element))
+        per_token = max(per_token, memory.serve_bytes_per_token(numbers.kv_per_token(element), numbers.hidden,
+                                                                element))
         vocab = max(vocab, numbers.vocab)
 
     def components(tokens: int) -> dict[str, int]:
