@@ -124,3 +124,13 @@ def test_targets_the_model_lacks_are_refused():
     spec = model_spec(TINY_GPT2, name="tiny-gpt2")
     with pytest.raises(UserError, match="'q_proj' matches no module.*attention: c_attn"):
         lora_trainable(spec, Setup(method="lora", target_modules=["q_proj"]))
+
+
+def test_table_title_names_a_long_local_path_by_its_last_component(tmp_path, capsys):
+    from tuneforge.cli import main
+
+    deep = tmp_path / "a-rather-long-directory-name" / "and-another-one-below-it" / "tiny-llama-model"
+    _real_model(TINY_LLAMA).config.save_pretrained(deep)
+    assert main(["estimate", str(deep), "--phase", "merge"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.strip() == "tiny-llama-model: merge" for line in lines), lines[:4]

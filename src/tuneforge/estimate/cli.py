@@ -171,6 +171,13 @@ LABELS = {
 }
 
 
+def _display_name(model: str) -> str:
+    """The model's name for a table title: a local path's last component (a long path wraps the title over lines and
+    its tail is the part that tells models apart); hub ids and built-in names as they are."""
+    path = Path(model)
+    return path.name if len(path.parts) > 2 or path.is_absolute() else model
+
+
 def _print_bill(bill, budget_gb: float | None, margin: float) -> None:
     from rich.table import Table
 
@@ -179,7 +186,7 @@ def _print_bill(bill, budget_gb: float | None, margin: float) -> None:
     from tuneforge.methods import method_class
 
     s = bill.setup
-    title = (f"{bill.model}: {s['method']}"
+    title = (f"{_display_name(bill.model)}: {s['method']}"
              + (f" r={s['r']}" if method_class(s["method"]).is_adapter else "")
              + f", batch {s['batch_size']} x seq {s['seq_len']}, {s['precision']}, {s['optim']}"
              + (", grad checkpointing" if s["gradient_checkpointing"] else "")
@@ -227,7 +234,7 @@ def _print_phase(spec, args) -> int:
             data["fits"] = bill.total_bytes <= args.gpu_mem * GiB * (1 - args.margin)
         print(json.dumps(data))
         return 0
-    table = Table(title=f"{bill.model}: {args.phase}")
+    table = Table(title=f"{_display_name(bill.model)}: {args.phase}")
     table.add_column("component")
     table.add_column("GiB", justify="right")
     for name, value in bill.components.items():
