@@ -109,3 +109,78 @@ def test_retention_alone_needs_no_task_data(setup, capsys):
     assert "give --data" in capsys.readouterr().err
     assert main(["eval", str(run), "--device", "cpu"]) == 2
     assert "--retention GENERAL_DATA alone" in capsys.readouterr().err
+
+
+def test_retention_refuses_before_loading_with_the_estimate_and_the_budget(setup, monkeypatch, capsys):
+    """Issue 28: --retention has its own memory preflight (the general data's widest window), run before any
+    model loads — also before the task metrics of --data."""
+    import tuneforge.models.reference as reference
+
+    _, run, general, task = setup
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded although the preflight refused")
+
+    monkeypatch.setattr(reference, "load_for_inference", refuse)
+    code = main(["eval", str(run), "--data", str(task), "--metrics", "ppl", "--retention", str(general),
+                 "--no-save", "--device", "cpu", "--max-memory", "64KiB"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    line = next(line for line in err.splitlines() if line.startswith("error:"))
+    assert "eval --retention: " in line and "even one row at a time" in line and "budget of 0.1 MiB" in line
+
+
+def test_retention_lowers_its_batch_to_fit_and_scores_the_same(setup, capsys):
+    from tuneforge.evaluate.preflight import plan_rows, scoring_windows
+    from tuneforge.evaluate.retention import load_general
+
+    _, run, general, _ = setup
+    width, count = scoring_windows(str(run), load_general(str(general)), None, None)
+    assert count >= 3
+
+    def bill(rows: int) -> int:
+        return plan_rows(str(run), rows=rows, tokens=width, generation=False, max_memory=10 ** 12,
+                         report=lambda _: None).total
+
+    budget = bill(1) + 1024
+    assert bill(2) > budget
+    assert main(["eval", str(run), "--retention", str(general), "--json", "--no-save", "--device", "cpu",
+                 "--batch-size", "4", "--max-memory", str(budget)]) == 0
+    captured = capsys.readouterr()
+    assert "eval --retention memory: " in captured.err and "--batch-size lowered from 4 to 1 to fit" in captured.err
+    lowered = json.loads(captured.out.strip().splitlines()[-1])
+    assert lowered["retention_ppl"] == pytest.approx(_ppl(str(run), general), rel=1e-5)
+
+
+def test_a_full_runs_start_model_loads_after_the_tuned_one_is_released(setup, tmp_path, monkeypatch, capsys):
+    """One model in memory at a time (what the preflight bills): the tuned model is gone before the start loads."""
+    import gc
+    import weakref
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tuneforge.models.reference as reference
+
+    base, _, general, _ = setup
+    run = tmp_path / "full"
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    save_base(model, AutoTokenizer.from_pretrained(base), run / "final")
+    del model
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(base)},
+                                                     "method": {"name": "full"}, "data": {"train": ["x"]}}))
+    original, alive = reference.load_for_inference, []
+
+    def tracked(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in tracked.models))
+        loaded = original(*args, **kwargs)
+        tracked.models.append(weakref.ref(loaded.model))
+        return loaded
+
+    tracked.models = []
+    monkeypatch.setattr(reference, "load_for_inference", tracked)
+    assert main(["eval", str(run), "--retention", str(general), "--json", "--no-save", "--device", "cpu"]) == 0
+    assert alive == [0, 0]  # two loads (tuned, then start), none alive when the next one starts

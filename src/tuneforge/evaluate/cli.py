@@ -137,11 +137,14 @@ def cmd_eval(args) -> int:
     if args.data is None and args.metrics is not None:
         raise UserError(f"--metrics {args.metrics} scores the models on --data FILE: give --data, or leave --metrics "
                         "out to score only forgetting (--retention)")
-    general = None
-    if args.retention:  # read (and checked) before any model is loaded
-        from tuneforge.evaluate.retention import load_general
+    general = retention_batches = None
+    if args.retention:  # read, checked and its memory billed before any model is loaded
+        from tuneforge.evaluate.retention import load_general, retention_preflight
 
         general = load_general(args.retention, args.limit)
+        retention_batches = retention_preflight(args.models, general, device=args.device,
+                                                batch_size=args.batch_size, max_length=args.max_length,
+                                                stride=args.stride, max_memory=max_memory)
     if not args.no_save:
         runner.check_saved_results(args.models)  # a corrupt eval_results.json stops us now, not after the work
     if args.data is None:  # --retention alone: only forgetting is scored
@@ -156,7 +159,8 @@ def cmd_eval(args) -> int:
         from tuneforge.evaluate.retention import add_retention
 
         add_retention(rows, args.retention, general, device=args.device, batch_size=args.batch_size,
-                      max_length=args.max_length, stride=args.stride, progress=progress)
+                      max_length=args.max_length, stride=args.stride, progress=progress,
+                      batch_sizes=retention_batches)
     if not args.no_save:
         runner.save_to_run_dirs(rows, args.data or args.retention, metrics, gen)
     if args.out:

@@ -48,6 +48,9 @@ def retention_row(spec: str, records: list[dict], *, device: str = "auto", batch
                   max_length: int | None = None, stride: int | None = None) -> dict:
     """``retention_start_ppl``, ``retention_ppl``, ``retention_ppl_increase`` and ``retention_tokens`` of one model.
 
+    One model is in memory at a time: a full fine-tuning run's start model loads after the tuned one is released
+    (what :func:`retention_preflight` bills).
+
     Raises:
         UserError: no start model to compare with, or no token to score in ``records``.
     """
@@ -64,6 +67,8 @@ def retention_row(spec: str, records: list[dict], *, device: str = "auto", batch
             with context:
                 start = _ppl(loaded.model, loaded, records, **kwargs)
         else:
+            loaded.model = None  # the start model is scored with the tuned model's tokenizer and template only
+            gc.collect()
             start_model = load_for_inference(start_spec, device=device).model
             start = _ppl(start_model, loaded, records, **kwargs)
             del start_model
@@ -73,6 +78,37 @@ def retention_row(spec: str, records: list[dict], *, device: str = "auto", batch
     return {"retention_start_ppl": start.ppl, "retention_ppl": tuned.ppl,
             "retention_ppl_increase": 100.0 * (tuned.ppl / start.ppl - 1.0), "retention_tokens": tuned.tokens,
             "retention_start": start_spec or ("adapter disabled" if ref.is_adapter else "itself")}
+
+
+def retention_preflight(specs: list[str], records: list[dict], *, device: str = "auto", batch_size: int = 4,
+                        max_length: int | None = None, stride: int | None = None,
+                        max_memory: int | None = None) -> dict[str, int]:
+    """The memory preflight of ``--retention``, run before any model loads: the scoring preflight of
+    :mod:`tuneforge.evaluate.preflight` on the general records for every model that will load (each model of
+    ``specs``, and a full fine-tuning run's start model). It prints each estimate on stderr.
+
+    Returns:
+        The batch size of each spec: ``batch_size``, or the largest smaller one that fits ``max_memory`` (default:
+        the memory available now) for both of its models.
+
+    Raises:
+        UserError: even one window does not fit the budget (both numbers named), or a run has no start model.
+    """
+    from tuneforge.evaluate import preflight
+    from tuneforge.models.reference import resolve
+
+    batches = {}
+    for spec in specs:
+        ref = resolve(spec)
+        start_spec = start_model_of(ref)
+        rows = batch_size
+        for model in (ref, start_spec) if start_spec else (ref,):
+            width, count = preflight.scoring_windows(model, records, max_length, stride)
+            plan = preflight.plan_rows(model, rows=min(rows, count), tokens=width, generation=False, device=device,
+                                       max_memory=max_memory, what="eval --retention")
+            rows = plan.rows if plan.rows < plan.asked else rows
+        batches[spec] = rows
+    return batches
 
 
 def _ppl(model: Any, loaded: Any, records: list[dict], **kwargs):
@@ -96,13 +132,16 @@ def load_general(spec: str, limit: int | None = None) -> list[dict]:
 
 
 def add_retention(rows: list[dict], data: str, records: list[dict], *, device: str = "auto", batch_size: int = 4,
-                  max_length: int | None = None, stride: int | None = None, progress=None) -> list[dict]:
+                  max_length: int | None = None, stride: int | None = None, progress=None,
+                  batch_sizes: dict[str, int] | None = None) -> list[dict]:
     """Add the retention columns to every row of ``tuneforge eval`` (``row["model"]`` names the model);
-    ``records`` are the general data's records (read from ``data``)."""
+    ``records`` are the general data's records (read from ``data``); ``batch_sizes`` (from
+    :func:`retention_preflight`) overrides ``batch_size`` per model."""
     for row in rows:
         if progress:
             progress(f"retention: {row['model']} vs its start model on {len(records)} general records ...")
-        row.update(retention_row(row["model"], records, device=device, batch_size=batch_size,
+        rows_per_batch = (batch_sizes or {}).get(row["model"], batch_size)
+        row.update(retention_row(row["model"], records, device=device, batch_size=rows_per_batch,
                                  max_length=max_length, stride=stride))
         row["retention_data"] = str(data)
     return rows
