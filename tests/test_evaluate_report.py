@@ -79,6 +79,30 @@ def test_report_generates_samples_from_the_final_model(tmp_path, tiny_llama, tin
     assert "What is a list?" in page and 'class="out"' in page
 
 
+def test_report_samples_that_do_not_fit_memory_are_left_out_with_the_reason(tmp_path, tiny_llama, tiny_tokenizer,
+                                                                            monkeypatch):
+    """Issue 28: the samples run the generation preflight first; too little memory costs the samples, not the
+    report, and no model is loaded."""
+    import tuneforge.models.memory as memory
+    import tuneforge.models.reference as reference
+
+    run = _synthetic_run(tmp_path / "run")
+    tiny_llama.save_pretrained(run / "final")
+    tiny_tokenizer.save_pretrained(run / "final")
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "What is a list?"},
+                                             {"role": "assistant", "content": "A sequence."}]}) + "\n")
+    (run / "config.yaml").write_text(f"run_name: demo\ndata:\n  train: [{data}]\n")
+    monkeypatch.setattr(memory, "available_memory", lambda device="cpu": 64 * 1024)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded although the preflight refused")
+
+    monkeypatch.setattr(reference, "load_for_inference", refuse)
+    page = build_report(run, samples=True, n_samples=1).read_text()
+    assert "samples unavailable: report samples: " in page and "above the budget of 0.1 MiB" in page
+
+
 @pytest.mark.parametrize("missing", ["metrics.jsonl", "summary.json"])
 def test_report_tolerates_missing_parts(tmp_path, missing):
     run = _synthetic_run(tmp_path / "r")

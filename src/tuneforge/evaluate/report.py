@@ -162,16 +162,19 @@ def generate_samples(run_dir: Path, n: int = 3, settings: Any = None) -> tuple[l
     ``settings``: a ``GenerationSettings`` (default: greedy, 64 new tokens).
     """
     from tuneforge.evaluate.abtest import prompt_text
+    from tuneforge.evaluate.preflight import generation_preflight
     from tuneforge.models.generation import GenerationSettings, generate
     from tuneforge.models.reference import load_for_inference
 
+    settings = settings or GenerationSettings(max_new_tokens=64)
     try:
         prompts = sample_prompts(run_dir, n)
         if not prompts:
             return [], "no prompts found in the run's data files"
+        # The memory preflight first: a model that cannot fit costs the report its samples, not a crash.
+        rows = generation_preflight(str(run_dir), prompts, settings, what="report samples")
         loaded = load_for_inference(str(run_dir), device="auto")
-        outputs = generate(loaded.model, loaded.tokenizer, loaded.template, prompts,
-                           settings or GenerationSettings(max_new_tokens=64))
+        outputs = generate(loaded.model, loaded.tokenizer, loaded.template, prompts, settings, batch_size=rows)
     except (UserError, OSError, ValueError) as exc:
         return [], f"samples unavailable: {exc}"
     # Surrounding whitespace is trimmed for display (an untrained model may emit pages of newlines).
