@@ -174,6 +174,10 @@ def child(argv: list[str]) -> dict:
 
     from tuneforge import cli
     from tuneforge.evaluate import runner  # noqa: F401
+    if argv[0] == "serve":  # serve's HTTP stack (uvicorn, FastAPI: ~10 MiB of libraries) loads lazily
+        import uvicorn  # noqa: F401
+
+        from tuneforge.serve import app  # noqa: F401
     from tuneforge.merge import export, lora, sharded  # noqa: F401
 
     torch.set_num_threads(1)
@@ -209,7 +213,9 @@ def child(argv: list[str]) -> dict:
               "anon_peak_bytes": peak["anon"] - start["RssAnon"], "baseline_bytes": start["VmRSS"],
               "seconds": round(seconds, 1)}
     if marks is not None:
-        result["trace"] = [(name, round((rss - start["VmRSS"]) / 2 ** 20, 1)) for name, rss in marks]
+        result["trace"] = [(f"start (rss {start['VmRSS'] // 2 ** 20}, anon {start['RssAnon'] // 2 ** 20}, file "
+                            f"{start['RssFile'] // 2 ** 20} MiB)", 0.0)]
+        result["trace"] += [(name, round((rss - start["VmRSS"]) / 2 ** 20, 1)) for name, rss in marks]
     result.update(served)
     return result
 
@@ -243,6 +249,10 @@ def _serve_and_load(cli, argv: list[str], served: dict) -> int:
     with ThreadPoolExecutor(SERVE_ROWS) as pool:
         usages = list(pool.map(ask, range(SERVE_ROWS)))
     served["kv_tokens"] = sum(u["prompt_tokens"] + u["completion_tokens"] for u in usages)
+    # what the engine holds: its KV store sized at admission for rows x the longest prompt + max_tokens (the
+    # scheduler's cost of the batch), and the prefix-reuse store keeping every prompt (8 entries of >= 16 tokens)
+    served["admitted_tokens"] = SERVE_ROWS * max(u["prompt_tokens"] + SERVE_NEW for u in usages)
+    served["prefix_tokens"] = sum(u["prompt_tokens"] for u in usages)
     return 0
 
 
@@ -270,7 +280,57 @@ def _trace() -> list:
                          (gguf, "gate"), (models_gguf, "read_gguf"), (lora, "merge_lora")):
         if hasattr(module, name):
             wrap(module, name)
+    _trace_serve(marks)
     return marks
+
+
+def _trace_serve(marks: list) -> None:
+    """Serve's marks: the models loaded, each KV-store allocation (its capacity) and each prefill, with the resident
+    memory split into anonymous and file pages (which part of the peak is the weights' mapped file)."""
+    from tuneforge.models import decoding
+    from tuneforge.serve import engine
+
+    def mark(label: str) -> None:
+        status = _status()
+        marks.append((f"{label} (hwm {status['VmHWM'] // 2 ** 20}, anon {status['RssAnon'] // 2 ** 20}, "
+                       f"file {status['RssFile'] // 2 ** 20} MiB)", status["VmRSS"]))
+
+    def wrap(cls, name, describe=None):
+        original = getattr(cls, name)
+
+        def traced(self, *args, **kwargs):
+            mark(f"{cls.__name__}.{name} start")
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                mark(f"{cls.__name__}.{name} end{describe(self) if describe else ''}")
+
+        setattr(cls, name, traced)
+
+    def capacity(store) -> str:
+        if not getattr(store, "buffers", None):
+            return ""
+        keys = store.buffers[0][0]
+        size = sum(k.nbytes + v.nbytes for k, v in store.buffers)
+        return f" [{keys.shape[0]} rows x {keys.shape[2]} columns, {size // 2 ** 20} MiB, window {store.end - store.start}]"
+
+    from tuneforge.serve import app, preflight
+
+    for module, name in ((preflight, "plan_serve"), (app, "create_app")):
+        original_function = getattr(module, name)
+
+        def traced_function(*args, _original=original_function, _name=name, **kwargs):
+            mark(f"{_name} start")
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                mark(f"{_name} end")
+
+        setattr(module, name, traced_function)
+    wrap(engine.Engine, "__init__")
+    wrap(engine.Served, "prompt_ids")
+    wrap(decoding._KVStore, "_allocate", capacity)
+    wrap(decoding.ContinuousBatch, "_prefill_group")
 
 
 def measure(argv: list[str], timeout: float = 1800) -> dict:
@@ -327,13 +387,18 @@ def main() -> int:
                     continue
                 try:
                     got = measure(job["argv"])
-                    if "kv_tokens" in got:  # serve: bill the KV tokens the requests actually held
-                        job["bill"]["token_budget"] = got["kv_tokens"]
+                    if "kv_tokens" in got:  # serve: bill the KV tokens the scheduler admitted and the prompts
+                        job["bill"]["token_budget"] = got["admitted_tokens"]  # the prefix store kept
+                        job["bill"]["prefix_tokens"] = got["prefix_tokens"]
+                        print(f"    serve: {got['kv_tokens']} KV tokens used of {got['admitted_tokens']} admitted, "
+                              f"{got['prefix_tokens']} prompt tokens in the prefix store")
                     est = estimate(job, fx)
                 except RuntimeError as exc:
                     print(f"{tier:<5} {job['label']:<34} failed: {str(exc)[-300:]}", flush=True)
                     rows.append({"model": tier, "job": job["label"], "failed": str(exc)[-1000:]})
                     continue
+                for name, above in got.get("trace", ()):  # PHASE_MEMORY_TRACE=1
+                    print(f"    {above:>8.1f} MiB above the start  {name}")
                 error = est / got["peak_bytes"] - 1
                 row = {"model": tier, "job": job["label"], "argv": job["argv"], "estimate_bytes": est,
                        "measured_bytes": got["peak_bytes"], "anon_bytes": got["anon_peak_bytes"],

@@ -100,49 +100,148 @@ def test_finished_rows_leave_at_once_and_their_columns_are_trimmed(lm):
     assert batch.mask.shape[1] == slot.length == len(ids(tok, PROMPTS[2])) + 2 and bool(batch.mask.all())
 
 
-def test_the_cache_grows_and_rows_move_without_changing_answers_and_steps_copy_no_cache(lm):
-    """More rows than the store first holds (8), answers longer than its first columns (64), rows leaving from the
-    middle (the last row takes their place): every answer is still the unbatched one, log-probs included (the tiny
-    random model repeats a token whatever its context: the log-probs are what would show a wrong cache); a step
-    writes one column in place (the buffers are reallocated a few times in all, not at every step)."""
+def test_the_store_is_sized_at_admission_and_rows_move_without_changing_answers(lm):
+    """More rows join than the store first holds, rows of different budgets, rows leaving from the middle (the last
+    row takes their place): every answer is still the unbatched one, log-probs included (the tiny random model
+    repeats a token whatever its context: the log-probs are what would show a wrong cache). The store is what
+    serve's bill prices, at every step: its token slots never exceed ``kv_store_tokens`` of the batch's billed cost
+    (rows x the longest prompt + max new tokens) — no doubling — and it is reallocated only when rows join, never
+    by a decoding step."""
     from tuneforge.models import decoding
     from tuneforge.models.decoding import ContinuousBatch, DecodeRow, Joining
+    from tuneforge.models.memory import kv_store_columns, kv_store_tokens
 
     model, tok = lm
     budgets = [70, 5, 90, 9, 3, 75, 12, 80, 4, 66, 7, 85]  # short ones leave from the middle of the batch
     joinings = [Joining(DecodeRow(ids(tok, PROMPTS[i % 5]), GenerationSettings(max_new_tokens=b), top_logprobs=0),
                         tok, None, None, i) for i, b in enumerate(budgets)]
-    allocations = []
+    allocations, phase = [], ["add"]
     original = decoding._KVStore._allocate
 
     def counting(self, *args, **kwargs):
-        allocations.append(args[1:3])
+        allocations.append((phase[0], *args[:2]))
         return original(self, *args, **kwargs)
+
+    batch = ContinuousBatch(model, prefix_entries=0)
+    sizes = []
+
+    def check():
+        if batch.store is not None:
+            store = batch.store
+            assert store.columns == kv_store_columns(store.longest)
+            assert store.longest <= max(slot.cost for slot in batch.slots) or store.rows > len(batch)
+            assert store.rows * store.columns <= kv_store_tokens(batch.cost(), store.rows)
+            sizes.append(store.rows * store.columns)
 
     decoding._KVStore._allocate = counting
     try:
-        batch = ContinuousBatch(model, prefix_entries=0)
-        got = run_staggered(batch, joinings[:3], every=1)  # a first store, emptied again
-        first = len(allocations)
-        got.update(dict(batch.add(joinings[3:7])))
-        steps = 0
-        results = {}
-        pending = joinings[7:]
+        got, pending, steps = {}, list(joinings), 0
         while pending or len(batch):
             if pending and steps % 3 == 0:
-                results.update(batch.add([pending.pop(0)]))
-            results.update(batch.step())
+                phase[0] = "add"
+                got.update(batch.add(pending[:2] if steps < 6 else pending[:1]))
+                del pending[:2 if steps < 6 else 1]
+                check()
+            phase[0] = "step"
+            got.update(batch.step())
+            check()
             steps += 1
-        got.update(results)
     finally:
         decoding._KVStore._allocate = original
     for i, b in enumerate(budgets):
         want = alone(model, tok, ids(tok, PROMPTS[i % 5]), GenerationSettings(max_new_tokens=b), top_logprobs=0)
         assert got[i].token_ids == want.token_ids, i
         assert max(abs(a.logprob - w.logprob) for a, w in zip(got[i].logprobs, want.logprobs, strict=True)) < 1e-4, i
-    assert first >= 2 and max(cols for _, cols in allocations) > 64  # the columns really grew
-    assert len(allocations) - first <= 6 < steps  # a handful of reallocations over all the steps
+    assert len(allocations) >= 2 and all(when == "add" for when, *_ in allocations)  # steps never reallocate
+    assert max(rows for _, rows, _ in allocations) >= 3  # rows really ran together
+    assert len(allocations) < len(budgets) < steps
     assert len(batch) == 0 and batch.store is None
+
+
+def test_rows_joining_together_get_a_store_of_exactly_their_billed_tokens(lm):
+    """Eight rows admitted together: the store holds eight rows of the longest prompt + max new tokens plus the
+    spare quarter (what ``models.memory.kv_store_tokens`` bills), and the decoding never reallocates it."""
+    from tuneforge.models import decoding
+    from tuneforge.models.decoding import ContinuousBatch, DecodeRow, Joining
+    from tuneforge.models.memory import kv_store_columns, kv_store_tokens
+
+    model, tok = lm
+    rows = [ids(tok, PROMPTS[i % 5]) for i in range(8)]
+    longest = max(len(r) for r in rows) + 40
+    allocations = []
+    original = decoding._KVStore._allocate
+    decoding._KVStore._allocate = lambda self, *a, **k: allocations.append(a[:2]) or original(self, *a, **k)
+    try:
+        batch = ContinuousBatch(model, prefix_entries=0)
+        batch.add([Joining(DecodeRow(r, GenerationSettings(max_new_tokens=40)), tok, None, None, i)
+                   for i, r in enumerate(rows)])
+        store = batch.store
+        assert (store.rows, store.columns) == (8, kv_store_columns(longest))
+        assert store.rows * store.columns <= kv_store_tokens(8 * longest, 8)
+        while len(batch):
+            batch.step()
+    finally:
+        decoding._KVStore._allocate = original
+    assert allocations == [(8, kv_store_columns(longest))]
+
+
+def test_growing_the_store_frees_each_old_tensor_before_the_next_is_allocated(lm):
+    """A reallocation never holds the old store and the new one at once: when its k-th new tensor is allocated, the
+    k old tensors copied before it are gone (peak: the new store + one old layer's keys or values)."""
+    import weakref
+
+    import torch
+
+    from tuneforge.models.decoding import ContinuousBatch, DecodeRow, Joining
+
+    model, tok = lm
+    batch = ContinuousBatch(model, prefix_entries=0)
+    batch.add([Joining(DecodeRow(ids(tok, PROMPTS[0]), GenerationSettings(max_new_tokens=30)), tok, None, None, 0)])
+    batch.step()
+    old = [weakref.ref(t) for layer in batch.store.buffers for t in layer]
+    alive_at_each_allocation = []
+    zeros = torch.zeros
+
+    def counting_zeros(*args, **kwargs):
+        alive_at_each_allocation.append(sum(ref() is not None for ref in old))
+        return zeros(*args, **kwargs)
+
+    torch.zeros = counting_zeros
+    try:  # more rows than the store holds: it is reallocated
+        batch.add([Joining(DecodeRow(ids(tok, PROMPTS[1]), GenerationSettings(max_new_tokens=30)), tok, None, None,
+                           1)])
+    finally:
+        torch.zeros = zeros
+    assert batch.store.rows == 2
+    allocations = alive_at_each_allocation[-len(old):]
+    assert allocations == [len(old) - k for k in range(len(old))]
+    assert all(ref() is None for ref in old)
+
+
+def test_the_prefix_store_holds_at_most_its_token_budget(lm):
+    """``prefix_tokens`` bounds the prefix-reuse store (what serve's bill prices as its share of the token budget):
+    the oldest entries leave first, a prompt longer than the bound is not kept, and a hit still reuses a prefix."""
+    from tuneforge.models.decoding import ContinuousBatch, DecodeRow, Joining
+
+    model, tok = lm
+    system = ids(tok, PROMPTS[4] + " " + PROMPTS[3])
+    prompts = [system + ids(tok, " " + p) for p in PROMPTS[:4]]
+    bound = 2 * max(len(p) for p in prompts) + 1  # two entries at most
+    batch = ContinuousBatch(model, prefix_entries=8, min_prefix=8, prefix_tokens=bound)
+    held = []
+    pending, results, step = [Joining(DecodeRow(p, GenerationSettings(max_new_tokens=4)), tok, None, None, i)
+                              for i, p in enumerate(prompts)], {}, 0
+    while pending or len(batch):
+        if pending and step % 2 == 0:
+            results.update(batch.add([pending.pop(0)]))
+            held.append((batch.prefix_held, len(batch._prefixes)))
+        results.update(batch.step())
+        step += 1
+    assert max(tokens for tokens, _ in held) <= bound and max(n for _, n in held) == 2
+    assert batch.prefix_hits >= 2 and len(results) == 4
+    too_long = ContinuousBatch(model, prefix_entries=8, min_prefix=8, prefix_tokens=len(prompts[0]) - 1)
+    too_long.add([Joining(DecodeRow(prompts[0], GenerationSettings(max_new_tokens=2)), tok, None, None, 0)])
+    assert too_long.prefix_held == 0
 
 
 def test_a_narrow_window_moves_within_the_buffers_without_changing_answers(lm):

@@ -134,3 +134,25 @@ def test_a_budget_that_fits_serves_with_the_estimate_printed(runs, capsys, monke
     err = capsys.readouterr().err
     assert "serve preflight" in err and "KV budget 20,000 tokens" in err and "lowered" not in err
     assert seen["token_budget"] == 20000 and seen["response"].status_code == 200
+
+
+def test_the_preflight_bills_what_the_engine_holds_beside_the_kv_budget(runs):
+    """The bill at a KV budget holds the KV store with its spare columns, the prefix-reuse store's bound (an eighth of
+    the budget) and two tokenizers per served name (the generating thread's and the request handlers' copy):
+    leaving one of them out would under-bill the server (benchmarks/phase_memory.py measured each)."""
+    from tuneforge.models import memory
+    from tuneforge.models.reference import resolve
+    from tuneforge.serve.preflight import plan_serve
+
+    refs = [resolve(str(runs["chat"]))]
+    plan = plan_serve(refs, token_budget=20000, longest_row=LONGEST, rows=16, device="cpu", max_memory=1 << 40,
+                      report=lambda line: None)
+    numbers = memory.model_numbers(refs[0])
+    kv = numbers.kv_per_token(4)
+    assert plan.components["prefix-reuse store"] == kv * memory.prefix_budget(20000) == kv * 2500
+    assert plan.components["kv store (token budget + spare columns)"] == kv * (20000 + 5000 + 16)
+    assert plan.components["tokenizers (2)"] == 2 * memory.tokenizer_bytes(numbers.vocab)
+    # the per-token price the budget is sized with is the bill's own: one more budget token costs exactly that
+    more = plan_serve(refs, token_budget=20008, longest_row=LONGEST, rows=16, device="cpu", max_memory=1 << 40,
+                      report=lambda line: None)
+    assert more.total - plan.total == 8 * memory.serve_bytes_per_token(kv, numbers.hidden, 4)

@@ -54,7 +54,7 @@ def adapter_params(spec: ModelSpec, r: int) -> int:
 
 def phase_bill(spec: ModelSpec, phase: str, *, precision: str = "fp32", r: int = 16, quantize: str = "q8_0",
                batch_size: int = 8, seq_len: int = 2048, token_budget: int = 32768,
-               generation: bool = False) -> PhaseBill:
+               generation: bool = False, prefix_tokens: int | None = None) -> PhaseBill:
     """The memory bill of ``phase`` for ``spec`` (the arithmetic: :mod:`tuneforge.models.memory`).
 
     Args:
@@ -70,6 +70,7 @@ def phase_bill(spec: ModelSpec, phase: str, *, precision: str = "fp32", r: int =
         batch_size: eval rows per batch; serve rows per step.
         seq_len: eval tokens per row (generation: prompt + new tokens); export's perplexity-check window.
         token_budget: serve's KV budget in tokens (``tuneforge serve --token-budget``).
+        prefix_tokens: tokens serve's prefix-reuse store holds (default: its bound beside ``token_budget``).
         generation: eval generates (KV cache of every row, last-position logits) instead of scoring
             (vocabulary-wide logits of every position).
 
@@ -94,10 +95,11 @@ def phase_bill(spec: ModelSpec, phase: str, *, precision: str = "fp32", r: int =
         components = memory.export_components(params, adapter_params(spec, r), quantize, check=check,
                                               vocab=spec.vocab_size, largest_tensor=max(spec.param_numels, default=0),
                                               quantized_params=sum(lin.numel for lin in spec.linears
-                                                                   if lin.kind != "head"))
+                                                                   if lin.kind != "head"),
+                                              head_last=not spec.tie_word_embeddings)
         note = ("HF export: the quantized model is reloaded for its perplexity check after the merged one is freed"
-                if check else "GGUF export: tensors are encoded one at a time (the largest is billed); the written "
-                "file is reloaded beside the merged model for the round-trip gate")
+                if check else "GGUF export: the written file is reloaded beside the merged model for the round-trip "
+                "gate (the writer, one encoded tensor at a time, holds less)")
         return PhaseBill(spec.name, phase, components, [note])
     weights = int(params * element)
     kv = kv_bytes_per_token(spec, element)
@@ -106,11 +108,13 @@ def phase_bill(spec: ModelSpec, phase: str, *, precision: str = "fp32", r: int =
         components = of(weights, kv, rows=batch_size, tokens=seq_len, element=element, **shape)
         return PhaseBill(spec.name, phase, components, [f"{batch_size} rows x {seq_len} tokens; a smaller "
                                                         "--batch-size lowers the per-row lines"])
-    per_token = memory.serve_bytes_per_token(kv, spec.hidden_size, element)  # as the engine and serve's preflight
-    components = memory.serve_components(weights, per_token, token_budget=token_budget, rows=batch_size,
-                                         vocab=spec.vocab_size)
+    activations = memory.serve_activation_bytes(spec.hidden_size, element)  # as the engine and serve's preflight
+    weights += int(adapter_params(spec, r) * element)  # one served adapter, as serve's preflight bills it
+    components = memory.serve_components(weights, kv, token_budget=token_budget, rows=batch_size,
+                                         vocab=spec.vocab_size, activation_per_token=activations,
+                                         prefix_tokens=prefix_tokens)
     return PhaseBill(spec.name, phase, components, [f"KV budget {token_budget:,} tokens ({kv:,} bytes of keys and "
-                                                    f"values per token + {per_token - kv:,} of activations)"])
+                                                    f"values per token + {activations:,} of activations)"])
 
 
 def _merge_bill(spec: ModelSpec, params: int, element: float, r: int) -> PhaseBill:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuneforge.models.memory import kv_store_columns
 from tuneforge.models.sampling import (
     GenerationSettings,
     choose_token,
@@ -306,7 +307,8 @@ class _Slot:
 class ContinuousBatch:
     """Continuous batching on one model: rows join (:meth:`add`) and leave at every step (:meth:`step`).
 
-    The batch holds one KV cache for all running rows (:class:`_KVStore`: preallocated buffers, grown by doubling),
+    The batch holds one KV cache for all running rows (:class:`_KVStore`: buffers sized at admission for the rows'
+    prompt + max new tokens, as serve's bill prices them),
     left-padded so that every row's newest token sits in the last column of its window; a decoding step writes one
     column in place (no copy of the cache), a joining row is prefilled (with the other rows joining at the same step,
     left-padded, or alone after a cached prefix) and only its own rows are copied in; a finished row's place is
@@ -318,7 +320,8 @@ class ContinuousBatch:
     when ``mixed_adapters`` is set; otherwise ``activate`` (called before every forward) chooses the adapter.
 
     Prefix reuse: the keys and values of the last ``prefix_entries`` prompts of at least ``min_prefix`` tokens are
-    kept; a joining prompt that shares at least ``min_prefix`` leading tokens with one (a shared system prompt,
+    kept, at most ``prefix_tokens`` tokens in all (``None``: no bound; the oldest entries go first, a longer prompt
+    is not kept); a joining prompt that shares at least ``min_prefix`` leading tokens with one (a shared system prompt,
     few-shot examples) starts from that cache and computes only the rest.
 
     Failure isolation: a failing prefill of several joining rows is retried row by row; a failing step re-prefills
@@ -327,11 +330,11 @@ class ContinuousBatch:
     """
 
     def __init__(self, model: Any, *, mixed_adapters: bool = False, activate: Callable[[], None] | None = None,
-                 prefix_entries: int = 8, min_prefix: int = 16):
+                 prefix_entries: int = 8, min_prefix: int = 16, prefix_tokens: int | None = None):
         import inspect
 
         self.model, self.mixed_adapters, self.activate = model, mixed_adapters, activate
-        self.prefix_entries, self.min_prefix = prefix_entries, min_prefix
+        self.prefix_entries, self.min_prefix, self.prefix_tokens = prefix_entries, min_prefix, prefix_tokens
         self.slots: list[_Slot] = []
         self.cache: Any = None  # a DynamicCache whose layers read and write self.store
         self.store: _KVStore | None = None
@@ -347,9 +350,19 @@ class ContinuousBatch:
         return len(self.slots)
 
     def cost(self, extra: Sequence[int] = ()) -> int:
-        """Tokens the batch may come to hold: rows x the longest (prompt + max new tokens), ``extra`` rows added."""
+        """Tokens the batch may come to hold, ``extra`` rows (their prompt + max new tokens) added: rows x the
+        longest row, or the KV store's own size when they fit in it (it is not reallocated smaller when rows
+        leave)."""
         costs = [slot.cost for slot in self.slots] + list(extra)
-        return len(costs) * max(costs, default=0)
+        need = len(costs) * max(costs, default=0)
+        if self.store is not None and self.store.fits(len(costs), max(costs, default=0)):
+            return max(need, self.store.rows * self.store.longest)
+        return need
+
+    @property
+    def prefix_held(self) -> int:
+        """Tokens the prefix-reuse store holds."""
+        return sum(len(tokens) for _, tokens in self._prefixes)
 
     # ------------------------------------------------------------------ joining
 
@@ -493,12 +506,16 @@ class ContinuousBatch:
         import torch
 
         mask = mask.to(self.device)
+        # the prefill cache's layers handed over: the store frees each as it copies it in
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        cache.layers.clear()
+        longest = max(slot.cost for slot in [*self.slots, *slots])
         if self.store is None:
-            self.store = _KVStore([(layer.keys, layer.values) for layer in cache.layers])
+            self.store = _KVStore(layers, mask.shape[1], longest)
             self.cache, self.mask, self.slots = self.store.cache(), mask, list(slots)
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        self.store.insert([(layer.keys, layer.values) for layer in cache.layers], width)
+        self.store.insert(layers, width, longest)
         self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)], 0)
         self.slots += slots
 
@@ -523,15 +540,18 @@ class ContinuousBatch:
             return
         width = mask.shape[1]
         for i, (slot, context) in enumerate(zip(group, contexts, strict=True)):
-            if len(context) < self.min_prefix:
+            if len(context) < self.min_prefix or (self.prefix_tokens is not None
+                                                  and len(context) > self.prefix_tokens):
                 continue
             key = (slot.joining.adapter, tuple(context))
             self._prefixes.pop(key, None)
+            # the oldest entries leave first, before the new one is copied (the bound holds throughout)
+            while self._prefixes and (len(self._prefixes) >= self.prefix_entries or (
+                    self.prefix_tokens is not None and self.prefix_held + len(context) > self.prefix_tokens)):
+                self._prefixes.pop(next(iter(self._prefixes)))
             self._prefixes[key] = [(layer.keys[i:i + 1, :, width - len(context):].clone(),
                                     layer.values[i:i + 1, :, width - len(context):].clone())
                                    for layer in cache.layers]
-            while len(self._prefixes) > self.prefix_entries:
-                self._prefixes.pop(next(iter(self._prefixes)))
 
     # ------------------------------------------------------------------ stepping
 
@@ -623,51 +643,68 @@ class _KVStore:
     Rows ``0..n-1`` are the running rows; columns ``start..end-1`` are the window every row is left-padded to (its
     newest token in column ``end - 1``). A step :meth:`reserve` s room for its new column(s), the model's attention
     layers write them in place through :meth:`cache` (a ``DynamicCache`` whose layers are views of the buffers), and
-    :meth:`commit` moves ``end``. When the buffers are full they are reallocated at twice the size (amortised: a
-    step never copies the whole cache, unlike ``DynamicCache``'s ``torch.cat`` per layer per step).
+    :meth:`commit` moves ``end`` (a step never copies the whole cache, unlike ``DynamicCache``'s ``torch.cat`` per
+    layer per step).
+
+    Sized at admission, as serve's bill prices it (``models.memory.serve_components``): as many rows as run and
+    ``models.memory.kv_store_columns(longest)`` columns, ``longest`` being the longest running row's prompt + max new
+    tokens (a row's window never grows past it). When a joining row needs more rows or a longer ``longest``, the
+    buffers are reallocated at exactly that size, one layer's keys or values at a time (each old tensor is freed
+    before the next new one is allocated: no second copy of the store); when the window reaches the buffers' end it
+    is moved back within them (the spare columns make that once per quarter-row of steps at most).
     """
 
-    def __init__(self, layers: list[tuple[Any, Any]]):
-        rows, _, width, _ = layers[0][0].shape
+    def __init__(self, layers: list[tuple[Any, Any]], width: int, longest: int):
         self.n, self.start, self.end = 0, 0, 0
-        self.buffers: list[tuple[Any, Any]] = []
-        columns = max(64, 2 * width)
-        self._allocate(layers, max(8, rows), columns, left=width + (columns - width) // 4)
-        self.insert(layers, width)
+        self.longest = 0  # the row length the columns are sized for
+        # per layer: (heads, head_dim, dtype, device) of its keys and of its values
+        self.layout = [tuple((t.shape[1], t.shape[3], t.dtype, t.device) for t in pair) for pair in layers]
+        self.buffers: list[list[Any]] = []
+        self.insert(layers, width, longest)
 
-    def _allocate(self, shapes: list[tuple[Any, Any]], rows: int, columns: int, left: int) -> None:
-        """New buffers of ``rows`` x ``columns``, the current window copied in starting at column ``left``."""
+    @property
+    def rows(self) -> int:
+        return self.buffers[0][0].shape[0] if self.buffers else 0
+
+    @property
+    def columns(self) -> int:
+        return self.buffers[0][0].shape[2] if self.buffers else 0
+
+    def fits(self, rows: int, longest: int) -> bool:
+        """Whether ``rows`` rows of at most ``longest`` tokens fit without reallocating."""
+        return rows <= self.rows and longest <= self.longest
+
+    def _allocate(self, rows: int, columns: int, left: int) -> None:
+        """New buffers of ``rows`` x ``columns``, the current window copied in starting at column ``left``; one
+        layer's keys or values at a time, the old tensor dropped before the next new one is allocated."""
         import torch
 
         width = self.end - self.start
-        buffers = []
-        for i, (keys, values) in enumerate(shapes):
-            # zeros, not empty: masked columns are multiplied by a zero weight, and 0 x NaN would be NaN
-            new_k = torch.zeros((rows, keys.shape[1], columns, keys.shape[3]), dtype=keys.dtype, device=keys.device)
-            new_v = torch.zeros((rows, values.shape[1], columns, values.shape[3]), dtype=values.dtype,
-                                device=values.device)
-            if self.buffers and self.n and width:
-                old_k, old_v = self.buffers[i]
-                new_k[:self.n, :, left:left + width] = old_k[:self.n, :, self.start:self.end]
-                new_v[:self.n, :, left:left + width] = old_v[:self.n, :, self.start:self.end]
-            buffers.append((new_k, new_v))
-        self.buffers = buffers
+        if not self.buffers:
+            self.buffers = [[None, None] for _ in self.layout]
+        for layer, shapes in zip(self.buffers, self.layout, strict=True):
+            for which, (heads, head_dim, dtype, device) in enumerate(shapes):
+                # zeros, not empty: masked columns are multiplied by a zero weight, and 0 x NaN would be NaN
+                tensor = torch.zeros((rows, heads, columns, head_dim), dtype=dtype, device=device)
+                old, layer[which] = layer[which], tensor
+                if old is not None and self.n and width:
+                    tensor[:self.n, :, left:left + width] = old[:self.n, :, self.start:self.end]
+                del old
         self.start, self.end = left, left + width
 
-    def _ensure(self, rows: int, left: int, right: int) -> None:
-        """Room for ``rows`` rows, ``left`` more columns before the window and ``right`` after it: the window is
-        moved within the buffers when they are wide enough (only the running rows' window is copied), else the
-        buffers are reallocated at twice the size needed."""
-        capacity_rows, _, capacity_columns, _ = self.buffers[0][0].shape
-        if rows <= capacity_rows and left <= self.start and self.end + right <= capacity_columns:
-            return
+    def _ensure(self, rows: int, left: int, right: int, longest: int) -> None:
+        """Room for ``rows`` rows, ``left`` more columns before the window and ``right`` after it, rows of at most
+        ``longest`` tokens: the window is moved within the buffers when they are large enough (only the running
+        rows' window is copied), else they are reallocated at the size the rows need."""
         width = self.end - self.start + left + right
-        if rows <= capacity_rows and 2 * width <= capacity_columns:
-            self._shift(left + (capacity_columns - width) // 4)
+        if self.fits(rows, longest) and width <= self.columns:
+            if left > self.start or self.end + right > self.columns:
+                self._shift(left + (self.columns - width) // 4)
             return
-        columns = capacity_columns if 2 * width <= capacity_columns else 2 * width
-        self._allocate(self.buffers, max(capacity_rows, 2 * rows if rows > capacity_rows else rows), columns,
-                       left=left + (columns - width) // 4)
+        self.longest = max(longest, width)
+        columns = kv_store_columns(self.longest)
+        # a quarter of the free columns before the window: joining rows wider than it need not move it at once
+        self._allocate(rows, columns, left=left + (columns - width) // 4)
 
     def _shift(self, start: int) -> None:
         """Move the window to begin at column ``start`` of the same buffers."""
@@ -678,15 +715,21 @@ class _KVStore:
                 buf_v[:self.n, :, start:start + width] = buf_v[:self.n, :, self.start:self.end].clone()
         self.start, self.end = start, start + width
 
-    def insert(self, layers: list[tuple[Any, Any]], width: int) -> None:
-        """Append rows (their left-padded keys and values) to the batch, the window widened to ``width`` columns."""
+    def insert(self, layers: list[tuple[Any, Any] | None], width: int, longest: int) -> None:
+        """Append rows (their left-padded keys and values) to the batch, the window widened to ``width`` columns;
+        ``longest``: the longest (prompt + max new tokens) of every row once they are in. Each entry of ``layers``
+        is set to ``None`` once copied (a prefill cache whose caller holds no other reference is freed layer by
+        layer)."""
         rows, _, their_width, _ = layers[0][0].shape
         wider = max(0, width - (self.end - self.start))
-        self._ensure(self.n + rows, wider, 0)
+        self._ensure(self.n + rows, wider, 0, longest)
         self.start -= wider
-        for (keys, values), (buf_k, buf_v) in zip(layers, self.buffers, strict=True):
+        for i, (buf_k, buf_v) in enumerate(self.buffers):
+            keys, values = layers[i]
+            layers[i] = None
             buf_k[self.n:self.n + rows, :, self.end - their_width:self.end] = keys
             buf_v[self.n:self.n + rows, :, self.end - their_width:self.end] = values
+            del keys, values
         self.n += rows
 
     def move(self, sources: list[int], targets: list[int], remaining: int) -> None:
@@ -703,7 +746,7 @@ class _KVStore:
         self.start += columns
 
     def reserve(self, columns: int) -> None:
-        self._ensure(self.n, 0, columns)
+        self._ensure(self.n, 0, columns, self.longest)
 
     def commit(self, columns: int) -> None:
         self.end += columns

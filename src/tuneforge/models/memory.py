@@ -23,11 +23,22 @@ ELEMENT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "f16": 2.0, "int8": 1.0,
 #: tokenizer keeps 31 MiB resident (its load peaks 58 MiB higher, before any model is loaded, so the resident
 #: part is what adds to a phase's peak)
 TOKENIZER_BYTES_PER_TOKEN = 660
-#: the GGUF gate's reload (transformers' GGUF loader) beyond the dequantized weights, per vocabulary entry:
-#: measured, not derived — it converts the file's token list and merges into a fast tokenizer (167 MiB peak for
-#: that alone) and parses the metadata; 281-288 MiB above the fp32 weights for SmolLM2-135M (Q4_1) and for a
-#: 16M-parameter model with the same 49,152-token vocabulary (so it follows the vocabulary, not the weights)
-GGUF_RELOAD_BYTES_PER_TOKEN = 6000
+#: the GGUF gate's reload (transformers' GGUF loader) apart from the weights, per vocabulary entry: measured, not
+#: derived. ``read_gguf`` first converts the file's token list and merges into a fast tokenizer (166 MiB peak, 32-34
+#: MiB kept), then the loader parses the metadata twice (for the config, then with the tensors), and the gguf
+#: package's reader keeps every string of the token list and merges as numpy views while the tensors are read
+#: (~137 MiB) beside ~25 MiB left from the config pass. Measured on 49,152-entry vocabularies (SmolLM2's): 183 MiB
+#: (16M-parameter model, f16 and q8_0 files) and 206 MiB (SmolLM2-135M, Q4_1) above the weight terms of
+#: :func:`gguf_reload_components` — ~3,900-4,400 B per entry, whatever the weights (only one vocabulary size measured)
+GGUF_RELOAD_BYTES_PER_TOKEN = 4000
+#: fp32 copies of one tensor alive while transformers' GGUF loader turns it into a torch tensor, by the type the file
+#: stores it in: the gguf package's numpy dequantization (f16: one ``astype``; bf16 and q8_0 keep an intermediate
+#: fp32 array beside the result) and then the loader's ``np.copy`` of the result. Measured on a 12.6M-element
+#: embedding (48 MiB in fp32): +96 MiB for f16, +144 MiB for bf16 and q8_0 beside its mapped file pages
+GGUF_DEQUANT_COPIES = {"f32": 1, "f16": 2, "bf16": 3, "q8_0": 3}
+#: the type the GGUF writer stores the largest tensor (the embedding, an untied output head) in: q4_0 exports keep
+#: them in q8_0 (``merge.gguf._tensor_type``)
+GGUF_LARGEST_TYPE = {"f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q8_0"}
 #: the rows ``tuneforge.models.generation.generate`` decodes together (its ``batch_size`` default)
 GENERATION_ROWS = 8
 #: token positions of the merge's logit check (``merge.lora.PROBE_TEXTS``: three short texts, 12-16 tokens each
@@ -42,10 +53,47 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, elemen
     return int(2 * num_layers * num_kv_heads * head_dim * element)
 
 
+def serve_activation_bytes(hidden: int, element: float) -> int:
+    """The serve engine's rough allowance for a forward pass's activations per token of its KV token budget:
+    8 x hidden in ``element`` bytes."""
+    return int(8 * hidden * element)
+
+
 def serve_bytes_per_token(kv_per_token: int, hidden: int, element: float) -> int:
-    """The serve engine's allowance for one running token (its KV token budget is priced in these): its keys and
-    values plus a rough allowance for a forward pass's activations, 8 x hidden, in ``element`` bytes."""
-    return kv_per_token + int(8 * hidden * element)
+    """What one token of the serve engine's KV token budget costs in its bill (:func:`serve_components`; the
+    engine and serve's preflight size the budget in these): its keys and values in the KV store with the store's
+    spare columns (:data:`KV_STORE_SPARE_DIVISOR`), the prefix-reuse store's share (:data:`PREFIX_BUDGET_DIVISOR`)
+    and the activation allowance (:func:`serve_activation_bytes`)."""
+    return (kv_per_token + -(-kv_per_token // KV_STORE_SPARE_DIVISOR) + kv_per_token // PREFIX_BUDGET_DIVISOR
+            + serve_activation_bytes(hidden, element))
+
+
+#: serve's KV store (``models.decoding._KVStore``) is sized at admission: as many rows as run, and as many columns
+#: as the longest running row may need (prompt + max_tokens) plus a quarter of that as spare. The running rows'
+#: window moves right one column per step and is moved back to the buffers' start when it reaches their end: the
+#: spare bounds that copy to once per quarter-row of steps (with no spare it could happen at every step)
+KV_STORE_SPARE_DIVISOR = 4
+#: the prefix-reuse store (``models.decoding.ContinuousBatch``: the keys and values of recent prompts) holds at
+#: most this fraction of serve's KV token budget (1/8), oldest entries dropped first
+PREFIX_BUDGET_DIVISOR = 8
+
+
+def kv_store_columns(longest_row: int) -> int:
+    """Columns of serve's KV store for rows of at most ``longest_row`` tokens (prompt + max_tokens): the row and
+    its spare (:data:`KV_STORE_SPARE_DIVISOR`)."""
+    return longest_row + max(1, -(-longest_row // KV_STORE_SPARE_DIVISOR))
+
+
+def kv_store_tokens(token_budget: int, rows: int) -> int:
+    """Token slots serve's KV store holds at most when its ``rows`` rows x the longest (prompt + max_tokens) come
+    to ``token_budget`` (what the scheduler admits): :func:`kv_store_columns` for every row (the rounding up of the
+    spare is one column per row at most)."""
+    return token_budget + -(-token_budget // KV_STORE_SPARE_DIVISOR) + rows
+
+
+def prefix_budget(token_budget: int) -> int:
+    """Tokens the prefix-reuse store may hold beside a KV token budget (:data:`PREFIX_BUDGET_DIVISOR`)."""
+    return token_budget // PREFIX_BUDGET_DIVISOR
 
 
 def tokenizer_bytes(vocab: int) -> int:
@@ -120,40 +168,94 @@ def generation_components(weight_bytes: int, kv_per_token: int, *, rows: int, to
             "one step's logits (fp32, + a processed copy)": 2 * 4 * rows * vocab}
 
 
-def serve_components(weight_bytes: int, kv_per_token: int, *, token_budget: int, rows: int,
-                     vocab: int) -> dict[str, int]:
-    """The server: weights, a KV cache of ``token_budget`` tokens over all running rows, one step's logits."""
-    return {"weights": int(weight_bytes), "tokenizer": tokenizer_bytes(vocab),
-            "kv cache (token budget)": kv_per_token * token_budget,
+def serve_components(weight_bytes: int, kv_per_token: int, *, token_budget: int, rows: int, vocab: int,
+                     activation_per_token: int = 0, prefix_tokens: int | None = None,
+                     tokenizers: int = 2) -> dict[str, int]:
+    """The server (``tuneforge serve``'s own engine) running ``token_budget`` tokens (rows x the longest prompt +
+    max_tokens: what its scheduler admits) in at most ``rows`` rows.
+
+    - the weights, and ``tokenizers`` loaded tokenizers: each served name has the generating thread's and the
+      request handlers' own copy (``serve.engine.Served``: one Rust tokenizer used from two threads can fail);
+    - the KV store (``models.decoding._KVStore``), sized at admission: :func:`kv_store_tokens` token slots of
+      ``kv_per_token`` bytes (a quarter of spare columns). It grows one layer's keys or values at a time (the old
+      tensor freed before the next is allocated), and a joining group's prefill cache is freed layer by layer as
+      it is copied in, so neither the old store nor the prefill cache adds a second copy;
+    - ``activation_per_token`` per budget token: the allowance for a forward pass's activations that the engine's
+      per-token price includes (:func:`serve_bytes_per_token`);
+    - the prefix-reuse store: ``prefix_tokens`` tokens of keys and values (default: its bound beside
+      ``token_budget``, :func:`prefix_budget`);
+    - one step's logits (fp32, the last position of every row).
+    """
+    if prefix_tokens is None:
+        prefix_tokens = prefix_budget(token_budget)
+    return {"weights": int(weight_bytes), f"tokenizers ({tokenizers})": tokenizers * tokenizer_bytes(vocab),
+            "kv store (token budget + spare columns)": kv_per_token * kv_store_tokens(token_budget, rows),
+            "activations (allowance per budget token)": activation_per_token * token_budget,
+            "prefix-reuse store": kv_per_token * prefix_tokens,
             "logits (one step)": 4 * rows * vocab}
 
 
+def gguf_reload_components(params: int, largest_tensor: int, quantize: str, *, vocab: int = 0,
+                           head_last: bool = False) -> dict[str, int]:
+    """The GGUF gate's reload of the written file (``models.gguf.read_gguf``: transformers' GGUF loader, which for
+    llama/qwen2 dequantizes every tensor to fp32 in file order and keeps each until the model takes them).
+
+    What is resident at once, from the file order the writer uses (embedding first, the blocks, an untied output
+    head last): the loader memory-maps the file and every page it has dequantized stays resident while it reads
+    (``file`` bytes: ``params`` at the export type's size, the largest tensors at :data:`GGUF_LARGEST_TYPE`'s); the
+    fp32 tensors read so far; the tensor being read, as :data:`GGUF_DEQUANT_COPIES` fp32 copies; and the
+    vocabulary's metadata (:data:`GGUF_RELOAD_BYTES_PER_TOKEN`). The peak is the larger of two moments: the end of
+    the tensors (all ``params`` in fp32 beside the whole mapped file) and the largest tensor's dequantization. The
+    embedding comes first, when nothing else is read yet; an untied head (``head_last``) comes last, when every
+    other tensor is already read — then that moment is the peak.
+    """
+    big_type = GGUF_LARGEST_TYPE[quantize]
+    largest = largest_tensor or params
+    heads = 2 if head_last else 1  # the embedding and an untied output head have the same shape
+    big_bytes = int(largest * ELEMENT_BYTES[big_type])
+    file = int(max(params - heads * largest, 0) * ELEMENT_BYTES[quantize]) + heads * big_bytes
+    copies = GGUF_DEQUANT_COPIES[big_type]
+    dequantizing = f"gate: largest tensor dequantized ({copies} fp32 copies)"
+    if head_last:
+        components = {"gate: reloaded tensors before the output head (fp32)": 4 * (params - largest),
+                      "gate: GGUF file pages mapped by the reader": file, dequantizing: copies * 4 * largest}
+    elif 4 * params + file >= big_bytes + copies * 4 * largest:
+        components = {"gate: reloaded GGUF, dequantized (fp32)": 4 * params,
+                      "gate: GGUF file pages mapped by the reader": file}
+    else:
+        components = {"gate: GGUF file pages mapped by the reader (the embedding's)": big_bytes,
+                      dequantizing: copies * 4 * largest}
+    if vocab:
+        components["gate: GGUF tokenizer conversion and metadata"] = GGUF_RELOAD_BYTES_PER_TOKEN * vocab
+    return components
+
+
 def export_components(params: int, adapter_params: int, quantize: str, *, check: dict[str, int] | None = None,
-                      vocab: int = 0, largest_tensor: int = 0, quantized_params: int = 0) -> dict[str, int]:
-    """Merge in fp32, then the quantized copy; GGUF keeps the merged model while its reloaded file is checked
-    (dequantized to fp32, its tokenizer converted: :data:`GGUF_RELOAD_BYTES_PER_TOKEN` per entry of ``vocab``);
-    an HF int8/int4 export adds its perplexity check (``check``: the :func:`scoring_components` of the check's
-    windows; its weights and tokenizer are not counted twice). The GGUF writer encodes one tensor at a time, so
-    with ``largest_tensor`` (elements) only that tensor's encoded bytes are billed, not the whole quantized copy.
+                      vocab: int = 0, largest_tensor: int = 0, quantized_params: int = 0,
+                      head_last: bool = False) -> dict[str, int]:
+    """Merge in fp32, then the quantized copy; an HF int8/int4 export adds its perplexity check (``check``: the
+    :func:`scoring_components` of the check's windows; its weights and tokenizer are not counted twice).
+
+    GGUF (``merge.gguf.export_gguf``): the merged model (and the adapter it was merged from) and the tokenizer stay
+    loaded through two moments, of which the bill is the larger: the writer encoding one tensor at a time (the
+    largest, ``largest_tensor`` elements, in the export type) and the gate reloading the written file
+    (:func:`gguf_reload_components`; ``head_last`` for an untied output head) — the reload is the larger for any
+    model with a vocabulary.
 
     int8/int4 (``merge.export.export_model``): bitsandbytes quantizes the linear layers (``quantized_params``
     elements; the embeddings, norms and a tied head stay fp32), and the quantized model and its reload from the
     written directory are both alive during the check, beside the merged fp32 model (still referenced by the peft
     model it was unloaded from)."""
-    gguf = quantize not in ("int8", "int4")
-    if gguf:
-        quantized = int((largest_tensor or params) * ELEMENT_BYTES[quantize])
-    else:
-        linear = quantized_params or params
-        quantized = 2 * int(linear * ELEMENT_BYTES[quantize] + 4 * (params - linear))
-    components = {"merged model (fp32)": 4 * params, "adapter (fp32)": 4 * adapter_params,
-                  f"quantized weights ({quantize})": quantized}
+    components = {"merged model (fp32)": 4 * params, "adapter (fp32)": 4 * adapter_params}
     if vocab:
         components["tokenizer"] = tokenizer_bytes(vocab)
-    if gguf:
-        components["gate: reloaded GGUF, dequantized (fp32)"] = 4 * params
-        if vocab:
-            components["gate: GGUF tokenizer and metadata conversion"] = GGUF_RELOAD_BYTES_PER_TOKEN * vocab
+    if quantize not in ("int8", "int4"):
+        encoded = {f"largest tensor encoded ({quantize})": int((largest_tensor or params) * ELEMENT_BYTES[quantize])}
+        reload = gguf_reload_components(params, largest_tensor, quantize, vocab=vocab, head_last=head_last)
+        components.update(max(encoded, reload, key=lambda part: sum(part.values())))
+        return components
+    linear = quantized_params or params
+    components[f"quantized weights ({quantize})"] = 2 * int(linear * ELEMENT_BYTES[quantize] + 4 * (params - linear))
     for name, value in (check or {}).items():
         if name not in ("weights", "tokenizer"):
             components[f"perplexity check: {name}"] = value

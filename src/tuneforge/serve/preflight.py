@@ -2,8 +2,8 @@
 
 The bill is :func:`tuneforge.models.memory.serve_components` (the one ``tuneforge estimate MODEL --phase serve``
 shows): the weights of every distinct base served (adapters of one base share it; each adapter adds its own
-elements), the tokenizer, a KV cache of the token budget (plus the activation allowance the engine sizes its budget
-with) and one step's logits. The budget is ``--max-memory`` or the memory available now (free RAM, or free GPU memory
+elements), two tokenizers per served name, the KV store of the token budget with its spare columns, the activation
+allowance, the prefix-reuse store's bound and one step's logits. The budget is ``--max-memory`` or the memory available now (free RAM, or free GPU memory
 on CUDA). When the KV token budget asked for (``--token-budget``, or the default share of the memory left after the
 weights) does not fit, the largest budget that does is used and said; when not even one row of the longest request
 the server accepts fits beside the weights, serve stops with both numbers.
@@ -81,7 +81,7 @@ def plan_serve(refs: Sequence[Any], *, token_budget: int | None, longest_row: in
     device = resolve_device(device)
     element = float(resolve_dtype("auto", device).itemsize)
     budget = memory.memory_budget(max_memory, device)
-    weights, per_token, vocab = 0, 0, 0
+    weights, kv, activations, per_token, vocab = 0, 0, 0, 0, 0
     bases: set[str] = set()
     for ref in refs:
         numbers = memory.model_numbers(ref)
@@ -89,14 +89,16 @@ def plan_serve(refs: Sequence[Any], *, token_budget: int | None, longest_row: in
             bases.add(ref.base_key)
             weights += int(numbers.params * element)
         weights += int(numbers.adapter_params * element)
+        kv = max(kv, numbers.kv_per_token(element))
+        activations = max(activations, memory.serve_activation_bytes(numbers.hidden, element))
         per_token = max(per_token, memory.serve_bytes_per_token(numbers.kv_per_token(element), numbers.hidden,
                                                                 element))
         vocab = max(vocab, numbers.vocab)
 
     def components(tokens: int) -> dict[str, int]:
-        bill = memory.serve_components(weights, per_token, token_budget=tokens, rows=rows, vocab=vocab)
-        return {("KV cache + activations (token budget)" if "kv" in name else name): value
-                for name, value in bill.items()}
+        # every served name has its tokenizer and the request handlers' copy of it (serve.engine.Served)
+        return memory.serve_components(weights, kv, token_budget=tokens, rows=rows, vocab=vocab,
+                                       activation_per_token=activations, tokenizers=2 * len(refs))
 
     fixed = sum(components(0).values())
     asked = token_budget

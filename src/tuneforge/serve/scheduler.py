@@ -203,7 +203,7 @@ class Scheduler:
                 started[id(item)] = time.perf_counter()
             for key, items in groups.items():
                 if key not in pools:
-                    pools[key] = _pool_for(items[0].served)
+                    pools[key] = _pool_for(items[0].served, self.token_budget)
                 self._deliver(_add(pools[key], items), started)
             for key in list(pools):
                 if len(pools[key]):
@@ -279,11 +279,15 @@ def _pool_key(served: Any) -> tuple:
     return (id(served.model), None if _mixed_adapters(served.model) else served.adapter_name)
 
 
-def _pool_for(served: Any) -> Any:
+def _pool_for(served: Any, token_budget: int | None = None) -> Any:
+    """A running batch for ``served``'s model; its prefix-reuse store bounded by its share of ``token_budget``
+    (what serve's bill prices: ``models.memory.prefix_budget``)."""
     from tuneforge.models.decoding import ContinuousBatch
+    from tuneforge.models.memory import prefix_budget
 
     mixed = _mixed_adapters(served.model)
-    return ContinuousBatch(served.model, mixed_adapters=mixed, activate=None if mixed else served.activate)
+    return ContinuousBatch(served.model, mixed_adapters=mixed, activate=None if mixed else served.activate,
+                           prefix_tokens=prefix_budget(token_budget) if token_budget else None)
 
 
 def _add(pool: Any, items: list[Work]) -> list[tuple[Work, Any]]:
