@@ -259,8 +259,9 @@ def _serve_and_load(cli, argv: list[str], served: dict) -> int:
 def _trace() -> list:
     """Diagnostics (PHASE_MEMORY_TRACE=1): RSS above the start and the high-water mark when each step of the GGUF
     export and the merge begins and ends (which step holds the peak)."""
-    from tuneforge.merge import gguf, lora
+    from tuneforge.merge import export, gguf, lora
     from tuneforge.models import gguf as models_gguf
+    from tuneforge.models import reference
 
     marks: list = []
 
@@ -277,7 +278,9 @@ def _trace() -> list:
         setattr(module, name, traced)
 
     for module, name in ((lora, "load_base_and_adapter"), (gguf, "_merge_with_parity"), (gguf, "write_gguf"),
-                         (gguf, "gate"), (models_gguf, "read_gguf"), (lora, "merge_lora")):
+                         (gguf, "gate"), (models_gguf, "read_gguf"), (lora, "merge_lora"),
+                         # the HF int8/int4 export: the merge, each perplexity check, the quantized load and reload
+                         (export, "load_base_and_adapter"), (export, "perplexity"), (reference, "load_model_dir")):
         if hasattr(module, name):
             wrap(module, name)
     _trace_serve(marks)

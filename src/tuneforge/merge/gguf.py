@@ -247,8 +247,9 @@ def estimate_export_bytes(weights_dir: Path, adapter_dir: Path | None, quantize:
     """Estimated peak bytes of the two GGUF export strategies, from the safetensors headers and config.json.
 
     In memory: :func:`tuneforge.models.memory.export_components` (the bill ``tuneforge estimate --phase export``
-    shows: merged model and adapter in fp32, one encoded tensor, the tokenizer, the gate's reload in fp32 and its
-    tokenizer conversion). Streaming: :func:`tuneforge.models.memory.streaming_export_components`.
+    shows: merged model and adapter in fp32, the tokenizer, and the gate's reload of the written file — its fp32
+    tensors, mapped file pages and tokenizer conversion). Streaming:
+    :func:`tuneforge.models.memory.streaming_export_components`.
     """
     from tuneforge.merge.sharded import file_elements
     from tuneforge.models.memory import export_components, streaming_export_components
@@ -259,7 +260,8 @@ def estimate_export_bytes(weights_dir: Path, adapter_dir: Path | None, quantize:
     adapter_file = adapter_dir / "adapter_model.safetensors" if adapter_dir else None
     adapter = file_elements(adapter_file) if adapter_file and adapter_file.is_file() else 0
     vocab = _vocab_of(weights_dir)
-    memory = sum(export_components(total, adapter, quantize, vocab=vocab, largest_tensor=largest).values())
+    memory = sum(export_components(total, adapter, quantize, vocab=vocab, largest_tensor=largest,
+                                   head_last="lm_head.weight" in shapes).values())
     streaming = sum(streaming_export_components(largest, adapter, quantize, vocab=vocab).values())
     return {"memory": int(memory), "streaming": int(streaming)}
 
