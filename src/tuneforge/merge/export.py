@@ -8,6 +8,7 @@ merge afterwards). The exported directory is reloaded before it is kept, and its
 
 from __future__ import annotations
 
+import gc
 import json
 import tempfile
 import warnings
@@ -90,12 +91,16 @@ def quantization_config(kind: str):
                               bnb_4bit_compute_dtype=torch.float32)
 
 
-def check_memory(source: Any, quantize: str, max_memory: int | None, echo=print) -> dict[str, int]:
+def check_memory(source: Any, quantize: str, max_memory: int | None, echo=print,
+                 texts: list[str] | None = None) -> dict[str, int]:
     """The int8/int4 export's memory preflight: print the estimate and refuse when it does not fit.
 
-    The estimate (from the safetensors headers; the components of ``tuneforge estimate --phase export``): the
-    merged model in fp32, the adapter in fp32 and the quantized copy. There is no lower-memory way to run
-    bitsandbytes' quantizer, so a model that does not fit is refused; ``--format gguf`` streams tensor by tensor.
+    The estimate is :func:`tuneforge.models.memory.export_components` (the bill of ``tuneforge estimate --phase
+    export``) on the safetensors headers and the perplexity check of ``texts``: the merged model in fp32 (then its
+    saved file, mapped while bitsandbytes quantizes from it), the adapter, the tokenizer, and the larger of the
+    check's activations (its widest batch of windows, :func:`check_windows`) and the quantized model. There is no
+    lower-memory way to run bitsandbytes' quantizer, so a model that does not fit is refused; ``--format gguf``
+    streams tensor by tensor.
 
     Returns:
         ``{"need": bytes, "budget": bytes}`` (``{}`` when the base is not local safetensors: no estimate).
@@ -105,7 +110,7 @@ def check_memory(source: Any, quantize: str, max_memory: int | None, echo=print)
     """
     from tuneforge.merge.gguf import _vocab_of, safetensors_shapes, weights_dir_of
     from tuneforge.merge.sharded import file_elements
-    from tuneforge.models.memory import export_components, memory_budget
+    from tuneforge.models.memory import export_components, memory_budget, model_numbers, scoring_components
 
     weights = weights_dir_of(source)
     if weights is None:
@@ -119,16 +124,47 @@ def check_memory(source: Any, quantize: str, max_memory: int | None, echo=print)
                  if len(shape) == 2 and "embed" not in name and not name.startswith("lm_head"))
     adapter_file = Path(source.adapter) / "adapter_model.safetensors" if source.adapter else None
     adapter = file_elements(adapter_file) if adapter_file and adapter_file.is_file() else 0
-    need = int(sum(export_components(total, adapter, quantize, vocab=_vocab_of(weights),
-                                     quantized_params=linear).values()))
+    check, what = None, "the perplexity check not billed: no texts"
+    if texts:
+        numbers = model_numbers(source)
+        rows, tokens = check_windows(source, texts)
+        check = scoring_components(0, numbers.kv_per_token(4), rows=rows, tokens=tokens, element=4,
+                                   **numbers.shape())
+        what = f"the perplexity check's widest batch {rows} x {tokens} tokens"
+    parts = export_components(total, adapter, quantize, vocab=_vocab_of(weights), quantized_params=linear,
+                              check=check)
+    need = int(sum(parts.values()))
     gib = 1024 ** 3
-    echo(f"export memory: estimated peak {need / gib:.2f} GiB (merged fp32, adapter, the quantized model and its "
-         f"reload; the perplexity check's activations are not billed); budget {budget / gib:.2f} GiB")
+    echo(f"export memory: estimated peak {need / gib:.2f} GiB (merged fp32, adapter, tokenizer, and the larger of "
+         f"{what} and the quantized model); budget {budget / gib:.2f} GiB")
     if need > budget:
         raise UserError(f"export --quantize {quantize} needs about {need / gib:.2f} GiB, above the budget of "
                         f"{budget / gib:.2f} GiB, and bitsandbytes quantizes the whole model in memory; free memory, "
                         "raise --max-memory, or export --format gguf (which streams tensor by tensor)")
     return {"need": need, "budget": budget}
+
+
+def check_windows(source: Any, texts: list[str]) -> tuple[int, int]:
+    """``(rows, tokens)`` of the perplexity check's widest forward pass on ``texts``: the windows
+    ``tuneforge.evaluate.perplexity`` cuts (the model's context, at most 4096 tokens, half-overlapping), the
+    longest first, :data:`tuneforge.models.memory.CHECK_ROWS` at a time. Reads the tokenizer and config only."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from tuneforge.evaluate.perplexity import default_window, encode_records, sliding_windows
+    from tuneforge.models.load import check_model_source
+    from tuneforge.models.memory import CHECK_ROWS
+    from tuneforge.models.reference import load_tokenizer_of
+
+    tokenizer = load_tokenizer_of(source)
+    config = AutoConfig.from_pretrained(check_model_source(source.base, source.given))
+    window = default_window(SimpleNamespace(config=config), tokenizer)
+    pairs, _ = encode_records([{"text": text} for text in texts], tokenizer, None, False)
+    windows = [w for ids, labels in pairs for w in sliding_windows(ids, labels, window, max(1, window // 2))]
+    if not windows:
+        return 0, 0
+    return min(CHECK_ROWS, len(windows)), max(len(ids) for ids, _ in windows)
 
 
 def _numel(shape: Any) -> int:
@@ -159,14 +195,14 @@ def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", d
         raise UserError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE)}")
     source = local_ref(path)
     prepare_output(out, [path, source.model_dir, source.run_dir, source.base, data], force=force)
-    memory = check_memory(source, quantize, max_memory, echo)
+    texts = read_texts(data) if data else default_texts()
+    memory = check_memory(source, quantize, max_memory, echo, texts=texts)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise UserError("export needs bitsandbytes: pip install 'tuneforge[quant]'") from None
     from tuneforge.models.reference import load_for_inference, load_model_dir
 
-    texts = read_texts(data) if data else default_texts()
     if source.kind == "model" and source.quantization():
         raise UserError(f"{path}: already quantized ({source.quantization().get('quant_method')}); "
                         "export from the unquantized model")
@@ -176,6 +212,7 @@ def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", d
             check_mergeable(source)
             peft_model, tokenizer, _ = load_base_and_adapter(source)
             model = peft_model.merge_and_unload()
+            del peft_model  # it still references the merged model, which must go before the quantized one loads
             model.save_pretrained(work)  # the quantizer loads from a directory
             origin = Path(work)
         else:
@@ -187,11 +224,13 @@ def export_model(path: str | Path, out: str | Path, *, quantize: str = "int8", d
         logits_original = logits_on(model, probes)
         bytes_original = _weight_bytes(model)
         del model
+        gc.collect()  # the merged fp32 model is freed before the quantized one loads (peft/HF modules hold cycles)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bitsandbytes warns on every CPU matmul that it casts inputs
             quantized = load_model_dir(origin, quantization_config(quantize))
             with atomic_dir(out) as tmp:
                 quantized.save_pretrained(tmp)
+                del quantized  # the check reads what was written: one quantized copy at a time
                 tokenizer.save_pretrained(tmp)
                 copy_template_files(source, tmp)
                 # the check that matters: what was written loads again (stock from_pretrained underneath)
