@@ -123,7 +123,10 @@ def _merge_bill(spec: ModelSpec, params: int, element: float, r: int) -> PhaseBi
                                          largest_tensor=max(spec.param_numels, default=0))
     shard_elements = min(params, int(DEFAULT_SHARD_BYTES / element))
     fold = max((layer.numel for layer in spec.linears if layer.kind != "head"), default=0)
-    sharded = sum(memory.sharded_merge_components(shard_elements, fold, adapter_params(spec, r), element).values())
+    # a shard of the saved precision, every tensor of it adapted (the most one shard can hold); the files on disk
+    # give the exact per-shard figure (merge.sharded.estimate_merge_bytes)
+    shard = memory.shard_merge_bytes(int(shard_elements * element), shard_elements, element, fold)
+    sharded = sum(memory.sharded_merge_components([shard], adapter_params(spec, r), vocab=spec.vocab_size).values())
     notes = [f"shard by shard (tuneforge merge --strategy sharded): about {sharded / 2 ** 30:.2f} GiB with shards "
              f"of {shard_elements * element / 2 ** 30:.2f} GiB; smaller shards lower it"]
     return PhaseBill(spec.name, "merge", components, notes)

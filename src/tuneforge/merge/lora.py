@@ -156,11 +156,22 @@ def logits_on(model: Any, batches: list) -> list:
 
 
 def logit_difference(reference: list, other: list) -> tuple[float, float]:
-    """``(max, mean)`` absolute difference between two lists of logit tensors."""
+    """``(max, mean)`` absolute difference between two lists of logit tensors (NaN when any difference is NaN).
+
+    One pair at a time, the difference taken in place: only one probe's difference exists beside the two lists (a
+    concatenation of every difference held two more vocabulary-wide copies of all the probes at the merge's peak:
+    13 MiB on a 49k vocabulary, ``benchmarks/phase_memory.py``)."""
     import torch
 
-    diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(reference, other, strict=True)])
-    return float(diffs.max()), float(diffs.mean())
+    worst = torch.tensor(0.0)
+    total, count = 0.0, 0
+    for a, b in zip(reference, other, strict=True):
+        diff = torch.sub(a, b).abs_()
+        worst = torch.maximum(worst, diff.max().to(worst.dtype))  # maximum, not max(): NaN propagates
+        total += float(diff.sum(dtype=torch.float64))
+        count += diff.numel()
+        del diff
+    return float(worst), total / max(count, 1)
 
 
 def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = None, dtype: str = "fp32",
@@ -202,7 +213,7 @@ def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = N
         raise UserError(f"--out {out}: would overwrite the model being merged; choose another directory")
 
     plan = plan_merge(source, torch.tensor([], dtype=getattr(torch, dtype_name)).element_size(), strategy,
-                      max_memory)
+                      max_memory, dtype_name=dtype_name)
     if plan.need:
         say(plan.describe())
     if plan.strategy == "sharded":
@@ -214,6 +225,7 @@ def merge_lora(path: str | Path, out: str | Path, *, tolerance: float | None = N
     merged = merged.to(getattr(torch, dtype_name))
     after = logits_on(merged, batches)
     max_diff, mean_diff = logit_difference(unmerged, after)
+    del unmerged, after  # not held through the save (its import of deepspeed, when installed, comes on top)
     say(f"logit difference adapter vs merged on {len(batches)} probes: max {max_diff:.3g}, mean {mean_diff:.3g} "
          f"(tolerance {tolerance:g})")
     if not max_diff <= tolerance:  # also catches NaN

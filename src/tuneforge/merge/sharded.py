@@ -60,12 +60,6 @@ def base_shards(base_dir: Path) -> list[Path]:
                     "or merge in memory")
 
 
-def shard_elements(base_dir: Path) -> list[int]:
-    """The number of floating-point elements in each safetensors file of the base, read from the file headers
-    (no tensor is loaded)."""
-    return [file_elements(shard) for shard in base_shards(base_dir)]
-
-
 def file_elements(path: Path) -> int:
     """The number of elements stored in one safetensors file, from its header."""
     from safetensors import safe_open
@@ -222,24 +216,62 @@ class MergePlan:
         return f"merge memory: estimated peak {needs}; budget {self.budget / _GIB:.2f} GiB → {self.strategy} ({self.reason})"
 
 
-def estimate_merge_bytes(base_dir: Path, adapter_dir: Path, dtype_size: int) -> dict[str, int]:
+def estimate_merge_bytes(base_dir: Path, adapter_dir: Path, dtype_size: int, *,
+                         dtype_name: str | None = None) -> dict[str, int]:
     """Estimated peak bytes of the two merge strategies, from the safetensors headers (no weights loaded); the
-    arithmetic is :func:`tuneforge.models.memory.merge_components` / ``sharded_merge_components`` (the bill of
-    ``tuneforge estimate --phase merge``).
+    arithmetic is :func:`tuneforge.models.memory.merge_components` / ``shard_merge_bytes`` /
+    ``sharded_merge_components`` (the bill of ``tuneforge estimate --phase merge``).
 
-    In memory: the base in fp32 with the adapter on it, the merged copy in the saved dtype when it is not fp32, and
-    the serialised bytes of the save. Shard by shard: the largest shard in the saved dtype, the fp32 fold of the
-    largest adapted weight, and the adapter in fp32.
+    In memory: the base in fp32 with the adapter, the tokenizer, the logit check, the cast of one tensor below
+    fp32. Shard by shard, each shard's own figure: its stored bytes (mapped), the tensors :func:`merge_shards`
+    creates for it in the saved precision (its adapted weights; every floating tensor when ``dtype_name``, the
+    saved torch dtype, is not the stored one — compared by ``dtype_size`` when it is not given) and the fold of its
+    largest adapted weight; the largest of them (or the tokenizer's load, after the last shard) plus the adapter.
     """
     from tuneforge.models import memory
 
-    elements = shard_elements(base_dir)
     adapter_file = adapter_dir / "adapter_model.safetensors"
-    adapter, fold = _adapter_elements(adapter_file) if adapter_file.is_file() else (0, 0)
-    in_memory = memory.merge_components(sum(elements), adapter, dtype_size, vocab=_vocab_size(base_dir),
-                                        largest_tensor=_largest_tensor(base_dir))
-    sharded = memory.sharded_merge_components(max(elements), fold, adapter, dtype_size)
+    adapter, adapted = _adapter_elements(adapter_file) if adapter_file.is_file() else (0, set())
+    vocab = _vocab_size(base_dir)
+    shards = [_shard_numbers(shard, adapted, dtype_size, dtype_name) for shard in base_shards(base_dir)]
+    in_memory = memory.merge_components(sum(s["elements"] for s in shards), adapter, dtype_size, vocab=vocab,
+                                        largest_tensor=max(s["largest"] for s in shards))
+    per_shard = [memory.shard_merge_bytes(s["stored"], s["new"], dtype_size, s["fold"],
+                                          stored_below_fp32=s["fold_below_fp32"]) for s in shards]
+    sharded = memory.sharded_merge_components(per_shard, adapter, vocab=vocab)
     return {"memory": sum(in_memory.values()), "sharded": sum(sharded.values())}
+
+
+#: bytes per element and torch dtype name of the safetensors dtype codes
+_STORED = {"F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+           "I64": (8, None), "I32": (4, None), "I16": (2, None), "I8": (1, None), "U8": (1, None),
+           "BOOL": (1, None)}
+
+
+def _shard_numbers(shard: Path, adapted: set[str], dtype_size: int, dtype_name: str | None) -> dict[str, Any]:
+    """From one safetensors header: ``elements`` (all), ``largest`` (one tensor), ``stored`` (bytes as stored),
+    ``new`` (elements :func:`merge_shards` writes as new tensors: the adapted weights, and floating tensors whose
+    stored dtype is not the saved one), ``fold`` (elements of the largest adapted weight) and whether that weight is
+    stored below fp32 (``fold_below_fp32``: its fp32 copy is a fold temporary too)."""
+    from safetensors import safe_open
+
+    numbers: dict[str, Any] = {"elements": 0, "largest": 0, "stored": 0, "new": 0, "fold": 0,
+                               "fold_below_fp32": False}
+    with safe_open(str(shard), framework="pt") as handle:
+        for name in handle.keys():
+            piece = handle.get_slice(name)
+            count = _numel(piece.get_shape())
+            size, stored_name = _STORED.get(piece.get_dtype(), (1, None))
+            numbers["elements"] += count
+            numbers["largest"] = max(numbers["largest"], count)
+            numbers["stored"] += count * size
+            if name in adapted:
+                numbers["new"] += count
+                if count > numbers["fold"]:
+                    numbers["fold"], numbers["fold_below_fp32"] = count, size < 4
+            elif stored_name is not None and (stored_name != dtype_name if dtype_name else size != dtype_size):
+                numbers["new"] += count
+    return numbers
 
 
 def _vocab_size(base_dir: Path) -> int:
@@ -252,39 +284,28 @@ def _vocab_size(base_dir: Path) -> int:
     return int(text.get("vocab_size") or 0)
 
 
-def _largest_tensor(base_dir: Path) -> int:
-    """Elements of the largest tensor of the base's safetensors files (from their headers)."""
+def _adapter_elements(path: Path) -> tuple[int, set[str]]:
+    """``(elements, adapted)`` of an adapter file: all its elements, and the base weight names its LoRA factor
+    pairs fold into (named as :func:`lora_factors` names them)."""
     from safetensors import safe_open
 
-    largest = 0
-    for shard in base_shards(base_dir):
-        with safe_open(str(shard), framework="pt") as handle:
-            largest = max([largest, *(_numel(handle.get_slice(name).get_shape()) for name in handle.keys())])
-    return largest
-
-
-def _adapter_elements(path: Path) -> tuple[int, int]:
-    """``(elements, fold)`` of an adapter file: all its elements, and an upper bound of the largest weight one
-    of its factor pairs folds into (largest fan-out x largest fan-in)."""
-    from safetensors import safe_open
-
-    outs, ins, total = [0], [0], 0
+    total, adapted = 0, set()
     with safe_open(str(path), framework="pt") as handle:
         for name in handle.keys():
-            shape = handle.get_slice(name).get_shape()
-            total += _numel(shape)
-            if len(shape) == 2 and "lora_B" in name:
-                outs.append(shape[0])
-            elif len(shape) == 2 and "lora_A" in name:
-                ins.append(shape[1])
-    return total, max(outs) * max(ins)
+            total += _numel(handle.get_slice(name).get_shape())
+            match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_[AB]\.weight", name)
+            if match:
+                adapted.add(match.group(1) + ".weight")
+    return total, adapted
 
 
-def plan_merge(ref: Any, dtype_size: int, strategy: str = "auto", max_memory: int | None = None) -> MergePlan:
+def plan_merge(ref: Any, dtype_size: int, strategy: str = "auto", max_memory: int | None = None, *,
+               dtype_name: str | None = None) -> MergePlan:
     """Choose the merge strategy for ``ref`` (a :class:`tuneforge.models.reference.ModelRef` of an adapter).
 
     ``auto`` merges in memory (with its logit check) when that fits ``max_memory`` (default: the RAM available now),
-    else shard by shard when the adapter and base allow it. ``memory``/``sharded`` force one.
+    else shard by shard when the adapter and base allow it. ``memory``/``sharded`` force one. ``dtype_name`` (the
+    saved torch dtype) tells the estimate which stored tensors get a converted copy (by ``dtype_size`` without it).
 
     Raises:
         UserError: nothing fits the budget (naming both estimates and ``--max-memory``), or ``sharded`` was asked
@@ -295,7 +316,8 @@ def plan_merge(ref: Any, dtype_size: int, strategy: str = "auto", max_memory: in
     budget = memory_budget(max_memory)  # the merge runs on the CPU
     base_dir = Path(ref.base)
     local = base_dir.is_dir() and not ref.stack
-    need = estimate_merge_bytes(base_dir, Path(ref.adapter), dtype_size) if local and _has_safetensors(base_dir) else {}
+    need = (estimate_merge_bytes(base_dir, Path(ref.adapter), dtype_size, dtype_name=dtype_name)
+            if local and _has_safetensors(base_dir) else {})
     if strategy == "memory" or (strategy == "auto" and (not need or need["memory"] <= budget)):
         return MergePlan("memory", need, budget, "asked" if strategy == "memory" else "fits")
     if ref.stack:
@@ -304,7 +326,7 @@ def plan_merge(ref: Any, dtype_size: int, strategy: str = "auto", max_memory: in
         raise UserError(f"{ref.given}: base {ref.base} is not a local directory; the shard-by-shard merge reads "
                         "local safetensors files (download the base and pass it with --base)")
     check_plain_lora(ref.adapter_config or {}, ref.given)
-    need = need or estimate_merge_bytes(base_dir, Path(ref.adapter), dtype_size)
+    need = need or estimate_merge_bytes(base_dir, Path(ref.adapter), dtype_size, dtype_name=dtype_name)
     if need["sharded"] > budget:
         raise UserError(f"merge needs about {need['sharded'] / _GIB:.2f} GiB even shard by shard (in memory "
                         f"{need['memory'] / _GIB:.2f} GiB), above the budget of {budget / _GIB:.2f} GiB; free memory, "

@@ -20,9 +20,19 @@ from typing import Any
 ELEMENT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "f16": 2.0, "int8": 1.0, "int4": 0.5,
                  "q8_0": 34 / 32, "q4_0": 18 / 32}
 #: a loaded fast (Rust) tokenizer, per vocabulary entry: measured, not derived — SmolLM2's 49,152-token BPE
-#: tokenizer keeps 31 MiB resident (its load peaks 58 MiB higher, before any model is loaded, so the resident
-#: part is what adds to a phase's peak)
+#: tokenizer keeps 31 MiB resident (its load peaks at 58 MiB, before any model is loaded, so the resident part is
+#: what adds to a phase's peak; :data:`TOKENIZER_LOAD_BYTES_PER_TOKEN` for the one phase that loads it last)
 TOKENIZER_BYTES_PER_TOKEN = 660
+#: the peak while a fast tokenizer loads, per vocabulary entry: measured, not derived — 57.9 MiB above the imported
+#: libraries for SmolLM2's 49,152 entries (three runs alike). It is the peak of a phase only when the tokenizer
+#: loads after the weights are gone (the shard-by-shard merge saves it after the last shard)
+TOKENIZER_LOAD_BYTES_PER_TOKEN = 1235
+#: shared-library code a command's forward passes page in (the libtorch_cpu.so and libtorch_python.so pages of the
+#: kernels they run): file pages, resident from then on, so part of the peak. Measured, not derived: 12.8-14.6 MiB
+#: in ``/proc/self/smaps`` at the peak of the merge's logit check and of generation, on a 16M-parameter Llama and on
+#: SmolLM2-135M alike (fp32, AMD EPYC AVX2; ``benchmarks/phase_memory.py``'s baseline has the libraries imported
+#: and no forward run): code, not data, so one figure per process whatever the model's size
+FORWARD_CODE_BYTES = 13 * 2 ** 20
 #: the GGUF gate's reload (transformers' GGUF loader) apart from the weights, per vocabulary entry: measured, not
 #: derived. ``read_gguf`` first converts the file's token list and merges into a fast tokenizer (166 MiB peak, 32-34
 #: MiB kept), then the loader parses the metadata twice (for the config, then with the tensors), and the gguf
@@ -31,6 +41,10 @@ TOKENIZER_BYTES_PER_TOKEN = 660
 #: (16M-parameter model, f16 and q8_0 files) and 206 MiB (SmolLM2-135M, Q4_1) above the weight terms of
 #: :func:`gguf_reload_components` — ~3,900-4,400 B per entry, whatever the weights (only one vocabulary size measured)
 GGUF_RELOAD_BYTES_PER_TOKEN = 4000
+#: transformers converting a GGUF file's token list and merges into a fast tokenizer (``read_gguf_tokenizer``, the
+#: streamed export's tokenizer check), per vocabulary entry: measured, not derived — its peak is 166 MiB above the
+#: imported libraries for 49,152 entries (16M-parameter model's f16 and q8_0 files alike), 32-34 MiB of it kept
+GGUF_TOKENIZER_CONVERSION_BYTES_PER_TOKEN = 3500
 #: fp32 copies of one tensor alive while transformers' GGUF loader turns it into a torch tensor, by the type the file
 #: stores it in: the gguf package's numpy dequantization (f16: one ``astype``; bf16 and q8_0 keep an intermediate
 #: fp32 array beside the result) and then the loader's ``np.copy`` of the result. Measured on a 12.6M-element
@@ -41,9 +55,10 @@ GGUF_DEQUANT_COPIES = {"f32": 1, "f16": 2, "bf16": 3, "q8_0": 3}
 GGUF_LARGEST_TYPE = {"f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q8_0"}
 #: the rows ``tuneforge.models.generation.generate`` decodes together (its ``batch_size`` default)
 GENERATION_ROWS = 8
-#: token positions of the merge's logit check (``merge.lora.PROBE_TEXTS``: three short texts, 12-16 tokens each
-#: with common tokenizers; an upper bound)
-PROBE_POSITIONS = 48
+#: token positions of one probe text of the merge's logit check (``merge.lora.PROBE_TEXTS``: 10-16 tokens each
+#: with common tokenizers; an upper bound) and of all three
+PROBE_TEXT_POSITIONS = 16
+PROBE_POSITIONS = 3 * PROBE_TEXT_POSITIONS
 #: the windows per forward pass of export's perplexity check (``tuneforge.evaluate.perplexity``'s default)
 CHECK_ROWS = 4
 
@@ -97,42 +112,76 @@ def prefix_budget(token_budget: int) -> int:
 
 
 def tokenizer_bytes(vocab: int) -> int:
-    """The peak a fast tokenizer adds while it loads (:data:`TOKENIZER_BYTES_PER_TOKEN` per entry)."""
+    """What a loaded fast tokenizer keeps resident (:data:`TOKENIZER_BYTES_PER_TOKEN` per entry)."""
     return int(TOKENIZER_BYTES_PER_TOKEN * vocab)
+
+
+def tokenizer_load_bytes(vocab: int) -> int:
+    """The peak while a fast tokenizer loads (:data:`TOKENIZER_LOAD_BYTES_PER_TOKEN` per entry)."""
+    return int(TOKENIZER_LOAD_BYTES_PER_TOKEN * vocab)
 
 
 def merge_components(params: int, adapter_params: int, element: float, *, vocab: int = 0,
                      largest_tensor: int = 0) -> dict[str, int]:
-    """An in-memory LoRA merge (``merge.lora.merge_lora``): the base in fp32 with the adapter on it, the tokenizer,
-    the logit check (the adapter model's and the merged model's logits on the probe texts), and — when saving
-    below fp32 — one tensor's cast (``Module.to`` converts parameter by parameter, freeing each fp32 one).
+    """An in-memory LoRA merge (``merge.lora.merge_lora``), in the order the code holds things: the base in fp32
+    with the adapter and the tokenizer; the adapter model's logits on the probe texts (kept for the check); the
+    fold (in place; the adapter is freed with it, billed throughout: an upper bound by its size); below fp32 the
+    cast, one parameter at a time, while the fp32 weights are still there (a memory-mapped base's file pages stay
+    mapped until every tensor of the file is converted, and a tied embedding's fp32 tensor until the head's turn:
+    measured, one cast tensor beside all of them); then the merged model's logits and one probe's difference beside
+    the adapter's (``logit_difference`` takes a probe at a time); the save writes from the tensors' own memory (no
+    serialised copy, measured) after the logits are freed. Plus the library code the forward passes page in.
 
-    Measured (``benchmarks/phase_memory.py``): no serialised copy of the model appears while it is saved
-    (safetensors writes from the tensors' own memory), so none is billed.
+    The peak is the check (fp32), or the larger of the cast and the check in the saved precision.
     """
-    components = {"base weights (fp32)": 4 * params, "adapter (fp32)": 4 * adapter_params}
-    if element != 4 and largest_tensor:
-        components["cast to the saved precision (one tensor at a time)"] = int(largest_tensor * element)
+    weights = 4 * params
+    components = {"base weights (fp32)": weights, "adapter (fp32)": 4 * adapter_params}
     if vocab:
         components["tokenizer"] = tokenizer_bytes(vocab)
-        components["logit check (probe texts, adapter and merged)"] = 2 * PROBE_POSITIONS * vocab * 4
+    components["library code paged in by the forward passes"] = FORWARD_CODE_BYTES
+    logits = PROBE_POSITIONS * vocab * 4
+    check = 2 * logits + PROBE_TEXT_POSITIONS * vocab * 4
+    check_name = "logit check: adapter's and merged logits, one probe's difference"
+    if element == 4 or not largest_tensor:
+        if vocab:
+            components[check_name] = check
+        return components
+    cast = int(largest_tensor * element) + logits
+    after_cast = check - (weights - int(params * element))  # the weights are in the saved precision by then
+    if cast >= after_cast:
+        components["cast to the saved precision (one tensor), beside the adapter's logits"] = cast
+    else:
+        components[check_name + " (weights in the saved precision)"] = after_cast
     return components
 
 
-def sharded_merge_components(shard_elements: int, fold_elements: int, adapter_params: int,
-                             element: float) -> dict[str, int]:
-    """The shard-by-shard merge (``merge.sharded.merge_shards``), an upper bound: the shard being read (safetensors
-    maps the file: its pages are resident while its tensors are used — clean pages the kernel can drop), the
-    merged copies of its adapted tensors in the saved precision (at most the whole shard; a tensor without an
-    adapter is written from the mapped pages as it is), the fp32 fold of one weight, and the adapter in fp32.
+def shard_merge_bytes(stored_bytes: int, new_elements: int, element: float, fold_elements: int, *,
+                      stored_below_fp32: bool = False) -> int:
+    """What merging one shard holds (``merge.sharded.merge_shards``): the shard file's pages (``safe_open`` maps it;
+    every tensor read stays resident until the file is closed, and a tensor written unchanged is written from those
+    pages), the new tensors in the saved precision (``new_elements``: the adapted weights, and every floating tensor
+    when the saved precision is not the stored one), and the temporaries of its largest fold (``fold_elements``):
+    ``B @ A`` and its scaled copy in fp32, plus the weight's fp32 copy when it is stored below fp32."""
+    return int(stored_bytes) + int(new_elements * element) + fold_elements * (12 if stored_below_fp32 else 8)
 
-    Measured (``benchmarks/phase_memory.py``): SmolLM2-135M in 134 MB shards peaks at 2.1 shards (the bound holds
-    to a few %); a small model whose largest shard is only its tied, unadapted embedding peaks at 1.3 shards.
+
+def sharded_merge_components(shard_bytes: list[int], adapter_params: int, *, vocab: int = 0) -> dict[str, int]:
+    """The shard-by-shard merge: the adapter's factors in fp32 (held throughout), and the larger of the largest
+    shard's :func:`shard_merge_bytes` (one shard at a time: a shard's pages and tensors are freed before the next
+    opens) and the tokenizer's load (it is saved after the last shard: its load peak, not its resident size).
+
+    Measured (``benchmarks/phase_memory.py``): SmolLM2-135M in 134 MB shards peaks at a fully adapted shard; a
+    16M-parameter model with a 49k vocabulary whose largest shard is its unadapted embedding (48 MiB, written from
+    its mapped pages as it is) peaks while the tokenizer loads (58 MiB).
     """
-    return {"one shard, read (mapped file pages)": int(shard_elements * element),
-            "its merged tensors (saved precision, at most the shard)": int(shard_elements * element),
-            "fold of one weight (fp32 weight + delta)": 8 * fold_elements,
-            "adapter (fp32)": 4 * adapter_params}
+    largest = max(shard_bytes, default=0)
+    loading = tokenizer_load_bytes(vocab)
+    components = {"adapter (fp32)": 4 * adapter_params}
+    if largest >= loading:
+        components["largest shard: its file pages, new tensors, one fold"] = largest
+    else:
+        components["tokenizer while it loads (after the last shard)"] = loading
+    return components
 
 
 def scoring_components(weight_bytes: int, kv_per_token: int, *, rows: int, tokens: int, vocab: int, hidden: int,
@@ -142,13 +191,14 @@ def scoring_components(weight_bytes: int, kv_per_token: int, *, rows: int, token
     The forward pass holds the growing KV cache (``use_cache`` is the config's default), one block's activations
     and the logits; the loss then holds the logits, their shifted fp32 copy (``logits[:, :-1].float()`` reshaped:
     a copy in fp32, a cast in bf16) and ``log_softmax``'s output — three vocabulary-wide tensors, which is the peak
-    for any real vocabulary (the cache is gone by then).
+    for any real vocabulary (the cache is gone by then). Plus the library code the forward pages in.
     """
     positions = rows * tokens
     forward = (kv_per_token * positions + int(positions * (2 * hidden + 3 * intermediate) * element)
                + int(positions * vocab * element))
     loss = int(positions * vocab * (element + 8))
-    components = {"weights": int(weight_bytes), "tokenizer": tokenizer_bytes(vocab)}
+    components = {"weights": int(weight_bytes), "tokenizer": tokenizer_bytes(vocab),
+                  "library code paged in by the forward passes": FORWARD_CODE_BYTES}
     if loss >= forward:
         components[f"logits, shifted fp32 copy, log-softmax ({rows} x {tokens})"] = loss
     else:
@@ -160,9 +210,11 @@ def generation_components(weight_bytes: int, kv_per_token: int, *, rows: int, to
                           hidden: int, intermediate: int, element: float) -> dict[str, int]:
     """Generating ``rows`` answers together, ``tokens`` = prompt + new tokens per row: the KV cache of all of them,
     the prompt pass's block activations (bounded by ``tokens`` per row) and one step's logits (generate asks the
-    model for the last position's logits only: ``logits_to_keep``)."""
+    model for the last position's logits only: ``logits_to_keep``), and the library code the forward passes page
+    in."""
     positions = rows * tokens
     return {"weights": int(weight_bytes), "tokenizer": tokenizer_bytes(vocab),
+            "library code paged in by the forward passes": FORWARD_CODE_BYTES,
             f"KV cache ({rows} x {tokens} tokens)": kv_per_token * positions,
             "prompt pass: one block's activations": int(positions * (2 * hidden + 3 * intermediate) * element),
             "one step's logits (fp32, + a processed copy)": 2 * 4 * rows * vocab}
@@ -242,41 +294,50 @@ def export_components(params: int, adapter_params: int, quantize: str, *, check:
     (:func:`gguf_reload_components`; ``head_last`` for an untied output head) — the reload is the larger for any
     model with a vocabulary.
 
-    int8/int4 (``merge.export.export_model``): bitsandbytes quantizes the linear layers (``quantized_params``
-    elements; the embeddings, norms and a tied head stay fp32), and the quantized model and its reload from the
-    written directory are both alive during the check, beside the merged fp32 model (still referenced by the peft
-    model it was unloaded from)."""
-    components = {"merged model (fp32)": 4 * params, "adapter (fp32)": 4 * adapter_params}
+    int8/int4 (``merge.export.export_model``): the merged model is saved in fp32 and scored (the perplexity check),
+    then freed; bitsandbytes quantizes the linear layers (``quantized_params`` elements; the embeddings, norms and a
+    tied head stay fp32) while loading that saved file, whose pages are memory-mapped and resident as it reads them
+    (the whole fp32 file: as large as the merged model); the quantized model is saved and freed, and its reload from
+    the written directory is scored. So the fp32 weights (in memory, then as the mapped file) are there at both
+    moments, beside the check's activations or the quantized model, whichever is larger; the reload's check holds
+    less (the quantized model instead of the fp32 weights)."""
+    hf = quantize in ("int8", "int4")
+    merged = "merged model (fp32; then its saved file, mapped while quantized)" if hf else "merged model (fp32)"
+    components = {merged: 4 * params, "adapter (fp32)": 4 * adapter_params}
     if vocab:
         components["tokenizer"] = tokenizer_bytes(vocab)
-    if quantize not in ("int8", "int4"):
+    if not hf:
         encoded = {f"largest tensor encoded ({quantize})": int((largest_tensor or params) * ELEMENT_BYTES[quantize])}
         reload = gguf_reload_components(params, largest_tensor, quantize, vocab=vocab, head_last=head_last)
         components.update(max(encoded, reload, key=lambda part: sum(part.values())))
         return components
     linear = quantized_params or params
-    components[f"quantized weights ({quantize})"] = 2 * int(linear * ELEMENT_BYTES[quantize] + 4 * (params - linear))
-    for name, value in (check or {}).items():
-        if name not in ("weights", "tokenizer"):
-            components[f"perplexity check: {name}"] = value
+    quantized = {f"quantized model ({quantize})": int(linear * ELEMENT_BYTES[quantize] + 4 * (params - linear))}
+    scored = {f"perplexity check: {name}": value for name, value in (check or {}).items()
+              if name not in ("weights", "tokenizer")}
+    components.update(max(scored, quantized, key=lambda part: sum(part.values())))
     return components
 
 
 def streaming_export_components(largest_tensor: int, adapter_params: int, quantize: str, *,
                                 vocab: int = 0) -> dict[str, int]:
     """A GGUF export written tensor by tensor from safetensors files (``merge.gguf``'s streaming strategy): the
-    largest tensor in fp32 three times (read, merged, read back by the per-tensor gate) and its encoded bytes, the
-    adapter in fp32 and the tokenizer.
+    adapter in fp32 and the tokenizer throughout, and the larger of two moments. Writing and gating the tensors:
+    the largest tensor in fp32 three times (read, its LoRA delta, the merged sum — or the read-back copy beside the
+    merged tensor in the per-tensor gate) and its encoded bytes. Then the gate reads the written file's tokenizer
+    back through transformers, which converts the token list and merges into a fast tokenizer
+    (:data:`GGUF_TOKENIZER_CONVERSION_BYTES_PER_TOKEN` per entry of ``vocab``).
 
-    Not billed: the gate's conversion of the written file's tokenizer (measured 167 MiB for SmolLM2's 49,152
-    entries, ~3.5 KB each). On real models it is small beside three copies of the embedding; on the tiny test models
-    it would exceed their weights, so billing it needs the streaming gate to compare the GGUF token arrays directly
-    instead of converting them (not done)."""
-    components = {"largest tensor: read, merged, read back (fp32)": 3 * 4 * largest_tensor,
-                  f"largest tensor encoded ({quantize})": int(ELEMENT_BYTES[quantize] * largest_tensor),
-                  "adapter (fp32)": 4 * adapter_params}
+    Not billed: the pages of the memory-mapped safetensors files the tensors are read from. They are clean file
+    pages — resident while memory is free (the measured peak includes them: the whole base file by the end), dropped
+    by the kernel under pressure instead of failing — which is what lets a model larger than memory stream."""
+    tensors = {"largest tensor: read, merged, read back (fp32)": 3 * 4 * largest_tensor,
+               f"largest tensor encoded ({quantize})": int(ELEMENT_BYTES[quantize] * largest_tensor)}
+    conversion = {"gate: the written file's tokenizer converted back": GGUF_TOKENIZER_CONVERSION_BYTES_PER_TOKEN * vocab}
+    components = {"adapter (fp32)": 4 * adapter_params}
     if vocab:
         components["tokenizer"] = tokenizer_bytes(vocab)
+    components.update(max(tensors, conversion, key=lambda part: sum(part.values())))
     return components
 
 
