@@ -321,7 +321,7 @@ def _abtest_make(args) -> int:
     from tuneforge.evaluate.preflight import generation_preflight
     from tuneforge.evaluate.runner import load_eval_records, prompt_and_reference
     from tuneforge.models.generation import generate
-    from tuneforge.models.reference import load_for_inference
+    from tuneforge.models.reference import load_for_inference, load_tokenizer_of, resolve
 
     gen = _generation_settings(args)
     max_memory = _max_memory(args)
@@ -330,9 +330,12 @@ def _abtest_make(args) -> int:
     model_a, model_b = args.args
     answers = []
     for spec in (model_a, model_b):
-        rows = generation_preflight(spec, prompts, gen, device=args.device, max_memory=max_memory, what="abtest")
+        ref = resolve(spec)
+        tokenizer = load_tokenizer_of(ref)  # one copy for the preflight and the model
+        rows = generation_preflight(ref, prompts, gen, device=args.device, max_memory=max_memory, what="abtest",
+                                    tokenizer=tokenizer)
         print(f"generating {len(prompts)} answers with {spec} ...", file=sys.stderr)
-        loaded = load_for_inference(spec, device=args.device)
+        loaded = load_for_inference(ref, device=args.device, tokenizer=tokenizer)
         answers.append(generate(loaded.model, loaded.tokenizer, loaded.template, prompts, gen, batch_size=rows))
         del loaded
     seed = args.shuffle_seed if args.shuffle_seed is not None else secrets.randbits(32)

@@ -103,13 +103,14 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / _GIB:.2f} GiB" if nbytes >= _GIB else f"{nbytes / 2 ** 20:.1f} MiB"
 
 
-def longest_prompt(spec: Any, prompts: Sequence[Any]) -> int:
-    """Tokens of the longest rendered prompt (chat template applied as generation applies it)."""
+def longest_prompt(spec: Any, prompts: Sequence[Any], tokenizer: Any = None) -> int:
+    """Tokens of the longest rendered prompt (chat template applied as generation applies it); ``tokenizer``: the
+    model's, when the caller has loaded it already (it is loaded otherwise)."""
     from tuneforge.models.generation import render_prompt
     from tuneforge.models.reference import ModelRef, load_template, load_tokenizer_of, resolve
 
     ref = spec if isinstance(spec, ModelRef) else resolve(spec)
-    tokenizer = load_tokenizer_of(ref)
+    tokenizer = tokenizer or load_tokenizer_of(ref)
     template = load_template(ref.template_dir, tokenizer)
     longest = 0
     for prompt in prompts:
@@ -119,15 +120,15 @@ def longest_prompt(spec: Any, prompts: Sequence[Any]) -> int:
 
 
 def scoring_windows(spec: Any, records: list[dict], max_length: int | None,
-                    stride: int | None) -> tuple[int, int]:
+                    stride: int | None, tokenizer: Any = None) -> tuple[int, int]:
     """``(width, count)`` of the windows the perplexity will score: the widest one (the longest encoded record, at
     most ``--max-length``, else the model's context capped as :func:`tuneforge.evaluate.perplexity.default_window`)
-    and how many there are (a batch never holds more)."""
+    and how many there are (a batch never holds more); ``tokenizer`` as in :func:`longest_prompt`."""
     from tuneforge.evaluate.perplexity import encode_records, sliding_windows
     from tuneforge.models.reference import ModelRef, load_template, load_tokenizer_of, resolve
 
     ref = spec if isinstance(spec, ModelRef) else resolve(spec)
-    tokenizer = load_tokenizer_of(ref)
+    tokenizer = tokenizer or load_tokenizer_of(ref)
     template = load_template(ref.template_dir, tokenizer)
     pairs, _ = encode_records(scored_sequences(records), tokenizer, template)
     window = max_length or _context_window(ref, tokenizer)
@@ -167,16 +168,18 @@ def _context_window(ref: Any, tokenizer: Any) -> int:
 
 
 def generation_preflight(spec: Any, prompts: Sequence[Any], settings: Any, *, device: str = "auto",
-                         max_memory: int | None = None, what: str = "generate") -> int:
+                         max_memory: int | None = None, what: str = "generate", tokenizer: Any = None) -> int:
     """The preflight of a command that only generates (``generate``, ``abtest``): the longest prompt +
     ``settings.max_new_tokens`` for generate's rows. Returns the rows per batch (lowered when only fewer fit).
+    ``tokenizer`` as in :func:`longest_prompt` (pass the one the model will load with: loading a tokenizer twice
+    leaves the second copy resident beside the first's freed heap).
 
     Raises:
         UserError: one row does not fit the budget.
     """
     from tuneforge.models.memory import GENERATION_ROWS
 
-    tokens = longest_prompt(spec, prompts) + settings.max_new_tokens
+    tokens = longest_prompt(spec, prompts, tokenizer) + settings.max_new_tokens
     plan = plan_rows(spec, rows=min(GENERATION_ROWS, max(1, len(prompts))), tokens=tokens, generation=True,
                      device=device, max_memory=max_memory, what=what, option="generation batch")
     return plan.rows if plan.rows < plan.asked else GENERATION_ROWS

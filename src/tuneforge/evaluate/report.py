@@ -164,7 +164,7 @@ def generate_samples(run_dir: Path, n: int = 3, settings: Any = None) -> tuple[l
     from tuneforge.evaluate.abtest import prompt_text
     from tuneforge.evaluate.preflight import generation_preflight
     from tuneforge.models.generation import GenerationSettings, generate
-    from tuneforge.models.reference import load_for_inference
+    from tuneforge.models.reference import load_for_inference, load_tokenizer_of, resolve
 
     settings = settings or GenerationSettings(max_new_tokens=64)
     try:
@@ -172,8 +172,10 @@ def generate_samples(run_dir: Path, n: int = 3, settings: Any = None) -> tuple[l
         if not prompts:
             return [], "no prompts found in the run's data files"
         # The memory preflight first: a model that cannot fit costs the report its samples, not a crash.
-        rows = generation_preflight(str(run_dir), prompts, settings, what="report samples")
-        loaded = load_for_inference(str(run_dir), device="auto")
+        ref = resolve(str(run_dir))
+        tokenizer = load_tokenizer_of(ref)  # one copy for the preflight and the model
+        rows = generation_preflight(ref, prompts, settings, what="report samples", tokenizer=tokenizer)
+        loaded = load_for_inference(ref, device="auto", tokenizer=tokenizer)
         outputs = generate(loaded.model, loaded.tokenizer, loaded.template, prompts, settings, batch_size=rows)
     except (UserError, OSError, ValueError) as exc:
         return [], f"samples unavailable: {exc}"

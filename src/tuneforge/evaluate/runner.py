@@ -94,16 +94,19 @@ def evaluate_model(spec: str, records: list[dict], metrics: list[Metric | str], 
     """
     from tuneforge.models.generation import generate
     from tuneforge.models.memory import GENERATION_ROWS
-    from tuneforge.models.reference import load_for_inference
+    from tuneforge.models.reference import load_for_inference, load_tokenizer_of, resolve
 
     metrics = as_metrics(metrics)
     generation_rows = GENERATION_ROWS
-    if memory_check:
-        batch_size, generation_rows = memory_preflight(spec, records, metrics, settings, device=device,
+    tokenizer = None
+    if memory_check:  # the preflight's tokenizer is the model's: loaded once
+        ref = resolve(spec)
+        tokenizer = load_tokenizer_of(ref)
+        batch_size, generation_rows = memory_preflight(ref, records, metrics, settings, device=device,
                                                        batch_size=batch_size, max_length=max_length,
-                                                       stride=stride, max_memory=max_memory)
+                                                       stride=stride, max_memory=max_memory, tokenizer=tokenizer)
     started = time.time()
-    loaded = load_for_inference(spec, device=device)
+    loaded = load_for_inference(spec, device=device, tokenizer=tokenizer)
     row: dict[str, Any] = {"model": spec, "source": loaded.source, "n": len(records)}
     try:
         for metric in (m for m in metrics if m.needs != GENERATION):
@@ -125,12 +128,13 @@ def evaluate_model(spec: str, records: list[dict], metrics: list[Metric | str], 
     return row
 
 
-def memory_preflight(spec: str, records: list[dict], metrics: list[Metric], settings: Any, *, device: str,
+def memory_preflight(spec: Any, records: list[dict], metrics: list[Metric], settings: Any, *, device: str,
                      batch_size: int, max_length: int | None, stride: int | None,
-                     max_memory: int | None) -> tuple[int, int]:
+                     max_memory: int | None, tokenizer: Any = None) -> tuple[int, int]:
     """The memory preflight of one model's evaluation (:mod:`tuneforge.evaluate.preflight`): the scoring metrics'
     widest window x ``batch_size``, the generation metrics' longest prompt + ``max_new_tokens`` x the generation
-    rows. Returns ``(batch_size, generation_rows)``, each lowered when only a smaller one fits.
+    rows. Returns ``(batch_size, generation_rows)``, each lowered when only a smaller one fits. ``tokenizer``: the
+    model's, already loaded (else loaded here).
 
     Raises:
         UserError: one row of either does not fit the budget (both numbers named).
@@ -140,13 +144,13 @@ def memory_preflight(spec: str, records: list[dict], metrics: list[Metric], sett
 
     generation_rows = GENERATION_ROWS
     if any(m.needs != GENERATION for m in metrics):
-        width, count = preflight.scoring_windows(spec, records, max_length, stride)
+        width, count = preflight.scoring_windows(spec, records, max_length, stride, tokenizer)
         plan = preflight.plan_rows(spec, rows=min(batch_size, count), tokens=width, generation=False,
                                    device=device, max_memory=max_memory)
         batch_size = plan.rows if plan.rows < plan.asked else batch_size
     if any(m.needs == GENERATION for m in metrics):
         prompts = [prompt_and_reference(r)[0] for r in records]
-        tokens = preflight.longest_prompt(spec, prompts) + settings.max_new_tokens
+        tokens = preflight.longest_prompt(spec, prompts, tokenizer) + settings.max_new_tokens
         plan = preflight.plan_rows(spec, rows=min(GENERATION_ROWS, len(prompts)), tokens=tokens, generation=True,
                                    device=device, max_memory=max_memory, option="generation batch")
         generation_rows = plan.rows if plan.rows < plan.asked else GENERATION_ROWS

@@ -389,13 +389,15 @@ def load_model_dir(model_dir: str | Path, quantization_config: Any = None):
                            device_map="cpu")
 
 
-def load_for_inference(ref: ModelRef | str, device: str = "auto", dtype: Any = None) -> Loaded:
+def load_for_inference(ref: ModelRef | str, device: str = "auto", dtype: Any = None, tokenizer: Any = None) -> Loaded:
     """Load a model, its tokenizer and chat template for generation or scoring.
 
     Args:
         ref: a :class:`ModelRef`, or anything :func:`resolve` accepts.
         device: ``auto``, ``cpu``, ``cuda``...
         dtype: a ``torch.dtype``; default: ``resolve_dtype("auto", device)``.
+        tokenizer: ``ref``'s tokenizer (:func:`load_tokenizer_of`) when the caller loaded it already (a memory
+            preflight that measured the prompts): used as it is instead of loading a second copy.
 
     Returns:
         :class:`Loaded` with the model in eval mode on ``device``. An adapter is loaded with stock
@@ -410,7 +412,7 @@ def load_for_inference(ref: ModelRef | str, device: str = "auto", dtype: Any = N
     ref = ref if isinstance(ref, ModelRef) else resolve(ref)
     device = resolve_device(device)
     dtype = dtype or resolve_dtype("auto", device)
-    tokenizer = load_tokenizer_of(ref)
+    tokenizer = tokenizer or load_tokenizer_of(ref)
     model = load_base_model(ref, dtype=dtype)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))

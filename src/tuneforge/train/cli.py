@@ -124,7 +124,7 @@ def _int(flag: str, value: str) -> int:
 def generate_command(args) -> int:
     from tuneforge.evaluate.preflight import generation_preflight
     from tuneforge.models.generation import GenerationSettings, generate, refuse_reward_model
-    from tuneforge.models.reference import load_for_inference
+    from tuneforge.models.reference import load_for_inference, load_tokenizer_of, resolve
     from tuneforge.utils import parse_size
 
     if args.raw:
@@ -135,8 +135,10 @@ def generate_command(args) -> int:
     settings = GenerationSettings.from_args(args)
     refuse_reward_model(args.model, "generate")
     budget = parse_size(args.max_memory, "--max-memory") if args.max_memory else None
-    rows = generation_preflight(args.model, prompts, settings, max_memory=budget)  # before the model loads
-    loaded = load_for_inference(args.model)
+    ref = resolve(args.model)
+    tokenizer = load_tokenizer_of(ref)  # one copy: the preflight measures the prompts with the model's own
+    rows = generation_preflight(ref, prompts, settings, max_memory=budget, tokenizer=tokenizer)  # before loading
+    loaded = load_for_inference(ref, tokenizer=tokenizer)
     outputs = generate(loaded.model, loaded.tokenizer, loaded.template, prompts, settings, batch_size=rows)
     for prompt, output in zip(args.prompt, outputs, strict=True):
         if len(args.prompt) > 1:
