@@ -133,3 +133,17 @@ def test_int8_preflight_bills_the_widest_batch_of_its_texts(tmp_path, tiny_llama
                                          vocab=numbers.vocab,
                                          quantized_params=linear).values())
     assert f"the perplexity check's widest batch 4 x {longest} tokens" in lines[0]
+
+
+def test_streaming_bill_is_the_larger_of_the_tensors_and_the_tokenizer_conversion():
+    """Streaming: adapter and tokenizer throughout, then the larger of the largest tensor's three fp32 copies (+ its
+    encoded bytes) and the gate's conversion of the written file's tokenizer (after the tensors are done)."""
+    from tuneforge.models.memory import GGUF_TOKENIZER_CONVERSION_BYTES_PER_TOKEN, streaming_export_components
+
+    small = streaming_export_components(12_582_912, 311_296, "q8_0", vocab=V)  # the 16M model: 48 MiB embedding
+    assert small == {"adapter (fp32)": 4 * 311_296, "tokenizer": tokenizer_bytes(V),
+                     "gate: the written file's tokenizer converted back": GGUF_TOKENIZER_CONVERSION_BYTES_PER_TOKEN * V}
+    big = streaming_export_components(500_000_000, 0, "f16", vocab=V)  # a 7B-class embedding: the tensors win
+    assert big == {"adapter (fp32)": 0, "tokenizer": tokenizer_bytes(V),
+                   "largest tensor: read, merged, read back (fp32)": 12 * 500_000_000,
+                   "largest tensor encoded (f16)": 2 * 500_000_000}
