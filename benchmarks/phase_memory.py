@@ -287,6 +287,19 @@ def _trace() -> list:
     return marks
 
 
+def _libtorch_rss() -> int:
+    """Resident bytes of the libtorch shared libraries' mappings (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):  # a mapping's header line
+                inside = "libtorch" in line
+            elif inside and head == "Rss:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
 def _trace_serve(marks: list) -> None:
     """Serve's marks: the models loaded, each KV-store allocation (its capacity) and each prefill, with the resident
     memory split into anonymous and file pages (which part of the peak is the weights' mapped file)."""
@@ -296,7 +309,8 @@ def _trace_serve(marks: list) -> None:
     def mark(label: str) -> None:
         status = _status()
         marks.append((f"{label} (hwm {status['VmHWM'] // 2 ** 20}, anon {status['RssAnon'] // 2 ** 20}, "
-                       f"file {status['RssFile'] // 2 ** 20} MiB)", status["VmRSS"]))
+                       f"file {status['RssFile'] // 2 ** 20}, of it libtorch code {_libtorch_rss() // 2 ** 20} MiB)",
+                       status["VmRSS"]))
 
     def wrap(cls, name, describe=None):
         original = getattr(cls, name)

@@ -236,11 +236,14 @@ def serve_components(weight_bytes: int, kv_per_token: int, *, token_budget: int,
       per-token price includes (:func:`serve_bytes_per_token`);
     - the prefix-reuse store: ``prefix_tokens`` tokens of keys and values (default: its bound beside
       ``token_budget``, :func:`prefix_budget`);
-    - one step's logits (fp32, the last position of every row).
+    - one step's logits (fp32, the last position of every row);
+    - the library code the forward passes page in (:data:`FORWARD_CODE_BYTES`; measured in serve too: the libtorch
+      mappings' resident pages grew 14 MiB from the preflight to the peak, ``benchmarks/phase_memory.py`` trace).
     """
     if prefix_tokens is None:
         prefix_tokens = prefix_budget(token_budget)
     return {"weights": int(weight_bytes), f"tokenizers ({tokenizers})": tokenizers * tokenizer_bytes(vocab),
+            "library code paged in by the forward passes": FORWARD_CODE_BYTES,
             "kv store (token budget + spare columns)": kv_per_token * kv_store_tokens(token_budget, rows),
             "activations (allowance per budget token)": activation_per_token * token_budget,
             "prefix-reuse store": kv_per_token * prefix_tokens,
