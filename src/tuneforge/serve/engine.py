@@ -354,8 +354,9 @@ MAX_TOKEN_BUDGET = 1 << 22
 
 
 def bytes_per_token(model: Any) -> int:
-    """Memory one token of a running row holds: its keys and values in every layer, plus a rough allowance for the
-    activations of a forward pass (8 x hidden size), in the model's dtype."""
+    """What one token of the KV token budget costs in serve's bill (``models.memory.serve_bytes_per_token``): its
+    keys and values in every layer with the KV store's spare columns and the prefix store's share, plus a rough
+    allowance for the activations of a forward pass (8 x hidden size), in the model's dtype."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 1024)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 16)
