@@ -109,6 +109,7 @@ def _serve_once(monkeypatch, argv: list[str]) -> dict:
 
     def run(app, **kwargs):
         seen["token_budget"] = app.state.engine.token_budget
+        seen["prefix_tokens"] = app.state.engine.scheduler.prefix_tokens
         with TestClient(app, base_url="http://127.0.0.1") as client:
             seen["response"] = client.post("/v1/completions", json={"model": "chat", "prompt": "The for statement",
                                                                      "max_tokens": 4})
@@ -134,6 +135,25 @@ def test_a_budget_that_fits_serves_with_the_estimate_printed(runs, capsys, monke
     err = capsys.readouterr().err
     assert "serve preflight" in err and "KV budget 20,000 tokens" in err and "lowered" not in err
     assert seen["token_budget"] == 20000 and seen["response"].status_code == 200
+    assert seen["prefix_tokens"] == 2500  # one running batch: the prefix store's whole bound (20,000 / 8)
+
+
+def test_running_batches_share_the_prefix_stores_bound():
+    """The bill prices one prefix-reuse store of token budget / 8; with several running batches (several bases, or
+    adapters peft cannot mix) each holds its share, so together they stay within it."""
+    from types import SimpleNamespace
+
+    from tuneforge.serve.scheduler import Scheduler, pool_count
+
+    lora = SimpleNamespace(peft_type="LORA", use_dora=False)
+    shared = SimpleNamespace(peft_config={"a": lora, "b": lora})  # LoRA adapters of one base mix in one batch
+    dora = SimpleNamespace(peft_config={"a": SimpleNamespace(peft_type="LORA", use_dora=True)})
+    assert pool_count([SimpleNamespace(model=shared, adapter_name=n) for n in "ab"]) == 1
+    assert pool_count([SimpleNamespace(model=dora, adapter_name=n) for n in "ab"]) == 2
+    assert pool_count([SimpleNamespace(model=shared, adapter_name="a"), SimpleNamespace(model=object(),
+                                                                                        adapter_name=None)]) == 2
+    assert Scheduler(token_budget=8000).prefix_tokens == 1000
+    assert Scheduler(token_budget=8000, prefix_pools=2).prefix_tokens == 500
 
 
 def test_the_preflight_bills_what_the_engine_holds_beside_the_kv_budget(runs):

@@ -25,7 +25,7 @@ from tuneforge.data.mix import prefix_task, task_prefix
 from tuneforge.errors import UserError
 from tuneforge.models import memory
 from tuneforge.models.reference import RUN_FINAL
-from tuneforge.serve.scheduler import Scheduler
+from tuneforge.serve.scheduler import Scheduler, pool_count
 
 
 @dataclass(eq=False)
@@ -323,6 +323,7 @@ class Engine:
             token_budget = min(token_budget_for(served.model) for served in self.models.values())
         self.token_budget = token_budget
         self.scheduler = Scheduler(max_batch_size=max_batch_size, max_queue=max_queue, token_budget=token_budget,
+                                   prefix_pools=pool_count(self.models.values()),
                                    batching=batching)
 
     def _add_task_aliases(self, run: PerTaskRun) -> None:

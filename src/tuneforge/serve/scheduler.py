@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,13 +76,22 @@ class Scheduler:
     Args:
         max_batch_size: most items run together.
         max_queue: most items waiting (running ones not counted); more raise :class:`QueueFull`.
+        token_budget: most tokens (rows x the longest prompt + max new tokens) all running batches hold.
+        prefix_pools: how many running batches there can be at once (one per model, or per model and adapter when
+            adapters cannot mix: :func:`pool_count`): their prefix-reuse stores share the one bound serve's bill
+            prices beside ``token_budget`` (``models.memory.prefix_budget``), each holding at most its share.
     """
 
     def __init__(self, max_batch_size: int = 16, max_queue: int = 64, *, token_budget: int | None = None,
-                 batching: str = "continuous"):
+                 batching: str = "continuous", prefix_pools: int = 1):
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         self.max_batch_size, self.max_queue, self.token_budget = max_batch_size, max_queue, token_budget
+        self.prefix_tokens = None
+        if token_budget:
+            from tuneforge.models.memory import prefix_budget
+
+            self.prefix_tokens = prefix_budget(token_budget) // max(1, prefix_pools)
         self.batching = batching
         self._waiting: deque[Work] = deque()
         self._cond = threading.Condition()
@@ -203,7 +212,7 @@ class Scheduler:
                 started[id(item)] = time.perf_counter()
             for key, items in groups.items():
                 if key not in pools:
-                    pools[key] = _pool_for(items[0].served, self.token_budget)
+                    pools[key] = _pool_for(items[0].served, self.prefix_tokens)
                 self._deliver(_add(pools[key], items), started)
             for key in list(pools):
                 if len(pools[key]):
@@ -279,15 +288,19 @@ def _pool_key(served: Any) -> tuple:
     return (id(served.model), None if _mixed_adapters(served.model) else served.adapter_name)
 
 
-def _pool_for(served: Any, token_budget: int | None = None) -> Any:
-    """A running batch for ``served``'s model; its prefix-reuse store bounded by its share of ``token_budget``
-    (what serve's bill prices: ``models.memory.prefix_budget``)."""
+def pool_count(served: Iterable[Any]) -> int:
+    """How many running batches the continuous worker can hold at once for these served models (one per
+    :func:`_pool_key`)."""
+    return len({_pool_key(s) for s in served})
+
+
+def _pool_for(served: Any, prefix_tokens: int | None = None) -> Any:
+    """A running batch for ``served``'s model; its prefix-reuse store holds at most ``prefix_tokens`` tokens."""
     from tuneforge.models.decoding import ContinuousBatch
-    from tuneforge.models.memory import prefix_budget
 
     mixed = _mixed_adapters(served.model)
     return ContinuousBatch(served.model, mixed_adapters=mixed, activate=None if mixed else served.activate,
-                           prefix_tokens=prefix_budget(token_budget) if token_budget else None)
+                           prefix_tokens=prefix_tokens)
 
 
 def _add(pool: Any, items: list[Work]) -> list[tuple[Work, Any]]:
