@@ -183,6 +183,9 @@ def child(argv: list[str]) -> dict:
     torch.set_num_threads(1)
     parser = cli.build_parser()  # every command module imported
     del parser
+    # the trace's wrappers and the modules they import exist before the baseline (after it, they added 7 MiB to a
+    # traced shard-by-shard merge; the marks themselves still add 1-3 MiB)
+    marks = _trace() if os.environ.get("PHASE_MEMORY_TRACE") else None
     gc.collect()
     start = _status()
     peak = {"anon": start["RssAnon"]}
@@ -193,7 +196,6 @@ def child(argv: list[str]) -> dict:
             peak["anon"] = max(peak["anon"], _status()["RssAnon"])
             time.sleep(0.002)
 
-    marks = _trace() if os.environ.get("PHASE_MEMORY_TRACE") else None
     with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
         handle.write("5")
     thread = threading.Thread(target=sample, daemon=True)
@@ -259,7 +261,7 @@ def _serve_and_load(cli, argv: list[str], served: dict) -> int:
 def _trace() -> list:
     """Diagnostics (PHASE_MEMORY_TRACE=1): RSS above the start and the high-water mark when each step of the GGUF
     export and the merge begins and ends (which step holds the peak)."""
-    from tuneforge.merge import export, gguf, lora
+    from tuneforge.merge import export, gguf, lora, sharded
     from tuneforge.models import gguf as models_gguf
     from tuneforge.models import reference
 
@@ -280,7 +282,10 @@ def _trace() -> list:
     for module, name in ((lora, "load_base_and_adapter"), (gguf, "_merge_with_parity"), (gguf, "write_gguf"),
                          (gguf, "gate"), (models_gguf, "read_gguf"), (lora, "merge_lora"),
                          # the HF int8/int4 export: the merge, each perplexity check, the quantized load and reload
-                         (export, "load_base_and_adapter"), (export, "perplexity"), (reference, "load_model_dir")):
+                         (export, "load_base_and_adapter"), (export, "perplexity"), (reference, "load_model_dir"),
+                         # the LoRA merge's steps: each probe pass, the check, each shard, the tokenizer's loads
+                         (lora, "logits_on"), (lora, "logit_difference"), (sharded, "merge_shards"),
+                         (reference, "load_tokenizer_of")):
         if hasattr(module, name):
             wrap(module, name)
     _trace_serve(marks)
