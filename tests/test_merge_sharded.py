@@ -121,3 +121,36 @@ def test_single_file_base_merges_shard_by_shard_too(tmp_path, tiny_llama, tiny_t
     for name in a:
         torch.testing.assert_close(b[name], a[name].to(torch.bfloat16), rtol=0, atol=0)
     assert json.loads((tmp_path / "b" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_model_three_times_the_budget_merges_shard_by_shard_identically(tmp_path):
+    """Issue 28's target on weights, not on the bill's constants: a model whose fp32 weights are 3x the
+    --max-memory budget merges shard by shard within the budget's bill, identical to the in-memory merge."""
+    import torch
+
+    from tests.helpers import stdlib_texts, tiny_from_config
+    from tuneforge.merge.lora import local_ref, merge_lora
+    from tuneforge.merge.sharded import estimate_merge_bytes
+    from tuneforge.models.build import build_model
+    from tuneforge.models.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(stdlib_texts(), vocab_size=512)
+    torch.manual_seed(0)
+    spec = tiny_from_config("llama").model_copy(update={"num_kv_heads": 2, "num_layers": 16, "hidden_size": 128})
+    model = build_model(spec, tokenizer)
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    base = tmp_path / "base"
+    model.save_pretrained(base, max_shard_size="1MB")  # shards of a tenth of the weights
+    tokenizer.save_pretrained(base)
+    run = make_run(tmp_path / "run", base, scale=0.2, target_modules=("q_proj", "k_proj", "v_proj", "down_proj"))
+    budget = weights // 3
+    need = estimate_merge_bytes(base, Path(local_ref(run).adapter), 4)
+    assert need["sharded"] <= budget < need["memory"]
+
+    merge_lora(run, tmp_path / "sharded", max_memory=budget)
+    assert json.loads((tmp_path / "sharded" / "merge_report.json").read_text())["strategy"] == "sharded"
+    merge_lora(run, tmp_path / "memory", strategy="memory")
+    in_memory, by_shard = _tensors(tmp_path / "memory"), _tensors(tmp_path / "sharded")
+    assert set(in_memory) == set(by_shard)
+    for name in in_memory:
+        torch.testing.assert_close(by_shard[name], in_memory[name], rtol=0, atol=1e-6)
