@@ -146,25 +146,14 @@ def check_memory(source: Any, quantize: str, max_memory: int | None, echo=print,
 
 def check_windows(source: Any, texts: list[str]) -> tuple[int, int]:
     """``(rows, tokens)`` of the perplexity check's widest forward pass on ``texts``: the windows
-    ``tuneforge.evaluate.perplexity`` cuts (the model's context, at most 4096 tokens, half-overlapping), the
-    longest first, :data:`tuneforge.models.memory.CHECK_ROWS` at a time. Reads the tokenizer and config only."""
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig
-
-    from tuneforge.evaluate.perplexity import default_window, encode_records, sliding_windows
-    from tuneforge.models.load import check_model_source
+    ``tuneforge.evaluate.perplexity`` cuts (as eval's preflight sizes them,
+    :func:`tuneforge.evaluate.preflight.scoring_windows`), :data:`tuneforge.models.memory.CHECK_ROWS` at a time.
+    Reads the tokenizer and config only."""
+    from tuneforge.evaluate.preflight import scoring_windows
     from tuneforge.models.memory import CHECK_ROWS
-    from tuneforge.models.reference import load_tokenizer_of
 
-    tokenizer = load_tokenizer_of(source)
-    config = AutoConfig.from_pretrained(check_model_source(source.base, source.given))
-    window = default_window(SimpleNamespace(config=config), tokenizer)
-    pairs, _ = encode_records([{"text": text} for text in texts], tokenizer, None, False)
-    windows = [w for ids, labels in pairs for w in sliding_windows(ids, labels, window, max(1, window // 2))]
-    if not windows:
-        return 0, 0
-    return min(CHECK_ROWS, len(windows)), max(len(ids) for ids, _ in windows)
+    width, count = scoring_windows(source, [{"text": text} for text in texts], None, None)
+    return min(CHECK_ROWS, count), width
 
 
 def _numel(shape: Any) -> int:
