@@ -13,13 +13,15 @@ memory those imports hold is already gone from the "available" figure it compare
 The child runs with ``MALLOC_MMAP_THRESHOLD_=65536`` (as ``benchmarks/estimate_accuracy.py``): every buffer of 64 KiB
 or more is its own mapping, returned when freed, so RSS follows live buffers instead of glibc's cached heap.
 
-Models: ``tiny`` (a from-config Llama, 4 layers, hidden 256, SmolLM2's 49,152-token vocabulary and tokenizer) and
+Models: ``tiny`` (a from-config Llama, 4 layers, hidden 256, SmolLM2's 49,152-token vocabulary and tokenizer; with
+``--vocab N`` a byte-level BPE tokenizer of N entries trained here on the Python standard library's source files
+instead, with the ChatML template — the vocabulary terms of the bills measured on other sizes, no model hub) and
 ``real`` (SmolLM2-135M-Instruct from ``scripts/fetch_real_model.sh``: the Q4_1 GGUF, converted once to fp32 by
 ``tuneforge.models.gguf.materialize``). Each gets a LoRA adapter (r 16, all linear layers, random B) saved as a run
 adapter. The estimate of each job is ``tuneforge.estimate.phases.phase_bill`` with the job's own numbers.
 
 Usage: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/phase_memory.py [--tier tiny|real|all] [--only PHASE]
-[--json-out FILE]``
+[--vocab N] [--json-out FILE]``
 """
 
 from __future__ import annotations
@@ -46,16 +48,24 @@ SERVE_ROWS, SERVE_NEW = 8, 256          # serve: completions at once, max_tokens
 
 # --------------------------------------------------------------------------- fixtures (parent process)
 
-def build_fixtures(tier: str, root: Path) -> dict:
-    """Base model directory (several shards), adapter directory and data files of ``tier`` under ``root``."""
+def build_fixtures(tier: str, root: Path, vocab: int | None = None) -> dict:
+    """Base model directory (several shards), adapter directory and data files of ``tier`` under ``root``; with
+    ``vocab`` (tiny tier only) the tokenizer is :func:`local_tokenizer` of that size instead of SmolLM2's."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from tuneforge.models.gguf import materialize
 
-    real_dir = materialize(REAL_GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(real_dir)
+    template = None
+    if vocab:
+        from tuneforge.data.templates import get_template
+
+        tokenizer, template = local_tokenizer(vocab), get_template("chatml")
+        tokenizer.chat_template = template.jinja  # the generation row renders its prompts with it
+    else:
+        real_dir = materialize(REAL_GGUF)
+        tokenizer = AutoTokenizer.from_pretrained(real_dir)
     torch.manual_seed(0)
     if tier == "real":
         model = LlamaForCausalLM.from_pretrained(real_dir, dtype=torch.float32)
@@ -67,6 +77,8 @@ def build_fixtures(tier: str, root: Path) -> dict:
     shard = max(1, sum(p.numel() for p in model.parameters()) * 4 // 4 // 10 ** 6)
     model.save_pretrained(base, max_shard_size=f"{shard}MB")
     tokenizer.save_pretrained(base)
+    if template is not None:
+        template.save(base)
     peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=32, target_modules="all-linear",
                                                   task_type="CAUSAL_LM"))
     for name, param in peft_model.named_parameters():
@@ -78,7 +90,27 @@ def build_fixtures(tier: str, root: Path) -> dict:
     config["base_model_name_or_path"] = str(base)
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(adapter)
+    if template is not None:
+        template.save(adapter)
     return {"base": str(base), "adapter": str(adapter), **_data_files(tokenizer, root)}
+
+
+def local_tokenizer(vocab: int):
+    """A byte-level BPE tokenizer of ``vocab`` entries (``tuneforge.models.tokenizer.train_tokenizer``) trained on
+    the source files of this Python's standard library (tests excluded: ~12 MB of code and docstrings on Python 3.11,
+    enough for up to ~44k entries): a corpus every machine has, the same for a given Python version."""
+    import sysconfig
+
+    from tuneforge.models.tokenizer import train_tokenizer
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(path for path in root.rglob("*.py")
+                   if not {"site-packages", "test", "tests"} & set(path.relative_to(root).parts))
+    tokenizer = train_tokenizer((path.read_text(encoding="utf-8", errors="replace") for path in files),
+                                vocab_size=vocab)
+    if len(tokenizer) != vocab:
+        raise SystemExit(f"--vocab {vocab}: the standard library's text gives only {len(tokenizer)} entries")
+    return tokenizer
 
 
 def _data_files(tokenizer, root: Path) -> dict:
@@ -389,21 +421,28 @@ def main() -> int:
     parser.add_argument("--tier", choices=["tiny", "real", "all"], default="all")
     parser.add_argument("--only", help="jobs whose label contains this text")
     parser.add_argument("--json-out", help="also write the rows to this JSON file")
+    parser.add_argument("--vocab", type=int, help="tiny tier only: a BPE tokenizer of this many entries trained on "
+                        "the standard library's source instead of SmolLM2's 49,152-entry one")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         os._exit(0)  # a served child still has its server thread running
-    if not REAL_GGUF.is_file():
+    if args.vocab and args.tier != "tiny":
+        parser.error("--vocab needs --tier tiny")
+    if not args.vocab and not REAL_GGUF.is_file():
         print(f"{REAL_GGUF} missing: run scripts/fetch_real_model.sh first", file=sys.stderr)
         return 2
     rows = []
     print(f"machine: {_cpu()}; load before: {os.getloadavg()[0]:.1f}")
-    header = f"{'model':<5} {'job':<34} {'estimate MiB':>12} {'measured MiB':>12} {'anon MiB':>9} {'error':>7} {'s':>6}"
+    header = f"{'model':<6} {'job':<34} {'estimate MiB':>12} {'measured MiB':>12} {'anon MiB':>9} {'error':>7} {'s':>6}"
     print(header)
     print("-" * len(header))
     for tier in ("tiny", "real") if args.tier == "all" else (args.tier,):
         with tempfile.TemporaryDirectory(prefix=f"phase-memory-{tier}-") as tmp:
-            fx = build_fixtures(tier, Path(tmp))
+            fx = build_fixtures(tier, Path(tmp), args.vocab)
+            name = f"v{args.vocab}" if args.vocab else tier  # the model column: the tiny model's vocabulary
+            if args.vocab:
+                print(f"tiny model with a {args.vocab}-entry BPE tokenizer (the standard library's source)")
             for job in jobs(fx, tier, Path(tmp) / "out"):
                 if args.only and args.only not in job["label"]:
                     continue
@@ -416,17 +455,17 @@ def main() -> int:
                               f"{got['prefix_tokens']} prompt tokens in the prefix store")
                     est = estimate(job, fx)
                 except RuntimeError as exc:
-                    print(f"{tier:<5} {job['label']:<34} failed: {str(exc)[-300:]}", flush=True)
-                    rows.append({"model": tier, "job": job["label"], "failed": str(exc)[-1000:]})
+                    print(f"{name:<6} {job['label']:<34} failed: {str(exc)[-300:]}", flush=True)
+                    rows.append({"model": name, "job": job["label"], "failed": str(exc)[-1000:]})
                     continue
                 for name, above in got.get("trace", ()):  # PHASE_MEMORY_TRACE=1
                     print(f"    {above:>8.1f} MiB above the start  {name}")
                 error = est / got["peak_bytes"] - 1
-                row = {"model": tier, "job": job["label"], "argv": job["argv"], "estimate_bytes": est,
+                row = {"model": name, "job": job["label"], "argv": job["argv"], "estimate_bytes": est,
                        "measured_bytes": got["peak_bytes"], "anon_bytes": got["anon_peak_bytes"],
                        "error": round(error, 4), "seconds": got["seconds"], "load": round(os.getloadavg()[0], 1)}
                 rows.append(row)
-                print(f"{tier:<5} {job['label']:<34} {est / 2**20:>12.1f} {got['peak_bytes'] / 2**20:>12.1f} "
+                print(f"{name:<6} {job['label']:<34} {est / 2**20:>12.1f} {got['peak_bytes'] / 2**20:>12.1f} "
                       f"{got['anon_peak_bytes'] / 2**20:>9.1f} {100 * error:>+6.1f}% {got['seconds']:>6.1f}",
                       flush=True)
     within = sum(abs(r.get("error", 1)) <= 0.15 for r in rows)
