@@ -141,7 +141,10 @@ def test_ctrl_c_stops_augment_within_seconds_while_teacher_requests_hang(tmp_pat
     worker = subprocess.Popen(
         [sys.executable, "-m", "tuneforge.cli", "data", "augment", str(src), "--out", str(tmp_path / "out.jsonl"),
          "--teacher", f"{server.url}/v1", "--mode", "rewrite", "--n", "1", "--no-progress", "--concurrency", "4"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C's default action in the child, whatever the suite inherited: a suite started in the background
+        # (`cmd &` in a script) ignores SIGINT, children inherit that, and Python then installs no handler for it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while len(server.seen) < 5:  # the probe, then four requests in flight

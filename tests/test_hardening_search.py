@@ -24,9 +24,18 @@ def _trials(study_dir: Path, name: str):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{(study_dir / 'study.db').resolve()}").trials
 
 
+@pytest.fixture()
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt in this process as in a terminal, even in a suite started in the background
+    (`cmd &` in a script ignores SIGINT, and Python then installs no handler for it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_during_a_trial_requeues_it_and_stops_the_worker(tmp_path, data_dir, monkeypatch, capsys,
-                                                                  signum, code):
+                                                                  ctrl_c_raises, signum, code):
     """SIGTERM during training used to fail the trial (counted against the budget: the run's own handler turned it
     into a TrainingInterrupted error) and the worker went on with the next trial."""
     from tuneforge.search.callback import TrialCallback
