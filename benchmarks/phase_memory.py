@@ -303,11 +303,11 @@ def _trace() -> list:
         original = getattr(module, name)
 
         def traced(*args, **kwargs):
-            marks.append((f"{name} start (hwm {_status()['VmHWM'] // 2 ** 20} MiB)", _status()["VmRSS"]))
+            marks.append(_mark(f"{name} start"))
             try:
                 return original(*args, **kwargs)
             finally:
-                marks.append((f"{name} end (hwm {_status()['VmHWM'] // 2 ** 20} MiB)", _status()["VmRSS"]))
+                marks.append(_mark(f"{name} end"))
 
         setattr(module, name, traced)
 
@@ -322,6 +322,14 @@ def _trace() -> list:
             wrap(module, name)
     _trace_serve(marks)
     return marks
+
+
+def _mark(label: str) -> tuple[str, int]:
+    """A trace mark: ``label`` with the high-water mark and the resident memory split into anonymous and file pages
+    (of them the libtorch code's), and the resident bytes."""
+    status = _status()
+    return (f"{label} (hwm {status['VmHWM'] // 2 ** 20}, anon {status['RssAnon'] // 2 ** 20}, file "
+            f"{status['RssFile'] // 2 ** 20}, of it libtorch code {_libtorch_rss() // 2 ** 20} MiB)", status["VmRSS"])
 
 
 def _libtorch_rss() -> int:
@@ -344,10 +352,7 @@ def _trace_serve(marks: list) -> None:
     from tuneforge.serve import engine
 
     def mark(label: str) -> None:
-        status = _status()
-        marks.append((f"{label} (hwm {status['VmHWM'] // 2 ** 20}, anon {status['RssAnon'] // 2 ** 20}, "
-                       f"file {status['RssFile'] // 2 ** 20}, of it libtorch code {_libtorch_rss() // 2 ** 20} MiB)",
-                       status["VmRSS"]))
+        marks.append(_mark(label))
 
     def wrap(cls, name, describe=None):
         original = getattr(cls, name)
@@ -440,7 +445,7 @@ def main() -> int:
     for tier in ("tiny", "real") if args.tier == "all" else (args.tier,):
         with tempfile.TemporaryDirectory(prefix=f"phase-memory-{tier}-") as tmp:
             fx = build_fixtures(tier, Path(tmp), args.vocab)
-            name = f"v{args.vocab}" if args.vocab else tier  # the model column: the tiny model's vocabulary
+            model = f"v{args.vocab}" if args.vocab else tier  # the model column: the tiny model's vocabulary
             if args.vocab:
                 print(f"tiny model with a {args.vocab}-entry BPE tokenizer (the standard library's source)")
             for job in jobs(fx, tier, Path(tmp) / "out"):
@@ -455,17 +460,17 @@ def main() -> int:
                               f"{got['prefix_tokens']} prompt tokens in the prefix store")
                     est = estimate(job, fx)
                 except RuntimeError as exc:
-                    print(f"{name:<6} {job['label']:<34} failed: {str(exc)[-300:]}", flush=True)
-                    rows.append({"model": name, "job": job["label"], "failed": str(exc)[-1000:]})
+                    print(f"{model:<6} {job['label']:<34} failed: {str(exc)[-300:]}", flush=True)
+                    rows.append({"model": model, "job": job["label"], "failed": str(exc)[-1000:]})
                     continue
                 for name, above in got.get("trace", ()):  # PHASE_MEMORY_TRACE=1
                     print(f"    {above:>8.1f} MiB above the start  {name}")
                 error = est / got["peak_bytes"] - 1
-                row = {"model": name, "job": job["label"], "argv": job["argv"], "estimate_bytes": est,
+                row = {"model": model, "job": job["label"], "argv": job["argv"], "estimate_bytes": est,
                        "measured_bytes": got["peak_bytes"], "anon_bytes": got["anon_peak_bytes"],
                        "error": round(error, 4), "seconds": got["seconds"], "load": round(os.getloadavg()[0], 1)}
                 rows.append(row)
-                print(f"{name:<6} {job['label']:<34} {est / 2**20:>12.1f} {got['peak_bytes'] / 2**20:>12.1f} "
+                print(f"{model:<6} {job['label']:<34} {est / 2**20:>12.1f} {got['peak_bytes'] / 2**20:>12.1f} "
                       f"{got['anon_peak_bytes'] / 2**20:>9.1f} {100 * error:>+6.1f}% {got['seconds']:>6.1f}",
                       flush=True)
     within = sum(abs(r.get("error", 1)) <= 0.15 for r in rows)

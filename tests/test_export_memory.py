@@ -8,7 +8,9 @@ import json
 import pytest
 
 from tuneforge.models.memory import (
+    FORWARD_CODE_BYTES,
     GGUF_RELOAD_BYTES_PER_TOKEN,
+    GGUF_RELOAD_FIXED_BYTES,
     export_components,
     gguf_reload_components,
     tokenizer_bytes,
@@ -23,7 +25,8 @@ def test_gguf_reload_of_a_large_model_peaks_at_the_end_of_the_tensors():
     f16 = gguf_reload_components(params, largest, "f16", vocab=V)
     assert f16 == {"gate: reloaded GGUF, dequantized (fp32)": 4 * params,
                    "gate: GGUF file pages mapped by the reader": 2 * params,
-                   "gate: GGUF tokenizer conversion and metadata": GGUF_RELOAD_BYTES_PER_TOKEN * V}
+                   "gate: GGUF tokenizer conversion and metadata": GGUF_RELOAD_FIXED_BYTES
+                   + GGUF_RELOAD_BYTES_PER_TOKEN * V}
     q8 = gguf_reload_components(params, largest, "q8_0", vocab=V)
     assert q8["gate: GGUF file pages mapped by the reader"] == int(params * 34 / 32)
     # the f16 file is larger: its pages are what the f16 reload holds beyond q8_0's (measured +120 MiB on 135M)
@@ -60,7 +63,7 @@ def test_gguf_export_bill_is_the_merged_model_beside_the_reload():
     bill = export_components(params, adapter, "q8_0", vocab=V, largest_tensor=largest)
     reload = gguf_reload_components(params, largest, "q8_0", vocab=V)
     assert bill == {"merged model (fp32)": 4 * params, "adapter (fp32)": 4 * adapter, "tokenizer": tokenizer_bytes(V),
-                    **reload}
+                    "library code paged in by the forward passes": FORWARD_CODE_BYTES, **reload}
     assert not any("encoded" in name for name in bill)
 
 

@@ -171,7 +171,7 @@ def test_the_preflight_bills_what_the_engine_holds_beside_the_kv_budget(runs):
     kv = numbers.kv_per_token(4)
     assert plan.components["prefix-reuse store"] == kv * memory.prefix_budget(20000) == kv * 2500
     assert plan.components["kv store (token budget + spare columns)"] == kv * (20000 + 5000 + 16)
-    assert plan.components["tokenizers (2)"] == 2 * memory.tokenizer_bytes(numbers.vocab)
+    assert plan.components["tokenizers (2)"] == memory.tokenizer_bytes(numbers.vocab, 2)
     # the per-token price the budget is sized with is the bill's own: one more budget token costs exactly that
     more = plan_serve(refs, token_budget=20008, longest_row=LONGEST, rows=16, device="cpu", max_memory=1 << 40,
                       report=lambda line: None)

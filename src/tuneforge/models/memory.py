@@ -19,13 +19,21 @@ from typing import Any
 #: bytes per element of each saved/loaded precision or export type (GGUF block types include their scales)
 ELEMENT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "f16": 2.0, "int8": 1.0, "int4": 0.5,
                  "q8_0": 34 / 32, "q4_0": 18 / 32}
-#: a loaded fast (Rust) tokenizer, per vocabulary entry: measured, not derived — SmolLM2's 49,152-token BPE
-#: tokenizer keeps 31 MiB resident (its load peaks at 58 MiB, before any model is loaded, so the resident part is
-#: what adds to a phase's peak; :data:`TOKENIZER_LOAD_BYTES_PER_TOKEN` for the one phase that loads it last)
-TOKENIZER_BYTES_PER_TOKEN = 660
-#: the peak while a fast tokenizer loads, per vocabulary entry: measured, not derived — 57.9 MiB above the imported
-#: libraries for SmolLM2's 49,152 entries (three runs alike). It is the peak of a phase only when the tokenizer
-#: loads after the weights are gone (the shard-by-shard merge saves it after the last shard)
+#: a loaded fast (Rust) byte-level BPE tokenizer keeps ``TOKENIZER_FIXED_BYTES`` + ``TOKENIZER_BYTES_PER_TOKEN``
+#: per vocabulary entry resident (its load peaks higher, before any model is loaded, so the resident part is what
+#: adds to a phase's peak; :data:`TOKENIZER_LOAD_BYTES_PER_TOKEN` for the one phase that loads it last). Measured,
+#: not derived (``load_tokenizer`` in a fresh process, libraries imported, ``MALLOC_MMAP_THRESHOLD_=65536``):
+#: 7.1-8.1 MiB for an 8,192-entry and 25.0 MiB for a 32,768-entry tokenizer trained on the standard library
+#: (``benchmarks/phase_memory.py --vocab``), 31.6 MiB for SmolLM2's 49,152 entries — not proportional to the
+#: vocabulary (1,000, 800, 670 B per entry): the least-squares line through the three is 3.5 MiB + 625 B per entry
+#: (within 2 MiB of each). A second copy in the same process costs the per-entry part only, or less (two loads
+#: keep 11.5, 40.8 and 47.6 MiB: the second reuses the first load's freed memory)
+TOKENIZER_FIXED_BYTES = int(3.5 * 2 ** 20)
+TOKENIZER_BYTES_PER_TOKEN = 625
+#: the peak while a fast tokenizer loads, per vocabulary entry: measured, not derived — 10.0, 38.5 and 58.8 MiB
+#: above the imported libraries for the 8,192, 32,768 and 49,152-entry tokenizers above (1,280, 1,231 and 1,255 B
+#: per entry; two runs each alike). It is the peak of a phase only when the tokenizer loads after the weights are
+#: gone (the shard-by-shard merge saves it after the last shard)
 TOKENIZER_LOAD_BYTES_PER_TOKEN = 1235
 #: shared-library code a command's forward passes page in (the libtorch_cpu.so and libtorch_python.so pages of the
 #: kernels they run): file pages, resident from then on, so part of the peak. Measured, not derived: 12.8-14.6 MiB
@@ -33,17 +41,21 @@ TOKENIZER_LOAD_BYTES_PER_TOKEN = 1235
 #: SmolLM2-135M alike (fp32, AMD EPYC AVX2; ``benchmarks/phase_memory.py``'s baseline has the libraries imported
 #: and no forward run): code, not data, so one figure per process whatever the model's size
 FORWARD_CODE_BYTES = 13 * 2 ** 20
-#: the GGUF gate's reload (transformers' GGUF loader) apart from the weights, per vocabulary entry: measured, not
-#: derived. ``read_gguf`` first converts the file's token list and merges into a fast tokenizer (166 MiB peak, 32-34
-#: MiB kept), then the loader parses the metadata twice (for the config, then with the tensors), and the gguf
-#: package's reader keeps every string of the token list and merges as numpy views while the tensors are read
-#: (~137 MiB) beside ~25 MiB left from the config pass. Measured on 49,152-entry vocabularies (SmolLM2's): 183 MiB
-#: (16M-parameter model, f16 and q8_0 files) and 206 MiB (SmolLM2-135M, Q4_1) above the weight terms of
-#: :func:`gguf_reload_components` — ~3,900-4,400 B per entry, whatever the weights (only one vocabulary size measured)
+#: the GGUF gate's reload (transformers' GGUF loader) apart from the weights: ``GGUF_RELOAD_FIXED_BYTES`` +
+#: ``GGUF_RELOAD_BYTES_PER_TOKEN`` per vocabulary entry, measured, not derived. ``read_gguf`` first converts the
+#: file's token list and merges into a fast tokenizer (:data:`GGUF_TOKENIZER_CONVERSION_BYTES_PER_TOKEN`; 32-34 MiB
+#: of it kept on 49,152 entries), then the loader parses the metadata twice (for the config, then with the tensors),
+#: and the gguf package's reader keeps every string of the token list and merges as numpy views while the tensors are
+#: read (~137 MiB on 49,152 entries) beside ~25 MiB left from the config pass. ``read_gguf`` of an f16 file of a
+#: 1-layer hidden-64 Llama in a fresh process peaks 37.4, 132.1 and 193.9 MiB above the weight terms of
+#: :func:`gguf_reload_components` with 8,192 and 32,768-entry tokenizers trained on the standard library and
+#: SmolLM2's 49,152: 4,000 B per entry + 6.2-7.1 MiB (a per-entry constant alone misses the small vocabulary by 20%)
+GGUF_RELOAD_FIXED_BYTES = int(6.5 * 2 ** 20)
 GGUF_RELOAD_BYTES_PER_TOKEN = 4000
 #: transformers converting a GGUF file's token list and merges into a fast tokenizer (``read_gguf_tokenizer``, the
-#: streamed export's tokenizer check), per vocabulary entry: measured, not derived — its peak is 166 MiB above the
-#: imported libraries for 49,152 entries (16M-parameter model's f16 and q8_0 files alike), 32-34 MiB of it kept
+#: streamed export's tokenizer check), per vocabulary entry: measured, not derived — its peak is 27.3, 109.8 and
+#: 165.9 MiB above the imported libraries for 8,192, 32,768 (tokenizers trained on the standard library) and 49,152
+#: entries (SmolLM2's), 3,490-3,540 B per entry (proportional: no fixed part), 10.6-12.8, 31 and 40 MiB of it kept
 GGUF_TOKENIZER_CONVERSION_BYTES_PER_TOKEN = 3500
 #: fp32 copies of one tensor alive while transformers' GGUF loader turns it into a torch tensor, by the type the file
 #: stores it in: the gguf package's numpy dequantization (f16: one ``astype``; bf16 and q8_0 keep an intermediate
@@ -111,9 +123,12 @@ def prefix_budget(token_budget: int) -> int:
     return token_budget // PREFIX_BUDGET_DIVISOR
 
 
-def tokenizer_bytes(vocab: int) -> int:
-    """What a loaded fast tokenizer keeps resident (:data:`TOKENIZER_BYTES_PER_TOKEN` per entry)."""
-    return int(TOKENIZER_BYTES_PER_TOKEN * vocab)
+def tokenizer_bytes(vocab: int, copies: int = 1) -> int:
+    """What ``copies`` loaded fast tokenizers of ``vocab`` entries keep resident: :data:`TOKENIZER_FIXED_BYTES` once
+    and :data:`TOKENIZER_BYTES_PER_TOKEN` per entry for each copy (0 when the vocabulary is not known)."""
+    if not vocab:
+        return 0
+    return TOKENIZER_FIXED_BYTES + int(TOKENIZER_BYTES_PER_TOKEN * vocab) * copies
 
 
 def tokenizer_load_bytes(vocab: int) -> int:
@@ -242,7 +257,7 @@ def serve_components(weight_bytes: int, kv_per_token: int, *, token_budget: int,
     """
     if prefix_tokens is None:
         prefix_tokens = prefix_budget(token_budget)
-    return {"weights": int(weight_bytes), f"tokenizers ({tokenizers})": tokenizers * tokenizer_bytes(vocab),
+    return {"weights": int(weight_bytes), f"tokenizers ({tokenizers})": tokenizer_bytes(vocab, tokenizers),
             "library code paged in by the forward passes": FORWARD_CODE_BYTES,
             "kv store (token budget + spare columns)": kv_per_token * kv_store_tokens(token_budget, rows),
             "activations (allowance per budget token)": activation_per_token * token_budget,
@@ -281,8 +296,14 @@ def gguf_reload_components(params: int, largest_tensor: int, quantize: str, *, v
         components = {"gate: GGUF file pages mapped by the reader (the embedding's)": big_bytes,
                       dequantizing: copies * 4 * largest}
     if vocab:
-        components["gate: GGUF tokenizer conversion and metadata"] = GGUF_RELOAD_BYTES_PER_TOKEN * vocab
+        components["gate: GGUF tokenizer conversion and metadata"] = gguf_reload_vocab_bytes(vocab)
     return components
+
+
+def gguf_reload_vocab_bytes(vocab: int) -> int:
+    """The GGUF reload's vocabulary term: :data:`GGUF_RELOAD_FIXED_BYTES` + :data:`GGUF_RELOAD_BYTES_PER_TOKEN`
+    per entry."""
+    return GGUF_RELOAD_FIXED_BYTES + GGUF_RELOAD_BYTES_PER_TOKEN * vocab
 
 
 def export_components(params: int, adapter_params: int, quantize: str, *, check: dict[str, int] | None = None,
@@ -291,8 +312,8 @@ def export_components(params: int, adapter_params: int, quantize: str, *, check:
     """Merge in fp32, then the quantized copy; an HF int8/int4 export adds its perplexity check (``check``: the
     :func:`scoring_components` of the check's windows; its weights and tokenizer are not counted twice).
 
-    GGUF (``merge.gguf.export_gguf``): the merged model (and the adapter it was merged from) and the tokenizer stay
-    loaded through two moments, of which the bill is the larger: the writer encoding one tensor at a time (the
+    GGUF (``merge.gguf.export_gguf``): the merged model (and the adapter it was merged from), the tokenizer and the
+    library code the merge's parity check pages in (:data:`FORWARD_CODE_BYTES`) stay loaded through two moments, of which the bill is the larger: the writer encoding one tensor at a time (the
     largest, ``largest_tensor`` elements, in the export type) and the gate reloading the written file
     (:func:`gguf_reload_components`; ``head_last`` for an untied output head) — the reload is the larger for any
     model with a vocabulary.
@@ -310,6 +331,9 @@ def export_components(params: int, adapter_params: int, quantize: str, *, check:
     if vocab:
         components["tokenizer"] = tokenizer_bytes(vocab)
     if not hf:
+        # the merge's parity check (``merge.gguf._merge_with_parity``) runs forward passes: the libtorch code they page
+        # in stays resident through the gate (traced: 62 -> 75 MiB of libtorch pages, 76 at the gate's end)
+        components["library code paged in by the forward passes"] = FORWARD_CODE_BYTES
         encoded = {f"largest tensor encoded ({quantize})": int((largest_tensor or params) * ELEMENT_BYTES[quantize])}
         reload = gguf_reload_components(params, largest_tensor, quantize, vocab=vocab, head_last=head_last)
         components.update(max(encoded, reload, key=lambda part: sum(part.values())))
