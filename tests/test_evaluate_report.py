@@ -65,14 +65,20 @@ def test_report_stopped_run_and_cli(tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
 
 
-def test_report_generates_samples_from_the_final_model(tmp_path, tiny_llama, tiny_tokenizer):
+def _run_with_final_model(tmp_path, model, tokenizer):
+    """A synthetic run whose final/ is ``model`` and whose data has one chat record (the samples' prompt)."""
     run = _synthetic_run(tmp_path / "run")
-    tiny_llama.save_pretrained(run / "final")
-    tiny_tokenizer.save_pretrained(run / "final")
+    model.save_pretrained(run / "final")
+    tokenizer.save_pretrained(run / "final")
     data = tmp_path / "eval.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "What is a list?"},
                                              {"role": "assistant", "content": "A sequence."}]}) + "\n")
     (run / "config.yaml").write_text(f"run_name: demo\ndata:\n  train: [{data}]\n  eval: {data}\n")
+    return run
+
+
+def test_report_generates_samples_from_the_final_model(tmp_path, tiny_llama, tiny_tokenizer):
+    run = _run_with_final_model(tmp_path, tiny_llama, tiny_tokenizer)
     from tuneforge.models.generation import GenerationSettings
 
     page = build_report(run, samples=True, n_samples=2, settings=GenerationSettings(max_new_tokens=5)).read_text()
@@ -86,13 +92,7 @@ def test_report_samples_that_do_not_fit_memory_are_left_out_with_the_reason(tmp_
     import tuneforge.models.memory as memory
     import tuneforge.models.reference as reference
 
-    run = _synthetic_run(tmp_path / "run")
-    tiny_llama.save_pretrained(run / "final")
-    tiny_tokenizer.save_pretrained(run / "final")
-    data = tmp_path / "eval.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "What is a list?"},
-                                             {"role": "assistant", "content": "A sequence."}]}) + "\n")
-    (run / "config.yaml").write_text(f"run_name: demo\ndata:\n  train: [{data}]\n")
+    run = _run_with_final_model(tmp_path, tiny_llama, tiny_tokenizer)
     monkeypatch.setattr(memory, "available_memory", lambda device="cpu": 64 * 1024)
 
     def refuse(*args, **kwargs):

@@ -63,18 +63,23 @@ def test_table_shows_both_perplexities(setup, capsys):
     assert "general ppl" in out and "increase" in out and "%" in out
 
 
-def test_full_run_starts_from_its_config_model(setup, tmp_path, capsys):
+def _full_run(base: Path, run: Path) -> Path:
+    """A full fine-tuning run started from ``base`` (its final/ is ``base`` with a changed norm)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base, _, general, task = setup
-    run = tmp_path / "full"
     model = AutoModelForCausalLM.from_pretrained(base)
     with torch.no_grad():
         model.model.norm.weight.mul_(1.5)
     save_base(model, AutoTokenizer.from_pretrained(base), run / "final")
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(base)},
                                                      "method": {"name": "full"}, "data": {"train": ["x"]}}))
+    return run
+
+
+def test_full_run_starts_from_its_config_model(setup, tmp_path, capsys):
+    base, _, general, task = setup
+    run = _full_run(base, tmp_path / "full")
     assert main(["eval", str(run), "--data", str(task), "--metrics", "ppl", "--retention", str(general),
                  "--json", "--no-save", "--device", "cpu"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -157,20 +162,10 @@ def test_a_full_runs_start_model_loads_after_the_tuned_one_is_released(setup, tm
     import gc
     import weakref
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import tuneforge.models.reference as reference
 
     base, _, general, _ = setup
-    run = tmp_path / "full"
-    model = AutoModelForCausalLM.from_pretrained(base)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(1.5)
-    save_base(model, AutoTokenizer.from_pretrained(base), run / "final")
-    del model
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(base)},
-                                                     "method": {"name": "full"}, "data": {"train": ["x"]}}))
+    run = _full_run(base, tmp_path / "full")
     original, alive = reference.load_for_inference, []
 
     def tracked(*args, **kwargs):
